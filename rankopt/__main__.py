@@ -1,0 +1,3 @@
+from rankopt.cli import _entry
+
+_entry()

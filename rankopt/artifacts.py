@@ -1,0 +1,129 @@
+"""Compressed-model files: a state_dict plus a JSON spec, loadable with ``weights_only=True``.
+
+A file holds only tensors and plain data (no pickled code)::
+
+    {"format": "rankopt.compressed", "version": 1,
+     "base": {"model": "resnet18_cifar", "kwargs": {"num_classes": 10}},
+     "spec": {"layer1.0.conv1": {"decomposer": "tucker2", "ranks": [32, 32]}},
+     "input_shape": [1, 3, 32, 32], "metadata": {...}, "state_dict": {...}}
+
+``base.model`` names a registered model (``rankopt plugins`` lists them); a model the
+registry does not know is rebuilt from an ``nn.Module`` the caller passes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rankopt.errors import ArtifactError
+from rankopt.surgery import compress, normalize_spec
+
+__all__ = ["save_compressed", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
+
+FORMAT = "rankopt.compressed"
+VERSION = 1
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Check that ``value`` is JSON-like (it must survive weights_only loading)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where} must be JSON-serializable: {exc}") from None
+
+
+def save_compressed(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    spec: Mapping[str, Mapping[str, Any]],
+    *,
+    base: Mapping[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (already compressed by ``spec``) to ``path`` atomically."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base": _plain(dict(base or {}), "base"),
+        "spec": normalize_spec(spec),
+        "input_shape": list(input_shape) if input_shape is not None else None,
+        "metadata": _plain(dict(metadata or {}), "metadata"),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_compressed(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw contents of a compressed-model file, checked for format and completeness."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"model file {str(path)!r} does not exist or is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(
+            f"model file {str(path)!r} cannot be read safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated, tampered with "
+            "or not a rankopt model file"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ArtifactError(
+            f"model file {str(path)!r} is not a rankopt compressed model "
+            f"(expected format {FORMAT!r})"
+        )
+    if payload.get("version") != VERSION:
+        raise ArtifactError(
+            f"model file {str(path)!r} has format version {payload.get('version')!r}; "
+            f"this rankopt reads version {VERSION}"
+        )
+    missing = [k for k in ("base", "spec", "state_dict") if k not in payload]
+    if missing:
+        raise ArtifactError(f"model file {str(path)!r} lacks {missing}")
+    return payload
+
+
+def load_compressed(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Rebuild a compressed model written by ``rankopt pick`` or :func:`save_compressed`.
+
+    The base architecture comes from the registered model named in the file, or from
+    ``model`` (an uncompressed instance of the same architecture) when given.
+    """
+    payload = read_compressed(path)
+    if model is None:
+        base = payload["base"]
+        name = base.get("model") if isinstance(base, dict) else None
+        if not name:
+            raise ArtifactError(
+                f"model file {str(path)!r} names no registered base model; pass the "
+                "uncompressed architecture: load_compressed(path, model=MyNet())"
+            )
+        from rankopt.manager import get_registry
+
+        model = get_registry().create("models", name, **dict(base.get("kwargs") or {}))
+    skeleton = compress(model, payload["spec"], initialize=False)
+    try:
+        skeleton.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"model file {str(path)!r} does not match its spec: {str(exc).splitlines()[0]}"
+        ) from None
+    skeleton.eval()
+    return skeleton.to(map_location)

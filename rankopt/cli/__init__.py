@@ -1,0 +1,65 @@
+"""The ``rankopt`` command line.
+
+Exit status: 0 on success, 2 on a usage or configuration error (one line, no
+traceback unless ``--debug``), 1 on a failure during work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import typer
+
+from rankopt.cli.app import app, err_console, state
+
+__all__ = ["app", "main"]
+
+# each module adds its commands to `app`
+COMMAND_MODULES: tuple[str, ...] = (
+    "rankopt.cli.plugins_cmd",
+)
+
+for _mod in COMMAND_MODULES:
+    importlib.import_module(_mod)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; map rankopt errors to exit codes without tracebacks."""
+    from rankopt.errors import ConfigError, RankoptError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    state["debug"] = "--debug" in args
+    try:
+        app(args=args, standalone_mode=False, prog_name="rankopt")
+    except click.exceptions.Exit as exc:  # typer.Exit
+        return int(exc.exit_code or 0)
+    except click.exceptions.Abort:
+        err_console.print("Aborted.")
+        return 130
+    except click.ClickException as exc:  # usage errors from click itself
+        exc.show()
+        return 2
+    except ConfigError as exc:
+        if state["debug"]:
+            raise
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except RankoptError as exc:
+        if state["debug"]:
+            raise
+        err_console.print(f"error: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("Interrupted.")
+        return 130
+    return 0
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()
