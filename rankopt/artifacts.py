@@ -7,8 +7,10 @@ A file holds only tensors and plain data (no pickled code)::
      "spec": {"layer1.0.conv1": {"decomposer": "tucker2", "ranks": [32, 32]}},
      "input_shape": [1, 3, 32, 32], "metadata": {...}, "state_dict": {...}}
 
-``base.model`` names a registered model (``rankopt plugins`` lists them); a model the
-registry does not know is rebuilt from an ``nn.Module`` the caller passes.
+``base.model`` names a registered model (``rankopt plugins`` lists them), or
+``base.callable`` an explicit ``"package.module:callable"`` of an installed module
+(called with ``base.kwargs``); any other model is rebuilt from an ``nn.Module`` the
+caller passes.
 """
 
 from __future__ import annotations
@@ -95,6 +97,37 @@ def read_compressed(path: str | os.PathLike[str]) -> dict[str, Any]:
     return payload
 
 
+def _build_base(base: Any, path: str | os.PathLike[str]) -> nn.Module:
+    """The uncompressed architecture a file names: a registered model, or an explicit
+    ``"package.module:callable"`` of an installed module (the only code a file can name)."""
+    kwargs = dict(base.get("kwargs") or {}) if isinstance(base, dict) else {}
+    name = base.get("model") if isinstance(base, dict) else None
+    target = base.get("callable") if isinstance(base, dict) else None
+    if name:
+        from rankopt.manager import get_registry
+
+        return get_registry().create("models", name, **kwargs)  # type: ignore[no-any-return]
+    if target:
+        from rankopt.config import import_callable
+        from rankopt.errors import ConfigError
+
+        try:
+            factory = import_callable(str(target), f"model file {str(path)!r}: base.callable")
+        except ConfigError as exc:
+            raise ArtifactError(str(exc)) from None
+        built = factory(**kwargs)
+        if not isinstance(built, nn.Module):
+            raise ArtifactError(
+                f"model file {str(path)!r}: base.callable {target!r} returned "
+                f"{type(built).__name__}, not an nn.Module"
+            )
+        return built
+    raise ArtifactError(
+        f"model file {str(path)!r} names no registered base model or callable; pass the "
+        "uncompressed architecture: load_compressed(path, model=MyNet())"
+    )
+
+
 def load_compressed(
     path: str | os.PathLike[str],
     model: nn.Module | None = None,
@@ -108,16 +141,7 @@ def load_compressed(
     """
     payload = read_compressed(path)
     if model is None:
-        base = payload["base"]
-        name = base.get("model") if isinstance(base, dict) else None
-        if not name:
-            raise ArtifactError(
-                f"model file {str(path)!r} names no registered base model; pass the "
-                "uncompressed architecture: load_compressed(path, model=MyNet())"
-            )
-        from rankopt.manager import get_registry
-
-        model = get_registry().create("models", name, **dict(base.get("kwargs") or {}))
+        model = _build_base(payload["base"], path)
     skeleton = compress(model, payload["spec"], initialize=False)
     try:
         skeleton.load_state_dict(payload["state_dict"], strict=True)

@@ -41,8 +41,9 @@ class UnknownNameError(ConfigError, KeyError):
         self.name = name
         self.known = sorted(known)
         listed = ", ".join(repr(k) for k in self.known) or "(none registered)"
+        plural = f"{family[:-1]}ies" if family.endswith("y") else f"{family}s"
         super().__init__(
-            f"unknown {family} {name!r}: known {family}s are {listed}; "
+            f"unknown {family} {name!r}: known {plural} are {listed}; "
             "check the spelling, or install the plugin that provides it "
             "(`rankopt plugins` lists what is installed)"
         )

@@ -18,7 +18,9 @@ __all__ = ["app", "main"]
 
 # each module adds its commands to `app`
 COMMAND_MODULES: tuple[str, ...] = (
+    "rankopt.cli.study_cmds",
     "rankopt.cli.plugins_cmd",
+    "rankopt.cli.inspect_cmd",
 )
 
 for _mod in COMMAND_MODULES:

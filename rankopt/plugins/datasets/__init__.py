@@ -4,4 +4,9 @@ from rankopt.plugins.datasets.base import DatasetSplits
 
 __all__ = ["DatasetSplits", "BUILTIN"]
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "rankopt.plugins.datasets.digits",
+    "rankopt.plugins.datasets.npz",
+    "rankopt.plugins.datasets.torchvision_sets",
+    "rankopt.plugins.datasets.imagefolder",
+)

@@ -4,4 +4,9 @@ from rankopt.plugins.decomposers.base import Decomposer
 
 __all__ = ["Decomposer", "BUILTIN"]
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "rankopt.plugins.decomposers.tucker2",
+    "rankopt.plugins.decomposers.cp",
+    "rankopt.plugins.decomposers.tt",
+    "rankopt.plugins.decomposers.svd",
+)

@@ -2,4 +2,10 @@
 
 __all__ = ["BUILTIN"]
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "rankopt.plugins.models.small_cnn",
+    "rankopt.plugins.models.lenet",
+    "rankopt.plugins.models.resnet_cifar",
+    "rankopt.plugins.models.vgg",
+    "rankopt.plugins.models.torchvision_models",
+)

@@ -4,4 +4,10 @@ from rankopt.plugins.selectors.base import LayerChoice, RankSelector
 
 __all__ = ["RankSelector", "LayerChoice", "BUILTIN"]
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "rankopt.plugins.selectors.vbmf",
+    "rankopt.plugins.selectors.energy",
+    "rankopt.plugins.selectors.approx_ratio",
+    "rankopt.plugins.selectors.fixed",
+    "rankopt.plugins.selectors.budget",
+)

@@ -4,4 +4,10 @@ from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 
 __all__ = ["Strategy", "TrialContext", "TrialOutcome", "BUILTIN"]
 
-BUILTIN: tuple[str, ...] = ()
+BUILTIN: tuple[str, ...] = (
+    "rankopt.plugins.strategies.finetune",
+    "rankopt.plugins.strategies.nrmf",
+    "rankopt.plugins.strategies.deeptwist",
+    "rankopt.plugins.strategies.admm",
+    "rankopt.plugins.strategies.tdlrt",
+)

@@ -1,0 +1,555 @@
+"""Study files: the pydantic schema and :func:`load_config`.
+
+A study file is YAML, validated in full before any work starts. Unknown keys are
+errors (never dropped) and every error names the field path, the value received and
+what is allowed. Plugin names (models, datasets, decomposers, rank selectors,
+strategies) and parameter names are checked against the registry at load time.
+
+A hyperparameter in ``selectors`` and ``strategies`` is either fixed (``epochs: 2``)
+or searched: ``{low: 1e-3, high: 0.1, log: true}`` (optional ``step``) or
+``{choices: [...]}``. Parameters a study leaves out use the plugin's own search space
+(:meth:`search_space`) and otherwise its :meth:`defaults`. A selector entry may hold
+``space: {...}``: options that shape the selector's search space (e.g. the ``fixed``
+selector's ``per_layer: true``, one fraction per layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rankopt.errors import ConfigError
+
+__all__ = [
+    "StudyConfig",
+    "ModelConfig",
+    "DataConfig",
+    "ReferenceConfig",
+    "TargetsConfig",
+    "SamplerConfig",
+    "ResourcesConfig",
+    "ConstraintsConfig",
+    "Range",
+    "Choices",
+    "OBJECTIVES",
+    "OBJECTIVE_DIRECTIONS",
+    "load_config",
+    "parse_param_value",
+    "import_callable",
+    "config_to_yaml",
+]
+
+OBJECTIVE_DIRECTIONS: dict[str, str] = {
+    "accuracy": "maximize",
+    "params": "minimize",
+    "flops": "minimize",
+    "latency": "minimize",
+}
+OBJECTIVES = tuple(OBJECTIVE_DIRECTIONS)
+SAMPLERS = ("nsgaii", "tpe", "random")
+# in a selector's entry, options that shape its search space rather than parameters
+SPACE_KEY = "space"
+CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+STUDY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# keyword arguments of dataset factories that name files or folders
+_PATH_KEYS = {"path", "root", "train", "val", "test", "file", "dir", "directory"}
+_PATH_SUFFIXES = ("_path", "_dir", "_file", "_root")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Range(_Strict):
+    """A searched numeric hyperparameter: ``{low, high[, log][, step]}``.
+
+    Integer ``low`` and ``high`` (and ``step``) make an integer range.
+    """
+
+    low: float | int
+    high: float | int
+    log: bool = False
+    step: float | int | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low <= self.high:
+            raise ValueError(f"low ({self.low:g}) must be <= high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got low={self.low:g}")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError("step must be > 0 and cannot be combined with log: true")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return all(
+            isinstance(v, int) and not isinstance(v, bool)
+            for v in (self.low, self.high, 1 if self.step is None else self.step)
+        )
+
+
+class Choices(_Strict):
+    """A searched categorical hyperparameter: ``{choices: [...]}``."""
+
+    choices: list[Any] = Field(min_length=1)
+
+
+def parse_param_value(value: Any, where: str) -> Any:
+    """A fixed value, a :class:`Range` or :class:`Choices` from a study-file entry."""
+    if isinstance(value, (Range, Choices)):
+        return value
+    if isinstance(value, Mapping):
+        keys = set(value)
+        try:
+            if "choices" in keys:
+                choices = value["choices"]
+                if isinstance(choices, list):
+                    value = {**value, "choices": [_number(c) for c in choices]}
+                return Choices(**value)
+            if keys & {"low", "high"}:
+                return Range(**value)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, prefix=where)) from None
+        raise ConfigError(
+            f"{where}: {dict(value)!r} is neither a fixed value nor a search range; write "
+            "a value (2), a range {low: .., high: .., log: true} or {choices: [...]}"
+        )
+    return _number(value)
+
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _number(value: Any) -> Any:
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a study file means the number
+    if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        return float(value)
+    return value
+
+
+class ModelConfig(_Strict):
+    """The model: a registered name (``rankopt plugins``) or ``package.module:callable``."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """The dataset: a registered name with its keyword arguments, and the batch size."""
+
+    name: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: int = Field(128, ge=1)
+
+
+class ReferenceConfig(_Strict):
+    """How the reference (uncompressed) model is obtained: trained here, or loaded.
+
+    ``weights`` loads a state_dict file (then ``epochs`` must be 0 or absent);
+    otherwise the model is trained for ``epochs`` at ``lr``. ``epochs: 0`` without
+    weights uses the model as built (e.g. a pretrained module passed from Python).
+    """
+
+    weights: str | None = None
+    epochs: float = Field(10.0, ge=0)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weights_xor_epochs(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("weights") is not None:
+            if data.get("epochs") not in (None, 0):
+                raise ValueError(
+                    "give either weights (load a trained model) or epochs (train it here), "
+                    f"not both; got weights={data['weights']!r} and epochs={data['epochs']!r}"
+                )
+            data = {**data, "epochs": 0}
+        return data
+
+
+class TargetsConfig(_Strict):
+    """Which Conv2d/Linear layers to compress: glob patterns on qualified names."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+
+
+class SamplerConfig(_Strict):
+    """The Optuna sampler: ``nsgaii`` (default), ``tpe`` or ``random``, and its options."""
+
+    name: Literal["nsgaii", "tpe", "random"] = "nsgaii"
+    seed: int | None = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResourcesConfig(_Strict):
+    """Resources of one trial on the Ray backend."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class ConstraintsConfig(_Strict):
+    """Hard limits the sampler is told about (Optuna's ``constraints_func``)."""
+
+    max_params: float | None = Field(None, gt=0)
+    max_flops: float | None = Field(None, gt=0)
+
+
+class StudyConfig(_Strict):
+    """A whole study file (see ``studies/quickstart.yaml`` for a commented example)."""
+
+    name: str
+    model: ModelConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    decomposers: list[str] = Field(default_factory=lambda: ["tucker2"], min_length=1)
+    selectors: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"energy": {}}, min_length=1)
+    strategies: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"finetune": {}}, min_length=1
+    )
+    objectives: list[Literal["accuracy", "params", "flops", "latency"]] = Field(
+        default_factory=lambda: ["accuracy", "params", "flops"], min_length=1
+    )
+    constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    trials: int | None = Field(20, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_concurrent: int = Field(1, ge=1)
+    storage: str | None = None
+    run_dir: str | None = None
+    device: str = "auto"
+    seed: int = Field(0, ge=0, lt=2**32)
+    train: dict[str, Any] = Field(default_factory=dict)
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not STUDY_NAME_PATTERN.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid study name; use letters, digits, '_', '.', '-' "
+                "(it names the run directory and the Optuna study)"
+            )
+        return v
+
+    @field_validator("selectors", "strategies", mode="before")
+    @classmethod
+    def _names_to_mapping(cls, v: Any) -> Any:
+        # `strategies: [finetune, nrmf]` is shorthand for `{finetune: {}, nrmf: {}}`
+        if isinstance(v, (list, tuple)):
+            return {name: {} for name in v}
+        if isinstance(v, Mapping):
+            return {k: ({} if p is None else p) for k, p in v.items()}
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"objectives must not repeat, got {v}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(auto|cpu|mps|cuda(:\d+)?)$", v):
+            raise ValueError(f"{v!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return v
+
+    @model_validator(mode="after")
+    def _stop_rule(self) -> StudyConfig:
+        if self.trials is None and self.timeout is None:
+            raise ValueError("give trials, timeout or both; with neither the study never ends")
+        return self
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
+
+    def resolved_run_dir(self, base: str | os.PathLike[str] | None = None) -> Path:
+        """The run directory: ``run_dir`` or ``runs/<name>`` under the current directory."""
+        return Path(self.run_dir) if self.run_dir else Path(base or ".") / "runs" / self.name
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | StudyConfig,
+    *,
+    check_plugins: bool = True,
+    check_paths: bool = True,
+    **overrides: Any,
+) -> StudyConfig:
+    """Read, validate and check a study file (a path, a mapping or a :class:`StudyConfig`).
+
+    ``overrides`` replace top-level keys (mappings are merged one level deep, e.g.
+    ``sampler={"seed": 3}``). Raises :class:`ConfigError` naming the field, the value
+    and what is allowed.
+    """
+    if isinstance(source, StudyConfig):
+        raw: dict[str, Any] = source.model_dump(mode="json", exclude_unset=True)
+        raw.setdefault("name", source.name)
+    elif isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"study file {str(path)!r} does not exist or is not a file")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"study file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"study file {str(path)!r} must hold a mapping of settings, "
+                f"got {type(raw).__name__}"
+            )
+        raw.setdefault("name", path.stem)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        current = raw.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping) and key not in (
+            "selectors",
+            "strategies",
+        ):
+            raw[key] = {**current, **value}
+        else:
+            raw[key] = value
+    try:
+        config = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    if check_plugins:
+        check_config(config, check_paths=check_paths)
+    return config
+
+
+def config_to_yaml(config: StudyConfig) -> str:
+    """The resolved config as YAML (what ``study.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = ".".join(p for p in (prefix, loc) if p) or "study file"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{where}: unknown key (value {err['input']!r}); {_allowed_keys(exc, err)}")
+        elif kind == "missing":
+            lines.append(f"{where}: required but missing")
+        elif kind == "value_error":
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{where}: {err['input']!r} is not allowed; {err['msg'][0].lower()}{err['msg'][1:]}")
+    return "; ".join(lines)
+
+
+def _allowed_keys(exc: ValidationError, err: Any) -> str:
+    model: Any = {"StudyConfig": StudyConfig}.get(exc.title, None)
+    if model is None:
+        model = {
+            c.__name__: c
+            for c in (Range, Choices, ModelConfig, DataConfig, ReferenceConfig, TargetsConfig,
+                      SamplerConfig, ResourcesConfig, ConstraintsConfig)
+        }.get(exc.title)
+    for part in err["loc"][:-1]:
+        if model is None:
+            break
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+    if model is None:
+        return "check the spelling"
+    return "allowed keys are " + ", ".join(repr(k) for k in model.model_fields)
+
+
+# -- checks against the registry and the file system -----------------------------------------
+
+
+def import_callable(spec: str, where: str) -> Any:
+    """The callable named by ``"package.module:attribute"`` (an installed or importable module)."""
+    if not CALLABLE_PATTERN.match(spec):
+        raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:callable'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{where}: cannot import module {module_name!r} named in {spec!r} ({exc}); "
+            "install the package that provides it or fix the name"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}: {spec!r} is not callable")
+    return obj
+
+
+def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tuple[str, ...] = ()) -> None:
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    names = [
+        p.name for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    unknown = sorted(set(kwargs) - set(names) - set(extra))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown parameter(s) {unknown}; accepted parameters are {names}"
+        )
+
+
+def _check_data_paths(kwargs: Mapping[str, Any], where: str) -> None:
+    download = bool(kwargs.get("download", False))
+    for key, value in kwargs.items():
+        if not isinstance(value, str):
+            continue
+        if key not in _PATH_KEYS and not key.endswith(_PATH_SUFFIXES):
+            continue
+        if key == "root" and download:
+            continue  # torchvision creates it
+        if not Path(value).expanduser().exists():
+            raise ConfigError(
+                f"{where}.{key}: path {value!r} does not exist (relative paths are read from "
+                f"the current directory {os.getcwd()!r}); fix the path"
+                + (" or set download: true" if key == "root" else "")
+            )
+
+
+def _check_plugin_params(
+    plugin: Any, family: str, name: str, params: Mapping[str, Any], where: str
+) -> None:
+    """Parameter names against the plugin's declared ones; fixed values and range ends against
+    the plugin's own ``validate_params``."""
+    known = set(plugin.defaults()) | set(plugin.search_space())
+    unknown = sorted(set(params) - known)
+    if unknown and (known or family == "strategy"):
+        raise ConfigError(
+            f"{where}: {family} {name!r} has no parameter(s) {unknown}; its parameters are "
+            f"{sorted(known) or '(none)'}"
+        )
+    parsed = {k: parse_param_value(v, f"{where}.{k}") for k, v in params.items()}
+    for key, value in parsed.items():
+        probes = (
+            [value.low, value.high] if isinstance(value, Range)
+            else value.choices if isinstance(value, Choices) else [value]
+        )
+        for probe in probes:
+            try:
+                plugin.validate_params({key: probe})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{key}: {probe!r} is not allowed: {exc}") from None
+
+
+def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
+    """Check plugin names, their parameters, and data paths (before any work)."""
+    from rankopt.manager import get_registry
+    from rankopt.training import train
+
+    reg = get_registry()
+    if config.model is not None:
+        if ":" in config.model.name:
+            factory = import_callable(config.model.name, "model.name")
+        else:
+            factory = reg.record("models", config.model.name).factory
+        _check_kwargs(factory, config.model.kwargs, "model.kwargs")
+    if config.data.name is not None:
+        factory = reg.record("datasets", config.data.name).factory
+        _check_kwargs(factory, config.data.kwargs, "data.kwargs")
+        if check_paths:
+            _check_data_paths(config.data.kwargs, "data.kwargs")
+    if check_paths and config.reference.weights and not Path(config.reference.weights).is_file():
+        raise ConfigError(
+            f"reference.weights: file {config.reference.weights!r} does not exist; give the "
+            "path of a state_dict saved with torch.save(model.state_dict(), path)"
+        )
+    for i, name in enumerate(config.decomposers):
+        _named(reg, "decomposers", name, f"decomposers[{i}]")
+    for name, params in config.selectors.items():
+        selector = _named(reg, "rank_selectors", name, "selectors")
+        params = dict(params)
+        space = params.pop(SPACE_KEY, None) or {}
+        if not isinstance(space, Mapping):
+            raise ConfigError(
+                f"selectors.{name}.{SPACE_KEY}: must be a mapping of search-space options "
+                f"(e.g. {{per_layer: true}}), got {space!r}"
+            )
+        try:
+            selector.search_space((), **space)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"selectors.{name}.{SPACE_KEY}: {exc}") from None
+        _check_plugin_params(selector, "rank selector", name, params, f"selectors.{name}")
+    for name, params in config.strategies.items():
+        strategy = _named(reg, "strategies", name, "strategies")
+        _check_plugin_params(strategy, "strategy", name, params, f"strategies.{name}")
+    _check_kwargs(train, config.train, "train", extra=())
+    reserved = {"epochs", "lr", "device", "extra_loss", "step_callback", "params", "progress", "seed"}
+    bad = sorted(set(config.train) & reserved)
+    if bad:
+        raise ConfigError(
+            f"train: {bad} cannot be set here (the strategy or the study sets them); allowed "
+            "keys are optimizer, momentum, weight_decay, schedule, step_size, gamma, amp, "
+            "grad_clip, max_steps"
+        )
+    if config.backend == "local" and config.address:
+        raise ConfigError(
+            f"address: {config.address!r} is only used by backend 'ray'; set backend: ray "
+            "or remove address"
+        )
+    for i, point in enumerate(config.enqueue):
+        for key in point:
+            if not _enqueue_key_ok(key, config):
+                raise ConfigError(
+                    f"enqueue[{i}].{key}: unknown parameter name; names are 'strategy', "
+                    "'selector', '<strategy>.<param>', '<selector>.<param>' and "
+                    "'decomposer.<layer>'"
+                )
+
+
+def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:
+    if key in ("strategy", "selector"):
+        return True
+    head, _, rest = key.partition(".")
+    if not rest:
+        return False
+    return head == "decomposer" or head in config.strategies or head in config.selectors
+
+
+def _named(reg: Any, family: str, name: str, where: str) -> Any:
+    from rankopt.errors import UnknownNameError
+
+    try:
+        return reg.create(family, name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

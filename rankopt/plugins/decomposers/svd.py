@@ -1,0 +1,209 @@
+"""Truncated-SVD (2-D low-rank) decomposition of Linear and Conv2d layers.
+
+A Linear ``W: (out, in)`` becomes ``in -> r`` (no bias) then ``r -> out`` (the original
+bias). A Conv2d is lowered (im2col view, as DeepTwist's 2-D SVD): ``W`` reshaped to
+``T x (S*kh*kw)`` is factorized, giving a ``kh x kw`` conv ``S -> r`` with the original
+stride, padding and dilation, then a 1x1 conv ``r -> T`` with the bias. Ranks: ``(r,)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rankopt.accounting import Cost, conv2d_flops, linear_flops
+from rankopt.errors import ConfigError, DecompositionError
+from rankopt.hookspecs import hookimpl
+from rankopt.plugins.decomposers._layers import (
+    ConvGeometry,
+    check_options,
+    compute_dtype,
+    copy_bias,
+    make_conv,
+    make_linear,
+    require_input_hw,
+    validate_weight_ranks,
+)
+from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.records import DecomposerInfo
+from rankopt.spectral import get_default_cache
+
+__all__ = ["SVDConv2d", "SVDDecomposer", "SVDLinear"]
+
+SPLITS = ("balanced", "first", "second")
+
+
+class SVDLinear(nn.Sequential):
+    """A Linear as two: ``in -> r`` without bias, ``r -> out`` with the original bias."""
+
+    def __init__(self, linear_in: nn.Linear, linear_out: nn.Linear) -> None:
+        super().__init__(OrderedDict(linear_in=linear_in, linear_out=linear_out))
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        return self.linear_out.weight @ self.linear_in.weight
+
+
+class SVDConv2d(nn.Sequential):
+    """A Conv2d as a ``kh x kw`` conv ``S -> r`` then a 1x1 conv ``r -> T`` (with the bias)."""
+
+    def __init__(self, spatial: nn.Conv2d, pointwise_out: nn.Conv2d) -> None:
+        super().__init__(OrderedDict(spatial=spatial, pointwise_out=pointwise_out))
+
+    def reconstruct_weight(self) -> torch.Tensor:
+        r = self.spatial.out_channels
+        w = self.pointwise_out.weight[:, :, 0, 0] @ self.spatial.weight.reshape(r, -1)
+        return w.reshape(-1, *self.spatial.weight.shape[1:])
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The 2-D matrix that is factorized: the weight itself, or a kernel as T x (S*kh*kw)."""
+    if weight.dim() not in (2, 4):
+        raise ConfigError(
+            f"svd works on Linear weights (out, in) and conv kernels (T, S, kh, kw), "
+            f"got a weight of shape {tuple(weight.shape)}"
+        )
+    return weight.reshape(weight.shape[0], -1)
+
+
+class SVDDecomposer(Decomposer):
+    """Truncated SVD for Linear and (lowered) Conv2d.
+
+    Options: ``split`` says where the singular values go: ``"balanced"`` (default,
+    ``sqrt(s)`` on each factor, which keeps both factors on the same scale for
+    fine-tuning), ``"first"`` (all on the first layer, the second is orthonormal) or
+    ``"second"``. :meth:`build` takes the SVD from the shared spectral cache;
+    :meth:`project` computes it on the weight's device.
+    """
+
+    name = "svd"
+    description = "Truncated SVD: Linear as two Linears, Conv2d as kxk conv then 1x1; ranks (r,)"
+    rank_names = ("r",)
+    module_types = (nn.Conv2d, nn.Linear)
+    DEFAULT_OPTIONS: Mapping[str, Any] = {"split": "balanced"}
+
+    def _options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        opts = check_options(options, self.DEFAULT_OPTIONS, self.name)
+        if opts["split"] not in SPLITS:
+            raise ConfigError(f"svd option split must be one of {list(SPLITS)}, got {opts['split']!r}")
+        return opts
+
+    def max_ranks(self, module: nn.Module, options: Mapping[str, Any] | None = None) -> tuple[int, ...]:
+        self.check_module(module)
+        rows, cols = _matrix(module.weight).shape  # type: ignore[arg-type]
+        return (min(rows, cols),)
+
+    def cost(
+        self,
+        module: nn.Module,
+        ranks: Sequence[int],
+        input_hw: Sequence[int] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Cost:
+        self.check_module(module)
+        (r,) = self.check_ranks(module, ranks, options=options)
+        if isinstance(module, nn.Linear):
+            n_in, n_out = module.in_features, module.out_features
+            params = r * (n_in + n_out) + (n_out if module.bias is not None else 0)
+            return Cost(params, linear_flops(n_in, r) + linear_flops(r, n_out))
+        hw = require_input_hw(module, input_hw, self.name)
+        g = ConvGeometry.of(module)  # type: ignore[arg-type]
+        s, t = g.in_channels, g.out_channels
+        out_hw = g.output_hw(hw)
+        params = r * s * g.kernel_numel + r * t + (t if g.bias else 0)
+        flops = conv2d_flops(s, r, g.kernel_size, out_hw) + conv2d_flops(r, t, (1, 1), out_hw)
+        return Cost(params, flops)
+
+    def rank_matrices(self, weight: torch.Tensor, options: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+        """[W] for Linear, [W reshaped to T x (S*kh*kw)] for Conv2d."""
+        return [_matrix(weight.detach())]
+
+    def ranks_from_matrix_ranks(
+        self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
+    ) -> tuple[int, ...]:
+        (hi,) = self.max_ranks(module, options)
+        return (max(1, min(int(matrix_ranks[0]), hi)),)
+
+    def _split(
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, split: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first, second) with ``second @ first == u @ diag(s) @ vh``."""
+        if split == "balanced":
+            root = s.sqrt()
+            return root[:, None] * vh, u * root
+        if split == "first":
+            return s[:, None] * vh, u
+        return vh, u * s
+
+    def factors(
+        self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first, second)`` matrices, ``(r, cols)`` and ``(rows, r)``, on the weight's device."""
+        opts = self._options(options)
+        mat = _matrix(weight.detach())
+        (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (min(mat.shape),))
+        u, s, vh = get_default_cache().svd(mat)
+        dtype = compute_dtype(weight.dtype)
+        u, s, vh = (x.to(device=weight.device, dtype=dtype) for x in (u[:, :r], s[:r], vh[:r]))
+        if not all(torch.isfinite(x).all() for x in (u, s, vh)):
+            raise DecompositionError(
+                f"svd of a weight of shape {tuple(weight.shape)} produced non-finite factors; "
+                "the weight itself may contain NaN/inf (check the training loss)"
+            )
+        return self._split(u, s, vh, opts["split"])
+
+    def build(
+        self,
+        module: nn.Module,
+        ranks: Sequence[int],
+        *,
+        options: Mapping[str, Any] | None = None,
+        initialize: bool = True,
+    ) -> nn.Module:
+        self.check_module(module)
+        self._options(options)
+        (r,) = self.check_ranks(module, ranks, options=options)
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        built: SVDLinear | SVDConv2d
+        if isinstance(module, nn.Linear):
+            built = SVDLinear(
+                make_linear(module.in_features, r, bias=False, **kw),
+                make_linear(r, module.out_features, bias=module.bias is not None, **kw),
+            )
+            first_layer, second_layer = built.linear_in, built.linear_out
+        else:
+            g = ConvGeometry.of(module)  # type: ignore[arg-type]
+            built = SVDConv2d(
+                make_conv(
+                    g.in_channels, r, g.kernel_size, stride=g.stride, padding=g.padding,
+                    dilation=g.dilation, **kw,
+                ),
+                make_conv(r, g.out_channels, (1, 1), bias=g.bias, **kw),
+            )
+            first_layer, second_layer = built.spatial, built.pointwise_out
+        if initialize:
+            first, second = self.factors(weight, (r,), options)
+            with torch.no_grad():
+                first_layer.weight.copy_(first.reshape(first_layer.weight.shape))
+                second_layer.weight.copy_(second.reshape(second_layer.weight.shape))
+            copy_bias(second_layer, module)
+        return built
+
+    def project(
+        self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        self._options(options)
+        mat = _matrix(weight.detach())
+        (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (min(mat.shape),))
+        u, s, vh = torch.linalg.svd(mat.to(compute_dtype(weight.dtype)), full_matrices=False)
+        approx = (u[:, :r] * s[:r]) @ vh[:r]
+        return approx.reshape(weight.shape).to(weight.dtype)
+
+
+@hookimpl
+def rankopt_decomposers() -> list[DecomposerInfo]:
+    return [DecomposerInfo("svd", SVDDecomposer, SVDDecomposer.description)]

@@ -1,0 +1,219 @@
+"""A Conv2d trained in Tucker-2 format with the rank-adaptive integrator of TDLRT.
+
+The kernel is ``W = C x_0 U_out x_1 U_in`` (Tucker-2 over the output and input
+channel modes; the spatial modes stay full), with orthonormal ``U_out`` (T x r_out),
+``U_in`` (S x r_in) and core ``C`` (r_out, r_in, kh, kw). One step of the
+rank-adaptive BUG integrator of Zangrando et al., "Rank-adaptive spectral pruning of
+convolutional layers during training" (``seeds/003_*``), from an ambient update
+``D`` of the kernel (``-lr * grad W`` for plain SGD):
+
+1. K-step, per mode i: with ``Mat_i(C)^T = Q_i S_i^T`` (QR), the direction of the
+   K_i = U_i S_i^T update is ``Mat_i(D x_{j!=i} U_j^T) Q_i``; augment the basis
+   ``U~_i = orth([U_i, that direction])`` (at most 2 r_i columns).
+2. S-step: the core in the augmented bases,
+   ``C~ = C x_i (U~_i^T U_i) + D x_i U~_i^T``.
+3. Truncation: per mode, the SVD of ``Mat_i(C~)``; keep the fewest singular values
+   whose discarded tail has norm ``<= tau * ||C~||_F``, clamped to
+   ``[min_rank, max_rank_i]``; ``U_i = U~_i P_i``, ``C = C~ x_i P_i^T`` (truncated HOSVD).
+
+The core step starts at the same kernel as the K-steps (``C~ x U~ = W``), so one
+forward/backward per batch gives every gradient the step needs. ``D`` comes from
+a zero-initialized full-size parameter ``delta`` added to the kernel in the forward:
+the shared training loop's optimizer (with its momentum, schedule, clipping and
+mixed precision) proposes the update and :meth:`integrate` folds it into the
+factors and resets ``delta``. The factors are buffers, since their shapes change;
+the memory saving of training in factored form is not the goal here (rank
+discovery is), so the forward convolves with the reconstructed kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rankopt.errors import DecompositionError
+
+__all__ = ["TuckerTrainingConv2d", "tucker2_convs", "truncation_rank"]
+
+
+def truncation_rank(singular_values: torch.Tensor, threshold: float) -> int:
+    """The fewest leading singular values whose discarded tail has L2 norm <= ``threshold``."""
+    squares = singular_values.double() ** 2
+    tails = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0])  # tails[r] = sum_{j>=r}
+    return int((tails > threshold**2).sum())
+
+
+def _orth(matrix: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(matrix, mode="reduced")
+    return q
+
+
+def tucker2_convs(module: nn.Module) -> list[nn.Conv2d]:
+    """The three convs (1x1 in, kxk core, 1x1 out) of a module built by the ``tucker2`` decomposer."""
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) != 3:
+        raise DecompositionError(
+            f"expected the tucker2 decomposer to build 3 convolutions (1x1, kxk core, 1x1), "
+            f"found {len(convs)} in {type(module).__name__}; TDLRT cannot map its factors"
+        )
+    return convs
+
+
+class TuckerTrainingConv2d(nn.Module):
+    """A Conv2d whose kernel is kept in Tucker-2 format and updated by the TDLRT integrator.
+
+    Build it with :meth:`from_factors`; after training, :meth:`to_tucker2` gives the
+    module the ``tucker2`` decomposer builds at the learned ranks, filled with them.
+    """
+
+    u_out: torch.Tensor
+    u_in: torch.Tensor
+    core: torch.Tensor
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        core: torch.Tensor,
+        u_out: torch.Tensor,
+        u_in: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        max_ranks: Sequence[int],
+        min_rank: int = 1,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.max_rank_in, self.max_rank_out = (int(r) for r in max_ranks)
+        self.min_rank = int(min_rank)
+        self.register_buffer("core", core.detach().clone())
+        self.register_buffer("u_out", u_out.detach().clone())
+        self.register_buffer("u_in", u_in.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.delta = nn.Parameter(torch.zeros(
+            conv.out_channels, conv.in_channels, *self.kernel_size,
+            dtype=core.dtype, device=core.device,
+        ))
+
+    @classmethod
+    def from_factors(
+        cls,
+        conv: nn.Conv2d,
+        core: torch.Tensor,
+        u_out: torch.Tensor,
+        u_in: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        max_ranks: Sequence[int],
+        min_rank: int = 1,
+    ) -> TuckerTrainingConv2d:
+        """A layer from any Tucker-2 factors; the bases are orthonormalized (QR) first."""
+        q_out, r_out = torch.linalg.qr(u_out, mode="reduced")
+        q_in, r_in = torch.linalg.qr(u_in, mode="reduced")
+        core = torch.einsum("abkl,xa,yb->xykl", core, r_out, r_in)
+        return cls(conv, core, q_out, q_in, bias, max_ranks=max_ranks, min_rank=min_rank)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """The current Tucker-2 ranks ``(r_in, r_out)`` (the ``tucker2`` decomposer's order)."""
+        return int(self.u_in.shape[1]), int(self.u_out.shape[1])
+
+    def low_rank_weight(self) -> torch.Tensor:
+        """The kernel ``C x_0 U_out x_1 U_in`` (without the pending update ``delta``)."""
+        return torch.einsum("abkl,ta,sb->tskl", self.core, self.u_out, self.u_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.low_rank_weight() + self.delta
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    @torch.no_grad()
+    def integrate(self, tau: float) -> None:
+        """Fold the pending update ``delta`` into the factors (K-steps, S-step, truncation)."""
+        update = self.delta.detach().to(self.core.dtype)
+        core, u_out, u_in = self.core, self.u_out, self.u_in
+        r_out, r_in = core.shape[:2]
+        # K-steps: the update's component along each mode, with the other mode projected
+        along_out = torch.einsum("tskl,sb->tbkl", update, u_in).reshape(self.out_channels, -1)
+        along_in = torch.einsum("tskl,ta->sakl", update, u_out).reshape(self.in_channels, -1)
+        q_out = _orth(core.reshape(r_out, -1).T)  # Mat_0(C)^T = Q S^T
+        q_in = _orth(core.transpose(0, 1).reshape(r_in, -1).T)
+        # QR of [U, G] keeps span(U) in its first columns and adds G's part orthogonal to it
+        aug_out = _orth(torch.cat([u_out, along_out @ q_out], dim=1))
+        aug_in = _orth(torch.cat([u_in, along_in @ q_in], dim=1))
+        # S-step: the same kernel in the augmented bases, plus the projected update
+        core_aug = torch.einsum("abkl,xa,yb->xykl", core, aug_out.T @ u_out, aug_in.T @ u_in)
+        core_aug += torch.einsum("tskl,tx,sy->xykl", update, aug_out, aug_in)
+        if not torch.isfinite(core_aug).all():
+            raise DecompositionError(
+                "TDLRT: the Tucker core became non-finite; lower the learning rate"
+            )
+        # truncation: truncated HOSVD of the augmented core at relative tolerance tau
+        threshold = tau * float(core_aug.norm())
+        new_out, rank_out = self._truncate(core_aug, 0, threshold, self.max_rank_out)
+        new_in, rank_in = self._truncate(core_aug, 1, threshold, self.max_rank_in)
+        self.core = torch.einsum("xykl,xa,yb->abkl", core_aug, new_out, new_in).contiguous()
+        self.u_out = (aug_out @ new_out).contiguous()
+        self.u_in = (aug_in @ new_in).contiguous()
+        self.delta.zero_()
+
+    def _truncate(
+        self, core: torch.Tensor, mode: int, threshold: float, max_rank: int
+    ) -> tuple[torch.Tensor, int]:
+        unfolding = core.movedim(mode, 0).reshape(core.shape[mode], -1)
+        left, singular_values, _ = torch.linalg.svd(unfolding, full_matrices=False)
+        rank = truncation_rank(singular_values, threshold)
+        rank = min(max(rank, self.min_rank), max_rank, left.shape[1])
+        return left[:, :rank], rank
+
+    @torch.no_grad()
+    def to_tucker2(self, conv: nn.Conv2d) -> nn.Module:
+        """The ``tucker2`` decomposer's module at :attr:`ranks`, holding these factors exactly."""
+        from rankopt.manager import get_registry
+
+        dec = get_registry().create("decomposers", "tucker2")
+        module = dec.build(conv, self.ranks, initialize=False)
+        first, middle, last = tucker2_convs(module)
+        r_in, r_out = self.ranks
+        values = (
+            self.u_in.T.reshape(r_in, self.in_channels, 1, 1),
+            self.core,
+            self.u_out.reshape(self.out_channels, r_out, 1, 1),
+        )
+        for target, value in zip((first, middle, last), values):
+            if tuple(target.weight.shape) != tuple(value.shape):
+                raise DecompositionError(
+                    f"the tucker2 module's conv weights have shapes "
+                    f"{[tuple(c.weight.shape) for c in (first, middle, last)]}, expected "
+                    f"{[tuple(v.shape) for v in values]}; TDLRT cannot map its factors"
+                )
+            target.weight.copy_(value)
+        biased = [c for c in (first, middle, last) if c.bias is not None]
+        if self.bias is not None:
+            if biased != [last]:
+                raise DecompositionError(
+                    "expected the tucker2 module to carry the bias on its last 1x1 conv"
+                )
+            last.bias.copy_(self.bias)  # type: ignore[union-attr]
+        return module.to(device=self.core.device, dtype=self.core.dtype)
+
+    @torch.no_grad()
+    def to_dense(self, conv: nn.Conv2d) -> nn.Conv2d:
+        """A copy of ``conv`` holding the learned kernel (for layers Tucker-2 would not shrink)."""
+        import copy
+
+        dense = copy.deepcopy(conv).to(device=self.core.device, dtype=self.core.dtype)
+        dense.weight.copy_(self.low_rank_weight() + self.delta)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)  # type: ignore[union-attr]
+        return dense
+
+    def extra_repr(self) -> str:
+        r_in, r_out = self.ranks
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"ranks=(r_in={r_in}, r_out={r_out})"
+        )

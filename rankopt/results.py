@@ -1,0 +1,311 @@
+"""Reading a run directory: trials, the Pareto front, hypervolume, status, and picking a model.
+
+A run directory is self-describing: ``study.yaml`` (the resolved config, which names
+the storage), ``reference/metrics.json`` (the baseline) and ``trials/<n>/`` are all
+:class:`StudyResult` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch.nn as nn
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from rankopt.config import StudyConfig, load_config
+from rankopt.errors import ArtifactError, ConfigError
+
+__all__ = [
+    "TrialRecord",
+    "StudyResult",
+    "pareto_front_2d",
+    "hypervolume_2d",
+    "hypervolume_history",
+    "reference_path",
+    "storage_url_of",
+]
+
+STUDY_FILE = "study.yaml"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One completed trial as the front and ``rankopt pareto`` show it."""
+
+    trial: int
+    accuracy: float
+    params: int
+    flops: int
+    params_compression: float
+    flops_compression: float
+    strategy: str
+    selector: str
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    selector_params: dict[str, Any] = field(default_factory=dict)
+    ranks_summary: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)  # {layer: {"decomposer", "ranks"}}
+    latency_ms: float | None = None
+    model_path: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reference_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "reference" / "metrics.json"
+
+
+def storage_url_of(config: StudyConfig, run_dir: Path) -> str:
+    from rankopt.search.storage import default_storage_url
+
+    return config.storage or default_storage_url(run_dir)
+
+
+# -- 2-D fronts and hypervolume ----------------------------------------------------------------
+
+
+def pareto_front_2d(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points of ``(accuracy, cost)``: accuracy up, cost down."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][0] > best:
+            front.append(i)
+            best = points[i][0]
+    return front
+
+
+def hypervolume_2d(points: Iterable[tuple[float, float]], baseline_cost: float) -> float:
+    """Area dominated by ``(accuracy, cost)`` points against (accuracy 0, ``baseline_cost``),
+    with cost divided by ``baseline_cost``: in [0, 1] for accuracies in [0, 1].
+
+    Written out because Optuna exposes no public hypervolume function and the 2-D
+    case is an exact sweep: the dominated height at cost c is the best accuracy of
+    the points costing at most c.
+    """
+    pts = sorted(
+        (cost / baseline_cost, max(0.0, acc)) for acc, cost in points if cost < baseline_cost
+    )
+    area, height = 0.0, 0.0
+    for k, (cost, acc) in enumerate(pts):
+        height = max(height, acc)
+        right = pts[k + 1][0] if k + 1 < len(pts) else 1.0
+        area += height * (right - cost)
+    return area
+
+
+def hypervolume_history(
+    records: Sequence[TrialRecord], baseline: dict[str, Any], measure: str
+) -> list[tuple[int, float]]:
+    """``(trial number, hypervolume of the trials up to it)`` for ``measure`` params or flops."""
+    out, seen = [], []
+    for rec in sorted(records, key=lambda r: r.trial):
+        seen.append((rec.accuracy, float(getattr(rec, measure))))
+        out.append((rec.trial, hypervolume_2d(seen, float(baseline[measure]))))
+    return out
+
+
+# -- the result of a study --------------------------------------------------------------------
+
+
+class StudyResult:
+    """The results in a run directory (what ``rankopt.run_study`` returns).
+
+    >>> result = rankopt.run_study("studies/quickstart.yaml")
+    >>> [(r.trial, r.accuracy, r.params) for r in result.front()]
+    """
+
+    def __init__(self, run_dir: str | Path, config: StudyConfig | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        study_file = self.run_dir / STUDY_FILE
+        if config is None:
+            if not study_file.is_file():
+                raise ConfigError(
+                    f"{str(self.run_dir)!r} is not a rankopt run directory (no {STUDY_FILE}); "
+                    "give the directory `rankopt run` wrote, e.g. runs/quickstart"
+                )
+            raw = yaml.safe_load(study_file.read_text())
+            config = load_config(raw, check_plugins=False)
+        self.config = config
+        self._study: optuna.Study | None = None
+
+    # -- sources ---------------------------------------------------------------------------
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study in the run's storage."""
+        if self._study is None:
+            from rankopt.search.storage import open_storage
+
+            storage = open_storage(storage_url_of(self.config, self.run_dir))
+            try:
+                self._study = optuna.load_study(study_name=self.config.name, storage=storage)
+            except KeyError:
+                raise ConfigError(
+                    f"the storage of {str(self.run_dir)!r} holds no study named "
+                    f"{self.config.name!r}; has `rankopt run` started it?"
+                ) from None
+        return self._study
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        """The baseline: ``accuracy``, ``params``, ``flops`` (and how it was obtained)."""
+        path = reference_path(self.run_dir)
+        if not path.is_file():
+            raise ArtifactError(
+                f"{str(path)!r} is missing: the study in {str(self.run_dir)!r} has not finished "
+                "training its reference model"
+            )
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+    # -- trials ----------------------------------------------------------------------------
+    def _record(self, trial: FrozenTrial) -> TrialRecord:
+        attrs = trial.user_attrs
+        decomposers = attrs.get("decomposers", {})
+        ranks = attrs.get("ranks", {})
+        return TrialRecord(
+            trial=trial.number,
+            accuracy=float(attrs["accuracy"]),
+            params=int(attrs["params"]),
+            flops=int(attrs["flops"]),
+            params_compression=float(attrs.get("params_compression", math.nan)),
+            flops_compression=float(attrs.get("flops_compression", math.nan)),
+            strategy=str(attrs.get("strategy", "")),
+            selector=str(attrs.get("selector", "")),
+            hyperparameters=dict(attrs.get("hyperparameters", {})),
+            selector_params=dict(attrs.get("selector_params", {})),
+            ranks_summary=str(attrs.get("ranks_summary", "")),
+            spec={
+                name: {"decomposer": decomposers.get(name, ""), "ranks": list(r)}
+                for name, r in ranks.items()
+            },
+            latency_ms=attrs.get("latency_ms"),
+            model_path=str(self.run_dir / "trials" / str(trial.number) / "model.pt"),
+        )
+
+    def _complete(self) -> list[FrozenTrial]:
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "accuracy" in t.user_attrs
+        ]
+
+    def trials(self) -> list[TrialRecord]:
+        """Every completed trial, by number."""
+        return [self._record(t) for t in self._complete()]
+
+    def front(self) -> list[TrialRecord]:
+        """The Pareto-optimal completed trials over the study's objectives (feasible ones
+        only when the study has constraints), sorted by params."""
+        best = {t.number for t in self.study.best_trials}
+        records = [self._record(t) for t in self._complete() if t.number in best]
+        return sorted(records, key=lambda r: (r.params, r.flops, -r.accuracy))
+
+    def hypervolume(self) -> dict[str, float]:
+        """Normalized hypervolume of the (accuracy, params) and (accuracy, FLOPs) fronts."""
+        ref = self.reference
+        records = self.trials()
+        return {
+            measure: hypervolume_2d(
+                [(r.accuracy, float(getattr(r, measure))) for r in records], float(ref[measure])
+            )
+            for measure in ("params", "flops")
+        }
+
+    def status(self) -> dict[str, Any]:
+        """What ``rankopt status --format json`` prints."""
+        counts: dict[str, int] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        ref = self.reference
+        front = self.front()
+        return {
+            "study": self.config.name,
+            "run_dir": str(self.run_dir),
+            "reference": {k: ref[k] for k in ("accuracy", "params", "flops")},
+            "trials": counts,
+            "trials_wanted": self.config.trials,
+            "front_size": len(front),
+            "hypervolume": self.hypervolume(),
+            "best_accuracy": max((r.accuracy for r in front), default=None),
+            "smallest_params": min((r.params for r in front), default=None),
+        }
+
+    # -- picking ------------------------------------------------------------------------------
+    def pick(
+        self,
+        *,
+        trial: int | None = None,
+        max_params: float | None = None,
+        max_flops: float | None = None,
+        min_accuracy: float | None = None,
+    ) -> TrialRecord:
+        """One completed trial: ``trial`` by number; else the most accurate one within
+        ``max_params``/``max_flops``; with ``min_accuracy``, the smallest (fewest params,
+        then FLOPs) one at least that accurate (within the limits too). Each such
+        choice is on the (accuracy, params/FLOPs) Pareto front.
+        """
+        records = self.trials()
+        if trial is not None:
+            if any(v is not None for v in (max_params, max_flops, min_accuracy)):
+                raise ConfigError("give either a trial number or limits (max params/flops, min accuracy), not both")
+            for rec in records:
+                if rec.trial == trial:
+                    return rec
+            done = [r.trial for r in records]
+            raise ConfigError(
+                f"trial {trial} is not a completed trial of study {self.config.name!r}; "
+                f"completed trials are {done}"
+            )
+        if all(v is None for v in (max_params, max_flops, min_accuracy)):
+            raise ConfigError(
+                "say which model to pick: a trial number, max params, max FLOPs or min accuracy"
+            )
+        if min_accuracy is not None and not 0 <= min_accuracy <= 1:
+            raise ConfigError(
+                f"min accuracy must be a fraction in [0, 1] (0.95 for 95 %), got {min_accuracy}"
+            )
+        ok = [
+            r
+            for r in records
+            if (max_params is None or r.params <= max_params)
+            and (max_flops is None or r.flops <= max_flops)
+            and (min_accuracy is None or r.accuracy >= min_accuracy)
+        ]
+        if not ok:
+            limits = ", ".join(
+                f"{name} {value:g}"
+                for name, value in (
+                    ("max params", max_params),
+                    ("max flops", max_flops),
+                    ("min accuracy", min_accuracy),
+                )
+                if value is not None
+            )
+            raise ConfigError(
+                f"no completed trial meets {limits}; the front spans params "
+                f"{self._span('params')}, FLOPs {self._span('flops')} and accuracy "
+                f"{self._span('accuracy')}"
+            )
+        if min_accuracy is not None:
+            return min(ok, key=lambda r: (r.params, r.flops, -r.accuracy))
+        return max(ok, key=lambda r: (r.accuracy, -r.params, -r.flops))
+
+    def _span(self, measure: str) -> str:
+        values = [getattr(r, measure) for r in self.front()]
+        return f"{min(values):g}..{max(values):g}" if values else "(empty)"
+
+    def load_model(self, trial: int) -> nn.Module:
+        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`)."""
+        from rankopt.artifacts import load_compressed
+
+        return load_compressed(self.pick(trial=trial).model_path)
+
+    def __repr__(self) -> str:
+        return f"StudyResult({str(self.run_dir)!r})"

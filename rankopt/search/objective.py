@@ -1,0 +1,239 @@
+"""One trial, the same on every backend: build the context, run the strategy, evaluate,
+count, and write ``trials/<number>/`` (``model.pt`` and ``metrics.json``).
+
+:class:`TrialEnv` is everything a trial needs besides its parameters; it is built
+once per study in the driver and shipped to Ray workers as is (it pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from rankopt.accounting import count
+from rankopt.artifacts import save_compressed
+from rankopt.config import StudyConfig
+from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.search.space import SearchSpace, TrialPlan
+from rankopt.spectral import SpectralCache
+from rankopt.surgery import LayerInfo, normalize_spec
+
+__all__ = [
+    "TrialEnv",
+    "run_trial",
+    "objective_values",
+    "measure_latency_ms",
+    "ranks_summary",
+    "write_json",
+    "TRIAL_ATTRS",
+]
+
+# the metrics copied into the trial's user attrs in the Optuna storage
+TRIAL_ATTRS = (
+    "strategy",
+    "selector",
+    "hyperparameters",
+    "selector_params",
+    "accuracy",
+    "params",
+    "flops",
+    "latency_ms",
+    "params_compression",
+    "flops_compression",
+    "ranks_summary",
+    "ranks",
+    "decomposers",
+    "reason",
+    "reference_key",
+)
+
+
+@dataclass
+class TrialEnv:
+    """What every trial of a study shares."""
+
+    config: StudyConfig
+    run_dir: Path
+    reference: nn.Module  # trained, on CPU
+    splits: DatasetSplits
+    input_shape: tuple[int, ...]  # batch 1
+    targets: list[LayerInfo]
+    space: SearchSpace
+    baseline: dict[str, Any]  # accuracy, params, flops (latency_ms when measured)
+    base: dict[str, Any]  # how load_compressed rebuilds the architecture
+    reference_key: str
+    _cache: SpectralCache | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # each process opens the on-disk cache itself
+        return state
+
+    @property
+    def cache(self) -> SpectralCache:
+        if self._cache is None:
+            self._cache = SpectralCache(self.run_dir / "cache" / "spectra")
+        return self._cache
+
+    def trial_dir(self, number: int) -> Path:
+        return self.run_dir / "trials" / str(number)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
+    tmp.replace(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> float:
+    """Median wall time of one forward pass at ``input_shape``, in milliseconds.
+
+    ``torch.utils.benchmark.Timer`` does the warm-up, the CUDA synchronization and the
+    repetition; single-threaded so that concurrent trials do not skew each other.
+    """
+    from torch.utils.benchmark import Timer
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(tuple(input_shape), device=device)
+        with torch.no_grad():
+            timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=1)
+            return float(timer.blocked_autorange(min_run_time=0.2).median * 1000.0)
+    finally:
+        model.train(was_training)
+
+
+def ranks_summary(spec: Mapping[str, Mapping[str, Any]], n_targets: int) -> str:
+    """``"conv1 4x8, fc svd 12 (2/3 layers)"``: each compressed layer and its ranks."""
+    parts = [
+        f"{name} {entry['decomposer']} {'x'.join(str(r) for r in entry['ranks'])}"
+        for name, entry in spec.items()
+    ]
+    return f"{', '.join(parts) or 'none'} ({len(spec)}/{n_targets} layers)"
+
+
+def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> list[float]:
+    """The values Optuna optimizes, in the study's objective order."""
+    key = {"latency": "latency_ms"}
+    return [float(metrics[key.get(o, o)]) for o in objectives]
+
+
+def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Run trial ``number`` with the flat parameter ``values``; returns its metrics.
+
+    Never raises for a failing trial (diverged training, a decomposition that breaks,
+    a strategy bug): the metrics then have ``state: "FAIL"`` and ``reason``.
+    ``KeyboardInterrupt`` and other non-``Exception`` errors pass through.
+    """
+    from rankopt.manager import get_registry
+    from rankopt.trial import LocalTrialContext
+
+    start = time.perf_counter()
+    trial_dir = env.trial_dir(number)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    config = env.config
+    metrics: dict[str, Any] = {"trial": number, "state": "RUNNING", "params_asked": dict(values)}
+    ctx: LocalTrialContext | None = None
+    try:
+        plan: TrialPlan = env.space.plan(values)
+        metrics.update(strategy=plan.strategy, selector=plan.selector)
+        strategy = get_registry().create("strategies", plan.strategy)
+        hyperparameters = strategy.validate_params(plan.strategy_params)
+        metrics["hyperparameters"] = hyperparameters
+        ctx = LocalTrialContext(
+            env.reference,
+            env.splits,
+            input_shape=env.input_shape,
+            targets=env.targets,
+            decomposers=plan.decomposers,
+            selector=plan.selector,
+            selector_params=plan.selector_params,
+            device=config.device,
+            seed=(config.seed + number) % 2**32,
+            batch_size=config.data.batch_size,
+            train_options=config.train,
+            cache=env.cache,
+        )
+        metrics["selector_params"] = ctx.selector_params
+        outcome = strategy.run(ctx, hyperparameters)
+        spec = normalize_spec(outcome.spec)
+        model = outcome.model.to(ctx.device)
+        accuracy = ctx.evaluate(model)
+        cost = count(model, env.input_shape, device=ctx.device)
+        metrics.update(
+            state="COMPLETE",
+            accuracy=accuracy,
+            params=cost.params,
+            flops=cost.flops,
+            params_compression=env.baseline["params"] / cost.params if cost.params else math.inf,
+            flops_compression=env.baseline["flops"] / cost.flops if cost.flops else math.inf,
+            ranks={name: entry["ranks"] for name, entry in spec.items()},
+            decomposers={name: entry["decomposer"] for name, entry in spec.items()},
+            ranks_summary=ranks_summary(spec, len(env.targets)),
+            extra=dict(outcome.extra),
+            reported=dict(ctx.reported),
+            reference_key=env.reference_key,
+        )
+        if "latency" in config.objectives:
+            metrics["latency_ms"] = measure_latency_ms(model, env.input_shape, ctx.device)
+        save_compressed(
+            trial_dir / "model.pt",
+            model,
+            spec,
+            base=env.base,
+            input_shape=env.input_shape,
+            metadata={
+                "study": config.name,
+                "trial": number,
+                "accuracy": accuracy,
+                "params": cost.params,
+                "flops": cost.flops,
+                "strategy": plan.strategy,
+            },
+        )
+    except Exception as exc:  # one failing trial must not end the study
+        metrics.update(
+            state="FAIL",
+            reason=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(limit=20),
+        )
+    seconds = time.perf_counter() - start
+    train_s = ctx.train_seconds if ctx is not None else 0.0
+    eval_s = ctx.eval_seconds if ctx is not None else 0.0
+    metrics.update(
+        seconds=seconds,
+        train_seconds=train_s,
+        eval_seconds=eval_s,
+        overhead_seconds=max(0.0, seconds - train_s - eval_s),
+        device=str(ctx.device) if ctx is not None else None,
+    )
+    write_json(trial_dir / "metrics.json", metrics)
+    return metrics
+
+
+def user_attrs(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a trial's metrics stored as Optuna user attrs (JSON-safe)."""
+    return {k: json.loads(json.dumps(metrics[k], default=_jsonable)) for k in TRIAL_ATTRS if k in metrics}

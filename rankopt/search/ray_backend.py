@@ -1,0 +1,187 @@
+"""The Ray Tune backend: the same trials, run by Ray workers, proposed by ``OptunaSearch``.
+
+``OptunaSearch`` (``ray.tune.search.optuna``) drives the study's own Optuna sampler
+and storage from the driver with the same define-by-run space as the local backend,
+so both backends fill the same storage and the same ``trials/<number>/`` folders.
+Workers only run :func:`~rankopt.search.objective.run_trial` and report the metrics
+back; the driver writes them into the storage (user attrs, then values), so workers
+never write to the storage (SQLite is not safe across machines).
+
+Resources per trial come from ``resources`` (``tune.with_resources``: one GPU per
+trial when ``gpus: 1``), the concurrency limit from ``max_concurrent``
+(``ConcurrencyLimiter``), and the cluster from ``address`` / ``RAY_ADDRESS`` (a local
+Ray instance otherwise; an already initialized one is reused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optuna
+
+from rankopt.config import StudyConfig
+from rankopt.errors import ConfigError
+from rankopt.search.objective import TrialEnv, run_trial, user_attrs
+
+__all__ = ["connect", "run_ray", "TRIAL_NUMBER_KEY", "METRICS_KEY"]
+
+TRIAL_NUMBER_KEY = "_rankopt_trial_number"
+METRICS_KEY = "rankopt_metrics"
+METRIC_NAMES = {"accuracy": "accuracy", "params": "params", "flops": "flops", "latency": "latency_ms"}
+
+TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
+
+
+def connect(config: StudyConfig) -> bool:
+    """Start or join Ray and check it can give the resources a trial asks for.
+
+    Returns True when this call started Ray (the caller shuts it down). Raises
+    :class:`ConfigError` at once when a trial asks for more GPUs or CPUs than the
+    cluster has (a trial would otherwise wait forever).
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = config.address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"address: cannot connect to the Ray cluster at {address!r} ({exc}); start it "
+                "with `ray start --head` or fix --address / RAY_ADDRESS"
+            ) from None
+        started = True
+    resources = ray.cluster_resources()
+    have_gpus = resources.get("GPU", 0.0)
+    have_cpus = resources.get("CPU", 0.0)
+    want = config.resources
+    problem = None
+    if want.gpus > have_gpus:
+        problem = (
+            f"resources.gpus: {want.gpus:g} GPU(s) per trial requested, but the Ray cluster "
+            f"has {have_gpus:g}; set resources.gpus: 0 or run on a GPU cluster (--address)"
+        )
+    elif want.cpus > have_cpus:
+        problem = (
+            f"resources.cpus: {want.cpus:g} CPU(s) per trial requested, but the Ray cluster "
+            f"has {have_cpus:g}; lower resources.cpus"
+        )
+    if problem is not None:
+        if started:
+            ray.shutdown()
+        raise ConfigError(problem)
+    return started
+
+
+def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
+    """One Ray trial: run it and report its metrics (Tune calls this in a worker)."""
+    from ray import tune
+
+    values = dict(config)
+    number = int(values.pop(TRIAL_NUMBER_KEY))
+    metrics = run_trial(env, number, values)
+    report: dict[str, Any] = {METRICS_KEY: json.dumps(metrics, default=str)}
+    if metrics["state"] == "COMPLETE":
+        for objective in env.config.objectives:
+            key = METRIC_NAMES[objective]
+            report[key] = float(metrics[key])
+    tune.report(report)
+
+
+def _searcher_class() -> type:
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
+        """OptunaSearch that stores each trial's metrics as user attrs before telling Optuna,
+        and tells a trial that failed inside rankopt as FAIL (not as a trial with no values)."""
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+        ) -> None:
+            # `_ot_trials` (Tune trial id -> Optuna trial) is where OptunaSearch keeps them
+            ot_trial = self._ot_trials.get(trial_id)
+            raw = (result or {}).get(METRICS_KEY)
+            if ot_trial is not None and raw:
+                metrics = json.loads(raw)
+                for key, value in user_attrs(metrics).items():
+                    ot_trial.set_user_attr(key, value)
+                if metrics.get("state") != "COMPLETE":
+                    result, error = None, True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return RankoptOptunaSearch
+
+
+def run_ray(
+    env: TrialEnv,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    *,
+    n_trials: int | None,
+    on_trial_done: TrialDone | None = None,
+) -> None:
+    """Run up to ``n_trials`` new trials (and/or until ``timeout``) through Ray Tune."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    config = env.config
+    objectives = config.objectives
+    space = env.space
+
+    def define_by_run(trial: Any) -> dict[str, Any]:
+        space.suggest(trial)
+        return {TRIAL_NUMBER_KEY: trial.number}
+
+    searcher = _searcher_class()(
+        space=define_by_run,
+        metric=[METRIC_NAMES[o] for o in objectives],
+        mode=["max" if d == "maximize" else "min" for d in config.directions],
+        sampler=study.sampler,
+        study_name=study.study_name,
+        storage=storage,
+    )
+    search_alg = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
+    resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, env=env), resources)
+
+    class TrialDoneCallback(tune.Callback):  # type: ignore[misc]
+        def _done(self, trial: Any) -> None:
+            raw = (trial.last_result or {}).get(METRICS_KEY)
+            if raw is None or on_trial_done is None:
+                return
+            metrics = json.loads(raw)
+            values = {k: v for k, v in trial.config.items() if k != TRIAL_NUMBER_KEY}
+            on_trial_done(int(metrics["trial"]), values, metrics)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._done(trial)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._done(trial)
+
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            num_samples=n_trials if n_trials is not None else -1,
+            time_budget_s=config.timeout,
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=config.name,
+            storage_path=str((env.run_dir / "ray").resolve()),
+            verbose=0,
+            callbacks=[TrialDoneCallback()],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    tuner.fit()

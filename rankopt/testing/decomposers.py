@@ -1,0 +1,335 @@
+"""The contract checks of a :class:`~rankopt.Decomposer`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from rankopt.accounting import Cost, count_flops
+from rankopt.errors import InvalidRanksError, UnsupportedModuleError
+from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.records import NAME_PATTERN
+from rankopt.testing._core import (
+    CheckFailed,
+    CheckResult,
+    Checks,
+    raise_on_failures,
+    relative_error,
+    require,
+    require_json,
+    seeded,
+)
+from rankopt.testing.samples import SampleLayer, sample_layers, unsupported_probes
+
+__all__ = ["check_decomposer", "assert_decomposer", "DEFAULT_RTOL"]
+
+DEFAULT_RTOL = 1e-6
+"""Relative (Frobenius) tolerance of the numerical checks, which run in float64."""
+
+
+def _mid_ranks(largest: Sequence[int]) -> tuple[int, ...]:
+    return tuple(max(1, (r + 1) // 2) for r in largest)
+
+
+def _forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+def _built(dec: Decomposer, layer: SampleLayer, ranks: Sequence[int], *, initialize: bool = True) -> nn.Module:
+    # as rankopt.compress does: the built module takes the original's dtype
+    new = dec.build(layer.module, tuple(ranks), initialize=initialize)
+    require(isinstance(new, nn.Module), f"build() must return an nn.Module, got {type(new).__name__}")
+    return new.to(dtype=torch.float64).eval()
+
+
+def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        other.weight.copy_(weight)  # type: ignore[operator]
+    return other
+
+
+def _per_layer(
+    layers: Sequence[SampleLayer], body: Callable[[SampleLayer], str | None]
+) -> Callable[[], str]:
+    """Run ``body`` on every layer; fail naming each layer that failed."""
+
+    def run() -> str:
+        problems, notes = [], []
+        for layer in layers:
+            try:
+                note = body(layer)
+            except CheckFailed as exc:
+                problems.append(f"{layer.name}: {exc}")
+                continue
+            except Exception as exc:
+                problems.append(f"{layer.name}: raised {type(exc).__name__}: {exc}")
+                continue
+            if note:
+                notes.append(f"{layer.name}: {note}")
+        if problems:
+            raise CheckFailed("; ".join(problems))
+        return "; ".join(notes) or f"{len(layers)} layer(s)"
+
+    return run
+
+
+def check_decomposer(
+    decomposer: Decomposer,
+    modules: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None,
+    *,
+    input_hw: tuple[int, int] = (8, 8),
+    rtol: float | None = None,
+    seed: int = 0,
+) -> list[CheckResult]:
+    """Run ``decomposer`` through the decomposer contract.
+
+    Args:
+        decomposer: an instance (e.g. ``MyDecomposer()`` or ``rankopt.decomposer("tucker2")``).
+        modules: the layers to try (default: small Conv2d and Linear layers of varied
+            kernel, stride and bias; those ``supports()`` rejects are left out).
+        input_hw: input size for the given Conv2d ``modules``.
+        rtol: relative tolerance of the numerical checks, default the decomposer's
+            ``contract_rtol`` attribute if it has one, else :data:`DEFAULT_RTOL`. An
+            iterative decomposition (e.g. CP by ALS) may declare a looser one.
+        seed: seeds weights and inputs (the caller's RNG state is restored).
+
+    Checks, each on every supported layer: ``max_ranks`` are positive integers that
+    ``check_ranks`` accepts and out-of-range, wrong-length and non-integer ranks raise
+    :class:`~rankopt.InvalidRanksError`; the module built at the largest ranks computes
+    the original layer (float64) and ``project`` at the largest ranks returns the weight;
+    ``cost()`` equals the built module's parameter count and the FLOPs that
+    ``torch.utils.flop_counter`` counts, at the largest, the smallest and middle ranks;
+    ``build(initialize=False)`` has the same state_dict keys, shapes and dtypes and
+    computes the same function once that state_dict is loaded; ``project`` keeps shape
+    and dtype, leaves its input untouched and is idempotent; the module built from a
+    projected weight computes that projection; ``default_options`` are JSON; the
+    ``rank_matrices`` (when provided) are one 2-D matrix per rank; and modules that
+    ``supports()`` rejects raise :class:`~rankopt.UnsupportedModuleError`.
+    """
+    tol = float(rtol if rtol is not None else getattr(decomposer, "contract_rtol", DEFAULT_RTOL))
+    checks = Checks(f"decomposer {getattr(decomposer, 'name', decomposer)!r}")
+
+    def name_ok() -> str:
+        require(isinstance(decomposer, Decomposer), f"must subclass rankopt.Decomposer, got {type(decomposer).__name__}")
+        require(
+            isinstance(decomposer.name, str) and bool(NAME_PATTERN.match(decomposer.name)),
+            f"name must be a lower-case identifier, got {decomposer.name!r}",
+        )
+        require(bool(decomposer.module_types), "module_types must name at least one module type")
+        return f"name {decomposer.name!r}, supports {[t.__name__ for t in decomposer.module_types]}"
+
+    checks.run("identity", name_ok)
+
+    all_layers = sample_layers(modules, input_hw=input_hw, seed=seed)
+    layers = [la for la in all_layers if _supports(decomposer, la.module)]
+    if not layers:
+        checks.fail(
+            "sample_layers",
+            f"supports() rejects every sample layer ({[la.name for la in all_layers]}); "
+            "pass modules= with layers this decomposer handles",
+        )
+        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
+        return checks.results
+
+    def largest(layer: SampleLayer) -> tuple[int, ...]:
+        return tuple(decomposer.max_ranks(layer.module))
+
+    def max_ranks_ok(layer: SampleLayer) -> str:
+        top = largest(layer)
+        require(len(top) > 0, "max_ranks() returned an empty tuple")
+        require(
+            all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in top),
+            f"max_ranks() must be positive ints, got {top!r}",
+        )
+        if decomposer.rank_names:
+            require(
+                len(top) == len(decomposer.rank_names),
+                f"max_ranks() has {len(top)} entries but rank_names is {decomposer.rank_names}",
+            )
+        require(tuple(decomposer.check_ranks(layer.module, top)) == top, "check_ranks(max_ranks) changed the ranks")
+        require(tuple(decomposer.check_ranks(layer.module, (1,) * len(top))) == (1,) * len(top), "check_ranks(ones) failed")
+        return f"max {top}"
+
+    def rejects_invalid(layer: SampleLayer) -> None:
+        top = largest(layer)
+        bad: list[object] = [
+            (0,) + top[1:],
+            (top[0] + 1,) + top[1:],
+            top + (1,),
+            (1.5,) + top[1:],
+            (True,) + top[1:],
+        ]
+        if len(top) > 1:
+            bad.append(top[:-1])
+        for ranks in bad:
+            try:
+                decomposer.check_ranks(layer.module, ranks)  # type: ignore[arg-type]
+            except InvalidRanksError:
+                continue
+            raise CheckFailed(f"check_ranks accepted invalid ranks {ranks!r} (largest {top})")
+
+    def full_rank(layer: SampleLayer) -> str:
+        top = largest(layer)
+        with seeded(seed):
+            x = layer.example()
+        err = relative_error(_forward(_built(decomposer, layer, top), x), _forward(layer.module, x))
+        require(err <= tol, f"output at the largest ranks {top} differs from the layer's by {err:.2e} > rtol {tol:.0e}")
+        return f"rel. error {err:.1e}"
+
+    def project_full_rank(layer: SampleLayer) -> str:
+        top = largest(layer)
+        w = layer.module.weight.detach()  # type: ignore[union-attr]
+        err = relative_error(decomposer.project(w, top), w)
+        require(err <= tol, f"project(weight, largest ranks {top}) differs from the weight by {err:.2e} > rtol {tol:.0e}")
+        return f"rel. error {err:.1e}"
+
+    def cost_ok(layer: SampleLayer) -> str:
+        top = largest(layer)
+        seen = []
+        for ranks in dict.fromkeys([top, _mid_ranks(top), (1,) * len(top)]):
+            claimed = decomposer.cost(layer.module, ranks, input_hw=layer.input_hw)
+            require(isinstance(claimed, Cost), f"cost() must return rankopt.Cost, got {type(claimed).__name__}")
+            built = _built(decomposer, layer, ranks, initialize=False)
+            params = sum(p.numel() for p in built.parameters())
+            with seeded(seed):
+                example = layer.example(batch=1)
+            flops = count_flops(built, example)
+            actual = Cost(params, flops)
+            require(claimed == actual, f"at ranks {ranks} cost() says {claimed} but the built module has {actual} (flop_counter)")
+            seen.append(f"{ranks}: {actual.params} params, {actual.flops} FLOPs")
+        return ", ".join(seen)
+
+    def uninitialized_ok(layer: SampleLayer) -> None:
+        ranks = _mid_ranks(largest(layer))
+        full = _built(decomposer, layer, ranks)
+        empty = _built(decomposer, layer, ranks, initialize=False)
+        a, b = full.state_dict(), empty.state_dict()
+        require(list(a) == list(b), f"state_dict keys differ: {list(a)} vs {list(b)} (initialize=False)")
+        for k in a:
+            require(
+                a[k].shape == b[k].shape and a[k].dtype == b[k].dtype,
+                f"{k}: {tuple(a[k].shape)}/{a[k].dtype} vs {tuple(b[k].shape)}/{b[k].dtype} with initialize=False",
+            )
+        empty.load_state_dict(a, strict=True)
+        with seeded(seed):
+            x = layer.example()
+        err = relative_error(_forward(empty, x), _forward(full, x))
+        require(err <= 1e-12, f"after loading the state_dict, outputs differ by {err:.2e}")
+
+    def project_shape(layer: SampleLayer) -> None:
+        ranks = _mid_ranks(largest(layer))
+        w64 = layer.module.weight.detach().clone()  # type: ignore[union-attr]
+        for w in (w64, w64.float()):
+            before = w.clone()
+            p = decomposer.project(w, ranks)
+            require(isinstance(p, torch.Tensor), f"project() must return a tensor, got {type(p).__name__}")
+            require(p.shape == w.shape, f"project() changed the shape {tuple(w.shape)} -> {tuple(p.shape)}")
+            require(p.dtype == w.dtype, f"project() changed the dtype {w.dtype} -> {p.dtype}")
+            require(p.device == w.device, f"project() moved the weight from {w.device} to {p.device}")
+            require(torch.equal(w, before), "project() modified its input in place")
+            require(bool(torch.isfinite(p).all()), "project() returned non-finite values")
+
+    def idempotent(layer: SampleLayer) -> str:
+        ranks = _mid_ranks(largest(layer))
+        w = layer.module.weight.detach()  # type: ignore[union-attr]
+        once = decomposer.project(w, ranks)
+        twice = decomposer.project(once, ranks)
+        err = relative_error(twice, once)
+        require(err <= tol, f"at ranks {ranks}, project(project(W)) differs from project(W) by {err:.2e} > rtol {tol:.0e}")
+        return f"rel. change {err:.1e}"
+
+    def build_matches_projection(layer: SampleLayer) -> str:
+        ranks = _mid_ranks(largest(layer))
+        projected = decomposer.project(layer.module.weight.detach(), ranks)  # type: ignore[union-attr]
+        target = _with_weight(layer.module, projected)
+        target_layer = SampleLayer(layer.name, target, layer.input_hw)
+        with seeded(seed):
+            x = layer.example()
+        err = relative_error(_forward(_built(decomposer, target_layer, ranks), x), _forward(target, x))
+        require(
+            err <= tol,
+            f"at ranks {ranks}, the module built from project(W) computes something else than "
+            f"the conv with project(W) (rel. error {err:.2e} > rtol {tol:.0e})",
+        )
+        return f"rel. error {err:.1e}"
+
+    def options_ok(layer: SampleLayer) -> None:
+        opts = decomposer.default_options(layer.module)
+        require(isinstance(opts, dict), f"default_options() must return a dict, got {type(opts).__name__}")
+        require_json(opts, "default_options()")
+        require(json.loads(json.dumps(opts)) == opts, "default_options() does not survive a JSON round trip")
+        with_opts = tuple(decomposer.max_ranks(layer.module, opts or None))
+        require(with_opts == largest(layer), f"max_ranks with the default options {opts} is {with_opts}, without {largest(layer)}")
+
+    def rank_matrices_ok(layer: SampleLayer) -> str | None:
+        top = largest(layer)
+        try:
+            mats = decomposer.rank_matrices(layer.module.weight.detach())  # type: ignore[union-attr]
+        except NotImplementedError:
+            return "not provided (spectral rank selectors cannot drive this decomposer)"
+        require(len(mats) == len(top), f"{len(mats)} rank matrices for {len(top)} ranks")
+        require(all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in mats), "rank matrices must be 2-D tensors")
+        full = decomposer.ranks_from_matrix_ranks(layer.module, [min(m.shape) for m in mats])
+        decomposer.check_ranks(layer.module, tuple(min(r, hi) for r, hi in zip(full, top)))
+        ones = decomposer.ranks_from_matrix_ranks(layer.module, [1] * len(mats))
+        decomposer.check_ranks(layer.module, ones)
+        return None
+
+    checks.run("max_ranks", _per_layer(layers, max_ranks_ok))
+    checks.run("check_ranks_rejects_invalid", _per_layer(layers, rejects_invalid))
+    checks.run("full_rank_equivalence", _per_layer(layers, full_rank))
+    checks.run("project_full_rank", _per_layer(layers, project_full_rank))
+    checks.run("cost_matches_built", _per_layer(layers, cost_ok))
+    checks.run("build_uninitialized", _per_layer(layers, uninitialized_ok))
+    checks.run("project_shape_dtype", _per_layer(layers, project_shape))
+    checks.run("project_idempotent", _per_layer(layers, idempotent))
+    checks.run("build_matches_projection", _per_layer(layers, build_matches_projection))
+    checks.run("default_options", _per_layer(layers, options_ok))
+    checks.run("rank_matrices", _per_layer(layers, rank_matrices_ok))
+    checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
+    return checks.results
+
+
+def _supports(dec: Decomposer, module: nn.Module) -> bool:
+    try:
+        return bool(dec.supports(module))
+    except Exception:
+        return False
+
+
+def _refuses_unsupported(dec: Decomposer) -> Callable[[], str]:
+    def run() -> str:
+        probes = [p for p in unsupported_probes() if not _supports(dec, p.module)]
+        require(bool(probes), "supports() accepted every probe, even BatchNorm2d and grouped convs")
+        for probe in probes:
+            for what, call in (
+                ("check_module", lambda m: dec.check_module(m)),
+                ("max_ranks", lambda m: dec.max_ranks(m)),
+                ("build", lambda m: dec.build(m, (1,) * max(1, len(dec.rank_names)))),
+            ):
+                try:
+                    call(probe.module)
+                except UnsupportedModuleError:
+                    continue
+                except Exception as exc:
+                    raise CheckFailed(
+                        f"{what}({probe.name}) raised {type(exc).__name__} instead of UnsupportedModuleError: {exc}"
+                    ) from None
+                raise CheckFailed(f"{what}({probe.name}) accepted a module that supports() rejects")
+        return f"refused {[p.name for p in probes]}"
+
+    return run
+
+
+def assert_decomposer(decomposer: Decomposer, modules: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None, **kwargs: object) -> None:
+    """:func:`check_decomposer`, raising one AssertionError that lists every failed check."""
+    raise_on_failures(
+        f"decomposer {getattr(decomposer, 'name', decomposer)!r}",
+        check_decomposer(decomposer, modules, **kwargs),  # type: ignore[arg-type]
+    )

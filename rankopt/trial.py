@@ -1,0 +1,241 @@
+"""The concrete :class:`~rankopt.TrialContext` that studies hand to strategies.
+
+A :class:`LocalTrialContext` holds the trained reference model, the data splits and
+the trial's choices (decomposer per layer, rank selector and its parameters), and
+offers a strategy the operations it composes a trial from: ``model``, ``train``,
+``evaluate``, ``select_ranks``, ``compress`` and ``report``. Strategy authors can
+build one directly to test a strategy on a tiny model::
+
+    ctx = LocalTrialContext(net, splits, input_shape=(1, 1, 8, 8), device="cpu")
+    outcome = rankopt.strategy("finetune").run(ctx, {"epochs": 1, "lr": 0.01})
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from rankopt.errors import ConfigError
+from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.plugins.selectors.base import LayerChoice
+from rankopt.spectral import SpectralCache
+from rankopt.surgery import LayerInfo, Spec, find_layers
+from rankopt.surgery import compress as compress_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rankopt.training import TrainResult
+
+__all__ = ["LocalTrialContext", "resolve_layer_decomposers"]
+
+
+def resolve_layer_decomposers(
+    reference: nn.Module,
+    targets: Sequence[LayerInfo],
+    decomposers: str | Mapping[str, str],
+) -> dict[str, str]:
+    """``{layer name: decomposer name}`` for the target layers a decomposer will handle.
+
+    One name applies to every target it supports (the others stay full); a mapping
+    names a decomposer per layer and every named layer must be a target the named
+    decomposer supports.
+    """
+    from rankopt.manager import get_registry
+
+    registry = get_registry()
+    target_names = [t.name for t in targets]
+    if isinstance(decomposers, str):
+        dec = registry.create("decomposers", decomposers)
+        return {
+            name: decomposers for name in target_names if dec.supports(reference.get_submodule(name))
+        }
+    if not isinstance(decomposers, Mapping):
+        raise ConfigError(
+            "decomposers must be one decomposer name or a mapping {layer name: decomposer name}, "
+            f"got {type(decomposers).__name__}"
+        )
+    out: dict[str, str] = {}
+    for name, dec_name in decomposers.items():
+        if name not in target_names:
+            raise ConfigError(
+                f"decomposers[{name!r}]: {name!r} is not a target layer; target layers are "
+                f"{target_names}"
+            )
+        dec = registry.create("decomposers", dec_name)
+        dec.check_module(reference.get_submodule(name), name=name)
+        out[name] = dec_name
+    return out
+
+
+class LocalTrialContext:
+    """A trial's context in this process (implements :class:`rankopt.TrialContext`).
+
+    Args:
+        reference: the trained uncompressed model; never modified.
+        splits: the data; ``train`` for :meth:`train`, ``val`` for :meth:`evaluate`.
+        input_shape: batch-1 input shape, e.g. ``(1, 1, 8, 8)``, for layer discovery.
+        targets: the compressible layers (default: every Conv2d/Linear the forward reaches).
+        decomposers: one decomposer name for every target it supports, or ``{layer: name}``.
+        selector, selector_params: the rank selector and its parameters (checked here).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a :class:`torch.device`.
+        seed: seeds data order and initialization of every :meth:`train` call.
+        batch_size: batch size of the train and validation loaders.
+        train_options: defaults for :meth:`train` (``optimizer``, ``schedule``, ``amp``, ...),
+            overridden by the options of each call.
+        cache: the spectral cache the selector reads (default: the process-wide one).
+        progress: passed to :func:`rankopt.training.train` (None: quiet).
+    """
+
+    def __init__(
+        self,
+        reference: nn.Module,
+        splits: DatasetSplits,
+        *,
+        input_shape: tuple[int, ...],
+        targets: Sequence[LayerInfo] | None = None,
+        decomposers: str | Mapping[str, str] = "tucker2",
+        selector: str = "energy",
+        selector_params: Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        batch_size: int = 128,
+        train_options: Mapping[str, Any] | None = None,
+        cache: SpectralCache | None = None,
+        progress: Any = None,
+    ) -> None:
+        from rankopt.devices import resolve_device
+        from rankopt.manager import get_registry
+
+        if not isinstance(reference, nn.Module):
+            raise ConfigError(f"reference must be an nn.Module, got {type(reference).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.device: torch.device = resolve_device(device)
+        self.seed: int = int(seed)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.splits = splits
+        self.batch_size = batch_size
+        self.train_options: dict[str, Any] = dict(train_options or {})
+        self.progress = progress
+        self.cache = cache
+        self._reference = reference
+        self.targets: list[LayerInfo] = (
+            list(targets) if targets is not None else find_layers(reference, self.input_shape)
+        )
+        self.layer_decomposers = resolve_layer_decomposers(reference, self.targets, decomposers)
+        self.selector = selector
+        sel = get_registry().create("rank_selectors", selector)
+        self.selector_params: dict[str, Any] = sel.validate_params(dict(selector_params or {}))
+        self.reported: dict[str, Any] = {}
+        self.choices: list[LayerChoice] = []
+        self.train_results: list[TrainResult] = []
+        self.train_seconds = 0.0  # wall time inside train() and evaluate(), for overhead figures
+        self.eval_seconds = 0.0
+        self._train_loader: Any = None
+        self._val_loader: Any = None
+
+    # -- models ----------------------------------------------------------------------
+    def model(self) -> nn.Module:
+        """A fresh deep copy of the reference model on :attr:`device`, in train mode."""
+        net = copy.deepcopy(self._reference).to(self.device)
+        net.train()
+        return net
+
+    # -- data --------------------------------------------------------------------------
+    def _loaders(self) -> tuple[Any, Any]:
+        from rankopt.training import make_loader
+
+        if self._train_loader is None:
+            train, val = self.splits.train, self.splits.val
+            # splits may carry ready DataLoaders (a user's own pipeline): use them as they are
+            self._train_loader = (
+                train
+                if isinstance(train, DataLoader)
+                else make_loader(train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
+            )
+            self._val_loader = (
+                val if isinstance(val, DataLoader) else make_loader(val, batch_size=self.batch_size)
+            )
+        return self._train_loader, self._val_loader
+
+    # -- the operations ------------------------------------------------------------------
+    def train(
+        self,
+        model: nn.Module,
+        *,
+        epochs: float,
+        lr: float,
+        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+        step_callback: Callable[[nn.Module, int], None] | None = None,
+        **options: Any,
+    ) -> TrainResult:
+        """Train ``model`` in place on the training split (see :func:`rankopt.training.train`)."""
+        from rankopt.training import train
+
+        start = time.perf_counter()
+        loader, _ = self._loaders()
+        merged = {**self.train_options, **options}
+        merged.setdefault("seed", self.seed)
+        merged.setdefault("progress", self.progress)
+        result = train(
+            model,
+            loader,
+            epochs=epochs,
+            lr=lr,
+            device=self.device,
+            extra_loss=extra_loss,
+            step_callback=step_callback,
+            **merged,
+        )
+        self.train_results.append(result)
+        self.train_seconds += time.perf_counter() - start
+        return result
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 accuracy on the validation split, in [0, 1]."""
+        from rankopt.training import evaluate
+
+        start = time.perf_counter()
+        _, loader = self._loaders()
+        accuracy = float(evaluate(model, loader, device=self.device))
+        self.eval_seconds += time.perf_counter() - start
+        return accuracy
+
+    def select_ranks(self, model: nn.Module) -> Spec:
+        """A spec for ``model``'s target layers from the selector, on its current weights.
+
+        The per-layer decisions (ranks, or why a layer stays full) are kept in
+        :attr:`choices`.
+        """
+        from rankopt.selection import select_spec
+
+        spec, choices = select_spec(
+            model,
+            self.targets,
+            self.layer_decomposers,
+            self.selector,
+            self.selector_params,
+            cache=self.cache,
+            input_shape=self.input_shape,
+        )
+        self.choices = list(choices)
+        return spec
+
+    def compress(self, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+        """A compressed copy of ``model`` on :attr:`device` (``model`` is left untouched)."""
+        return compress_model(model, spec).to(self.device)
+
+    def report(self, **metrics: Any) -> None:
+        """Record extra metrics of the trial; they end up in the trial's ``metrics.json``."""
+        self.reported.update(metrics)
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalTrialContext(targets={len(self.targets)}, selector={self.selector!r}, "
+            f"device={str(self.device)!r}, seed={self.seed})"
+        )

@@ -1,0 +1,74 @@
+"""Shared pieces of the paper-strategy tests: a trained reference on digits, contexts, plain training.
+
+The reference (small_cnn, width 32, seeded, CPU) is trained once per test process and
+shared by every strategy test module; contexts copy it, so nothing mutates it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rankopt
+from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.training import make_loader, train
+from rankopt.trial import LocalTrialContext
+
+INPUT_SHAPE = (1, 1, 8, 8)
+BATCH_SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread while a module runs: on a shared 2-core machine, torch's
+    two threads contend with other processes and run ~20x slower; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_reference() -> tuple[nn.Module, DatasetSplits]:
+    """small_cnn trained 6 epochs on digits (about 99% validation accuracy)."""
+    splits = rankopt.dataset("digits")
+    model = rankopt.model("small_cnn", num_classes=10, in_channels=1)
+    loader = make_loader(splits.train, batch_size=BATCH_SIZE, shuffle=True, seed=0)
+    train(model, loader, epochs=6, lr=0.05, device="cpu", seed=0)
+    model.eval()
+    return model, splits
+
+
+def make_context(**kwargs: Any) -> LocalTrialContext:
+    """A CPU trial context over the shared reference (tucker2 + energy p=0.95 unless told)."""
+    reference, splits = trained_reference()
+    return LocalTrialContext(
+        reference, splits, input_shape=INPUT_SHAPE, device="cpu", seed=0, batch_size=BATCH_SIZE,
+        **kwargs,
+    )
+
+
+# an aggressive compression: plain training then decomposition at these ranks loses accuracy
+AGGRESSIVE = {"selector": "fixed", "selector_params": {"fraction": 0.25}}
+
+
+@functools.lru_cache(maxsize=None)
+def plain_compression_loss(epochs: float, lr: float) -> tuple[float, float]:
+    """(accuracy, accuracy after compression at AGGRESSIVE ranks) after plain training."""
+    ctx = make_context(**AGGRESSIVE)
+    model = ctx.model()
+    ctx.train(model, epochs=epochs, lr=lr)
+    spec = ctx.select_ranks(model)
+    return ctx.evaluate(model), ctx.evaluate(ctx.compress(model, spec))
+
+
+def unfolding_rank(weight: torch.Tensor, mode: int) -> int:
+    matrix = weight.detach().movedim(mode, 0).reshape(weight.shape[mode], -1).double()
+    return int(torch.linalg.matrix_rank(matrix))
