@@ -141,8 +141,9 @@ def count(
     Cost(params=11181642, flops=...)
     """
     params = sum(p.numel() for p in model.parameters())
+    p = next(model.parameters(), None)
     if device is None:
-        p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
-    example = torch.zeros(tuple(input_shape), device=device)
+    dtype = p.dtype if p is not None and p.is_floating_point() else None  # a .double() model
+    example = torch.zeros(tuple(input_shape), device=device, dtype=dtype)
     return Cost(params, count_flops(model, example))

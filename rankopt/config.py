@@ -431,20 +431,32 @@ def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tu
 
 
 def _check_data_paths(kwargs: Mapping[str, Any], where: str) -> None:
+    """Every file or folder a dataset's keyword arguments name must exist (before any work).
+
+    Relative paths are read from ``root`` when the dataset takes one as the base of its
+    files (``npz``), else from the current directory.
+    """
     download = bool(kwargs.get("download", False))
+    root = kwargs.get("root")
     for key, value in kwargs.items():
-        if not isinstance(value, str):
-            continue
         if key not in _PATH_KEYS and not key.endswith(_PATH_SUFFIXES):
             continue
         if key == "root" and download:
             continue  # torchvision creates it
-        if not Path(value).expanduser().exists():
-            raise ConfigError(
-                f"{where}.{key}: path {value!r} does not exist (relative paths are read from "
-                f"the current directory {os.getcwd()!r}); fix the path"
-                + (" or set download: true" if key == "root" else "")
-            )
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(values):
+            if not isinstance(item, str):
+                continue
+            path = Path(item).expanduser()
+            if key != "root" and isinstance(root, str) and not path.is_absolute():
+                path = Path(root).expanduser() / path
+            if not path.exists():
+                field = f"{where}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
+                raise ConfigError(
+                    f"{field}: path {item!r} does not exist (looked for {str(path)!r} from the "
+                    f"current directory {os.getcwd()!r}); fix the path"
+                    + (" or set download: true" if key == "root" else "")
+                )
 
 
 def _check_plugin_params(

@@ -13,7 +13,7 @@ import importlib
 import importlib.metadata as md
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,12 +138,25 @@ class Registry:
     def _register(self, obj: Any, source: Source) -> None:
         try:
             self.pm.register(obj, name=source.plugin)
-        except Exception as exc:  # pluggy validates hook names and signatures
+        except Exception as exc:  # pluggy validates the signatures of known hooks
             self.failures.append(
-                PluginFailure(source.plugin, source.distribution, source.version, "import", str(exc))
+                PluginFailure(
+                    source.plugin, source.distribution, source.version, "import",
+                    f"{type(exc).__name__}: {exc}",
+                )
             )
             return
         self._sources[source.plugin] = source
+        # pluggy accepts @hookimpl functions of hooks nobody specified; for us that is a typo
+        known = sorted(n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT_NAME}_"))
+        for caller in self.pm.get_hookcallers(obj) or []:
+            if caller.spec is None:
+                self._fail(
+                    source,
+                    "hook",
+                    f"implements {caller.name}(), which is not a rankopt hook (a typo?); "
+                    f"known hooks are {known}",
+                )
 
     def _load_entry_points(self) -> None:
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
@@ -174,26 +187,30 @@ class Registry:
                 )
                 try:
                     records = impl.function()
+                    if records is None:
+                        continue
+                    if isinstance(records, (PluginRecord, str, bytes, Mapping)) or not isinstance(
+                        records, Iterable
+                    ):
+                        self._fail(
+                            source,
+                            "record",
+                            f"{family.hook}() must return a list of {family.record_type.__name__}, "
+                            f"got {type(records).__name__}",
+                        )
+                        continue
+                    records = list(records)  # a generator may raise while it runs
                 except Exception as exc:
                     self._fail(source, "hook", f"{family.hook}() raised {type(exc).__name__}: {exc}")
-                    continue
-                if records is None:
-                    continue
-                if isinstance(records, (PluginRecord, str, bytes)) or not isinstance(records, Iterable):
-                    self._fail(
-                        source,
-                        "record",
-                        f"{family.hook}() must return a list of {family.record_type.__name__}, "
-                        f"got {type(records).__name__}",
-                    )
                     continue
                 for record in records:
                     if not isinstance(record, family.record_type):
                         self._fail(
                             source,
                             "record",
-                            f"{family.hook}() returned {record!r}, which is not a "
-                            f"{family.record_type.__name__}",
+                            f"{family.hook}() returned a {type(record).__name__} "
+                            f"({_short(record)}), not a {family.record_type.__name__}; "
+                            f"build it as {family.record_type.__name__}(name, factory, description)",
                         )
                         continue
                     by_name.setdefault(record.name, []).append(Provided(key, record, source))
@@ -249,11 +266,17 @@ class Registry:
         return ps[0].source
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _family(family: str) -> Family:
+    """A family by key ("rank_selectors"), label ("rank selector") or "rank_selector"."""
     if family in FAMILIES:
         return FAMILIES[family]
     for f in FAMILIES.values():
-        if family == f.label:
+        if isinstance(family, str) and family.replace("_", " ") == f.label:
             return f
     raise UnknownNameError("plugin family", family, FAMILIES)
 

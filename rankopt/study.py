@@ -13,13 +13,10 @@ and run again.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
-import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +27,14 @@ import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from rankopt.accounting import count
 from rankopt.config import StudyConfig, config_to_yaml, import_callable, load_config
 from rankopt.errors import ConfigError, RankoptError
 from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.results import STUDY_FILE, StudyResult, reference_path
+from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.local import quiet_optuna
-from rankopt.search.objective import TrialEnv, measure_latency_ms, write_json
+from rankopt.search.objective import TrialEnv, write_json
+from rankopt.search.reference import check_reference_key, obtain_reference, reference_key
+from rankopt.search.sampler import ConstraintsFunc, create_study, make_sampler
 from rankopt.search.space import SearchSpace
 from rankopt.surgery import LayerInfo, find_layers
 
@@ -56,56 +54,6 @@ def run_study(
     """Run (or continue) the study in a file or mapping; ``overrides`` replace top-level keys
     (``trials=8``, ``run_dir="runs/x"``, ``backend="ray"``, ``sampler={"seed": 1}``)."""
     return Study(path_or_config, model=model, data=data, progress=progress, **overrides).run()
-
-
-class ConstraintsFunc:
-    """Optuna ``constraints_func``: ``value - limit`` per limit (<= 0 is feasible).
-
-    A module-level class (not a closure) so the sampler pickles for Ray.
-    """
-
-    def __init__(self, max_params: float | None, max_flops: float | None) -> None:
-        self.limits = [(k, v) for k, v in (("params", max_params), ("flops", max_flops)) if v is not None]
-
-    def __call__(self, trial: optuna.trial.FrozenTrial) -> list[float]:
-        out = []
-        for key, limit in self.limits:
-            value = trial.user_attrs.get(key)
-            out.append(float(value) - float(limit) if value is not None else 1.0)
-        return out
-
-
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The study's Optuna sampler, told the constraints when there are any."""
-    opts = dict(config.sampler.options)
-    constraints = None
-    if config.constraints.max_params is not None or config.constraints.max_flops is not None:
-        constraints = ConstraintsFunc(config.constraints.max_params, config.constraints.max_flops)
-    cls: Any = {
-        "nsgaii": optuna.samplers.NSGAIISampler,
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-    }[config.sampler.name]
-    kwargs: dict[str, Any] = {"seed": config.sampler.seed, **opts}
-    if constraints is not None:
-        if config.sampler.name == "random":
-            raise ConfigError(
-                "constraints: the random sampler cannot use constraints; use sampler.name "
-                "'nsgaii' or 'tpe', or drop the constraints"
-            )
-        kwargs["constraints_func"] = constraints
-    params = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(opts) - set(params))
-    if unknown:
-        allowed = sorted(p for p in params if p not in ("self", "seed", "constraints_func"))
-        raise ConfigError(
-            f"sampler.options: {config.sampler.name} has no option(s) {unknown}; its options "
-            f"are {allowed}"
-        )
-    try:
-        return cls(**kwargs)  # type: ignore[no-any-return]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"sampler.options: {exc}") from None
 
 
 @dataclass
@@ -251,14 +199,23 @@ class Study:
             if storage is None:
                 storage = open_storage(default_storage_url(run_dir))
             with quiet_optuna():
-                study = _create_study(config, storage, prep.sampler)
+                study = create_study(config, storage, prep.sampler)
             url = config.storage or default_storage_url(run_dir)
             stale = fail_stale_trials(study, storage, all_running=is_local_sqlite(url))
             if stale:
                 log.warning("marked trials %s FAIL: a process that died left them running", stale)
-            key = _reference_key(config, prep, self.user_model, self.user_data)
-            _check_reference_key(study, key, run_dir)
-            reference, baseline = _obtain_reference(config, prep, key, run_dir)
+            key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
+            check_reference_key(study, key, run_dir)
+            reference, baseline = obtain_reference(
+                config,
+                model=prep.model,
+                splits=prep.splits,
+                input_shape=prep.input_shape,
+                base=prep.base,
+                targets=prep.targets,
+                key=key,
+                run_dir=run_dir,
+            )
             env = TrialEnv(
                 config=config,
                 run_dir=run_dir.resolve(),
@@ -336,29 +293,24 @@ def torch_threads(cpus: float) -> Iterator[None]:
 
 
 def _check_backend(config: StudyConfig) -> None:
-    gpus = config.resources.gpus
+    """Ray installed when asked for; GPUs per trial that this machine has (a Ray cluster
+    named by an address is checked once connected, see ``ray_backend.connect``)."""
+    address = config.address or os.environ.get("RAY_ADDRESS")
     if config.backend == "ray":
         try:
-            import ray  # noqa: F401
-            from ray.tune.search.optuna import OptunaSearch  # noqa: F401
+            import ray.tune.search.optuna  # noqa: F401
         except ImportError as exc:
             raise ConfigError(
-                f"backend: 'ray' needs ray[tune] and optuna installed ({exc}); "
-                "pip install 'ray[tune]'"
+                f"backend: 'ray' needs ray[tune] installed ({exc}); pip install 'ray[tune]'"
             ) from None
-        address = config.address or os.environ.get("RAY_ADDRESS")
-        if gpus > 0 and not address and torch.cuda.device_count() < math.ceil(gpus):
-            raise ConfigError(
-                f"resources.gpus: {gpus:g} GPU(s) per trial requested, but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s); set resources.gpus: 0, or run "
-                "on a GPU machine or Ray cluster (--address)"
-            )
-    elif gpus > 0:
-        if torch.cuda.device_count() < math.ceil(gpus):
-            raise ConfigError(
-                f"resources.gpus: {gpus:g} GPU(s) per trial requested, but this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s); set resources.gpus: 0"
-            )
+    gpus = config.resources.gpus
+    remote = config.backend == "ray" and bool(address)
+    if gpus > 0 and not remote and torch.cuda.device_count() < math.ceil(gpus):
+        raise ConfigError(
+            f"resources.gpus: {gpus:g} GPU(s) per trial requested, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); set resources.gpus: 0, or run on a "
+            "GPU machine" + (" or Ray cluster (--address)" if config.backend == "ray" else "")
+        )
 
 
 def _build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, dict[str, Any]]:
@@ -390,147 +342,6 @@ def _accepted(fn: Any) -> set[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params}
-
-
-def _create_study(config: StudyConfig, storage: Any, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    try:
-        return optuna.create_study(
-            storage=storage,
-            study_name=config.name,
-            directions=config.directions,
-            sampler=sampler,
-            load_if_exists=True,
-        )
-    except ValueError as exc:
-        raise ConfigError(
-            f"objectives: the storage already holds study {config.name!r} with other "
-            f"objectives ({exc}); use another name or run directory"
-        ) from None
-
-
-def _fingerprint_module(model: nn.Module) -> str:
-    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for key, tensor in model.state_dict().items():
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _reference_key(
-    config: StudyConfig, prep: _Prepared, user_model: nn.Module | None, user_data: DatasetSplits | None
-) -> str:
-    """A hash of everything the reference model depends on; a change retrains it."""
-    data: Any = config.data.model_dump(mode="json")
-    if user_data is not None:
-        data = {
-            "user": [type(user_data.train).__name__, len(user_data.train), len(user_data.val)],  # type: ignore[arg-type]
-            "num_classes": user_data.num_classes,
-            "batch_size": config.data.batch_size,
-        }
-    model: Any = prep.base if user_model is None else _fingerprint_module(user_model)
-    reference = config.reference.model_dump(mode="json")
-    if config.reference.weights:
-        weights = Path(config.reference.weights)
-        reference["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
-    blob = json.dumps(
-        {"model": model, "data": data, "reference": reference, "seed": config.seed,
-         "input_shape": list(prep.input_shape)},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _check_reference_key(study: optuna.Study, key: str, run_dir: Path) -> None:
-    others = {
-        t.user_attrs.get("reference_key")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    } - {key, None}
-    if others:
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} holds trials of a different model, data or "
-            f"reference config (reference {sorted(others)}, now {key}); their accuracies "
-            "are not comparable: use another --run-dir, or delete this one to start over"
-        )
-
-
-def _obtain_reference(
-    config: StudyConfig, prep: _Prepared, key: str, run_dir: Path
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the cached reference of this key, or train/load it and cache it in ``reference/``."""
-    from rankopt.devices import resolve_device
-    from rankopt.training import evaluate, make_loader, train
-
-    model = prep.model
-    ref_dir = run_dir / "reference"
-    weights_file = ref_dir / "model.pt"
-    metrics_file = reference_path(run_dir)
-    if metrics_file.is_file() and weights_file.is_file():
-        cached = json.loads(metrics_file.read_text())
-        if cached.get("key") == key:
-            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-            return model.cpu().eval(), cached
-    device = resolve_device(config.device)
-    start = time.perf_counter()
-    ref = config.reference
-    if ref.weights:
-        state = torch.load(ref.weights, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(
-                f"reference.weights: {ref.weights!r} does not fit the model: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-    model.to(device)
-    if ref.epochs > 0:
-        loader = make_loader(
-            prep.splits.train, batch_size=config.data.batch_size, shuffle=True, seed=config.seed
-        )
-        train(
-            model,
-            loader,
-            epochs=ref.epochs,
-            lr=ref.lr,
-            optimizer=ref.optimizer,
-            schedule=ref.schedule,
-            weight_decay=ref.weight_decay,
-            device=device,
-            seed=config.seed,
-        )
-    val = prep.splits.val
-    from torch.utils.data import DataLoader
-
-    val_loader = val if isinstance(val, DataLoader) else make_loader(val, batch_size=config.data.batch_size)
-    accuracy = evaluate(model, val_loader, device=device)
-    cost = count(model, prep.input_shape, device=device)
-    metrics: dict[str, Any] = {
-        "key": key,
-        "accuracy": accuracy,
-        "params": cost.params,
-        "flops": cost.flops,
-        "input_shape": list(prep.input_shape),
-        "base": prep.base,
-        "layers": [
-            {"name": t.name, "kind": t.kind, "in_channels": t.in_channels,
-             "out_channels": t.out_channels, "kernel_size": list(t.kernel_size),
-             "params": t.cost.params, "flops": t.cost.flops}
-            for t in prep.targets
-        ],
-        "obtained": f"weights {ref.weights}" if ref.weights else f"trained {ref.epochs:g} epochs",
-        "seconds": time.perf_counter() - start,
-        "device": str(device),
-    }
-    if "latency" in config.objectives:
-        metrics["latency_ms"] = measure_latency_ms(model, prep.input_shape, device)
-    model = model.cpu().eval()
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights_file.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(weights_file)
-    write_json(metrics_file, metrics)
-    return model, metrics
 
 
 def _call_trial_hook(run_dir: Path, number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:

@@ -98,11 +98,12 @@ def find_layers(
             handles.append(m.register_forward_pre_hook(hook))
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
+        dtype = p.dtype if p is not None and p.is_floating_point() else None  # a .double() model
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                model(torch.zeros(tuple(input_shape), device=device))
+                model(torch.zeros(tuple(input_shape), device=device, dtype=dtype))
         finally:
             model.train(was_training)
             for h in handles:

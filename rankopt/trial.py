@@ -31,7 +31,18 @@ from rankopt.surgery import compress as compress_model
 if TYPE_CHECKING:  # pragma: no cover
     from rankopt.training import TrainResult
 
-__all__ = ["LocalTrialContext", "resolve_layer_decomposers"]
+__all__ = ["LocalTrialContext", "resolve_layer_decomposers", "loader_for"]
+
+
+def loader_for(
+    data: Any, *, batch_size: int, shuffle: bool = False, seed: int | None = None
+) -> DataLoader:
+    """A loader over a split: a ready ``DataLoader`` (a user's own pipeline) is used as is."""
+    from rankopt.training import make_loader
+
+    if isinstance(data, DataLoader):
+        return data
+    return make_loader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
 
 
 def resolve_layer_decomposers(
@@ -148,19 +159,11 @@ class LocalTrialContext:
 
     # -- data --------------------------------------------------------------------------
     def _loaders(self) -> tuple[Any, Any]:
-        from rankopt.training import make_loader
-
         if self._train_loader is None:
-            train, val = self.splits.train, self.splits.val
-            # splits may carry ready DataLoaders (a user's own pipeline): use them as they are
-            self._train_loader = (
-                train
-                if isinstance(train, DataLoader)
-                else make_loader(train, batch_size=self.batch_size, shuffle=True, seed=self.seed)
+            self._train_loader = loader_for(
+                self.splits.train, batch_size=self.batch_size, shuffle=True, seed=self.seed
             )
-            self._val_loader = (
-                val if isinstance(val, DataLoader) else make_loader(val, batch_size=self.batch_size)
-            )
+            self._val_loader = loader_for(self.splits.val, batch_size=self.batch_size)
         return self._train_loader, self._val_loader
 
     # -- the operations ------------------------------------------------------------------

@@ -7,8 +7,11 @@ from typing import Any
 import pytest
 from optuna.distributions import BaseDistribution
 
+from strategies_support import single_thread  # noqa: F401
+
 import rankopt
 from rankopt.errors import ConfigError
+from rankopt.testing import assert_strategy
 
 PAPER_STRATEGIES = ("nrmf", "deeptwist", "admm", "tdlrt")
 
@@ -77,3 +80,9 @@ def test_out_of_range_value_fails_before_work(name: str, key: str, value: Any) -
         rankopt.strategy(name).run(UntouchableContext(), {key: value})  # type: ignore[arg-type]
     message = str(err.value)
     assert repr(name) in message and repr(key) in message and repr(value) in message
+
+
+@pytest.mark.parametrize("name", PAPER_STRATEGIES)
+def test_passes_the_strategy_contract(name: str) -> None:
+    # a tiny trial on CPU: valid spec, model matching it, finite logits, JSON extras
+    assert_strategy(rankopt.strategy(name))

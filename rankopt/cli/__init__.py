@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     state["debug"] = "--debug" in args
     try:
-        app(args=args, standalone_mode=False, prog_name="rankopt")
+        # without standalone mode click *returns* typer.Exit's code instead of raising it
+        code = app(args=args, standalone_mode=False, prog_name="rankopt")
+        if isinstance(code, int) and not isinstance(code, bool):
+            return code
     except click.exceptions.Exit as exc:  # typer.Exit
         return int(exc.exit_code or 0)
     except click.exceptions.Abort:

@@ -68,9 +68,15 @@ def load_model(
     weights: Path | None = None,
     num_classes: int | None = None,
     input_shape: Sequence[int] | None = None,
+    seed: int = 0,
 ) -> tuple[Any, tuple[int, ...], str]:
     """(model, input shape with batch, label) for a registered name, a
-    ``package.module:callable`` or a study file."""
+    ``package.module:callable`` or a study file.
+
+    The model is built with torch's RNG seeded by ``seed`` (the caller's RNG state is
+    restored), so a randomly initialized model is the same on every call and its
+    spectra are found in a disk cache.
+    """
     import torch
 
     from rankopt.errors import ConfigError
@@ -106,7 +112,9 @@ def load_model(
         if not _accepts(factory, "num_classes"):
             raise ConfigError(f"--num-classes: model {name!r} takes no num_classes argument")
         kwargs["num_classes"] = num_classes
-    model = factory(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(**kwargs)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
     if weights is not None:
@@ -198,39 +206,34 @@ def _si(n: float) -> str:
     return f"{n:g}"
 
 
-def _cell(entry: Mapping[str, Any] | None) -> str:
-    if entry is None:
-        return "-"
-    ranks = "/".join(str(r) for r in entry["ranks"])
-    tail = f"x{entry['ratio']:.2f}" if entry["compressed"] else "kept full"
-    return f"{ranks}\n{_si(entry['params'])} ({tail})"
-
-
 def _print_table(label: str, shape: Sequence[int], decomposer: str, methods: Sequence[str],
                  rows: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> None:
-    table = Table(
-        title=f"{label}: per-layer ranks and {decomposer} parameters (input {list(shape)})",
-        caption="cells: ranks, then parameters at those ranks and the compression ratio",
-        show_lines=True,
-    )
+    """The NRMF layer-table layout: a row per layer, then a row per method under it."""
+    table = Table(title=f"{label}: {decomposer} ranks per layer (input {list(shape)})")
     table.add_column("layer", overflow="fold")
-    for col in ("S", "T", "kernel", "params"):
+    for col in ("S", "T", "kernel", "ranks", "params", "ratio"):
         table.add_column(col, justify="right")
-    for m in methods:
-        table.add_column(m.replace("energy@", "p="), justify="right")
     for r in rows:
         table.add_row(
-            r["layer"], str(r["S"]), str(r["T"]), "x".join(str(k) for k in r["kernel"]), _si(r["params"]),
-            *(_cell(r["methods"].get(m)) for m in methods),
+            r["layer"], str(r["S"]), str(r["T"]), "x".join(str(k) for k in r["kernel"]), "", _si(r["params"]), "",
         )
-    table.add_row(
-        "model", "", "", "", _si(totals["params"]),
-        *(f"{_si(totals['methods'][m]['params'])} (x{totals['methods'][m]['ratio']:.2f})" for m in methods),
-    )
-    console.print(table)
-    for r in rows:
+        for m in methods:
+            e = r["methods"].get(m)
+            if e is None:
+                continue
+            ratio = f"x{e['ratio']:.2f}" if e["compressed"] else f"x{e['ratio']:.2f} kept full"
+            table.add_row(
+                f"  {m.replace('energy@', 'p=')}", "", "", "", "/".join(str(x) for x in e["ranks"]),
+                _si(e["params"]), ratio,
+            )
         if "note" in r:
-            console.print(f"{r['layer']}: {r['note']}", highlight=False)
+            table.add_row(f"  ({r['note']})", "", "", "", "", "", "")
+        table.add_section()
+    table.add_row("model", "", "", "", "", _si(totals["params"]), "")
+    for m in methods:
+        t = totals["methods"][m]
+        table.add_row(f"  {m.replace('energy@', 'p=')}", "", "", "", "", _si(t["params"]), f"x{t['ratio']:.2f}")
+    console.print(table)
 
 
 def _csv(methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
@@ -268,6 +271,7 @@ def inspect_command(
     cache_dir: Optional[Path] = typer.Option(
         None, "--cache-dir", help="A spectral-cache directory to read and fill (default: memory only)."
     ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (without --weights)."),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
     from rankopt.errors import ConfigError
@@ -282,7 +286,9 @@ def inspect_command(
     import rankopt
 
     rankopt.decomposer(decomposer)  # an unknown name fails before any work
-    model, shape, label = load_model(model_or_study, weights=weights, num_classes=num_classes, input_shape=shape)
+    model, shape, label = load_model(
+        model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
+    )
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
     methods, rows = inspect_rows(model, shape, decomposer=decomposer, thresholds=ps, cache=cache)
     totals = _totals(model, methods, rows)

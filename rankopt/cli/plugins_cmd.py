@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from rankopt.cli.app import app, console
@@ -16,6 +17,10 @@ def plugins_command(
         False, "--check", help="Run the contract checks of rankopt.testing on every plugin."
     ),
     format: str = typer.Option("table", "--format", help="Output format: table or json."),
+    family: list[str] = typer.Option(
+        [], "--family", help="With --check: check only this family (decomposers, rank_selectors, "
+        "strategies, models); repeatable. Default: decomposers, rank selectors and strategies.",
+    ),
 ) -> None:
     """List the decomposers, rank selectors, strategies, models and datasets that are installed."""
     import json
@@ -25,6 +30,8 @@ def plugins_command(
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")
+    if family and not check:
+        raise ConfigError("--family only applies with --check; add --check or drop --family")
     reg = get_registry()
     rows = [
         {
@@ -48,14 +55,18 @@ def plugins_command(
         for f in reg.failures
     ]
     conflicts = [
-        {"family": FAMILIES[k].label, "name": n, "providers": [s.plugin for s in srcs]}
+        {
+            "family": FAMILIES[k].label,
+            "name": n,
+            "providers": [f"{s.plugin} ({s.distribution} {s.version})".replace(" )", ")") for s in srcs],
+        }
         for k, n, srcs in reg.conflicts()
     ]
     checks = None
     if check:
         from rankopt.testing import check_installed_plugins
 
-        checks = check_installed_plugins()
+        checks = check_installed_plugins(tuple(family)) if family else check_installed_plugins()
     if format == "json":
         out = {"plugins": rows, "failures": failures, "conflicts": conflicts}
         if checks is not None:
@@ -64,24 +75,25 @@ def plugins_command(
     else:
         table = Table(title="rankopt plugins")
         for col in ("family", "name", "distribution", "version", "description"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # wrap, never cut off a name
         for r in rows:
-            table.add_row(*(str(r[c]) for c in ("family", "name", "distribution", "version", "description")))
+            table.add_row(*(escape(str(r[c])) for c in ("family", "name", "distribution", "version", "description")))
         console.print(table)
         for c in conflicts:
             console.print(
-                f"[red]conflict:[/red] {c['family']} {c['name']!r} is claimed by "
-                + " and ".join(c["providers"])
+                f"[red]conflict:[/red] {c['family']} {escape(repr(c['name']))} is claimed by "
+                + escape(" and ".join(c["providers"])),
+                soft_wrap=True,
             )
         for f in reg.failures:
-            console.print(f"[red]failed:[/red] {f}")
+            console.print(f"[red]failed:[/red] {escape(str(f))}", soft_wrap=True)
         if checks is not None:
             ct = Table(title="contract checks")
             for col in ("family", "name", "distribution", "check", "result"):
-                ct.add_column(col)
+                ct.add_column(col, overflow="fold")
             for r in checks:
-                ct.add_row(r["family"], r["name"], r["distribution"], r["check"],
-                           "[green]pass[/green]" if r["passed"] else f"[red]FAIL[/red] {r['reason']}")
+                ct.add_row(*(escape(str(r[c])) for c in ("family", "name", "distribution", "check")),
+                           "[green]pass[/green]" if r["passed"] else f"[red]FAIL[/red] {escape(r['reason'])}")
             console.print(ct)
     if checks is not None and not all(r["passed"] for r in checks):
         raise typer.Exit(1)

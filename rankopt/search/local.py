@@ -8,7 +8,13 @@ from typing import Any
 
 import optuna
 
-from rankopt.search.objective import TrialEnv, objective_values, run_trial, user_attrs
+from rankopt.search.objective import (
+    TrialEnv,
+    objective_values,
+    run_trial,
+    set_constraints,
+    user_attrs,
+)
 
 __all__ = ["run_local", "TrialFailed", "quiet_optuna"]
 
@@ -49,6 +55,7 @@ def run_local(
         metrics = run_trial(env, trial.number, values)
         for key, value in user_attrs(metrics).items():
             trial.set_user_attr(key, value)
+        set_constraints(trial, env.config, metrics)
         finished[trial.number] = (values, metrics)
         if metrics["state"] != "COMPLETE":
             log.warning("trial %d failed: %s", trial.number, metrics.get("reason"))

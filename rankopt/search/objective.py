@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 import torch.nn as nn
 
@@ -29,6 +30,8 @@ from rankopt.spectral import SpectralCache
 from rankopt.surgery import LayerInfo, normalize_spec
 
 __all__ = [
+    "SET_CONSTRAINT",
+    "set_constraints",
     "TrialEnv",
     "run_trial",
     "objective_values",
@@ -232,6 +235,20 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     )
     write_json(trial_dir / "metrics.json", metrics)
     return metrics
+
+
+# Optuna 5 tells samplers the constraints per trial (constraints_func is deprecated there)
+SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def set_constraints(trial: optuna.trial.Trial, config: StudyConfig, metrics: Mapping[str, Any]) -> None:
+    """Record ``value - limit`` (<= 0 is feasible) of the study's limits on a completed trial,
+    so the sampler and ``best_trials`` know which trials are feasible."""
+    if not SET_CONSTRAINT or metrics.get("state") != "COMPLETE":
+        return
+    for key, limit in (("params", config.constraints.max_params), ("flops", config.constraints.max_flops)):
+        if limit is not None:
+            trial.set_constraint(f"max_{key}", float(metrics[key]) - float(limit))
 
 
 def user_attrs(metrics: Mapping[str, Any]) -> dict[str, Any]:

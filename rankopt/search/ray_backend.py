@@ -15,16 +15,20 @@ Ray instance otherwise; an already initialized one is reused).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
+from ray.tune.search.optuna import OptunaSearch
 
 from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
-from rankopt.search.objective import TrialEnv, run_trial, user_attrs
+from rankopt.search.local import quiet_optuna
+from rankopt.search.objective import TrialEnv, run_trial, set_constraints, user_attrs
+from rankopt.search.space import SearchSpace
 
 __all__ = ["connect", "run_ray", "TRIAL_NUMBER_KEY", "METRICS_KEY"]
 
@@ -97,28 +101,42 @@ def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
     tune.report(report)
 
 
-def _searcher_class() -> type:
-    from ray.tune.search.optuna import OptunaSearch
+class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
+    """OptunaSearch that stores each trial's metrics as user attrs before telling Optuna,
+    and tells a trial that failed inside rankopt as FAIL (not as a trial without values)."""
 
-    class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
-        """OptunaSearch that stores each trial's metrics as user attrs before telling Optuna,
-        and tells a trial that failed inside rankopt as FAIL (not as a trial with no values)."""
+    def __init__(self, *args: Any, study_config: StudyConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.study_config = study_config
 
-        def on_trial_complete(
-            self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
-        ) -> None:
-            # `_ot_trials` (Tune trial id -> Optuna trial) is where OptunaSearch keeps them
-            ot_trial = self._ot_trials.get(trial_id)
-            raw = (result or {}).get(METRICS_KEY)
-            if ot_trial is not None and raw:
-                metrics = json.loads(raw)
-                for key, value in user_attrs(metrics).items():
-                    ot_trial.set_user_attr(key, value)
-                if metrics.get("state") != "COMPLETE":
-                    result, error = None, True
-            super().on_trial_complete(trial_id, result=result, error=error)
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        # `_ot_trials` (Tune trial id -> Optuna trial) is where OptunaSearch keeps them
+        ot_trial = self._ot_trials.get(trial_id)
+        raw = (result or {}).get(METRICS_KEY)
+        if ot_trial is not None and raw:
+            metrics = json.loads(raw)
+            for key, value in user_attrs(metrics).items():
+                ot_trial.set_user_attr(key, value)
+            set_constraints(ot_trial, self.study_config, metrics)
+            if metrics.get("state") != "COMPLETE":
+                result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
 
-    return RankoptOptunaSearch
+
+class DefineByRun:
+    """The define-by-run space OptunaSearch calls: the study's space, plus the trial number.
+
+    A module-level class, since OptunaSearch pickles its space into Tune's checkpoints.
+    """
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        self.space.suggest(trial)
+        return {TRIAL_NUMBER_KEY: trial.number}
 
 
 def run_ray(
@@ -130,19 +148,41 @@ def run_ray(
     on_trial_done: TrialDone | None = None,
 ) -> None:
     """Run up to ``n_trials`` new trials (and/or until ``timeout``) through Ray Tune."""
+
+    with quiet_optuna(), _quiet_tune():
+        _fit(env, study, storage, n_trials=n_trials, on_trial_done=on_trial_done)
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Tune's legacy console output honours ``verbose=0``; the new one prints regardless."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _fit(
+    env: TrialEnv,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    *,
+    n_trials: int | None,
+    on_trial_done: TrialDone | None,
+) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     config = env.config
     objectives = config.objectives
-    space = env.space
-
-    def define_by_run(trial: Any) -> dict[str, Any]:
-        space.suggest(trial)
-        return {TRIAL_NUMBER_KEY: trial.number}
-
-    searcher = _searcher_class()(
-        space=define_by_run,
+    searcher = RankoptOptunaSearch(
+        study_config=config,
+        space=DefineByRun(env.space),
         metric=[METRIC_NAMES[o] for o in objectives],
         mode=["max" if d == "maximize" else "min" for d in config.directions],
         sampler=study.sampler,
@@ -154,13 +194,21 @@ def run_ray(
     trainable = tune.with_resources(tune.with_parameters(_trainable, env=env), resources)
 
     class TrialDoneCallback(tune.Callback):  # type: ignore[misc]
+        def __init__(self, done: TrialDone | None) -> None:
+            self.done = done
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its callbacks into the experiment state; the live display is
+            # only meaningful in this process
+            return {"done": None}
+
         def _done(self, trial: Any) -> None:
             raw = (trial.last_result or {}).get(METRICS_KEY)
-            if raw is None or on_trial_done is None:
+            if raw is None or self.done is None:
                 return
             metrics = json.loads(raw)
             values = {k: v for k, v in trial.config.items() if k != TRIAL_NUMBER_KEY}
-            on_trial_done(int(metrics["trial"]), values, metrics)
+            self.done(int(metrics["trial"]), values, metrics)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             self._done(trial)
@@ -174,13 +222,13 @@ def run_ray(
             search_alg=search_alg,
             num_samples=n_trials if n_trials is not None else -1,
             time_budget_s=config.timeout,
-            reuse_actors=False,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=config.name,
             storage_path=str((env.run_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[TrialDoneCallback()],
+            callbacks=[TrialDoneCallback(on_trial_done)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )

@@ -69,10 +69,20 @@ def raise_on_failures(subject: str, results: Sequence[CheckResult]) -> None:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator for the block and restore the caller's state after it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    """Seed torch's CPU generator for the block; restore the caller's torch, NumPy and
+    ``random`` states after it (training seeds all three)."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

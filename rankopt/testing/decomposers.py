@@ -96,7 +96,12 @@ def check_decomposer(
         input_hw: input size for the given Conv2d ``modules``.
         rtol: relative tolerance of the numerical checks, default the decomposer's
             ``contract_rtol`` attribute if it has one, else :data:`DEFAULT_RTOL`. An
-            iterative decomposition (e.g. CP by ALS) may declare a looser one.
+            iterative decomposition (e.g. CP by ALS) may declare a looser one. The
+            projection checks use ``projection_rtol`` if the decomposer declares it.
+            A decomposer whose ``project`` is not idempotent by nature (ALS finds a
+            local optimum) declares ``projection_idempotent = False``; re-projecting
+            then only has to move a projected weight less than projecting moved the
+            original.
         seed: seeds weights and inputs (the caller's RNG state is restored).
 
     Checks, each on every supported layer: ``max_ranks`` are positive integers that
@@ -139,6 +144,22 @@ def check_decomposer(
 
     def largest(layer: SampleLayer) -> tuple[int, ...]:
         return tuple(decomposer.max_ranks(layer.module))
+
+    # iterative decompositions (CP-ALS) are slow: compute each projection once
+    memo: dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, bool]] = {}
+
+    def projected(layer: SampleLayer, ranks: tuple[int, ...]) -> tuple[torch.Tensor, bool]:
+        """project(W, ranks) in float64, and whether it modified W in place."""
+        key = (layer.name, ranks)
+        if key not in memo:
+            original = layer.module.weight.detach()  # type: ignore[union-attr]
+            w = original.clone()  # a projection that writes into its input must not spoil the layer
+            p = decomposer.project(w, ranks)
+            memo[key] = (p, not torch.equal(w, original))
+        return memo[key]
+
+    exact = bool(getattr(decomposer, "projection_idempotent", True))
+    proj_tol = float(getattr(decomposer, "projection_rtol", tol))
 
     def max_ranks_ok(layer: SampleLayer) -> str:
         top = largest(layer)
@@ -185,7 +206,7 @@ def check_decomposer(
     def project_full_rank(layer: SampleLayer) -> str:
         top = largest(layer)
         w = layer.module.weight.detach()  # type: ignore[union-attr]
-        err = relative_error(decomposer.project(w, top), w)
+        err = relative_error(projected(layer, top)[0], w)
         require(err <= tol, f"project(weight, largest ranks {top}) differs from the weight by {err:.2e} > rtol {tol:.0e}")
         return f"rel. error {err:.1e}"
 
@@ -224,38 +245,52 @@ def check_decomposer(
 
     def project_shape(layer: SampleLayer) -> None:
         ranks = _mid_ranks(largest(layer))
-        w64 = layer.module.weight.detach().clone()  # type: ignore[union-attr]
-        for w in (w64, w64.float()):
-            before = w.clone()
-            p = decomposer.project(w, ranks)
+        w64 = layer.module.weight.detach()  # type: ignore[union-attr]
+        p64, modified = projected(layer, ranks)
+        require(not modified, "project() modified its input in place")
+        before = w64.float()
+        w32 = before.clone()
+        p32 = decomposer.project(w32, ranks)
+        require(torch.equal(w32, before), "project() modified its input in place")
+        for w, p in ((w64, p64), (w32, p32)):
             require(isinstance(p, torch.Tensor), f"project() must return a tensor, got {type(p).__name__}")
             require(p.shape == w.shape, f"project() changed the shape {tuple(w.shape)} -> {tuple(p.shape)}")
             require(p.dtype == w.dtype, f"project() changed the dtype {w.dtype} -> {p.dtype}")
             require(p.device == w.device, f"project() moved the weight from {w.device} to {p.device}")
-            require(torch.equal(w, before), "project() modified its input in place")
             require(bool(torch.isfinite(p).all()), "project() returned non-finite values")
 
     def idempotent(layer: SampleLayer) -> str:
         ranks = _mid_ranks(largest(layer))
         w = layer.module.weight.detach()  # type: ignore[union-attr]
-        once = decomposer.project(w, ranks)
-        twice = decomposer.project(once, ranks)
+        once = projected(layer, ranks)[0]
+        twice = decomposer.project(once.clone(), ranks)
         err = relative_error(twice, once)
-        require(err <= tol, f"at ranks {ranks}, project(project(W)) differs from project(W) by {err:.2e} > rtol {tol:.0e}")
-        return f"rel. change {err:.1e}"
+        if exact:
+            require(err <= proj_tol, f"at ranks {ranks}, project(project(W)) differs from project(W) by {err:.2e} > rtol {proj_tol:.0e}")
+            return f"rel. change {err:.1e}"
+        # declared inexact (e.g. ALS): re-projecting must move less than projecting did
+        first = relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300))
+        require(
+            err <= first,
+            f"at ranks {ranks}, re-projecting changes project(W) by {err:.2e}, more than "
+            f"projecting changed W ({first:.2e}), although projection_idempotent = False",
+        )
+        return f"rel. change {err:.1e} <= {first:.1e} (declared not idempotent)"
 
     def build_matches_projection(layer: SampleLayer) -> str:
         ranks = _mid_ranks(largest(layer))
-        projected = decomposer.project(layer.module.weight.detach(), ranks)  # type: ignore[union-attr]
-        target = _with_weight(layer.module, projected)
+        w = layer.module.weight.detach()  # type: ignore[union-attr]
+        once = projected(layer, ranks)[0]
+        target = _with_weight(layer.module, once)
         target_layer = SampleLayer(layer.name, target, layer.input_hw)
         with seeded(seed):
             x = layer.example()
         err = relative_error(_forward(_built(decomposer, target_layer, ranks), x), _forward(target, x))
+        bound = proj_tol if exact else relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300))
         require(
-            err <= tol,
+            err <= bound,
             f"at ranks {ranks}, the module built from project(W) computes something else than "
-            f"the conv with project(W) (rel. error {err:.2e} > rtol {tol:.0e})",
+            f"the conv with project(W) (rel. error {err:.2e} > {bound:.0e})",
         )
         return f"rel. error {err:.1e}"
 
@@ -273,7 +308,7 @@ def check_decomposer(
             mats = decomposer.rank_matrices(layer.module.weight.detach())  # type: ignore[union-attr]
         except NotImplementedError:
             return "not provided (spectral rank selectors cannot drive this decomposer)"
-        require(len(mats) == len(top), f"{len(mats)} rank matrices for {len(top)} ranks")
+        require(len(mats) >= 1, "rank_matrices() returned no matrix")
         require(all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in mats), "rank matrices must be 2-D tensors")
         full = decomposer.ranks_from_matrix_ranks(layer.module, [min(m.shape) for m in mats])
         decomposer.check_ranks(layer.module, tuple(min(r, hi) for r, hi in zip(full, top)))
@@ -281,19 +316,27 @@ def check_decomposer(
         decomposer.check_ranks(layer.module, ones)
         return None
 
-    checks.run("max_ranks", _per_layer(layers, max_ranks_ok))
-    checks.run("check_ranks_rejects_invalid", _per_layer(layers, rejects_invalid))
-    checks.run("full_rank_equivalence", _per_layer(layers, full_rank))
-    checks.run("project_full_rank", _per_layer(layers, project_full_rank))
-    checks.run("cost_matches_built", _per_layer(layers, cost_ok))
-    checks.run("build_uninitialized", _per_layer(layers, uninitialized_ok))
-    checks.run("project_shape_dtype", _per_layer(layers, project_shape))
-    checks.run("project_idempotent", _per_layer(layers, idempotent))
-    checks.run("build_matches_projection", _per_layer(layers, build_matches_projection))
-    checks.run("default_options", _per_layer(layers, options_ok))
-    checks.run("rank_matrices", _per_layer(layers, rank_matrices_ok))
-    checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
+    with seeded(seed):  # building modules draws random initial weights
+        _run_all(checks, layers, [
+            ("max_ranks", max_ranks_ok),
+            ("check_ranks_rejects_invalid", rejects_invalid),
+            ("full_rank_equivalence", full_rank),
+            ("project_full_rank", project_full_rank),
+            ("cost_matches_built", cost_ok),
+            ("build_uninitialized", uninitialized_ok),
+            ("project_shape_dtype", project_shape),
+            ("project_idempotent", idempotent),
+            ("build_matches_projection", build_matches_projection),
+            ("default_options", options_ok),
+            ("rank_matrices", rank_matrices_ok),
+        ])
+        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
     return checks.results
+
+
+def _run_all(checks: Checks, layers: Sequence[SampleLayer], bodies: Sequence[tuple[str, Callable[[SampleLayer], str | None]]]) -> None:
+    for name, body in bodies:
+        checks.run(name, _per_layer(layers, body))
 
 
 def _supports(dec: Decomposer, module: nn.Module) -> bool:

@@ -57,8 +57,16 @@ def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[
     factories that raise are failed rows too, so a clean result means every
     installed plugin loads and honours its contract.
     """
-    from rankopt.manager import FAMILIES, get_registry
+    from rankopt.errors import ConfigError
+    from rankopt.manager import FAMILIES, _family, get_registry
 
+    keys = [_family(f).key for f in families]  # "decomposer" or "decomposers"; unknown ones fail
+    unchecked = sorted(set(keys) - {*CHECKED_FAMILIES, "models"})
+    if unchecked:
+        raise ConfigError(
+            f"cannot check plugin family {unchecked[0]!r}; checkable families are "
+            f"{[*CHECKED_FAMILIES, 'models']}"
+        )
     reg = get_registry()
     rows: list[dict[str, Any]] = []
 
@@ -86,7 +94,7 @@ def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[
         add(FAMILIES[key].label, name, ", ".join(s.distribution for s in sources),
             CheckResult("unique_name", False, f"claimed by {who}"))
 
-    for key in families:
+    for key in keys:
         label = FAMILIES[key].label
         for provided in reg.provided(key):
             record, source = provided.record, provided.source

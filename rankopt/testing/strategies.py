@@ -28,17 +28,20 @@ from rankopt.testing.selectors import default_decomposer, space_corners
 __all__ = ["check_strategy", "assert_strategy", "tiny_trial_context"]
 
 UNKNOWN_PARAM = "no_such_hyperparameter_xyz"
-PREFERRED_SELECTORS = ("energy", "fixed")
+# "fixed" at a quarter of the largest ranks makes every layer of the tiny model smaller
+PREFERRED_SELECTORS: tuple[tuple[str, dict[str, Any]], ...] = (("fixed", {"fraction": 0.25}), ("energy", {"p": 0.5}))
 MAX_TRAIN_STEPS = 6
 
 
-def _default_selector() -> str:
+def _default_selector() -> tuple[str, dict[str, Any]]:
     from rankopt.manager import get_registry
 
     names = get_registry().names("rank_selectors")
-    for name in (*PREFERRED_SELECTORS, *names):
+    for name, params in PREFERRED_SELECTORS:
         if name in names:
-            return name
+            return name, params
+    if names:
+        return names[0], {}
     raise CheckFailed("no rank selector is registered; pass context= to run a strategy")
 
 
@@ -54,12 +57,16 @@ def tiny_trial_context(
 
     Every ``train`` call stops after ``max_steps`` optimizer steps (whatever epochs a
     strategy asks for), so a strategy runs end to end in about a second on a CPU.
-    ``decomposer``/``selector`` default to registered ``tucker2``/``energy`` (or the
-    first registered ones).
+    ``decomposer`` defaults to the registered ``tucker2`` (else ``svd``, else the first
+    one); ``selector`` to ``fixed`` with ``fraction=0.25`` (else ``energy`` with
+    ``p=0.5``, else the first one), so that the layers really are compressed.
     """
     from rankopt.trial import LocalTrialContext
 
     dec_name = decomposer or default_decomposer().name
+    if selector is None:
+        selector, default_params = _default_selector()
+        selector_params = {**default_params, **dict(selector_params or {})}
     with seeded(seed):
         net = tiny_model()
     return LocalTrialContext(
@@ -67,7 +74,7 @@ def tiny_trial_context(
         tiny_splits(seed=seed),
         input_shape=TINY_INPUT_SHAPE,
         decomposers=dec_name,
-        selector=selector or _default_selector(),
+        selector=selector,
         selector_params=selector_params,
         device="cpu",
         seed=seed,
@@ -152,8 +159,7 @@ def check_strategy(
     def run_ok() -> str:
         ctx = context if context is not None else tiny_trial_context()
         hp = dict(params) if params is not None else strategy.validate_params({})
-        with seeded(0):
-            outcome = strategy.run(ctx, hp)
+        outcome = strategy.run(ctx, hp)
         require(isinstance(outcome, TrialOutcome), f"run() must return a TrialOutcome, got {type(outcome).__name__}")
         require(isinstance(outcome.model, nn.Module), f"TrialOutcome.model must be an nn.Module, got {type(outcome.model).__name__}")
         spec = normalize_spec(outcome.spec)
@@ -180,12 +186,13 @@ def check_strategy(
         layers = ", ".join(f"{k} {v['ranks']}" for k, v in spec.items())
         return f"{len(spec)} layer(s) compressed: {layers}"
 
-    checks.run("identity", identity)
-    checks.run("search_space", space_ok)
-    checks.run("defaults", defaults_ok)
-    checks.run("rejects_unknown_params", rejects_unknown)
-    if run:
-        checks.run("run_tiny_trial", run_ok)
+    with seeded(0):  # training reseeds torch, NumPy and random: restore the caller's states
+        checks.run("identity", identity)
+        checks.run("search_space", space_ok)
+        checks.run("defaults", defaults_ok)
+        checks.run("rejects_unknown_params", rejects_unknown)
+        if run:
+            checks.run("run_tiny_trial", run_ok)
     return checks.results
 
 

@@ -139,8 +139,8 @@ class RandomCropFlip:
     ``RandomHorizontalFlip()``: an offset uniform in [0, 2 * padding] per axis and a
     flip with probability 1/2, drawn independently for every image from torch's RNG.
     Written by hand because torchvision's transforms draw one set of parameters per
-    call, so a batch would share one crop, and calling them image by image costs
-    about ten times more (see benchmarks/training_data.py).
+    call, so a batch would share one crop, and calling them image by image is about
+    three times slower on CIFAR-10 (benchmarks/RESULTS.md, "Training loop and datasets").
     """
 
     def __init__(self, padding: int, flip: bool = True) -> None:

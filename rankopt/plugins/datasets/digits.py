@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rankopt.errors import ConfigError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.datasets._arrays import ArrayDataset, channel_stats, split_indices
 from rankopt.plugins.datasets._params import check_fraction, check_positive_int, checked_params
@@ -29,7 +30,10 @@ def load_digits_splits(
     val_fraction = check_fraction(name, "val_fraction", val_fraction, allow_zero=False)
     test_fraction = check_fraction(name, "test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
-        raise _fractions_error(val_fraction, test_fraction)
+        raise ConfigError(
+            f"{name}: val_fraction + test_fraction must be < 1 to leave training images, "
+            f"got {val_fraction} + {test_fraction}"
+        )
     check_positive_int(name, "seed", seed, minimum=0)
     from sklearn.datasets import load_digits
 
@@ -55,15 +59,6 @@ def load_digits_splits(
         num_classes=10,
         input_shape=(1, 8, 8),
         test=full.subset(test_idx) if test_idx is not None else None,
-    )
-
-
-def _fractions_error(val_fraction: float, test_fraction: float) -> Exception:
-    from rankopt.errors import ConfigError
-
-    return ConfigError(
-        f"dataset 'digits': val_fraction + test_fraction must be < 1 to leave training "
-        f"images, got {val_fraction} + {test_fraction}"
     )
 
 

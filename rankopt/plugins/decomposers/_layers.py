@@ -28,6 +28,8 @@ __all__ = [
     "tensorly_torch",
     "validate_weight_ranks",
     "mode_unfolding",
+    "copy_bias",
+    "thin_svd",
 ]
 
 Padding = tuple[int, int] | str
@@ -139,6 +141,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def mode_unfolding(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     """TensorLy's mode-``mode`` unfolding (``tl.unfold``) written for torch tensors."""
     return torch.movedim(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)``, run on the tall orientation.
+
+    LAPACK is several times faster on a tall matrix than on its wide transpose, and
+    conv unfoldings are wide (S x T*kh*kw).
+    """
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return vh.T, s, u.T
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u, s, vh
 
 
 @contextlib.contextmanager

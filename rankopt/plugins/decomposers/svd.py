@@ -26,6 +26,7 @@ from rankopt.plugins.decomposers._layers import (
     make_conv,
     make_linear,
     require_input_hw,
+    thin_svd,
     validate_weight_ranks,
 )
 from rankopt.plugins.decomposers.base import Decomposer
@@ -199,7 +200,7 @@ class SVDDecomposer(Decomposer):
         self._options(options)
         mat = _matrix(weight.detach())
         (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (min(mat.shape),))
-        u, s, vh = torch.linalg.svd(mat.to(compute_dtype(weight.dtype)), full_matrices=False)
+        u, s, vh = thin_svd(mat.to(compute_dtype(weight.dtype)))
         approx = (u[:, :r] * s[:r]) @ vh[:r]
         return approx.reshape(weight.shape).to(weight.dtype)
 

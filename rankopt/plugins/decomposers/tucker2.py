@@ -34,6 +34,7 @@ from rankopt.plugins.decomposers._layers import (
     mode_unfolding,
     require_input_hw,
     tensorly_torch,
+    thin_svd,
     validate_weight_ranks,
 )
 from rankopt.plugins.decomposers.base import Decomposer
@@ -227,8 +228,8 @@ class Tucker2Decomposer(Decomposer):
         opts = self._options(options)
         r_in, r_out = self._weight_ranks(weight, ranks)
         w = weight.detach().to(compute_dtype(weight.dtype))
-        u_in = torch.linalg.svd(mode_unfolding(w, 1), full_matrices=False)[0][:, :r_in]
-        u_out = torch.linalg.svd(mode_unfolding(w, 0), full_matrices=False)[0][:, :r_out]
+        u_in = thin_svd(mode_unfolding(w, 1))[0][:, :r_in]
+        u_out = thin_svd(mode_unfolding(w, 0))[0][:, :r_out]
         core, u_in, u_out = self._core_and_factors(w, u_in, u_out, opts)
         with tensorly_torch():
             approx = multi_mode_dot(core, [u_out, u_in], modes=[0, 1])

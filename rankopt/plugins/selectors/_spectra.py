@@ -97,7 +97,7 @@ def energy_rank(singular_values: np.ndarray, p: float, energy: str = "squared") 
     if total <= 0.0 or s.size == 0:
         return 0
     cum = np.cumsum(e) / total
-    return int(np.searchsorted(cum, p - RELATIVE_TOLERANCE, side="left")) + 1 if p > 0 else 0
+    return min(int(np.searchsorted(cum, p - RELATIVE_TOLERANCE, side="left")) + 1, s.size)
 
 
 def tail_fractions(singular_values: np.ndarray) -> np.ndarray:

@@ -89,6 +89,9 @@ def describe_constraints(model: type[BaseModel], field_name: str) -> str:
     ann = info.annotation
     if typing.get_origin(ann) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(ann))
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if len(args) == 1:  # Optional[X]
+        ann = args[0]
     kind = {int: "an integer", float: "a number", bool: "true or false"}.get(ann, "")  # type: ignore[arg-type]
     if lo is None and hi is None:
         return kind
@@ -185,7 +188,11 @@ class RankSelector(ABC):
         known = sorted(self.Params.model_fields)
         parts = []
         for err in exc.errors():
-            loc = err.get("loc") or ("?",)
+            loc = err.get("loc") or ()
+            if not loc:  # a rule across parameters
+                msg = str(err.get("msg", "invalid parameters")).removeprefix("Value error, ")
+                parts.append(f"rank selector {self.name!r}: {msg}")
+                continue
             top = str(loc[0])
             where = ".".join(str(p) for p in loc)
             if err.get("type") == "extra_forbidden":
@@ -196,11 +203,14 @@ class RankSelector(ABC):
                 continue
             allowed = describe_constraints(self.Params, top) if len(loc) == 1 else ""
             got = err.get("input", params.get(top))
-            msg = str(err.get("msg", "invalid value"))
-            rule = f" must be {allowed}" if allowed else ""
-            parts.append(
-                f"rank selector {self.name!r}: parameter {where!r}{rule}, got {got!r} ({msg})"
-            )
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            if allowed:
+                parts.append(
+                    f"rank selector {self.name!r}: parameter {where!r} must be {allowed}, "
+                    f"got {got!r} ({msg})"
+                )
+            else:
+                parts.append(f"rank selector {self.name!r}: parameter {where!r}: {msg}")
         return "; ".join(parts)
 
     # -- per layer --------------------------------------------------------------------

@@ -331,11 +331,12 @@ class BudgetRankSelector(RankSelector):
         outside = max(total - considered, 0)
         budget = checked["target"] * total - outside
         smallest = outside + sum(opts[0].cost for opts in per_layer)
+        whose = "the model's" if checked["scope"] == "model" else "the target layers'"
         unreachable = ""
         if smallest > checked["target"] * total * (1 + 1e-12):
             # not a bad parameter as such (it depends on the model): do the best possible
             unreachable = (
-                f"target={checked['target']:g} of the {checked['scope']}'s {measure} cannot be reached: "
+                f"target={checked['target']:g} of {whose} {measure} cannot be reached: "
                 f"the smallest ranks keep {smallest / max(total, 1):.4f} of it"
             )
             warnings.warn(f"rank selector 'budget': {unreachable}; using the smallest ranks", stacklevel=2)
@@ -345,10 +346,12 @@ class BudgetRankSelector(RankSelector):
         for layer, opts_list, idx in zip(layers, per_layer, chosen):
             opt = opts_list[idx]
             dec = decomposers[layer.name]
-            if opt.ranks is None:
+            if opt.ranks is None and len(opts_list) == 1:
+                reason = f"budget: kept full; no {dec.name} ranks make this layer smaller"
+            elif opt.ranks is None:
                 reason = (
                     f"budget: kept full; compressing it was not needed to keep "
-                    f"{checked['target']:g} of the {checked['scope']}'s {measure}"
+                    f"{checked['target']:g} of {whose} {measure}"
                 )
             else:
                 reason = f"budget: discards {opt.loss:.2%} of the spectral energy (sum over modes)"

@@ -21,7 +21,8 @@ forward/backward per batch gives every gradient the step needs. ``D`` comes from
 a zero-initialized full-size parameter ``delta`` added to the kernel in the forward:
 the shared training loop's optimizer (with its momentum, schedule, clipping and
 mixed precision) proposes the update and :meth:`integrate` folds it into the
-factors and resets ``delta``. The factors are buffers, since their shapes change;
+factors and resets ``delta`` (so the loop's weight decay, acting on ``delta`` = 0,
+leaves the factors alone). The factors are buffers, since their shapes change;
 the memory saving of training in factored form is not the goal here (rank
 discovery is), so the forward convolves with the reconstructed kernel.
 """

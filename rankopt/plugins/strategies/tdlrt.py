@@ -84,6 +84,10 @@ class TDLRTStrategy(Strategy):
     Hyperparameters:
         tau: relative truncation tolerance; per mode, the discarded singular values of
             the core unfolding have norm at most ``tau * ||core||_F``. Larger: lower ranks.
+            The truncation repeats after every step, relative to the current norm, so a
+            mode settles where each kept singular value exceeds ``tau * ||core||_F``
+            (a smaller one is a small enough tail by itself); useful values are about
+            0.01 to 0.3.
         epochs: training epochs in Tucker format.
         lr: learning rate.
         initial_rank_fraction: the starting ranks as a fraction of each mode's largest
@@ -119,7 +123,9 @@ class TDLRTStrategy(Strategy):
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         hp = super().validate_params(params)
         return {
-            "tau": check_number(self.name, "tau", hp["tau"], low=0.0, high=1.0, low_open=True, high_open=True),
+            "tau": check_number(
+                self.name, "tau", hp["tau"], low=0.0, high=1.0, low_open=True, high_open=True
+            ),
             "epochs": check_number(self.name, "epochs", hp["epochs"], low=0.0),
             "lr": check_number(self.name, "lr", hp["lr"], low=0.0, low_open=True),
             "initial_rank_fraction": check_number(
@@ -179,7 +185,8 @@ class TDLRTStrategy(Strategy):
         for name, (conv, layer, info) in layers.items():
             ranks = layer.ranks
             dense_params = sum(p.numel() for p in conv.parameters())
-            if dec.cost(conv, ranks, info.input_hw).params < dense_params:
+            # params do not depend on the input size; any will do where the target lacks it
+            if dec.cost(conv, ranks, info.input_hw or (64, 64)).params < dense_params:
                 set_submodule(model, name, layer.to_tucker2(conv))
                 spec[name] = {"decomposer": "tucker2", "ranks": list(ranks)}
             else:

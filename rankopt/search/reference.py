@@ -1,0 +1,169 @@
+"""The reference model of a study: trained (or loaded) once, cached in ``RUN_DIR/reference/``.
+
+The cache is keyed by a hash of everything the reference depends on (model, data,
+``reference`` settings, seed, input shape): a changed config retrains it, and a run
+directory whose completed trials used another reference is refused, since their
+accuracies would not be comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import torch.nn as nn
+from optuna.trial import TrialState
+
+from rankopt.accounting import count
+from rankopt.config import StudyConfig
+from rankopt.errors import ConfigError
+from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.results import reference_path
+from rankopt.search.objective import measure_latency_ms, write_json
+from rankopt.surgery import LayerInfo
+
+__all__ = ["fingerprint_module", "reference_key", "check_reference_key", "obtain_reference"]
+
+
+def fingerprint_module(model: nn.Module) -> str:
+    """A hash of a module's class and weights."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_key(
+    config: StudyConfig,
+    base: Mapping[str, Any],
+    input_shape: Sequence[int],
+    user_model: nn.Module | None = None,
+    user_data: DatasetSplits | None = None,
+) -> str:
+    """A hash of everything the reference model depends on; a change retrains it."""
+    data: Any = config.data.model_dump(mode="json")
+    if user_data is not None:
+        data = {
+            "user": [type(user_data.train).__name__, len(user_data.train), len(user_data.val)],  # type: ignore[arg-type]
+            "num_classes": user_data.num_classes,
+            "batch_size": config.data.batch_size,
+        }
+    model: Any = dict(base) if user_model is None else fingerprint_module(user_model)
+    reference = config.reference.model_dump(mode="json")
+    if config.reference.weights:
+        weights = Path(config.reference.weights)
+        reference["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    blob = json.dumps(
+        {"model": model, "data": data, "reference": reference, "seed": config.seed,
+         "input_shape": list(input_shape)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_reference_key(study: optuna.Study, key: str, run_dir: Path) -> None:
+    """Refuse a run directory whose completed trials used another reference model."""
+    others = {
+        t.user_attrs.get("reference_key")
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    } - {key, None}
+    if others:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} holds trials of a different model, data or "
+            f"reference config (reference {sorted(others)}, now {key}); their accuracies "
+            "are not comparable: use another --run-dir, or delete this one to start over"
+        )
+
+
+def obtain_reference(
+    config: StudyConfig,
+    *,
+    model: nn.Module,
+    splits: DatasetSplits,
+    input_shape: tuple[int, ...],
+    base: Mapping[str, Any],
+    targets: Sequence[LayerInfo],
+    key: str,
+    run_dir: Path,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The reference model (on CPU, eval mode) and its metrics: loaded from ``reference/``
+    when cached under ``key``, else trained (or loaded from ``reference.weights``),
+    measured and cached there."""
+    from rankopt.devices import resolve_device
+    from rankopt.training import evaluate, train
+    from rankopt.trial import loader_for
+
+    ref_dir = run_dir / "reference"
+    weights_file = ref_dir / "model.pt"
+    metrics_file = reference_path(run_dir)
+    if metrics_file.is_file() and weights_file.is_file():
+        cached = json.loads(metrics_file.read_text())
+        if cached.get("key") == key:
+            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            return model.cpu().eval(), cached
+    device = resolve_device(config.device)
+    start = time.perf_counter()
+    ref = config.reference
+    if ref.weights:
+        state = torch.load(ref.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(
+                f"reference.weights: {ref.weights!r} does not fit the model: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+    model.to(device)
+    if ref.epochs > 0:
+        loader = loader_for(
+            splits.train, batch_size=config.data.batch_size, shuffle=True, seed=config.seed
+        )
+        train(
+            model,
+            loader,
+            epochs=ref.epochs,
+            lr=ref.lr,
+            optimizer=ref.optimizer,
+            schedule=ref.schedule,
+            weight_decay=ref.weight_decay,
+            device=device,
+            seed=config.seed,
+        )
+    val_loader = loader_for(splits.val, batch_size=config.data.batch_size)
+    accuracy = evaluate(model, val_loader, device=device)
+    cost = count(model, input_shape, device=device)
+    metrics: dict[str, Any] = {
+        "key": key,
+        "accuracy": accuracy,
+        "params": cost.params,
+        "flops": cost.flops,
+        "input_shape": list(input_shape),
+        "base": dict(base),
+        "layers": [
+            {"name": t.name, "kind": t.kind, "in_channels": t.in_channels,
+             "out_channels": t.out_channels, "kernel_size": list(t.kernel_size),
+             "params": t.cost.params, "flops": t.cost.flops}
+            for t in targets
+        ],
+        "obtained": f"weights {ref.weights}" if ref.weights else f"trained {ref.epochs:g} epochs",
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+    }
+    if "latency" in config.objectives:
+        metrics["latency_ms"] = measure_latency_ms(model, input_shape, device)
+    model = model.cpu().eval()
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    tmp = weights_file.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(weights_file)
+    write_json(metrics_file, metrics)
+    return model, metrics

@@ -1,0 +1,80 @@
+"""The study's Optuna sampler and study object, and how constraints reach the sampler."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optuna
+
+from rankopt.config import StudyConfig
+from rankopt.errors import ConfigError
+from rankopt.search.objective import SET_CONSTRAINT
+
+__all__ = ["ConstraintsFunc", "make_sampler", "create_study"]
+
+
+class ConstraintsFunc:
+    """Optuna ``constraints_func`` for Optuna < 5: ``value - limit`` per limit (<= 0 is
+    feasible). A module-level class (not a closure) so the sampler pickles for Ray."""
+
+    def __init__(self, max_params: float | None, max_flops: float | None) -> None:
+        self.limits = [(k, v) for k, v in (("params", max_params), ("flops", max_flops)) if v is not None]
+
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> list[float]:
+        out = []
+        for key, limit in self.limits:
+            value = trial.user_attrs.get(key)
+            out.append(float(value) - float(limit) if value is not None else 1.0)
+        return out
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The study's Optuna sampler; on Optuna < 5 it is given the constraints here (newer
+    Optuna learns them per trial from ``Trial.set_constraint``, see ``set_constraints``)."""
+    opts = dict(config.sampler.options)
+    constraints = None
+    if config.constraints.max_params is not None or config.constraints.max_flops is not None:
+        constraints = ConstraintsFunc(config.constraints.max_params, config.constraints.max_flops)
+    cls: Any = {
+        "nsgaii": optuna.samplers.NSGAIISampler,
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+    }[config.sampler.name]
+    kwargs: dict[str, Any] = {"seed": config.sampler.seed, **opts}
+    if constraints is not None and not SET_CONSTRAINT:
+        if config.sampler.name == "random":
+            raise ConfigError(
+                "constraints: the random sampler cannot use constraints; use sampler.name "
+                "'nsgaii' or 'tpe', or drop the constraints"
+            )
+        kwargs["constraints_func"] = constraints
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(opts) - set(params))
+    if unknown:
+        allowed = sorted(p for p in params if p not in ("self", "seed", "constraints_func"))
+        raise ConfigError(
+            f"sampler.options: {config.sampler.name} has no option(s) {unknown}; its options "
+            f"are {allowed}"
+        )
+    try:
+        return cls(**kwargs)  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"sampler.options: {exc}") from None
+
+
+def create_study(config: StudyConfig, storage: Any, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study in ``storage``, or load it when it exists (a rerun continues it)."""
+    try:
+        return optuna.create_study(
+            storage=storage,
+            study_name=config.name,
+            directions=config.directions,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            f"objectives: the storage already holds study {config.name!r} with other "
+            f"objectives ({exc}); use another name or run directory"
+        ) from None

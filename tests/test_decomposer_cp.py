@@ -1,0 +1,131 @@
+"""CP specifics: divergence detection and recovery, rank rules, factor balance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+from _decomposer_cases import CONV_CASES, _one_thread, rel_error, with_cp_rank  # noqa: F401
+
+import rankopt.plugins.decomposers.cp as cp_module
+from rankopt.errors import DecompositionError
+from rankopt.plugins.decomposers.cp import CPDecomposer, cp_max_rank
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
+
+def _known_rank_conv() -> nn.Conv2d:
+    return with_cp_rank(nn.Conv2d(6, 8, 3, padding=1).double(), rank=3)  # type: ignore[return-value]
+
+
+def _fake_parafac(results: list[Any], calls: list[str]) -> Any:
+    real = cp_module.parafac
+
+    def fake(tensor: torch.Tensor, rank: int, **kw: Any) -> Any:
+        calls.append(kw["init"] if isinstance(kw["init"], str) else "svd")  # svd: a CPTensor start
+        result = results[len(calls) - 1]
+        if result == "real":
+            return real(tensor, rank, **kw)
+        if isinstance(result, Exception):
+            raise result
+        return result(tensor, rank)
+
+    return fake
+
+
+def _nan_factors(tensor: torch.Tensor, rank: int) -> Any:
+    return torch.ones(rank, dtype=tensor.dtype), [torch.full((n, rank), float("nan"), dtype=tensor.dtype) for n in tensor.shape]
+
+
+def _huge_factors(tensor: torch.Tensor, rank: int) -> Any:
+    return torch.ones(rank, dtype=tensor.dtype), [torch.full((n, rank), 1e3, dtype=tensor.dtype) for n in tensor.shape]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "message"),
+    [
+        (_nan_factors, "non-finite factors"),
+        (_huge_factors, "relative reconstruction error"),
+        (torch.linalg.LinAlgError("singular matrix"), "LinAlgError: singular matrix"),
+    ],
+    ids=["nan", "worse_than_zero", "raises"],
+)
+def test_divergence_is_detected_and_reported(monkeypatch: pytest.MonkeyPatch, outcome: Any, message: str) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cp_module, "parafac", _fake_parafac([outcome] * 4, calls))
+    conv = _known_rank_conv()
+    with pytest.raises(DecompositionError) as info:
+        CPDecomposer().build(conv, (3,))
+    text = str(info.value)
+    assert "(8, 6, 3, 3)" in text and "R=3" in text and "diverged" in text and message in text
+    assert "init='svd'" in text and "init='random'" in text and "n_iter_max" in text
+    assert calls == ["svd", "random"]  # one retry from a random start, then give up
+    calls.clear()
+    with pytest.raises(DecompositionError):
+        CPDecomposer().project(conv.weight, (3,))
+
+
+def test_a_diverged_svd_start_is_recovered_by_a_random_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cp_module, "parafac", _fake_parafac([_nan_factors, "real"], calls))
+    conv = _known_rank_conv()
+    built = CPDecomposer().build(conv, (3,), options={"n_iter_max": 1000})
+    assert calls == ["svd", "random"]
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_error(built(x), conv(x)) < 1e-4
+
+
+def test_max_rank_is_the_exact_representation_bound() -> None:
+    conv = nn.Conv2d(6, 8, 3)
+    assert CPDecomposer().max_ranks(conv) == (cp_max_rank((8, 6, 3, 3)),) == (6 * 9,)
+    assert cp_max_rank((512, 256, 3, 3)) == 256 * 9
+
+
+def test_max_rank_reproduces_any_kernel() -> None:
+    conv = nn.Conv2d(3, 4, 2).double()  # max rank 3*2*2 = 12
+    built = CPDecomposer().build(conv, CPDecomposer().max_ranks(conv), options={"n_iter_max": 2000})
+    assert rel_error(built.reconstruct_weight(), conv.weight) < 1e-4
+
+
+def test_selector_ranks_fold_into_one_r() -> None:
+    dec = CPDecomposer()
+    conv = nn.Conv2d(6, 8, 3)
+    assert [tuple(m.shape) for m in dec.rank_matrices(conv.weight)] == [(6, 72), (8, 54)]
+    assert dec.ranks_from_matrix_ranks(conv, [3, 5]) == (5,)
+    assert dec.ranks_from_matrix_ranks(conv, [0, 0]) == (1,)
+    assert dec.ranks_from_matrix_ranks(conv, [500, 1]) == (54,)
+
+
+def test_factor_scales_are_balanced() -> None:
+    conv = CONV_CASES[2].module()  # 4 -> 6, 3x5
+    built = CPDecomposer().build(conv, (4,))
+    norms = torch.stack(
+        [
+            built.pointwise_in.weight[:, :, 0, 0].norm(dim=1),
+            built.depthwise_h.weight[:, 0, :, 0].norm(dim=1),
+            built.depthwise_w.weight[:, 0, 0, :].norm(dim=1),
+            built.pointwise_out.weight[:, :, 0, 0].norm(dim=0),
+        ]
+    )
+    assert torch.allclose(norms, norms[:1].expand_as(norms), rtol=1e-10)
+
+
+def test_zero_kernel_gives_zero_factors_without_running_als(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(cp_module, "parafac", _fake_parafac([], calls))
+    conv = nn.Conv2d(4, 6, 3).double()
+    with torch.no_grad():
+        conv.weight.zero_()
+    built = CPDecomposer().build(conv, (2,))
+    assert calls == [] and torch.count_nonzero(built.reconstruct_weight()) == 0
+
+
+def test_stride_and_dilation_go_to_their_own_axis() -> None:
+    conv = nn.Conv2d(4, 6, (3, 5), stride=(2, 3), padding=(1, 2), dilation=(2, 1))
+    built = CPDecomposer().build(conv, (2,), initialize=False)
+    h, w = built.depthwise_h, built.depthwise_w
+    assert (h.kernel_size, h.stride, h.padding, h.dilation, h.groups) == ((3, 1), (2, 1), (1, 0), (2, 1), 2)
+    assert (w.kernel_size, w.stride, w.padding, w.dilation, w.groups) == ((1, 5), (1, 3), (0, 2), (1, 1), 2)

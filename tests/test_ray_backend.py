@@ -1,0 +1,105 @@
+"""The Ray Tune backend on a local Ray instance: the same run directory as the local backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rankopt
+from rankopt.config import load_config
+from rankopt.errors import ConfigError
+from rankopt.results import StudyResult
+
+ray = pytest.importorskip("ray")
+
+
+def tiny(run_dir: Path, **changes: object) -> dict:
+    base = {
+        "name": "raytiny",
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+        "data": {"name": "digits", "batch_size": 128},
+        "reference": {"epochs": 1, "lr": 0.05},
+        "decomposers": ["tucker2", "svd"],
+        "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
+        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
+        "sampler": {"name": "nsgaii", "seed": 0, "options": {"population_size": 4}},
+        "trials": 3,
+        "backend": "ray",
+        "max_concurrent": 2,
+        "resources": {"cpus": 1, "gpus": 0},
+        "run_dir": str(run_dir),
+    }
+    base.update(changes)
+    return base
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_run(local_ray: Any, tmp_path_factory: pytest.TempPathFactory) -> StudyResult:
+    run_dir = tmp_path_factory.mktemp("ray") / "run"
+    return rankopt.run_study(tiny(run_dir))
+
+
+def test_ray_run_writes_the_same_run_directory(ray_run: StudyResult) -> None:
+    run_dir = ray_run.run_dir
+    assert ray.is_initialized()  # a Ray instance the caller started is left running
+    trials = ray_run.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        folder = run_dir / "trials" / str(t.number)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["trial"] == t.number and metrics["state"] == "COMPLETE"
+        # the driver copied the worker's metrics into the storage before telling Optuna
+        assert t.user_attrs["accuracy"] == metrics["accuracy"]
+        assert t.values == [metrics["accuracy"], metrics["params"], metrics["flops"]]
+        model = rankopt.load_compressed(folder / "model.pt")
+        assert rankopt.count(model, (1, 1, 8, 8)).params == metrics["params"]
+    assert (run_dir / "reference" / "metrics.json").is_file()
+    assert len(ray_run.front()) >= 1
+    assert StudyResult(run_dir).status()["trials"] == {"COMPLETE": 3}
+
+
+def test_ray_rerun_runs_nothing_when_done(ray_run: StudyResult) -> None:
+    before = {p: p.stat().st_mtime_ns for p in ray_run.run_dir.glob("trials/*/metrics.json")}
+    start = time.perf_counter()
+    rankopt.run_study(tiny(ray_run.run_dir))
+    assert {p: p.stat().st_mtime_ns for p in ray_run.run_dir.glob("trials/*/metrics.json")} == before
+    assert time.perf_counter() - start < 30
+
+
+def test_gpus_on_a_machine_without_any_fail_at_once(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"resources.gpus: 1 GPU\(s\) per trial requested"):
+        rankopt.run_study(tiny(run_dir, resources={"cpus": 1, "gpus": 1}))
+    assert time.perf_counter() - start < 10
+    assert not run_dir.exists()
+    with pytest.raises(ConfigError, match="resources.gpus"):
+        rankopt.run_study(tiny(run_dir, backend="local", resources={"cpus": 1, "gpus": 1}))
+    assert not run_dir.exists()
+
+
+def test_cluster_without_gpus_is_refused(local_ray: Any, tmp_path: Path) -> None:
+    from rankopt.search.ray_backend import connect
+
+    config = load_config(tiny(tmp_path / "run", resources={"cpus": 1, "gpus": 2}))
+    with pytest.raises(ConfigError, match="the Ray cluster has 0"):
+        connect(config)
+    config = load_config(tiny(tmp_path / "run", resources={"cpus": 64, "gpus": 0}))
+    with pytest.raises(ConfigError, match="resources.cpus: 64"):
+        connect(config)
+    assert ray.is_initialized()  # a refusal does not tear down a Ray the caller started

@@ -1,0 +1,56 @@
+"""DeepTwist: distortion makes the weights exactly low-rank; it makes compression (nearly) free."""
+
+from __future__ import annotations
+
+import torch
+from strategies_support import (  # noqa: F401
+    AGGRESSIVE,
+    make_context,
+    plain_compression_loss,
+    single_thread,
+    unfolding_rank,
+)
+
+import rankopt
+from rankopt.plugins.strategies.deeptwist import distort
+
+
+def test_distortion_makes_weights_exactly_low_rank_so_compression_is_lossless() -> None:
+    ctx = make_context(**AGGRESSIVE)
+    model = ctx.model().eval()
+    spec = ctx.select_ranks(model)
+    assert spec, "the fixed selector should compress the convs"
+    distort(model, spec)
+    for name, entry in spec.items():
+        weight = model.get_submodule(name).weight
+        r_in, r_out = entry["ranks"]
+        assert unfolding_rank(weight, 1) <= r_in and unfolding_rank(weight, 0) <= r_out
+    compressed = ctx.compress(model, spec).eval()
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(compressed(x), model(x), atol=1e-4)
+
+
+def test_deeptwist_loses_less_at_compression_than_plain_training() -> None:
+    epochs, lr = 3, 0.05
+    plain_before, plain_after = plain_compression_loss(epochs, lr)
+    ctx = make_context(**AGGRESSIVE)
+    outcome = rankopt.strategy("deeptwist").run(
+        ctx, {"distortion_steps": 10, "epochs": epochs, "lr": lr}
+    )
+    (result,) = ctx.train_results  # finetune_epochs=0: the distorted training only
+    total_steps = result.steps
+    assert result.epochs == epochs
+    # one distortion every 10 steps, plus the last one when the run does not end on one
+    assert outcome.extra["distortions"] == total_steps // 10 + (total_steps % 10 != 0)
+    assert ctx.reported["deeptwist_distortions"] == outcome.extra["distortions"]
+    before = outcome.extra.get("accuracy_before_last_distortion")
+    after = outcome.extra["accuracy_after_compression"]
+    assert after == outcome.extra["accuracy_before_compression"]  # exactly low-rank: lossless
+    # plain training then compression at the same ranks loses a lot (> 10 points) ...
+    assert plain_before - plain_after > 0.10
+    # ... DeepTwist's weights keep their accuracy when decomposed at those ranks
+    assert after > plain_after + 0.10
+    assert before is None or before - after < plain_before - plain_after
+    assert after >= plain_before - 0.03
+    assert outcome.spec == ctx.select_ranks(ctx.model())  # ranks chosen once, on the reference
