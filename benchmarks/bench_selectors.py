@@ -1,6 +1,9 @@
 """Seconds to select ranks for every conv of ResNet-18 with each rank selector.
 
-Run: ``.venv/bin/python benchmarks/bench_selectors.py``
+Run: ``.venv/bin/python benchmarks/bench_selectors.py [--threads N]``
+
+Torch runs on one thread by default (``--threads``): on a shared machine LAPACK's
+OpenMP threads fight for the cores and a 512 x 4608 SVD then varies from 0.3 to 20 s.
 
 torchvision's ResNet-18 (10 classes, seeded random initialization, 32x32 input),
 Tucker-2 on its 20 convolutions (40 mode unfoldings, the largest 512 x 4608). Each
@@ -115,8 +118,17 @@ def bench_orientation(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
+    import argparse
+
     from _record import record
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    command = ".venv/bin/python benchmarks/bench_selectors.py" + (
+        f" --threads {args.threads}" if args.threads != 1 else ""
+    )
     model = _model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = (
@@ -129,7 +141,7 @@ def main() -> None:
     record(
         "Rank selection on ResNet-18 (bench_selectors)",
         f"{note}\n\n{table}\n\n{orientation}\n",
-        ".venv/bin/python benchmarks/bench_selectors.py",
+        command,
     )
 
 

@@ -35,10 +35,10 @@ RAY_TRIALS = 6
 
 
 def tiny(run_dir: Path, **changes: Any) -> dict[str, Any]:
-    """A small study for backend timings: small_cnn width 16 on digits, 1 fine-tuning epoch."""
+    """A small study for backend timings: small_cnn width 32 on digits, 1 fine-tuning epoch."""
     base = {
         "name": "bench",
-        "model": {"name": "small_cnn", "kwargs": {"width": 16}},
+        "model": {"name": "small_cnn", "kwargs": {"width": 32}},
         "data": {"name": "digits", "batch_size": 64},
         "reference": {"epochs": 2, "lr": 0.05},
         "decomposers": ["tucker2", "svd"],
@@ -139,7 +139,7 @@ def main() -> None:
         "Study engine: quickstart wall time, per-trial overhead, Ray throughput",
         "Quickstart (`studies/quickstart.yaml`, local backend, torch threads = resources.cpus = 1):\n\n"
         + quick_table
-        + "\n\nBackends on a small study (small_cnn width 16 on digits, 1 fine-tuning epoch per "
+        + "\n\nBackends on a small study (small_cnn width 32 on digits, 1 fine-tuning epoch per "
         f"trial, {RAY_TRIALS} trials; Ray on a local 2-CPU instance, 1 CPU per trial). In-trial "
         "overhead = rank selection, decomposition, counting and saving; backend overhead = the "
         "search's wall time per trial beyond the trials themselves (Optuna ask/tell and storage; "

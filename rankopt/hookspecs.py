@@ -6,6 +6,11 @@ object) in the ``rankopt`` entry-point group::
 
     [project.entry-points.rankopt]
     my_methods = "my_package.plugin"
+
+The author's guide, ``docs/plugins.md``, has a complete plugin for every family and
+shows how to check one with :mod:`rankopt.testing`. A plugin that fails to import,
+raises inside a hook or returns an invalid record is reported (with its distribution
+and version) by ``rankopt plugins``; the others keep working.
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ def rankopt_rank_selectors() -> Sequence[RankSelectorInfo]:
 
         class HalfRankSelector(RankSelector):
             name = "half"
-            def select(self, module, decomposer, *, cache=None, **params):
-                return tuple(max(1, r // 2) for r in decomposer.max_ranks(module))
+            def select(self, module, decomposer, *, cache=None, name=None, options=None, **params):
+                self.validate_params(params)  # unknown parameters fail, never dropped
+                return tuple(max(1, r // 2) for r in decomposer.max_ranks(module, options))
 
         @hookimpl
         def rankopt_rank_selectors():

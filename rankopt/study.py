@@ -206,6 +206,8 @@ class Study:
                 log.warning("marked trials %s FAIL: a process that died left them running", stale)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
+            show = StudyProgress(None, enabled=self.progress, baseline={})
+            show.message(f"study {config.name!r}: reference model ({_describe_reference(config)})")
             reference, baseline = obtain_reference(
                 config,
                 model=prep.model,
@@ -240,6 +242,12 @@ class Study:
                 progress.trial_done(number, values, metrics)
                 _call_trial_hook(run_dir, number, values, metrics)
 
+            show.message(
+                f"reference accuracy {baseline['accuracy']:.4f}, {baseline['params']:,} params, "
+                f"{baseline['flops']:,} FLOPs; {done} trials done, running "
+                f"{'trials until the timeout' if missing is None else missing} on the "
+                f"{config.backend} backend; results in {run_dir}"
+            )
             with StudyProgress(missing, enabled=self.progress, baseline=baseline) as progress:
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
@@ -275,6 +283,15 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _describe_reference(config: StudyConfig) -> str:
+    ref = config.reference
+    if ref.weights:
+        return f"loading {ref.weights}"
+    if ref.epochs == 0:
+        return "the model as given"
+    return f"training {ref.epochs:g} epochs, or the cached one"
 
 
 @contextlib.contextmanager

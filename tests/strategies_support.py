@@ -7,10 +7,8 @@ shared by every strategy test module; contexts copy it, so nothing mutates it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -21,18 +19,6 @@ from rankopt.trial import LocalTrialContext
 
 INPUT_SHAPE = (1, 1, 8, 8)
 BATCH_SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread while a module runs: on a shared 2-core machine, torch's
-    two threads contend with other processes and run ~20x slower; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=None)

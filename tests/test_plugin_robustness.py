@@ -18,13 +18,6 @@ from rankopt.manager import PluginFailure
 BROKEN = ("broken_import", "raising_hook", "invalid_record", "bad_signature")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def failures_of(distribution: str) -> list[PluginFailure]:
     return [f for f in rankopt.get_registry().failures if f.distribution == distribution]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from strategies_support import (  # noqa: F401
+from strategies_support import (
     AGGRESSIVE,
     make_context,
     plain_compression_loss,
-    single_thread,
     unfolding_rank,
 )
 

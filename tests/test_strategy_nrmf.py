@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn as nn
-from strategies_support import make_context, single_thread, trained_reference  # noqa: F401
+from strategies_support import make_context, trained_reference
 
 import rankopt
 from rankopt.plugins.strategies.nrmf import nuclear_norm_penalty

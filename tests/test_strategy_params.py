@@ -7,8 +7,6 @@ from typing import Any
 import pytest
 from optuna.distributions import BaseDistribution
 
-from strategies_support import single_thread  # noqa: F401
-
 import rankopt
 from rankopt.errors import ConfigError
 from rankopt.testing import assert_strategy

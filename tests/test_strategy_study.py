@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from strategies_support import single_thread  # noqa: F401
-
 import rankopt
 
 

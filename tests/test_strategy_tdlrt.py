@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from strategies_support import INPUT_SHAPE, make_context, single_thread  # noqa: F401
+from strategies_support import INPUT_SHAPE, make_context
 
 import rankopt
 from rankopt.errors import ConfigError
@@ -127,3 +127,18 @@ def test_no_conv_target_is_a_config_error() -> None:
     ctx = make_context(targets=linear_only, decomposers="svd")
     with pytest.raises(ConfigError, match="no target layer is a Conv2d"):
         rankopt.strategy("tdlrt").run(ctx, {})
+
+
+def test_targets_without_input_size_and_no_training_keep_the_initial_ranks() -> None:
+    # epochs 0: the result is the reference's Tucker-2 at the initial ranks
+    conv7 = [LayerInfo("7", "conv2d", 64, 64, (3, 3))]  # no input_hw given
+    ctx = make_context(targets=conv7)
+    outcome = rankopt.strategy("tdlrt").run(
+        ctx, {"epochs": 0, "initial_rank_fraction": 0.25, "tau": 0.3}
+    )
+    assert outcome.spec == {"7": {"decomposer": "tucker2", "ranks": [16, 16]}}
+    expected = ctx.compress(ctx.model(), outcome.spec).eval()
+    outcome.model.eval()
+    x = torch.randn(8, *INPUT_SHAPE[1:])
+    with torch.no_grad():
+        assert torch.allclose(outcome.model(x), expected(x), atol=1e-4)

@@ -36,13 +36,6 @@ rankopt.reset_registry()
 REGISTERED = rankopt.plugin_names()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def failed(results: list[CheckResult]) -> dict[str, str]:
     return {r.check: r.reason for r in results if not r.passed}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from rankopt.cli.app import app, console
@@ -35,8 +36,9 @@ def _print_front(records: list[Any], title: str) -> None:
     from rankopt.report import front_table_rows
 
     table = Table(title=title)
-    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy", "ranks"):
-        table.add_column(col, overflow="fold")
+    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "strategy" else "right")
+    table.add_column("ranks", overflow="fold")
     for row in front_table_rows(records):
         ranks = row["ranks"] if len(row["ranks"]) <= 80 else row["ranks"][:77] + "..."
         table.add_row(
@@ -49,7 +51,8 @@ def _print_front(records: list[Any], title: str) -> None:
             row["strategy"],
             ranks,
         )
-    console.print(table)
+    # piped into a file or a pager, keep each row on one line rather than folding at 80
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 @app.command("run")
@@ -82,7 +85,8 @@ def run_command(
         console.print(
             f"baseline accuracy {ref['accuracy']:.4f}, {ref['params']:,} params; trials: {counts}; "
             f"hypervolume params {status['hypervolume']['params']:.4f}, "
-            f"flops {status['hypervolume']['flops']:.4f}; results in {result.run_dir}"
+            f"flops {status['hypervolume']['flops']:.4f}; results in {result.run_dir}",
+            highlight=False,
         )
 
 

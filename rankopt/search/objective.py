@@ -26,7 +26,7 @@ from rankopt.artifacts import save_compressed
 from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.space import SearchSpace, TrialPlan
-from rankopt.spectral import SpectralCache
+from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
 
 __all__ = [
@@ -86,6 +86,8 @@ class TrialEnv:
     def cache(self) -> SpectralCache:
         if self._cache is None:
             self._cache = SpectralCache(self.run_dir / "cache" / "spectra")
+            # decomposers read the process-wide cache: share one SVD per weight with selectors
+            set_default_cache(self._cache)
         return self._cache
 
     def trial_dir(self, number: int) -> Path:

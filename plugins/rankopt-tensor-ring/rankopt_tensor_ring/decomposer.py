@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt import ConfigError, Cost, Decomposer
+from rankopt import ConfigError, Cost, Decomposer, InvalidRanksError
 from rankopt_tensor_ring.layer import TensorRingConv2d
 from rankopt_tensor_ring.ring import (
     balanced_factors,
@@ -214,8 +214,6 @@ class TensorRingDecomposer(Decomposer):
         if len(r) != len(largest) or not all(
             isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= hi for x, hi in zip(r, largest)
         ):
-            from rankopt import InvalidRanksError
-
             raise InvalidRanksError(
                 f"tensor_ring ranks must be {len(largest)} integers within [1, {list(largest)}], got {list(r)}"
             )
