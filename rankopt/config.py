@@ -120,11 +120,18 @@ def parse_param_value(value: Any, where: str) -> Any:
                 return Range(**value)
         except ValidationError as exc:
             raise ConfigError(_format_errors(exc, prefix=where)) from None
-        raise ConfigError(
-            f"{where}: {dict(value)!r} is neither a fixed value nor a search range; write "
-            "a value (2), a range {low: .., high: .., log: true} or {choices: [...]}"
-        )
+        if keys & _RANGE_KEYS:
+            raise ConfigError(
+                f"{where}: {dict(value)!r} is neither a fixed value nor a search range; write "
+                "a value (2), a range {low: .., high: .., log: true} or {choices: [...]}"
+            )
+        # a mapping-valued parameter (e.g. the fixed selector's ranks: {pattern: [r1, r2]});
+        # the plugin's validate_params checks it
+        return dict(value)
     return _number(value)
+
+
+_RANGE_KEYS = {"low", "high", "log", "step", "choices"}
 
 
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
@@ -233,12 +240,17 @@ class StudyConfig(_Strict):
     address: str | None = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_concurrent: int = Field(1, ge=1)
+    # stop a run once this many of its trials failed (None: never; see Study.run)
+    max_failures: int | None = Field(None, ge=1)
     storage: str | None = None
     run_dir: str | None = None
     device: str = "auto"
     seed: int = Field(0, ge=0, lt=2**32)
     train: dict[str, Any] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    # enqueue the selectors' one-shot proposals first (see rankopt.search.seeding):
+    # true = 3 spread points per selector plus its defaults, N = N points
+    seed_proposals: bool | int = False
 
     @field_validator("name")
     @classmethod
@@ -258,6 +270,15 @@ class StudyConfig(_Strict):
             return {name: {} for name in v}
         if isinstance(v, Mapping):
             return {k: ({} if p is None else p) for k, p in v.items()}
+        return v
+
+    @field_validator("seed_proposals")
+    @classmethod
+    def _seed_proposals(cls, v: bool | int) -> bool | int:
+        if not isinstance(v, bool) and v < 0:
+            raise ValueError(
+                f"{v} is not allowed; give true, false or a number of points per selector >= 0"
+            )
         return v
 
     @field_validator("objectives")
@@ -316,9 +337,18 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"study file {str(path)!r} does not exist or is not a file")
         try:
-            raw = yaml.safe_load(path.read_text())
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"study file {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); give a "
+                "readable UTF-8 YAML file"
+            ) from None
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"study file {str(path)!r} is not valid YAML: {exc}") from None
+            # one line: YAML's message spans several (problem, then a caret under the text)
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise ConfigError(f"study file {str(path)!r} is not valid YAML: {detail}") from None
         if not isinstance(raw, dict):
             raise ConfigError(
                 f"study file {str(path)!r} must hold a mapping of settings, "

@@ -108,6 +108,7 @@ class Study:
         if data is None and self.config.data.name is None:
             raise ConfigError("data.name: required (a registered dataset), unless data is "
                               "passed to Study(..., data=DatasetSplits(...))")
+        check_run_dir(self.config.resolved_run_dir())
         self.user_model = model
         self.user_data = data
         self.progress = progress
@@ -150,8 +151,14 @@ class Study:
                 f"targets: include {config.targets.include} / exclude {config.targets.exclude} "
                 f"match no Conv2d or Linear layer; the model's layers are {names}"
             )
+        _check_against_model(config, model, targets)
         space = SearchSpace(config, model, targets)
         enqueue = [space.check_point(p, f"enqueue[{i}]") for i, p in enumerate(config.enqueue)]
+        if config.seed_proposals is not False:
+            from rankopt.search.seeding import DEFAULT_PROPOSALS, proposal_points
+
+            k = DEFAULT_PROPOSALS if config.seed_proposals is True else int(config.seed_proposals)
+            enqueue += [p for p in proposal_points(space, k) if p not in enqueue]
         run_dir = self.run_dir
         storage_url = config.storage or ""
         return _Prepared(config, run_dir, splits, model, base, input_shape, targets, space,
@@ -283,6 +290,66 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _check_against_model(config: StudyConfig, model: nn.Module, targets: list[LayerInfo]) -> None:
+    """Settings that only the built model can refute: explicit ranks above a layer's largest,
+    and a params limit below what no decomposition of the targets can remove."""
+    import fnmatch
+
+    from rankopt.manager import get_registry
+
+    fixed_ranks = config.selectors.get("fixed", {}).get("ranks")
+    if isinstance(fixed_ranks, Mapping):
+        decomposers = [get_registry().create("decomposers", n) for n in config.decomposers]
+        for pattern, ranks in fixed_ranks.items():
+            if not isinstance(ranks, list) or not all(isinstance(r, int) for r in ranks):
+                continue  # the selector's own validation names the problem
+            for target in targets:
+                if not fnmatch.fnmatchcase(target.name, str(pattern)):
+                    continue
+                module = model.get_submodule(target.name)
+                for dec in decomposers:
+                    if not dec.supports(module):
+                        continue
+                    largest = dec.max_ranks(module)
+                    if len(largest) == len(ranks) and any(r > m for r, m in zip(ranks, largest)):
+                        raise ConfigError(
+                            f"selectors.fixed.ranks[{pattern!r}]: {ranks} is above the largest "
+                            f"ranks {list(largest)} of layer {target.name!r} for decomposer "
+                            f"{dec.name!r}; allowed ranks are 1..largest per entry"
+                        )
+    limit = config.constraints.max_params
+    if limit is not None:
+        total = sum(p.numel() for p in model.parameters())
+        floor = total - sum(t.cost.params for t in targets)
+        if limit < floor:
+            raise ConfigError(
+                f"constraints.max_params: {limit:g} is below the {floor:,} parameters that "
+                "compressing the target layers cannot remove (the other layers, norms and "
+                f"biases; the model has {total:,}); no trial could meet it: raise the limit "
+                "or widen targets"
+            )
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must be a directory, or creatable, and writable (checked before any
+    work, so that a typo in ``--run-dir`` fails at once and creates nothing)."""
+    run_dir = Path(run_dir)
+    probe = run_dir
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == run_dir else f"lies under {str(probe)!r}, which is"
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} {what} a file, not a directory; give another "
+            "--run-dir (or run_dir in the study file)"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is not writable ({str(probe)!r} does not let this "
+            f"user create files); give a writable --run-dir"
+        )
 
 
 def _describe_reference(config: StudyConfig) -> str:

@@ -12,6 +12,17 @@ import sys
 import click
 import typer
 
+# recent typer vendors its own click: catch both its and click's exception classes
+_EXIT: tuple[type[BaseException], ...] = (click.exceptions.Exit, typer.Exit)
+_ABORT: tuple[type[BaseException], ...] = (click.exceptions.Abort, typer.Abort)
+_USAGE: tuple[type[BaseException], ...] = (click.exceptions.ClickException,)
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+
+    _USAGE += (_TyperClickException,)
+except ImportError:  # pragma: no cover - typer that uses click itself
+    pass
+
 from rankopt.cli.app import app, err_console, state
 
 __all__ = ["app", "main"]
@@ -38,23 +49,29 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=args, standalone_mode=False, prog_name="rankopt")
         if isinstance(code, int) and not isinstance(code, bool):
             return code
-    except click.exceptions.Exit as exc:  # typer.Exit
+    except _EXIT as exc:  # typer.Exit
         return int(exc.exit_code or 0)
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("Aborted.")
         return 130
-    except click.ClickException as exc:  # usage errors from click itself
-        exc.show()
-        return 2
+    except _USAGE as exc:  # usage errors from the CLI library itself
+        if state["debug"]:
+            raise
+        # one line like every other usage error (click's own form spans three)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        err_console.print(f"error: {message}{hint}", highlight=False, soft_wrap=True, markup=False)
+        return int(getattr(exc, "exit_code", 2) or 2)
     except ConfigError as exc:
         if state["debug"]:
             raise
-        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"error: {exc}", highlight=False, soft_wrap=True, markup=False)
         return 2
     except RankoptError as exc:
         if state["debug"]:
             raise
-        err_console.print(f"error: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"error: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True, markup=False)
         return 1
     except KeyboardInterrupt:
         err_console.print("Interrupted.")

@@ -31,6 +31,12 @@ class Decomposer(ABC):
     description: ClassVar[str] = ""
     rank_names: ClassVar[tuple[str, ...]] = ()
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Conv2d,)
+    #: relative tolerance of the full-rank equivalence check in :mod:`rankopt.testing`
+    #: (iterative methods such as CP-ALS reach ~1e-4, not round-off)
+    contract_rtol: ClassVar[float] = 1e-6
+    #: whether ``project(project(W)) == project(W)``; False for methods that find a
+    #: local optimum (CP-ALS), which the contract checks then hold to a looser test
+    projection_idempotent: ClassVar[bool] = True
 
     # -- what it supports ---------------------------------------------------------
     def unsupported_reason(self, module: nn.Module) -> str | None:

@@ -158,6 +158,8 @@ class CPDecomposer(Decomposer):
     DEFAULT_OPTIONS: Mapping[str, Any] = {"init": "svd", "n_iter_max": 200, "tol": 1e-8, "random_state": 0}
     # ALS is iterative: a kernel of known CP rank is recovered to ~1e-4, not to round-off
     contract_rtol = 1e-4
+    # ALS finds a local optimum, so re-projecting a projection may move it (see above)
+    projection_idempotent = False
 
     def _options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         opts = check_options(options, self.DEFAULT_OPTIONS, self.name)

@@ -1,0 +1,264 @@
+"""Shared pieces of the issue-8 benchmarks: the two settings (LeNet-5 on MNIST, ResNet-20
+on a CIFAR-10 subset), the shared trained reference, the study configs of rankopt's search
+and of the methods users run by hand, and the figures that compare their fronts.
+
+Every method is run as a rankopt study from the same reference weights
+(``reference.weights``) with the same fine-tuning (``finetune`` strategy, same epochs
+and learning rate), so the fronts differ only in how the ranks were chosen:
+
+- ``rankopt``: the default sampler (NSGA-II) over energy / per-layer fraction / VBMF /
+  budget selectors and Tucker-2 or SVD per conv, seeded with the selectors' one-shot
+  proposals (``seed_proposals``), N trials;
+- ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
+- ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
+- ``fraction``: one rank fraction for all layers in {0.1, 0.2, 0.3, 0.5, 0.7};
+- ``random``: random search over rankopt's space, N trials, no seeding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+ENERGY_PS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
+FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
+METHODS = ("rankopt", "vbmf", "energy", "fraction", "random")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One model + data pair and the training budget every method gets."""
+
+    key: str
+    title: str
+    model: dict[str, Any]
+    data: dict[str, Any]  # npz dataset kwargs
+    files: tuple[str, ...]  # archives that must exist under DATA
+    batch_size: int
+    reference_epochs: float
+    reference_lr: float
+    finetune_epochs: float
+    finetune_lr: float
+    trials: int  # N for rankopt's search and for random search
+    population: int  # NSGA-II population size
+    seed_points: int  # seed_proposals: spread points per selector
+
+    def describe(self) -> str:
+        limit = self.data.get("limit", {})
+        return (
+            f"{self.title}: {limit.get('train', 'all')} training / {limit.get('val', 'all')} "
+            f"validation images, reference {self.reference_epochs:g} epochs, fine-tuning "
+            f"{self.finetune_epochs:g} epoch(s) at lr {self.finetune_lr:g} for every method, "
+            f"N = {self.trials} trials"
+        )
+
+
+def settings(quick: bool) -> dict[str, Setting]:
+    """The two settings; ``quick`` shrinks data, epochs and N to fit a 2-core CPU."""
+    mnist_limit = {"train": 6000, "val": 2000} if quick else {}
+    cifar_limit = {"train": 1000, "val": 500} if quick else {}
+    mnist = Setting(
+        key="mnist",
+        title="LeNet-5 (Caffe variant) on MNIST",
+        model={"name": "lenet5"},
+        data={"train": "mnist_train.npz", "val": "mnist_test.npz", "root": str(DATA),
+              "mean": 0.1307, "std": 0.3081, **({"limit": mnist_limit} if quick else {})},
+        files=("mnist_train.npz", "mnist_test.npz"),
+        batch_size=64,
+        reference_epochs=3 if quick else 10,
+        reference_lr=0.05,
+        finetune_epochs=1,
+        finetune_lr=0.01,
+        trials=16 if quick else 40,
+        population=8 if quick else 12,
+        seed_points=1 if quick else 3,
+    )
+    cifar = Setting(
+        key="cifar",
+        title="ResNet-20 on CIFAR-10 (batches 1-2 train, batch 5 validation)",
+        model={"name": "resnet20_cifar"},
+        data={"train": ["cifar10_train_1.npz", "cifar10_train_2.npz"], "val": "cifar10_train_5.npz",
+              "root": str(DATA), "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
+              "augment": True, **({"limit": cifar_limit} if quick else {})},
+        files=("cifar10_train_1.npz", "cifar10_train_2.npz", "cifar10_train_5.npz"),
+        batch_size=64 if quick else 128,
+        reference_epochs=6 if quick else 60,
+        reference_lr=0.1,
+        finetune_epochs=1 if quick else 5,
+        finetune_lr=0.01,
+        trials=10 if quick else 40,
+        population=6 if quick else 12,
+        seed_points=1 if quick else 3,
+    )
+    return {"mnist": mnist, "cifar": cifar}
+
+
+def missing_data(setting: Setting) -> list[str]:
+    """Archives of ``setting`` absent from ``../shared/data``."""
+    return [f for f in setting.files if not (DATA / f).is_file()]
+
+
+# -- the shared reference ------------------------------------------------------------------
+
+
+def reference_weights(setting: Setting, out: Path, device: str) -> Path:
+    """Train the setting's reference once (seed 0) and save its state_dict; reused if present."""
+    import torch
+
+    import rankopt
+    from rankopt.devices import resolve_device
+    from rankopt.training import make_loader, seed_everything, train
+
+    path = out / setting.key / "reference.pt"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    splits = rankopt.dataset("npz", **setting.data)
+    seed_everything(0)
+    model = rankopt.model(setting.model["name"], num_classes=splits.num_classes,
+                          in_channels=splits.input_shape[0])
+    loader = make_loader(splits.train, batch_size=setting.batch_size, shuffle=True, seed=0)
+    train(model, loader, epochs=setting.reference_epochs, lr=setting.reference_lr, seed=0,
+          device=resolve_device(device))
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+# -- study configs ----------------------------------------------------------------------------
+
+
+def _base(setting: Setting, method: str, weights: Path, out: Path, device: str) -> dict[str, Any]:
+    return {
+        "name": f"{setting.key}_{method}",
+        "model": dict(setting.model),
+        "data": {"name": "npz", "kwargs": dict(setting.data), "batch_size": setting.batch_size},
+        "reference": {"weights": str(weights)},
+        "decomposers": ["tucker2", "svd"],
+        "strategies": {"finetune": {"epochs": setting.finetune_epochs, "lr": setting.finetune_lr}},
+        "objectives": ["accuracy", "params", "flops"],
+        "device": device,
+        "seed": 0,
+        "run_dir": str(out / setting.key / method),
+    }
+
+
+def _hand_decomposers(config: dict[str, Any]) -> dict[str, str]:
+    """``decomposer.<layer>: tucker2`` for every conv that could also take SVD: the hand
+    recipe (Tucker-2 on convs, SVD on linears)."""
+    import rankopt
+    from rankopt.config import load_config
+    from rankopt.search.space import SearchSpace
+
+    cfg = load_config(config)
+    in_ch = 1 if cfg.model and cfg.model.name == "lenet5" else 3
+    side = 28 if in_ch == 1 else 32
+    model = rankopt.model(cfg.model.name, num_classes=10, in_channels=in_ch)  # type: ignore[union-attr]
+    space = SearchSpace(cfg, model, rankopt.find_layers(model, (1, in_ch, side, side)))
+    return {f"decomposer.{layer}": "tucker2" for layer, options in space.layer_options.items()
+            if len(options) > 1 and "tucker2" in options}
+
+
+def search_space_config(setting: Setting) -> dict[str, Any]:
+    """Selectors of rankopt's search (and of random search over the same space)."""
+    return {
+        "energy": {"p": {"low": 0.6, "high": 0.995}},
+        "fixed": {"space": {"per_layer": True}},
+        "vbmf": {},
+        "budget": {"target": {"low": 0.03, "high": 0.9, "log": True}},
+    }
+
+
+def method_config(setting: Setting, method: str, weights: Path, out: Path, device: str) -> dict[str, Any]:
+    """The study of ``method`` on ``setting``."""
+    cfg = _base(setting, method, weights, out, device)
+    if method in ("rankopt", "random"):
+        cfg["selectors"] = search_space_config(setting)
+        cfg["trials"] = setting.trials
+        if method == "rankopt":
+            cfg["sampler"] = {"name": "nsgaii", "seed": 0,
+                              "options": {"population_size": setting.population}}
+            cfg["seed_proposals"] = setting.seed_points
+        else:
+            cfg["sampler"] = {"name": "random", "seed": 0}
+        return cfg
+    cfg["sampler"] = {"name": "random", "seed": 0}
+    if method == "vbmf":
+        cfg["selectors"] = {"vbmf": {"weakening": 0.0}}
+        cfg["enqueue"] = [{}]
+    elif method == "energy":
+        cfg["selectors"] = {"energy": {"p": {"low": min(ENERGY_PS), "high": max(ENERGY_PS)}}}
+        cfg["enqueue"] = [{"energy.p": p} for p in ENERGY_PS]
+    elif method == "fraction":
+        cfg["selectors"] = {"fixed": {"fraction": {"low": min(FRACTIONS), "high": max(FRACTIONS)}}}
+        cfg["enqueue"] = [{"fixed.fraction": f} for f in FRACTIONS]
+    else:
+        raise ValueError(f"unknown method {method!r}; methods are {list(METHODS)}")
+    hand = _hand_decomposers(cfg)
+    cfg["enqueue"] = [{**point, **hand} for point in cfg["enqueue"]]
+    cfg["trials"] = len(cfg["enqueue"])
+    return cfg
+
+
+# -- figures --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodFigures:
+    """What the front-quality table shows for one method."""
+
+    method: str
+    trials: int
+    hv_params: float
+    hv_flops: float
+    best_params: int | None  # fewest params within 1 point of the reference accuracy
+    best_params_trial: int | None
+    best_flops: int | None
+    best_flops_trial: int | None
+    seconds: float
+
+
+def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], seconds: float,
+            tolerance: float = 0.01) -> MethodFigures:
+    """Hypervolumes (normalized by the baseline) and the cheapest models within ``tolerance``."""
+    from rankopt.results import hypervolume_2d
+
+    hv_p = hypervolume_2d([(r.accuracy, r.params) for r in records], float(baseline["params"]))
+    hv_f = hypervolume_2d([(r.accuracy, r.flops) for r in records], float(baseline["flops"]))
+    ok = [r for r in records if r.accuracy >= baseline["accuracy"] - tolerance]
+    bp = min(ok, key=lambda r: (r.params, -r.accuracy)) if ok else None
+    bf = min(ok, key=lambda r: (r.flops, -r.accuracy)) if ok else None
+    return MethodFigures(method, len(records), hv_p, hv_f, bp.params if bp else None,
+                         bp.trial if bp else None, bf.flops if bf else None,
+                         bf.trial if bf else None, seconds)
+
+
+def run_method(config: dict[str, Any]) -> tuple[Any, float]:
+    """Run (or continue) one method's study; returns its StudyResult and wall seconds."""
+    import rankopt
+
+    start = time.perf_counter()
+    result = rankopt.run_study(config, progress=False)
+    return result, time.perf_counter() - start
+
+
+def picked_models(out: Path, key: str) -> dict[str, Any]:
+    """The models the front-quality run picked for ``key`` (written to ``picked.json``)."""
+    path = out / key / "picked.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; run benchmarks/bench_front_quality.py with the same --out first"
+        )
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Front quality: rankopt's search against the rank choices users make by hand today.
+
+    .venv/bin/python benchmarks/bench_front_quality.py --quick --record      # 2-core CPU, ~20 min
+    .venv/bin/python benchmarks/bench_front_quality.py --device auto --record  # real sizes, a GPU
+
+For LeNet-5 on MNIST and ResNet-20 on a CIFAR-10 subset, every method starts from the
+same trained reference and fine-tunes each compressed model the same epochs at the same
+learning rate (see ``_baselines.py`` for the methods). Reports per method the
+hypervolume of the (accuracy, params) and (accuracy, FLOPs) fronts normalized by the
+baseline, and the fewest params / FLOPs of its models within 1 point of the reference
+accuracy. Writes ``OUT/<setting>/picked.json`` for ``bench_realized_speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _baselines import (  # noqa: E402
+    METHODS,
+    MethodFigures,
+    figures,
+    markdown_table,
+    method_config,
+    missing_data,
+    reference_weights,
+    run_method,
+    settings,
+)
+
+DEFAULT_OUT = Path("runs") / "bench_front_quality"
+
+
+def _fmt_count(value: int | None, baseline: int) -> str:
+    if value is None:
+        return "none"
+    return f"{value:,} ({baseline / value:.1f}x)"
+
+
+def run_setting(setting, out: Path, device: str) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+    weights = reference_weights(setting, out, device)
+    rows: list[MethodFigures] = []
+    picked: dict = {"setting": setting.key, "methods": {}}
+    baseline = None
+    for method in METHODS:
+        config = method_config(setting, method, weights, out, device)
+        result, seconds = run_method(config)
+        baseline = result.reference
+        records = result.trials()
+        fig = figures(method, records, baseline, seconds)
+        rows.append(fig)
+        by_trial = {r.trial: r for r in records}
+        picks = {}
+        for label, trial in (("params", fig.best_params_trial), ("flops", fig.best_flops_trial)):
+            if trial is not None:
+                r = by_trial[trial]
+                picks[label] = {"trial": r.trial, "accuracy": r.accuracy, "params": r.params,
+                                "flops": r.flops, "model_path": r.model_path, "spec": r.spec}
+        picked["methods"][method] = picks
+        print(f"[{setting.key}] {method}: {fig}", flush=True)
+    assert baseline is not None
+    picked["baseline"] = {k: baseline[k] for k in ("accuracy", "params", "flops")}
+    picked["reference_weights"] = str(weights)
+    (out / setting.key / "picked.json").write_text(json.dumps(picked, indent=2))
+
+    table = markdown_table(
+        ["method", "trials", "HV (acc, params)", "HV (acc, FLOPs)",
+         "fewest params within 1 pt (compression)", "fewest FLOPs within 1 pt (reduction)", "wall s"],
+        [[f.method, str(f.trials), f"{f.hv_params:.4f}", f"{f.hv_flops:.4f}",
+          _fmt_count(f.best_params, baseline["params"]), _fmt_count(f.best_flops, baseline["flops"]),
+          f"{f.seconds:.0f}"] for f in rows],
+    )
+    ours = rows[0]
+    others = rows[1:]
+    best_other_params = min((f.best_params for f in others if f.best_params), default=None)
+    hv_wins = [m for m in ("hv_params", "hv_flops")
+               if all(getattr(ours, m) > getattr(f, m) for f in others)]
+    ratio = (ours.best_params / best_other_params
+             if ours.best_params and best_other_params else None)
+    verdict = (
+        f"Reference: accuracy {baseline['accuracy']:.4f}, {baseline['params']:,} params, "
+        f"{baseline['flops']:,} FLOPs. rankopt's hypervolume is above every other method's for: "
+        f"{', '.join(hv_wins) or 'neither front'}; its fewest params within 1 point are "
+        + (f"{ratio:.2f}x those of the best other method (aim: <= 0.70x)." if ratio is not None
+           else "not comparable (a method has no model within 1 point).")
+    )
+    text = f"{setting.describe()}.\n\n{table}\n\n{verdict}"
+    return text, picked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU-sized data, epochs and N")
+    parser.add_argument("--setting", choices=["mnist", "cifar", "all"], default="all")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    chosen = ["mnist", "cifar"] if args.setting == "all" else [args.setting]
+    sections = []
+    for key in chosen:
+        setting = settings(args.quick)[key]
+        absent = missing_data(setting)
+        if absent:
+            print(f"skipping {key}: {absent} not found in ../shared/data (see its README)", file=sys.stderr)
+            continue
+        text, _ = run_setting(setting, args.out, args.device)
+        print(text, flush=True)
+        sections.append(text)
+    if args.record and sections:
+        from _record import record
+
+        command = ".venv/bin/python benchmarks/bench_front_quality.py " + " ".join(
+            a for a in sys.argv[1:] if a != "--record") + " --record"
+        note = (
+            "Methods (same reference, same fine-tuning; `benchmarks/_baselines.py`): rankopt = "
+            "NSGA-II over selectors energy / per-layer fraction / VBMF / budget and Tucker-2 or "
+            "SVD per conv, seeded with the selectors' one-shot proposals (`seed_proposals`); "
+            "vbmf = VBMF ranks once; energy = p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98}; "
+            "fraction = one rank fraction in {0.1, 0.2, 0.3, 0.5, 0.7}; random = random search "
+            "over rankopt's space, same N. Hand methods use Tucker-2 on convs, SVD on linears. "
+            "HV = hypervolume against (accuracy 0, baseline cost), cost divided by the baseline's."
+        )
+        record("Front quality: rankopt's search vs one-shot and swept rank choices",
+               note + "\n\n" + "\n\n".join(sections), command)
+
+
+if __name__ == "__main__":
+    main()

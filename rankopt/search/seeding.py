@@ -1,0 +1,111 @@
+"""Seeding a search with the one-shot proposals users run by hand today.
+
+With ``seed_proposals: K`` (or ``true``, meaning :data:`DEFAULT_PROPOSALS`) a study
+enqueues, before the sampler proposes anything, for every rank selector of the study:
+
+- its default parameters (``vbmf``: plain VBMF; ``energy``: p = 0.95; ``budget``:
+  half the cost), when they lie in the study's search space;
+- ``K`` points spread evenly over its searched parameters, every parameter at the
+  same relative position ``(i + 0.5) / K`` of its range (on a log scale for log
+  ranges): an energy-threshold sweep, one rank fraction for all layers (with
+  ``per_layer: true`` every layer gets the same fraction), a budget sweep.
+
+The rest of each point is the same for all of them: the first strategy of the study
+with its default hyperparameters (a searched one outside its range takes the middle
+of the range), and every layer's first decomposer in the study's ``decomposers``
+order (list the one you would use by hand first). The sampler then starts from a
+first generation that already holds these fronts, instead of from random points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from rankopt.search.space import SearchSpace
+
+__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value"]
+
+DEFAULT_PROPOSALS = 3
+
+
+def spread_value(dist: BaseDistribution, position: float) -> Any:
+    """The value at relative ``position`` in [0, 1] of ``dist`` (log scale when ``log``)."""
+    if isinstance(dist, CategoricalDistribution):
+        choices = list(dist.choices)
+        return choices[min(len(choices) - 1, int(position * len(choices)))]
+    if isinstance(dist, (FloatDistribution, IntDistribution)):
+        low, high = float(dist.low), float(dist.high)
+        if dist.log:
+            value = math.exp(math.log(low) + position * (math.log(high) - math.log(low)))
+        else:
+            value = low + position * (high - low)
+        step = dist.step
+        if step is not None:
+            value = low + round((value - low) / float(step)) * float(step)
+        value = min(high, max(low, value))
+        if isinstance(dist, IntDistribution):
+            return int(round(value))
+        return round(value, 6)
+    raise TypeError(f"unsupported distribution {type(dist).__name__}")
+
+
+def _inside(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return float(dist.low) <= float(value) <= float(dist.high)  # type: ignore[attr-defined]
+
+
+def _defaults_of(family: str, name: str) -> Mapping[str, Any]:
+    from rankopt.manager import get_registry
+
+    return get_registry().create(family, name).defaults()
+
+
+def proposal_points(space: SearchSpace, per_selector: int = DEFAULT_PROPOSALS) -> list[dict[str, Any]]:
+    """The seed points (flat parameter names, as ``enqueue`` takes them) for ``space``.
+
+    Every point lies inside the study's distributions; duplicates are dropped.
+    """
+    if per_selector < 0:
+        raise ValueError(f"per_selector must be >= 0, got {per_selector}")
+    dists = space.distributions()
+    common: dict[str, Any] = {}
+    strategy = next(iter(space.strategies))
+    if "strategy" in dists:
+        common["strategy"] = strategy
+    defaults = _defaults_of("strategies", strategy)
+    for key, dist in space.strategies[strategy].searched.items():
+        value = defaults.get(key)
+        common[f"{strategy}.{key}"] = value if _inside(dist, value) else spread_value(dist, 0.5)
+    for layer, options in space.layer_options.items():
+        if f"decomposer.{layer}" in dists:
+            common[f"decomposer.{layer}"] = options[0]
+
+    points: list[dict[str, Any]] = []
+    for selector, method in space.selectors.items():
+        head = {"selector": selector} if "selector" in dists else {}
+        searched = method.searched
+        sel_defaults = _defaults_of("rank_selectors", selector)
+        candidates: list[dict[str, Any]] = []
+        if all(_inside(d, sel_defaults.get(k)) for k, d in searched.items()):
+            candidates.append({f"{selector}.{k}": sel_defaults[k] for k in searched})
+        if searched:
+            for i in range(per_selector):
+                position = (i + 0.5) / per_selector
+                candidates.append({f"{selector}.{k}": spread_value(d, position) for k, d in searched.items()})
+        for candidate in candidates:
+            point = {**head, **candidate, **common}
+            if point not in points:
+                points.append(point)
+    return points

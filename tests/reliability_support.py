@@ -1,0 +1,181 @@
+"""Shared pieces of the reliability tests (issue 7) and ``benchmarks/bench_reliability.py``.
+
+* :func:`tiny_study`: a study on the 8x8 digits with a width-8 CNN, seconds per trial.
+* :func:`tree_snapshot`: every path under a folder with its size and mtime.
+* In-process plugins that inject faults through the public plugin API
+  (``rankopt.register_plugin(reliability_support)``): the strategy ``faulty`` fails in
+  the way its ``fault`` parameter names, and ``slow`` sleeps before fine-tuning
+  (for kill tests). The decomposer ``diverging_cp`` raises ``DecompositionError``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from optuna.distributions import CategoricalDistribution
+
+from rankopt.errors import DecompositionError, PluginError, TrainingDivergedError
+from rankopt.hookspecs import hookimpl
+from rankopt.plugins.decomposers.svd import SVDDecomposer
+from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.records import DecomposerInfo, StrategyInfo
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+FAULTS = ("none", "nan_loss", "oom", "plugin_error", "cp_divergence", "disk_full")
+
+
+def tiny_study(**changes: Any) -> dict[str, Any]:
+    """A study of a few seconds per trial; ``changes`` replace top-level keys."""
+    base: dict[str, Any] = {
+        "name": "rely",
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+        "data": {"name": "digits", "batch_size": 128},
+        "reference": {"epochs": 0.5, "lr": 0.05},
+        "decomposers": ["tucker2", "svd"],
+        "selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}},
+        "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
+        "sampler": {"name": "random", "seed": 0},
+        "trials": 2,
+    }
+    base.update(changes)
+    return base
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (size, mtime_ns)}`` of everything under ``root``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+# -- fault-injecting plugins ------------------------------------------------------------------
+
+
+class FaultyStrategy(Strategy):
+    """Fine-tunes like ``finetune``, except when ``fault`` names a failure to raise.
+
+    ``nan_loss`` trains with a NaN loss term (the trainer raises TrainingDivergedError),
+    ``oom`` raises ``torch.OutOfMemoryError`` mid-trial, ``plugin_error`` a bug-like
+    RuntimeError, ``cp_divergence`` a DecompositionError as CP-ALS does when it diverges,
+    ``disk_full`` returns a model whose saving dies half-way with ENOSPC (a partial file).
+    """
+
+    name = "faulty"
+    description = "test strategy: fails on demand"
+
+    def defaults(self) -> dict[str, Any]:
+        return {"fault": "none", "epochs": 0.05, "lr": 0.02}
+
+    def search_space(self) -> dict[str, Any]:
+        return {"fault": CategoricalDistribution(list(FAULTS))}
+
+    def validate_params(self, params: Any) -> dict[str, Any]:
+        merged = {**self.defaults(), **dict(params)}
+        if merged["fault"] not in FAULTS:
+            from rankopt.errors import ConfigError
+
+            raise ConfigError(f"fault must be one of {list(FAULTS)}, got {merged['fault']!r}")
+        return merged
+
+    def run(self, ctx: TrialContext, params: dict[str, Any]) -> TrialOutcome:
+        fault = params["fault"]
+        model = ctx.model()
+        if fault == "nan_loss":
+            ctx.train(model, epochs=params["epochs"], lr=params["lr"],
+                      extra_loss=lambda m: torch.tensor(math.nan))
+        if fault == "cp_divergence":
+            raise DecompositionError("CP-ALS diverged: reconstruction error is nan after 3 sweeps")
+        spec = ctx.select_ranks(model)
+        small = ctx.compress(model, spec)
+        if fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if fault == "plugin_error":
+            raise PluginError("strategy 'faulty' hit a bug: index 7 is out of range")
+        ctx.train(small, epochs=params["epochs"], lr=params["lr"])
+        if fault == "disk_full":
+            small.register_buffer("unsaveable", torch.zeros(4).as_subclass(_DiskFullTensor))
+        return TrialOutcome(small, spec)
+
+
+class _DiskFullTensor(torch.Tensor):
+    """A tensor whose pickling fails with ENOSPC: torch.save dies after opening its file."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+
+class SlowStrategy(Strategy):
+    """``finetune`` that sleeps ``sleep`` seconds first: trials long enough to kill mid-study."""
+
+    name = "slow"
+    description = "test strategy: sleeps, then fine-tunes"
+
+    def defaults(self) -> dict[str, Any]:
+        return {"sleep": 1.0, "epochs": 0.05, "lr": 0.02}
+
+    def search_space(self) -> dict[str, Any]:
+        return {}
+
+    def validate_params(self, params: Any) -> dict[str, Any]:
+        return {**self.defaults(), **dict(params)}
+
+    def run(self, ctx: TrialContext, params: dict[str, Any]) -> TrialOutcome:
+        time.sleep(float(params["sleep"]))
+        model = ctx.model()
+        spec = ctx.select_ranks(model)
+        small = ctx.compress(model, spec)
+        ctx.train(small, epochs=params["epochs"], lr=params["lr"])
+        return TrialOutcome(small, spec)
+
+
+class DivergingCPDecomposer(SVDDecomposer):
+    """SVD for Linear layers whose ``build`` diverges like a CP-ALS that blows up."""
+
+    name = "diverging_cp"
+
+    def build(self, module: Any, ranks: Any, **kwargs: Any) -> Any:
+        raise DecompositionError(
+            f"CP-ALS diverged on a {type(module).__name__} at ranks {tuple(ranks)}: "
+            "the reconstruction error became inf"
+        )
+
+
+@hookimpl
+def rankopt_strategies() -> list[StrategyInfo]:
+    return [
+        StrategyInfo("faulty", FaultyStrategy, "test strategy: fails on demand"),
+        StrategyInfo("slow", SlowStrategy, "test strategy: sleeps, then fine-tunes"),
+    ]
+
+
+@hookimpl
+def rankopt_decomposers() -> list[DecomposerInfo]:
+    return [DecomposerInfo("diverging_cp", DivergingCPDecomposer, "test decomposer: always diverges")]
+
+
+# -- a driver for subprocess tests: the CLI with these plugins registered ----------------------
+
+DRIVER = f"""
+import sys
+sys.path.insert(0, {str(HERE)!r})
+import rankopt, reliability_support
+rankopt.register_plugin(reliability_support)
+from rankopt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli_command(*args: str) -> list[str]:
+    """``python -c DRIVER args...``: ``rankopt`` with the test plugins, in a new process."""
+    return [sys.executable, "-c", DRIVER, *args]

@@ -1,0 +1,27 @@
+"""`rankopt.cli.main`: exit codes and one-line errors for the CLI library's own usage errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankopt.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["no-such-command"],
+        ["pick", "runs/x", "--max-params", "abc", "--out", "x.pt"],
+        ["plugins", "--no-such-option"],
+    ],
+)
+def test_usage_errors_of_the_cli_library_exit_2_without_traceback(argv, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "Error" in err
+
+
+def test_help_exits_0(capsys) -> None:
+    assert main(["--help"]) == 0
+    assert "pareto" in capsys.readouterr().out
