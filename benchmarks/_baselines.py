@@ -7,7 +7,7 @@ Every method is run as a rankopt study from the same reference weights
 and learning rate), so the fronts differ only in how the ranks were chosen:
 
 - ``rankopt``: the default sampler (NSGA-II) over energy / per-layer fraction / VBMF /
-  budget selectors and Tucker-2 or SVD per conv, seeded with the selectors' one-shot
+  budget (params or FLOPs) selectors and Tucker-2 or SVD per conv, seeded with the selectors' one-shot
   proposals (``seed_proposals``), N trials;
 - ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
 - ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
@@ -62,7 +62,7 @@ class Setting:
 
 def settings(quick: bool) -> dict[str, Setting]:
     """The two settings; ``quick`` shrinks data, epochs and N to fit a 2-core CPU."""
-    mnist_limit = {"train": 6000, "val": 2000} if quick else {}
+    mnist_limit = {"train": 10000, "val": 2000} if quick else {}
     cifar_limit = {"train": 1000, "val": 500} if quick else {}
     mnist = Setting(
         key="mnist",
@@ -72,11 +72,11 @@ def settings(quick: bool) -> dict[str, Setting]:
               "mean": 0.1307, "std": 0.3081, **({"limit": mnist_limit} if quick else {})},
         files=("mnist_train.npz", "mnist_test.npz"),
         batch_size=64,
-        reference_epochs=3 if quick else 10,
+        reference_epochs=4 if quick else 10,
         reference_lr=0.05,
         finetune_epochs=1,
         finetune_lr=0.01,
-        trials=16 if quick else 40,
+        trials=24 if quick else 48,
         population=8 if quick else 12,
         seed_points=1 if quick else 3,
     )
@@ -171,7 +171,8 @@ def search_space_config(setting: Setting) -> dict[str, Any]:
         "energy": {"p": {"low": 0.6, "high": 0.995}},
         "fixed": {"space": {"per_layer": True}},
         "vbmf": {},
-        "budget": {"target": {"low": 0.03, "high": 0.9, "log": True}},
+        "budget": {"target": {"low": 0.03, "high": 0.9, "log": True},
+                   "measure": {"choices": ["params", "flops"]}},
     }
 
 

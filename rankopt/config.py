@@ -266,7 +266,7 @@ class StudyConfig(_Strict):
     @classmethod
     def _names_to_mapping(cls, v: Any) -> Any:
         # `strategies: [finetune, nrmf]` is shorthand for `{finetune: {}, nrmf: {}}`
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple)) and all(isinstance(name, str) for name in v):
             return {name: {} for name in v}
         if isinstance(v, Mapping):
             return {k: ({} if p is None else p) for k, p in v.items()}

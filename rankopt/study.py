@@ -32,8 +32,9 @@ from rankopt.errors import ConfigError, RankoptError
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.local import quiet_optuna
-from rankopt.search.objective import TrialEnv, write_json
+from rankopt.search.objective import TrialEnv, clean_trial_dir, write_json
 from rankopt.search.reference import check_reference_key, obtain_reference, reference_key
+from rankopt.search.storage import STALE_REASON
 from rankopt.search.sampler import ConstraintsFunc, create_study, make_sampler
 from rankopt.search.space import SearchSpace
 from rankopt.surgery import LayerInfo, find_layers
@@ -189,6 +190,7 @@ class Study:
         from rankopt.search.progress import StudyProgress
         from rankopt.search.storage import (
             RunLock,
+            TrialClaim,
             default_storage_url,
             fail_stale_trials,
             is_local_sqlite,
@@ -198,7 +200,12 @@ class Study:
         config = prep.config
         run_dir = prep.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(run_dir), torch_threads(config.resources.cpus):
+        # the setup (storage, stale trials, reference) is one process at a time; trials are
+        # not: other processes may run this study at the same time (see RunLock)
+        setup = RunLock(run_dir)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch_threads(config.resources.cpus))
+            stack.enter_context(setup)
             (run_dir / STUDY_FILE).write_text(
                 "# the resolved study config, as run (storage: null is optuna.db here)\n"
                 + config_to_yaml(config)
@@ -208,9 +215,12 @@ class Study:
             with quiet_optuna():
                 study = create_study(config, storage, prep.sampler)
             url = config.storage or default_storage_url(run_dir)
-            stale = fail_stale_trials(study, storage, all_running=is_local_sqlite(url))
+            with TrialClaim(run_dir):  # no other worker is between asking and naming a trial
+                stale = fail_stale_trials(study, storage, local=is_local_sqlite(url))
             if stale:
                 log.warning("marked trials %s FAIL: a process that died left them running", stale)
+                for number in stale:
+                    clean_trial_dir(run_dir / "trials" / str(number), reason=STALE_REASON)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
             show = StudyProgress(None, enabled=self.progress, baseline={})
@@ -242,12 +252,17 @@ class Study:
                     study.enqueue_trial(point, skip_if_exists=True)
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             missing = None if config.trials is None else max(0, config.trials - done)
+            setup.release()
             outcomes: list[str] = []
 
             def on_trial_done(number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
                 outcomes.append(str(metrics.get("state")))
                 progress.trial_done(number, values, metrics)
                 _call_trial_hook(run_dir, number, values, metrics)
+
+            def too_many_failures() -> bool:
+                limit = config.max_failures
+                return limit is not None and outcomes.count("FAIL") >= limit
 
             show.message(
                 f"reference accuracy {baseline['accuracy']:.4f}, {baseline['params']:,} params, "
@@ -268,15 +283,30 @@ class Study:
                         timeout=config.timeout,
                         n_jobs=config.max_concurrent,
                         on_trial_done=on_trial_done,
+                        target=config.trials,
+                        should_stop=too_many_failures,
                     )
                 else:
                     from rankopt.search.ray_backend import run_ray
 
-                    run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done)
+                    run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
+                            should_stop=too_many_failures)
             result = StudyResult(run_dir, config)
             summary = result.status()
             write_json(run_dir / "summary.json", summary)
             _call_study_hook(run_dir, summary)
+        if config.max_failures is not None and outcomes.count("FAIL") >= config.max_failures:
+            reasons = [
+                t.user_attrs.get("reason", "?")
+                for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            ]
+            raise RankoptError(
+                f"study {config.name!r} stopped: {outcomes.count('FAIL')} of its "
+                f"{len(outcomes)} trials in this run failed (max_failures: "
+                f"{config.max_failures}); the last reason: {reasons[-1] if reasons else '?'}. "
+                f"Completed trials are kept; fix the cause and rerun to continue (see "
+                f"{run_dir}/trials/*/metrics.json)"
+            )
         if outcomes and all(s != "COMPLETE" for s in outcomes):
             reasons = [
                 t.user_attrs.get("reason", "?")

@@ -179,3 +179,65 @@ sys.exit(main(sys.argv[1:]))
 def cli_command(*args: str) -> list[str]:
     """``python -c DRIVER args...``: ``rankopt`` with the test plugins, in a new process."""
     return [sys.executable, "-c", DRIVER, *args]
+
+
+# -- helpers for process-level tests --------------------------------------------------------
+
+
+def wait_for(predicate: Any, timeout: float, what: str, proc: Any = None) -> None:
+    """Poll ``predicate()`` every 50 ms; fail with ``what`` after ``timeout`` seconds
+    (or at once, with its output, when ``proc`` ended first)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}:\n{out[-3000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def trial_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """``{trial number: metrics.json}`` of the trials written so far."""
+    import json
+
+    out = {}
+    for path in (Path(run_dir) / "trials").glob("*/metrics.json"):
+        try:
+            out[int(path.parent.name)] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def completed(run_dir: Path) -> list[int]:
+    return sorted(n for n, m in trial_metrics(run_dir).items() if m.get("state") == "COMPLETE")
+
+
+def storage_trials(run_dir: Path, name: str = "rely", url: str | None = None) -> list[Any]:
+    """The study's trials, read straight from its storage."""
+    import optuna
+
+    from rankopt.search.storage import default_storage_url, open_storage
+
+    storage = open_storage(url or default_storage_url(Path(run_dir)))
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def sqlite_integrity(run_dir: Path) -> str:
+    """SQLite's own ``PRAGMA integrity_check`` of the run's storage ("ok" when sound)."""
+    import sqlite3
+
+    with sqlite3.connect(Path(run_dir) / "optuna.db") as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def kill_group(proc: Any) -> None:
+    """SIGKILL what is left of a process started with ``start_new_session=True``."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

@@ -210,7 +210,7 @@ def test_catalogue_is_large_enough() -> None:
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     bad = study_file(tmp_path, {"decomposers": ["tucker3"]})
     with pytest.raises(ConfigError, match="tucker3"):
-        main(["run", bad, "--run-dir", str(tmp_path / "run"), "--debug"])
+        main(["--debug", "run", bad, "--run-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 

@@ -89,15 +89,16 @@ def test_interrupted_run_fails_stale_trials_and_reruns_them(tmp_path: Path) -> N
     assert not (run_dir / "run.lock").exists()
 
 
-def test_a_live_run_holds_its_directory(tmp_path: Path) -> None:
+def test_a_live_workers_trial_is_left_running(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    # this test process stands in for a live study process on this machine
-    parent = os.getppid()
-    (run_dir / "run.lock").write_text(json.dumps({"pid": parent, "host": socket.gethostname()}))
-    with pytest.raises(ConfigError, match=f"in use by process {parent}"):
-        rankopt.run_study(tiny(run_dir))
-    assert not (run_dir / "optuna.db").exists()
+    rankopt.run_study(tiny(run_dir, trials=1))
+    # a live process on this machine (the test's parent stands in for it) runs a trial
+    study = optuna.load_study(study_name="resume", storage=open_storage(default_storage_url(run_dir)))
+    live = study.ask()
+    live.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")
+    # another process joins the study: it neither fails the live trial nor runs its share
+    rankopt.run_study(tiny(run_dir, trials=3))
+    assert states(run_dir) == ["COMPLETE", "RUNNING", "COMPLETE"]
 
 
 def test_failed_trials_are_recorded_and_do_not_count(tmp_path: Path) -> None:

@@ -55,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("Aborted.")
         return 130
     except _USAGE as exc:  # usage errors from the CLI library itself
-        if state["debug"]:
-            raise
         # one line like every other usage error (click's own form spans three)
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = " ".join(exc.format_message().split())
+        given = _given_value(args, getattr(exc, "param", None))
+        if given is not None and repr(given) not in message:
+            message += f"; got {given!r}"
         err_console.print(f"error: {message}{hint}", highlight=False, soft_wrap=True, markup=False)
         return int(getattr(exc, "exit_code", 2) or 2)
     except ConfigError as exc:
@@ -77,6 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("Interrupted.")
         return 130
     return 0
+
+
+def _given_value(args: list[str], param: object) -> str | None:
+    """The text given for an option on the command line (click's messages omit it)."""
+    for opt in getattr(param, "opts", None) or ():
+        for i, arg in enumerate(args):
+            if arg == opt and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1:]
+    return None
 
 
 def _entry() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from rankopt.search.objective import (
     TrialEnv,
@@ -46,11 +50,31 @@ def run_local(
     timeout: float | None,
     n_jobs: int = 1,
     on_trial_done: TrialDone | None = None,
+    target: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Run up to ``n_trials`` new trials (and/or until ``timeout`` seconds) into ``study``."""
+    """Run up to ``n_trials`` new trials (and/or until ``timeout`` seconds) into ``study``.
+
+    ``target``: the number of completed trials the study wants in all. A trial starts
+    only while fewer than ``target`` trials are COMPLETE or RUNNING (by any process on
+    this machine, under :class:`~rankopt.search.storage.TrialClaim`), so concurrent
+    workers on one study run exactly ``target`` trials between them. ``should_stop``
+    is asked before each new trial (e.g. ``max_failures`` reached).
+    """
+    from rankopt.search.storage import WORKER_ATTR, TrialClaim, worker_id
+
     finished: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    claim = TrialClaim(env.run_dir)
+    me = worker_id()
+    counter_lock = threading.Lock()
+    started = [0]
+    full = threading.Event()
+    deadline = None if timeout is None else time.monotonic() + timeout
 
     def objective(trial: optuna.Trial) -> list[float]:
+        # the trial is RUNNING now; once it names its process other workers may go on
+        trial.set_user_attr(WORKER_ATTR, me)
+        claim.release()
         values = env.space.suggest(trial)
         metrics = run_trial(env, trial.number, values)
         for key, value in user_attrs(metrics).items():
@@ -67,13 +91,38 @@ def run_local(
             values, metrics = finished.pop(trial.number)
             on_trial_done(trial.number, values, metrics)
 
+    def wanted() -> bool:
+        if target is None:
+            return True
+        claimed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        return len(claimed) < target
+
+    def worker() -> None:
+        while not full.is_set():
+            if should_stop is not None and should_stop():
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            with counter_lock:
+                if n_trials is not None and started[0] >= n_trials:
+                    return
+                started[0] += 1
+            claim.acquire()
+            try:
+                if not wanted():
+                    full.set()
+                    return
+                study.optimize(
+                    objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
+                    gc_after_trial=False,
+                )
+            finally:
+                claim.release()  # when the trial never started (a no-op otherwise)
+
     with quiet_optuna():
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            n_jobs=n_jobs,
-            catch=(TrialFailed,),
-            callbacks=[callback],
-            gc_after_trial=False,
-        )
+        if n_jobs <= 1:
+            worker()
+        else:
+            with concurrent.futures.ThreadPoolExecutor(n_jobs) as pool:
+                for future in [pool.submit(worker) for _ in range(n_jobs)]:
+                    future.result()

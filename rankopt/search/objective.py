@@ -38,6 +38,7 @@ __all__ = [
     "measure_latency_ms",
     "ranks_summary",
     "write_json",
+    "clean_trial_dir",
     "TRIAL_ATTRS",
 ]
 
@@ -100,6 +101,28 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
     tmp.replace(path)
+
+
+def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:
+    """Remove a failed trial's partial files (a model file, half-written temporaries).
+
+    With ``reason`` (a trial a dead process left), also write its ``metrics.json`` as
+    FAIL, since the process could not (when it had begun the folder).
+    """
+    if not trial_dir.is_dir():
+        return
+    if trial_dir.is_dir():
+        for path in trial_dir.iterdir():
+            if path.name != "metrics.json" or reason is not None:
+                if path.is_dir() and not path.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+    if reason is not None:
+        write_json(trial_dir / "metrics.json",
+                   {"trial": int(trial_dir.name), "state": "FAIL", "reason": reason})
 
 
 def _jsonable(value: Any) -> Any:
@@ -225,6 +248,9 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             reason=f"{type(exc).__name__}: {exc}",
             traceback=traceback.format_exc(limit=20),
         )
+        clean_trial_dir(trial_dir)
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the next trial the memory this one held
     seconds = time.perf_counter() - start
     train_s = ctx.train_seconds if ctx is not None else 0.0
     eval_s = ctx.eval_seconds if ctx is not None else 0.0

@@ -23,6 +23,7 @@ from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
@@ -135,6 +136,10 @@ class DefineByRun:
         self.space = space
 
     def __call__(self, trial: Any) -> dict[str, Any]:
+        from rankopt.search.storage import WORKER_ATTR, worker_id
+
+        # the driver owns the trial: if it dies, a rerun finds the trial stale
+        trial.set_user_attr(WORKER_ATTR, worker_id())
         self.space.suggest(trial)
         return {TRIAL_NUMBER_KEY: trial.number}
 
@@ -146,11 +151,30 @@ def run_ray(
     *,
     n_trials: int | None,
     on_trial_done: TrialDone | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Run up to ``n_trials`` new trials (and/or until ``timeout``) through Ray Tune."""
+    """Run up to ``n_trials`` new trials (and/or until ``timeout``) through Ray Tune;
+    ``should_stop`` (asked by Tune in the driver) ends the run early."""
 
     with quiet_optuna(), _quiet_tune():
-        _fit(env, study, storage, n_trials=n_trials, on_trial_done=on_trial_done)
+        _fit(env, study, storage, n_trials=n_trials, on_trial_done=on_trial_done,
+             should_stop=should_stop)
+
+
+class _StopWhen(Stopper):  # type: ignore[misc]
+    """Tune stopper that ends the whole run when ``should_stop()`` says so."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None) -> None:
+        self.should_stop = should_stop
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"should_stop": None}  # pickled into Tune's experiment state
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(self.should_stop is not None and self.should_stop())
 
 
 @contextlib.contextmanager
@@ -174,6 +198,7 @@ def _fit(
     *,
     n_trials: int | None,
     on_trial_done: TrialDone | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -228,6 +253,7 @@ def _fit(
             name=config.name,
             storage_path=str((env.run_dir / "ray").resolve()),
             verbose=0,
+            stop=_StopWhen(should_stop),
             callbacks=[TrialDoneCallback(on_trial_done)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),

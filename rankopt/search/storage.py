@@ -5,17 +5,18 @@ SQLite in the run directory by default (one machine); any Optuna RDB URL
 continues it: trials left RUNNING by a process that died are marked FAIL (so they are
 neither counted as done nor left dangling) and rerun.
 
-* With the default SQLite file, a lock file in the run directory says which process
-  runs the study; when that process is gone, every RUNNING trial is stale.
-* With a shared RDB, other machines may be running trials right now, so staleness
-  comes from Optuna's heartbeats instead (``heartbeat_interval``/``grace_period``).
+* Every trial records the process running it (user attr ``worker``, ``host:pid``); a
+  RUNNING trial whose process on this machine is gone is stale.
+* With a shared RDB, other machines may be running trials right now, so staleness of
+  their trials comes from Optuna's heartbeats (``heartbeat_interval``/``grace_period``).
+* Several processes may run one study at once (see :class:`RunLock`, :class:`TrialClaim`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import threading
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +26,11 @@ from optuna.trial import TrialState
 
 from rankopt.errors import ConfigError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: threads of one process are still exclusive
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "DB_FILE",
     "default_storage_url",
@@ -32,6 +38,9 @@ __all__ = [
     "open_storage",
     "fail_stale_trials",
     "RunLock",
+    "TrialClaim",
+    "worker_id",
+    "WORKER_ATTR",
 ]
 
 DB_FILE = "optuna.db"
@@ -76,64 +85,97 @@ def _redact(url: str) -> str:
     return url
 
 
-def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, all_running: bool) -> list[int]:
+WORKER_ATTR = "worker"
+STALE_REASON = "left running by a process that died"
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process: stored on every trial it runs (user attr ``worker``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(worker: object) -> bool:
+    """True when ``worker`` names a process on this machine that no longer exists."""
+    if not isinstance(worker, str) or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
+def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, local: bool) -> list[int]:
     """Mark trials a dead process left RUNNING as FAIL; returns their numbers.
 
-    ``all_running``: every RUNNING trial is stale (the run lock proved no live process
-    owns the study); otherwise Optuna's heartbeat rule decides.
+    A RUNNING trial is stale when its ``worker`` (``host:pid``) is a dead process on this
+    machine. With the embedded SQLite file (``local``) a RUNNING trial that names no
+    worker is stale too (only rankopt processes on this machine use that file); with a
+    shared RDB, Optuna's heartbeat rule also fails trials of dead processes elsewhere.
+    Live workers' trials are never touched, so several processes can share a study.
     """
-    if not all_running:
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
     failed = []
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR)
+        if not (_dead_here(worker) or (local and worker is None)):
+            continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "fail_reason", "left running by a process that died")
+        storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+        storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
             failed.append(trial.number)
-    return failed
+    if not local:
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        failed += sorted(before - after)
+    return sorted(failed)
 
 
-class RunLock:
-    """``RUN_DIR/run.lock``: one live process per run directory (on one machine).
+class _FileLock:
+    """An exclusive ``flock`` on a file, also exclusive between this process's threads.
 
-    Taking a lock held by a live process is a :class:`ConfigError`; a lock whose
-    process is gone (crashed, killed) is taken over, and :attr:`took_over` says so.
+    ``unlink_on_release`` removes the file when done; acquiring checks that the locked
+    file is still the one at the path (the usual guard against a concurrent unlink).
     """
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "run.lock"
-        self.took_over = False
-
-    def _holder(self) -> dict[str, object] | None:
-        try:
-            return json.loads(self.path.read_text())  # type: ignore[no-any-return]
-        except (OSError, ValueError):
-            return None
+    def __init__(self, path: Path, *, unlink_on_release: bool = False) -> None:
+        self.path = Path(path)
+        self.unlink_on_release = unlink_on_release
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        holder = self._holder()
-        if holder is not None:
-            pid = int(holder.get("pid", -1))  # type: ignore[arg-type]
-            same_host = holder.get("host") == socket.gethostname()
-            if same_host and pid != os.getpid() and _alive(pid):
-                raise ConfigError(
-                    f"run directory {str(self.path.parent)!r} is in use by process {pid} on this "
-                    "machine; wait for it to finish, or use another --run-dir"
-                )
-            self.took_over = True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        self._thread_lock.acquire()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self._fd = fd
+                    return
+                os.close(fd)
+        except BaseException:
+            self._thread_lock.release()
+            raise
 
     def release(self) -> None:
-        holder = self._holder()
-        if holder is not None and holder.get("pid") == os.getpid():
+        """Release (a no-op when not held, so a ``finally`` may call it again)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.unlink_on_release:
             self.path.unlink(missing_ok=True)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        self._thread_lock.release()
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> _FileLock:
         self.acquire()
         return self
 
@@ -141,6 +183,31 @@ class RunLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+class RunLock(_FileLock):
+    """``RUN_DIR/run.lock``: held while a process sets a study up (creates or loads it in
+    the storage, fails stale trials, trains or loads the reference).
+
+    Several processes may work on one study (``rankopt run`` twice, or on several
+    machines with a shared RDB storage): the lock only makes the second wait until the
+    first has cached the reference, which it then loads instead of training it again.
+    A lock left by a killed process is released by the kernel with the process.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(Path(run_dir) / "run.lock", unlink_on_release=True)
+
+
+class TrialClaim(_FileLock):
+    """``RUN_DIR/.claim.lock``: taken from "is a trial still wanted?" until the new trial is
+    RUNNING with its worker recorded, so concurrent workers on one machine never start
+    more trials than the study wants, and stale-trial recovery never sees a half-started
+    trial. (Workers on other machines share no file: there, at most one trial per extra
+    machine can run beyond ``trials``.)"""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(Path(run_dir) / ".claim.lock")
 
 
 def _alive(pid: int) -> bool:

@@ -1,0 +1,212 @@
+"""Cost of the search itself on a real setting (LeNet-5 on MNIST by default): per-trial time
+outside training and evaluation on both backends, trials per hour with 1 and 2 concurrent
+trials, the spectral cache's speed-up for rank selection, and the peak memory of a trial.
+
+    .venv/bin/python benchmarks/bench_search_cost.py --quick --record     # 2-core CPU, ~5 min
+    .venv/bin/python benchmarks/bench_search_cost.py --device auto --record
+
+``bench_study.py`` measures the same backend figures on the tiny quickstart model; this
+one uses the front-quality settings (``_baselines.py``) and reuses its ``search_figures``.
+Peak memory: each trial runs in a fresh child process that first loads the data and the
+reference; reported are its resident-set peak (``resource.getrusage``) before and after
+the trial, the peak of Python-level allocations during the trial (``tracemalloc``; torch
+tensors are not traced by it) and, on CUDA, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _baselines import markdown_table, method_config, missing_data, reference_weights, settings  # noqa: E402
+from bench_study import search_figures  # noqa: E402
+
+DEFAULT_OUT = Path("runs") / "bench_search_cost"
+
+
+def backend_rows(setting: Any, weights: Path, out: Path, device: str, trials: int) -> list[list[str]]:
+    """Per-trial overhead and trials per hour: local and Ray, 1 and 2 concurrent trials."""
+    import rankopt
+
+    rows = []
+    runs: list[tuple[str, int]] = [("local", 1), ("local", 2), ("ray", 1), ("ray", 2)]
+    ray_started = False
+    try:
+        for backend, concurrent in runs:
+            if backend == "ray" and not ray_started:
+                import ray
+
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+                ray_started = True
+            config = method_config(setting, "random", weights, out / f"{backend}{concurrent}", device)
+            config.update(name=f"cost_{backend}{concurrent}", trials=trials, backend=backend,
+                          max_concurrent=concurrent, run_dir=str(out / f"{backend}{concurrent}"))
+            result = rankopt.run_study(config, progress=False)
+            f = search_figures(result)
+            rows.append([backend, str(concurrent), str(f["trials"]), f"{f['span_s']:.1f}",
+                         f"{f['trial_s']:.2f}", f"{f['train_eval_s']:.2f}",
+                         f"{f['in_trial_overhead_s']:.3f}", f"{f['backend_overhead_s']:.2f}",
+                         f"{f['trials_per_hour']:.0f}"])
+            print(rows[-1], flush=True)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+    return rows
+
+
+def cache_rows(setting: Any, weights: Path, out: Path) -> list[list[str]]:
+    """Rank selection on the reference with a cold cache, a warm in-memory one, and a warm
+    on-disk one opened by a new process (a new SpectralCache on the same directory)."""
+    import shutil
+
+    import torch
+
+    import rankopt
+    from rankopt.selection import select_spec
+    from rankopt.spectral import SpectralCache
+
+    in_ch, side = (1, 28) if setting.key == "mnist" else (3, 32)
+    model = rankopt.model(setting.model["name"], num_classes=10, in_channels=in_ch)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    layers = rankopt.find_layers(model, (1, in_ch, side, side))
+    decomposers = {
+        info.name: ("svd" if info.kind == "linear" else "tucker2")
+        for info in layers
+        if not (info.kind == "conv2d" and info.in_channels < 2)
+    }
+    rows = []
+    for selector, params in (("energy", {"p": 0.9}), ("vbmf", {}), ("budget", {"target": 0.3})):
+        directory = out / "spectra" / selector
+        shutil.rmtree(directory, ignore_errors=True)
+
+        def timed(cache: SpectralCache, repeat: int = 1) -> float:
+            start = time.perf_counter()
+            for _ in range(repeat):
+                select_spec(model, layers, decomposers, selector, params, cache=cache,
+                            input_shape=(1, in_ch, side, side))
+            return (time.perf_counter() - start) / repeat
+
+        cache = SpectralCache(directory)
+        cold = timed(cache)
+        warm_memory = timed(cache, repeat=5)
+        warm_disk = timed(SpectralCache(directory))
+        rows.append([selector, str(len(decomposers)), f"{cold * 1000:.1f}", f"{warm_memory * 1000:.2f}",
+                     f"{cold / warm_memory:.0f}x", f"{warm_disk * 1000:.1f}", f"{cold / warm_disk:.1f}x"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+CHILD = r"""
+import json, resource, sys, time, tracemalloc
+import torch
+import rankopt
+from rankopt.study import Study
+config = json.loads(sys.argv[1])
+study = Study(config, progress=False)
+prep = study._prepare()
+from rankopt.search.reference import obtain_reference, reference_key
+from rankopt.search.objective import TrialEnv, run_trial
+run_dir = prep.run_dir
+run_dir.mkdir(parents=True, exist_ok=True)
+key = reference_key(prep.config, prep.base, prep.input_shape)
+reference, baseline = obtain_reference(prep.config, model=prep.model, splits=prep.splits,
+    input_shape=prep.input_shape, base=prep.base, targets=prep.targets, key=key, run_dir=run_dir)
+env = TrialEnv(config=prep.config, run_dir=run_dir.resolve(), reference=reference, splits=prep.splits,
+    input_shape=prep.input_shape, targets=prep.targets, space=prep.space, baseline=baseline,
+    base=prep.base, reference_key=key)
+torch.set_num_threads(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if torch.cuda.is_available():
+    torch.cuda.reset_peak_memory_stats()
+tracemalloc.start()
+metrics = run_trial(env, 0, prep.enqueue[0])
+_, py_peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+print(json.dumps({"state": metrics["state"], "reason": metrics.get("reason"), "rss_before_kb": before,
+                  "rss_after_kb": after, "python_peak_bytes": py_peak, "cuda_peak_bytes": cuda,
+                  "seconds": metrics["seconds"], "ranks": metrics.get("ranks_summary")}))
+"""
+
+
+def memory_rows(setting: Any, weights: Path, out: Path, device: str) -> list[list[str]]:
+    rows = []
+    for method, label in (("vbmf", "VBMF ranks, fine-tune"), ("fraction", "fraction 0.1, fine-tune")):
+        config = method_config(setting, method, weights, out / f"memory_{method}", device)
+        config["name"] = f"memory_{method}"
+        raw = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+        m = json.loads(raw)
+        if m["state"] != "COMPLETE":
+            raise RuntimeError(f"memory trial failed: {m['reason']}")
+        rows.append([label, m["ranks"], f"{m['rss_before_kb'] / 1024:.0f}", f"{m['rss_after_kb'] / 1024:.0f}",
+                     f"{(m['rss_after_kb'] - m['rss_before_kb']) / 1024:.0f}",
+                     f"{m['python_peak_bytes'] / 2**20:.1f}",
+                     "-" if m["cuda_peak_bytes"] is None else f"{m['cuda_peak_bytes'] / 2**20:.0f}",
+                     f"{m['seconds']:.1f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU-sized data and trial counts")
+    parser.add_argument("--setting", choices=["mnist", "cifar"], default="mnist")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
+    parser.add_argument("--trials", type=int, default=None, help="trials per backend run (quick: 6)")
+    parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    setting = settings(args.quick)[args.setting]
+    absent = missing_data(setting)
+    if absent:
+        print(f"skipping: {absent} not found in ../shared/data (see its README)", file=sys.stderr)
+        return
+    trials = args.trials or (6 if args.quick else 16)
+    import shutil
+
+    for stale in ("local1", "local2", "ray1", "ray2", "memory_vbmf", "memory_fraction"):
+        shutil.rmtree(args.out / stale, ignore_errors=True)  # timings need fresh studies
+    weights = reference_weights(setting, args.out, args.device)
+    backend = markdown_table(
+        ["backend", "concurrent trials", "trials", "search s", "trial s (mean)", "train+eval s",
+         "in-trial overhead s", "backend overhead s per trial", "trials per hour"],
+        backend_rows(setting, weights, args.out, args.device, trials))
+    cache = markdown_table(
+        ["selector", "layers", "cold ms (SVDs computed)", "warm, memory ms", "speed-up",
+         "warm, disk (new process) ms", "speed-up"],
+        cache_rows(setting, weights, args.out))
+    memory = markdown_table(
+        ["trial", "ranks", "RSS peak before MiB", "RSS peak after MiB", "trial adds MiB",
+         "Python alloc. peak MiB", "CUDA peak MiB", "trial s"],
+        memory_rows(setting, weights, args.out, args.device))
+    text = (
+        f"{setting.describe()}; random sampler over rankopt's space, {trials} trials per run, "
+        "Ray on a local 2-CPU instance with 1 CPU per trial, local concurrency = Optuna threads "
+        "(n_jobs). In-trial overhead = rank selection, decomposition, counting and saving; "
+        "backend overhead = search wall time per trial beyond the trials (with 2 concurrent "
+        f"trials it is not meaningful, trials overlap).\n\n{backend}\n\n"
+        f"Rank selection over the whole model (`select_spec`), cold vs warm spectral cache:\n\n{cache}\n\n"
+        f"Peak memory of one trial (fresh process, data and reference loaded first):\n\n{memory}"
+    )
+    print(text)
+    if args.record:
+        from _record import record
+
+        command = ".venv/bin/python benchmarks/bench_search_cost.py " + " ".join(
+            a for a in sys.argv[1:] if a != "--record") + " --record"
+        record("Cost of the search: overhead, throughput, spectral cache, peak memory", text, command)
+
+
+if __name__ == "__main__":
+    main()
