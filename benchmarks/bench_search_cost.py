@@ -83,6 +83,7 @@ def cache_rows(setting: Any, weights: Path, out: Path) -> list[list[str]]:
         for info in layers
         if not (info.kind == "conv2d" and info.in_channels < 2)
     }
+    torch.linalg.svd(torch.randn(64, 64, dtype=torch.float64))  # one-time LAPACK start-up, not the cache's
     rows = []
     for selector, params in (("energy", {"p": 0.9}), ("vbmf", {}), ("budget", {"target": 0.3})):
         directory = out / "spectra" / selector

@@ -5,7 +5,8 @@ A file holds only tensors and plain data (no pickled code)::
     {"format": "rankopt.compressed", "version": 1,
      "base": {"model": "resnet18_cifar", "kwargs": {"num_classes": 10}},
      "spec": {"layer1.0.conv1": {"decomposer": "tucker2", "ranks": [32, 32]}},
-     "input_shape": [1, 3, 32, 32], "metadata": {...}, "state_dict": {...}}
+     "input_shape": [1, 3, 32, 32], "metadata": {...}, "state_dict": {...},
+     "sha256": "..."}   # of all the above: a tampered or corrupted file is refused
 
 ``base.model`` names a registered model (``rankopt plugins`` lists them), or
 ``base.callable`` an explicit ``"package.module:callable"`` of an installed module
@@ -61,6 +62,7 @@ def save_compressed(
         "metadata": _plain(dict(metadata or {}), "metadata"),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    payload["sha256"] = _checksum(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(payload, tmp)
@@ -94,7 +96,33 @@ def read_compressed(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in ("base", "spec", "state_dict") if k not in payload]
     if missing:
         raise ArtifactError(f"model file {str(path)!r} lacks {missing}")
+    expected = payload.get("sha256")  # files written before checksums carry none
+    if expected is not None and _checksum(payload) != expected:
+        raise ArtifactError(
+            f"model file {str(path)!r} was tampered with or corrupted: its contents do not "
+            "match the checksum written with it; use an intact copy (e.g. `rankopt pick` again)"
+        )
     return payload
+
+
+def _checksum(payload: Mapping[str, Any]) -> str:
+    """SHA-256 of everything a file holds (plain data as canonical JSON, then each tensor's
+    name, dtype, shape and bytes): detects corruption and edits, not a forger."""
+    import hashlib
+
+    h = hashlib.sha256()
+    plain = {k: payload.get(k) for k in ("format", "version", "base", "spec", "input_shape", "metadata")}
+    h.update(json.dumps(plain, sort_keys=True, default=str).encode())
+    state = payload.get("state_dict")
+    if not isinstance(state, Mapping):
+        return "invalid"
+    for key in sorted(state):
+        tensor = state[key]
+        if not isinstance(tensor, torch.Tensor):
+            return "invalid"
+        h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
 
 
 def _build_base(base: Any, path: str | os.PathLike[str]) -> nn.Module:
@@ -115,6 +143,13 @@ def _build_base(base: Any, path: str | os.PathLike[str]) -> nn.Module:
             factory = import_callable(str(target), f"model file {str(path)!r}: base.callable")
         except ConfigError as exc:
             raise ArtifactError(str(exc)) from None
+        if not _builds_a_module(factory):
+            raise ArtifactError(
+                f"model file {str(path)!r}: base.callable {target!r} is neither an nn.Module "
+                "class nor a function annotated to return one, so loading will not call it "
+                "(a file must not be able to run arbitrary code); annotate the factory "
+                "`-> nn.Module`, or pass the architecture: load_compressed(path, model=MyNet())"
+            )
         built = factory(**kwargs)
         if not isinstance(built, nn.Module):
             raise ArtifactError(
@@ -126,6 +161,23 @@ def _build_base(base: Any, path: str | os.PathLike[str]) -> nn.Module:
         f"model file {str(path)!r} names no registered base model or callable; pass the "
         "uncompressed architecture: load_compressed(path, model=MyNet())"
     )
+
+
+def _builds_a_module(factory: Any) -> bool:
+    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
+    the only callables a model file may have called (never ``os.system``, ``torch.load``...)."""
+    import inspect
+    import typing
+
+    if inspect.isclass(factory):
+        return issubclass(factory, nn.Module)
+    if not inspect.isfunction(factory):
+        return False
+    try:
+        returns = typing.get_type_hints(factory).get("return")
+    except Exception:  # unresolvable annotations: not provably a module factory
+        return False
+    return inspect.isclass(returns) and issubclass(returns, nn.Module)
 
 
 def load_compressed(

@@ -214,6 +214,7 @@ class Study:
                 storage = open_storage(default_storage_url(run_dir))
             with quiet_optuna():
                 study = create_study(config, storage, prep.sampler)
+            _reseed_later_sessions(study, config)
             url = config.storage or default_storage_url(run_dir)
             with TrialClaim(run_dir):  # no other worker is between asking and naming a trial
                 stale = fail_stale_trials(study, storage, local=is_local_sqlite(url))
@@ -320,6 +321,21 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+SESSIONS_ATTR = "rankopt_sessions"
+
+
+def _reseed_later_sessions(study: optuna.Study, config: StudyConfig) -> None:
+    """Give every later session on a study (a rerun, or a second worker) its own sampler
+    seed, ``sampler.seed + k`` for the k-th: with one seed, two workers (or a rerun) would
+    propose the same random points again. The first session keeps the seed as given, so
+    a study file and seed still give the same trials."""
+    k = int(study.user_attrs.get(SESSIONS_ATTR, 0))
+    study.set_user_attr(SESSIONS_ATTR, k + 1)
+    if k and config.sampler.seed is not None:
+        sampler = config.sampler.model_copy(update={"seed": config.sampler.seed + k})
+        study.sampler = make_sampler(config.model_copy(update={"sampler": sampler}))
 
 
 def _check_against_model(config: StudyConfig, model: nn.Module, targets: list[LayerInfo]) -> None:

@@ -241,3 +241,17 @@ def kill_group(proc: Any) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+
+
+def sqlite_states(run_dir: Path) -> dict[int, str]:
+    """``{trial number: state}`` read straight from the run's SQLite file (cheap to poll)."""
+    import sqlite3
+
+    path = Path(run_dir) / "optuna.db"
+    if not path.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return {int(n): str(s) for n, s in db.execute("SELECT number, state FROM trials")}
+    except sqlite3.Error:  # tables not created yet
+        return {}

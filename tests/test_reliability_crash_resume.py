@@ -20,6 +20,7 @@ from reliability_support import (
     completed,
     kill_group,
     sqlite_integrity,
+    sqlite_states,
     storage_trials,
     tiny_study,
     trial_metrics,
@@ -36,15 +37,25 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
 
 
 def kill_mid_trial(proc: subprocess.Popen[bytes], run_dir: Path, done: int, timeout: float) -> None:
-    """SIGKILL ``proc`` once ``done`` trials completed and the next one is running."""
-    wait_for(lambda: len(completed(run_dir)) >= done, timeout, f"{done} completed trials", proc)
-    wait_for(
-        lambda: any(t.state.name == "RUNNING" for t in storage_trials(run_dir)),
-        timeout, "a running trial", proc,
-    )
+    """SIGKILL ``proc`` once ``done`` trials are COMPLETE in the storage and the next one
+    is running (its folder made)."""
+
+    def ready() -> bool:
+        states = sqlite_states(run_dir)
+        complete = sum(s == "COMPLETE" for s in states.values())
+        running = [n for n, s in states.items() if s == "RUNNING"]
+        return complete >= done and any((run_dir / "trials" / str(n)).is_dir() for n in running)
+
+    wait_for(ready, timeout, f"{done} completed trials and a running one", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+def stored_complete(run_dir: Path) -> dict[int, int]:
+    """``{trial number: mtime of its model file}`` of the trials COMPLETE in the storage."""
+    return {n: (run_dir / "trials" / str(n) / "model.pt").stat().st_mtime_ns
+            for n, s in sqlite_states(run_dir).items() if s == "COMPLETE"}
 
 
 def check_resumed(run_dir: Path, before: dict[int, int], trials: int) -> None:
@@ -67,18 +78,18 @@ def check_resumed(run_dir: Path, before: dict[int, int], trials: int) -> None:
 def test_sigkill_local_driver_then_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     study = tmp_path / "study.yaml"
-    trials = 4
+    trials = 3
     study.write_text(yaml.safe_dump(tiny_study(
-        run_dir=str(run_dir), trials=trials, strategies={"slow": {"sleep": 1.5}},
+        run_dir=str(run_dir), trials=trials, strategies={"slow": {"sleep": 1.0}},
     )))
     proc = start(cli_command("run", str(study), "--quiet"), tmp_path)
     try:
-        kill_mid_trial(proc, run_dir, done=2, timeout=120)
+        kill_mid_trial(proc, run_dir, done=1, timeout=120)
     finally:
         kill_group(proc)
-    before = {n: (run_dir / "trials" / str(n) / "model.pt").stat().st_mtime_ns for n in completed(run_dir)}
-    running = [t.number for t in storage_trials(run_dir) if t.state.name == "RUNNING"]
-    assert len(before) == 2 and len(running) == 1
+    before = stored_complete(run_dir)
+    running = [n for n, s in sqlite_states(run_dir).items() if s == "RUNNING"]
+    assert len(before) == 1 and len(running) == 1
 
     rerun = start(cli_command("run", str(study), "--quiet"), tmp_path)
     out, _ = rerun.communicate(timeout=300)
@@ -96,14 +107,14 @@ def test_sigkill_ray_driver_then_resume(tmp_path: Path) -> None:
         run_dir=str(run_dir), trials=trials, backend="ray", max_concurrent=1,
         resources={"cpus": 1, "gpus": 0},
         # several seconds per trial: the kill lands inside one
-        strategies={"finetune": {"epochs": 6, "lr": 0.02}},
+        strategies={"finetune": {"epochs": 8, "lr": 0.02}},
     )))
     proc = start(cli_command("run", str(study), "--quiet"), tmp_path)
     try:
         kill_mid_trial(proc, run_dir, done=1, timeout=240)
     finally:
         kill_group(proc)  # the Ray instance the driver started goes down with its node
-    before = {n: (run_dir / "trials" / str(n) / "model.pt").stat().st_mtime_ns for n in completed(run_dir)}
+    before = stored_complete(run_dir)
     assert len(before) >= 1
 
     rerun = start(cli_command("run", str(study), "--quiet"), tmp_path)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
+import warnings
 from pathlib import Path
 from types import TracebackType
 
@@ -62,7 +64,7 @@ def open_storage(url: str) -> BaseStorage:
         if is_local_sqlite(url):
             # concurrent writers (threads, the Ray driver) wait instead of failing at once
             return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+        return _open_shared(url)
     except (ImportError, ModuleNotFoundError) as exc:
         raise ConfigError(
             f"storage: the driver for {url.split(':', 1)[0]!r} is not installed ({exc}); for "
@@ -74,6 +76,24 @@ def open_storage(url: str) -> BaseStorage:
             "give an Optuna RDB URL such as sqlite:///path/optuna.db or "
             "postgresql://user@host/db"
         ) from None
+
+
+def _open_shared(url: str, attempts: int = 5) -> RDBStorage:
+    """A shared RDB storage with heartbeats. Workers that open a new database at the same
+    moment race to create Optuna's tables; the loser's duplicate-object error is retried,
+    and then finds the tables there."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _redact(url: str) -> str:
