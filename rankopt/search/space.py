@@ -160,20 +160,18 @@ class SearchSpace:
             values[name] = suggest_value(trial, name, dist)
             return values[name]
 
-        strategy = (
+        if len(self.strategies) > 1:
             ask("strategy", CategoricalDistribution(list(self.strategies)))
-            if len(self.strategies) > 1
-            else next(iter(self.strategies))
-        )
-        for key, dist in self.strategies[strategy].searched.items():
-            ask(f"{strategy}.{key}", dist)
-        selector = (
+        if len(self.selectors) > 1:
             ask("selector", CategoricalDistribution(list(self.selectors)))
-            if len(self.selectors) > 1
-            else next(iter(self.selectors))
-        )
-        for key, dist in self.selectors[selector].searched.items():
-            ask(f"{selector}.{key}", dist)
+        # Every method's parameters are asked in every trial, not only the chosen
+        # method's: NSGA-II's crossover covers only parameters present in all trials and
+        # samples the others at random, so conditional ones would never be evolved.
+        # The trial uses those of its chosen strategy and selector (see plan()).
+        for group in (self.strategies, self.selectors):
+            for name, space in group.items():
+                for key, dist in space.searched.items():
+                    ask(f"{name}.{key}", dist)
         for layer, options in self.layer_options.items():
             if len(options) > 1:
                 ask(f"decomposer.{layer}", CategoricalDistribution(options))
