@@ -10,10 +10,9 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
   fraction / VBMF / budget (params or FLOPs) selectors and Tucker-2 or SVD per conv,
   seeded with the selectors' one-shot proposals (``seed_proposals``), N trials;
 - ``rankopt_nsgaii``: the same with the default sampler, NSGA-II. Optuna's NSGA-II
-  evolves only the parameters every trial has (its intersection search space): here the
-  selector and the decomposers; each selector's own parameters (p, fractions, budget
-  target), which exist only when that selector is chosen, are drawn at random. TPE
-  models them (``group=True`` splits the conditional space), hence the first row;
+  evolves only the parameters every trial has (its intersection search space), so the
+  search space asks every selector's and strategy's parameters in every trial (a trial
+  uses its chosen methods' ones); before that change they were drawn at random;
 - ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
 - ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
 - ``fraction``: one rank fraction for all layers in {0.1, 0.2, 0.3, 0.5, 0.7};

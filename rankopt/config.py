@@ -251,6 +251,8 @@ class StudyConfig(_Strict):
     # enqueue the selectors' one-shot proposals first (see rankopt.search.seeding):
     # true = 3 spread points per selector plus its defaults, N = N points
     seed_proposals: bool | int = False
+    # measure each decomposed layer against the original and keep the faster form
+    keep_faster_layers: bool = False
 
     @field_validator("name")
     @classmethod

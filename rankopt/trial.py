@@ -100,6 +100,10 @@ class LocalTrialContext:
             overridden by the options of each call.
         cache: the spectral cache the selector reads (default: the process-wide one).
         progress: passed to :func:`rankopt.training.train` (None: quiet).
+        keep_faster: measure each selected layer's factorized form against the original
+            on ``device`` and keep the original where it is faster
+            (:func:`rankopt.latency.keep_faster_layers`); dropped layers are reported
+            under ``kept_full_for_speed``.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class LocalTrialContext:
         train_options: Mapping[str, Any] | None = None,
         cache: SpectralCache | None = None,
         progress: Any = None,
+        keep_faster: bool = False,
     ) -> None:
         from rankopt.devices import resolve_device
         from rankopt.manager import get_registry
@@ -134,6 +139,7 @@ class LocalTrialContext:
         self.train_options: dict[str, Any] = dict(train_options or {})
         self.progress = progress
         self.cache = cache
+        self.keep_faster = bool(keep_faster)
         self._reference = reference
         self.targets: list[LayerInfo] = (
             list(targets) if targets is not None else find_layers(reference, self.input_shape)
@@ -227,6 +233,12 @@ class LocalTrialContext:
             input_shape=self.input_shape,
         )
         self.choices = list(choices)
+        if self.keep_faster and spec:
+            from rankopt.latency import keep_faster_layers
+
+            spec, dropped = keep_faster_layers(model, spec, self.targets)
+            if dropped:
+                self.reported.setdefault("kept_full_for_speed", {}).update(dropped)
         return spec
 
     def compress(self, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> nn.Module:

@@ -103,3 +103,18 @@ def test_cluster_without_gpus_is_refused(local_ray: Any, tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="resources.cpus: 64"):
         connect(config)
     assert ray.is_initialized()  # a refusal does not tear down a Ray the caller started
+
+
+def test_failing_trials_on_ray_are_stored_as_failed(local_ray: Any, tmp_path: Path) -> None:
+    from rankopt.errors import RankoptError
+
+    run_dir = tmp_path / "run"
+    # a training option the loop rejects when a trial starts, inside the Ray worker
+    # (train options are checked by the training loop, not when the file is loaded)
+    config = tiny(run_dir, train={"grad_clip": -1.0}, trials=2)
+    with pytest.raises(RankoptError, match="failed"):
+        rankopt.run_study(config)
+    trials = StudyResult(run_dir).study.trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all("grad_clip" in str(t.user_attrs.get("reason", "")) for t in trials), \
+        [t.user_attrs for t in trials]

@@ -204,6 +204,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             batch_size=config.data.batch_size,
             train_options=config.train,
             cache=env.cache,
+            keep_faster=config.keep_faster_layers,
         )
         metrics["selector_params"] = ctx.selector_params
         outcome = strategy.run(ctx, hyperparameters)

@@ -95,10 +95,12 @@ def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
     number = int(values.pop(TRIAL_NUMBER_KEY))
     metrics = run_trial(env, number, values)
     report: dict[str, Any] = {METRICS_KEY: json.dumps(metrics, default=str)}
-    if metrics["state"] == "COMPLETE":
-        for objective in env.config.objectives:
-            key = METRIC_NAMES[objective]
-            report[key] = float(metrics[key])
+    complete = metrics["state"] == "COMPLETE"
+    for objective in env.config.objectives:
+        key = METRIC_NAMES[objective]
+        # Tune rejects a result without the searcher's metrics; a failed trial reports
+        # NaN, and RankoptOptunaSearch tells Optuna it failed
+        report[key] = float(metrics[key]) if complete else float("nan")
     tune.report(report)
 
 
