@@ -566,6 +566,13 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
             "keys are optimizer, momentum, weight_decay, schedule, step_size, gamma, amp, "
             "grad_clip, max_steps"
         )
+    from rankopt.training import check_train_options
+
+    checked = {k: v for k, v in config.train.items() if k in inspect.signature(check_train_options).parameters}
+    try:
+        check_train_options(**checked)
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from None
     if config.backend == "local" and config.address:
         raise ConfigError(
             f"address: {config.address!r} is only used by backend 'ray'; set backend: ray "

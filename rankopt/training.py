@@ -35,6 +35,7 @@ __all__ = [
     "make_loader",
     "train",
     "evaluate",
+    "check_train_options",
     "seed_everything",
 ]
 
@@ -177,22 +178,10 @@ def train(
     """
     _check_number("epochs", epochs, minimum=0.0)
     _check_number("lr", lr, minimum=0.0)
-    _check_number("momentum", momentum, minimum=0.0, below=1.0)
-    _check_number("weight_decay", weight_decay, minimum=0.0)
-    _check_number("step_size", step_size, minimum=0.0, strict=True)
-    _check_number("gamma", gamma, minimum=0.0, strict=True)
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}"
-        )
-    if schedule not in SCHEDULES:
-        raise ConfigError(
-            f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}"
-        )
-    if grad_clip is not None:
-        _check_number("grad_clip", grad_clip, minimum=0.0, strict=True)
-    if max_steps is not None:
-        _check_int("max_steps", max_steps, minimum=0)
+    check_train_options(
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+        step_size=step_size, gamma=gamma, grad_clip=grad_clip, max_steps=max_steps,
+    )
     if not isinstance(loader, DataLoader):
         raise ConfigError(
             f"loader must be a torch DataLoader, got {type(loader).__name__}; "
@@ -300,6 +289,39 @@ def train(
 
 
 @torch.no_grad()
+def check_train_options(
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    step_size: float = 30,
+    gamma: float = 0.1,
+    amp: bool = True,
+    grad_clip: float | None = None,
+    max_steps: int | None = None,
+) -> None:
+    """Check :func:`train`'s options (study files check their ``train:`` block with it)."""
+    _check_number("momentum", momentum, minimum=0.0, below=1.0)
+    _check_number("weight_decay", weight_decay, minimum=0.0)
+    _check_number("step_size", step_size, minimum=0.0, strict=True)
+    _check_number("gamma", gamma, minimum=0.0, strict=True)
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))}, got {optimizer!r}"
+        )
+    if schedule not in SCHEDULES:
+        raise ConfigError(
+            f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}"
+        )
+    if grad_clip is not None:
+        _check_number("grad_clip", grad_clip, minimum=0.0, strict=True)
+    if max_steps is not None:
+        _check_int("max_steps", max_steps, minimum=0)
+    if not isinstance(amp, bool):
+        raise ConfigError(f"amp must be true or false, got {amp!r}")
+
+
 def evaluate(
     model: nn.Module, loader: DataLoader, *, device: str | torch.device | None = None
 ) -> float:

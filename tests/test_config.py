@@ -209,3 +209,13 @@ def test_shipped_enqueued_proposals_fit_their_search_space(path: Path) -> None:
         checked = space.check_point(point, f"enqueue[{i}]")
         plan = space.plan(checked)
         assert plan.strategy in config.strategies and plan.selector in config.selectors
+
+
+def test_train_block_values_are_checked_at_load_time() -> None:
+    load = load_config
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml").read_text())
+    for train, field in (({"grad_clip": -1.0}, "train.grad_clip"), ({"momentum": 2}, "train.momentum"),
+                         ({"optimizer": "rmsprop"}, "train.optimizer")):
+        with pytest.raises(ConfigError, match=field):
+            load({**base, "train": train})
+    assert load({**base, "train": {"optimizer": "adam", "grad_clip": 1.0}}).train["optimizer"] == "adam"

@@ -109,12 +109,12 @@ def test_failing_trials_on_ray_are_stored_as_failed(local_ray: Any, tmp_path: Pa
     from rankopt.errors import RankoptError
 
     run_dir = tmp_path / "run"
-    # a training option the loop rejects when a trial starts, inside the Ray worker
-    # (train options are checked by the training loop, not when the file is loaded)
-    config = tiny(run_dir, train={"grad_clip": -1.0}, trials=2)
+    # an absurd regularizer weight makes the loss non-finite inside the Ray workers
+    config = tiny(run_dir, trials=2, strategies={
+        "nrmf": {"alpha": 1e38, "epochs": 0.2, "finetune_epochs": 0.1}})
     with pytest.raises(RankoptError, match="failed"):
         rankopt.run_study(config)
     trials = StudyResult(run_dir).study.trials
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
-    assert all("grad_clip" in str(t.user_attrs.get("reason", "")) for t in trials), \
+    assert all("diverged" in str(t.user_attrs.get("reason", "")) for t in trials), \
         [t.user_attrs for t in trials]
