@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from _decomposer_cases import _one_thread, flops_of, params_of  # noqa: F401
+from _decomposer_cases import flops_of, params_of
 
 from rankopt import count, find_layers
 from rankopt.accounting import Cost, conv2d_output_hw, layer_cost

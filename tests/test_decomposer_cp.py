@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from _decomposer_cases import CONV_CASES, _one_thread, rel_error, with_cp_rank  # noqa: F401
+from _decomposer_cases import CONV_CASES, rel_error, with_cp_rank
 
 import rankopt.plugins.decomposers.cp as cp_module
 from rankopt.errors import DecompositionError

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from _decomposer_cases import _one_thread, flops_of, params_of, rel_error  # noqa: F401
+from _decomposer_cases import flops_of, params_of, rel_error
 
 from rankopt.accounting import Cost
 from rankopt.errors import ConfigError

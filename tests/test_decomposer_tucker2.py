@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn as nn
-from _decomposer_cases import _one_thread, rel_error  # noqa: F401
+from _decomposer_cases import rel_error
 
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 from rankopt.plugins.decomposers.tucker2 import Tucker2Decomposer

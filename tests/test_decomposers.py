@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
-from _decomposer_cases import (  # noqa: F401  (_one_thread is an autouse fixture)
+from _decomposer_cases import (
     CONV_CASES,
     LINEAR_CASES,
     Case,
-    _one_thread,
     flops_of,
     half,
     ids,

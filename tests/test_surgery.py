@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from _decomposer_cases import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 import rankopt
 from rankopt.accounting import Cost, layer_cost

@@ -17,15 +17,6 @@ from rankopt.errors import ConfigError, TrainingDivergedError
 from rankopt.training import TrainResult, evaluate, make_loader, seed_everything, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> rankopt.DatasetSplits:
     return rankopt.dataset("digits")
