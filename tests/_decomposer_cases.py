@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
