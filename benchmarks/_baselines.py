@@ -16,7 +16,16 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
 - ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
 - ``fraction``: one rank fraction for all layers in {0.1, 0.2, 0.3, 0.5, 0.7};
-- ``random``: random search over rankopt's space, N trials, no seeding.
+- ``random``: random search over rankopt's space, N trials, no seeding;
+- ``rankopt_screened``: ``rankopt`` whose first points come from ``screening``, the
+  no-fine-tune proxy (``Setting.screening`` candidates, ``population`` kept); its
+  screening time is counted in its time;
+- ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
+  measures slower than its original on this machine stays full), for the realized-speed
+  benchmark.
+
+The searches take a seed (``--seeds``): the sampler's. Seed 0 runs in ``<method>/``, seed
+s in ``<method>_s<s>/``. The hand methods do not depend on it and run once.
 """
 
 from __future__ import annotations
@@ -32,7 +41,12 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 ENERGY_PS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
-METHODS = ("rankopt", "rankopt_nsgaii", "vbmf", "energy", "fraction", "random")
+# the searches (run once per --seeds value) and the hand methods (deterministic, run once)
+SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast")
+HAND_METHODS = ("vbmf", "energy", "fraction")
+METHODS = SEARCH_METHODS + HAND_METHODS
+# variants of rankopt's own search, left out of the "every other method" comparisons
+RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast")
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,7 @@ class Setting:
     trials: int  # N for rankopt's search and for random search
     population: int  # NSGA-II population size
     seed_points: int  # seed_proposals: spread points per selector
+    screening: int  # rankopt_screened: candidates tried without training
 
     def describe(self) -> str:
         limit = self.data.get("limit", {})
@@ -66,7 +81,7 @@ class Setting:
 def settings(quick: bool) -> dict[str, Setting]:
     """The two settings; ``quick`` shrinks data, epochs and N to fit a 2-core CPU."""
     mnist_limit = {"train": 10000, "val": 2000} if quick else {}
-    cifar_limit = {"train": 2000, "val": 1000} if quick else {}
+    cifar_limit = {"train": 5000, "val": 1000} if quick else {}
     mnist = Setting(
         key="mnist",
         title="LeNet-5 (Caffe variant) on MNIST",
@@ -82,6 +97,7 @@ def settings(quick: bool) -> dict[str, Setting]:
         trials=24 if quick else 48,
         population=8 if quick else 12,
         seed_points=1 if quick else 3,
+        screening=100 if quick else 200,
     )
     cifar = Setting(
         key="cifar",
@@ -92,13 +108,14 @@ def settings(quick: bool) -> dict[str, Setting]:
               "augment": True, **({"limit": cifar_limit} if quick else {})},
         files=("cifar10_train_1.npz", "cifar10_train_2.npz", "cifar10_train_5.npz"),
         batch_size=64 if quick else 128,
-        reference_epochs=10 if quick else 60,
+        reference_epochs=15 if quick else 60,
         reference_lr=0.1,
-        finetune_epochs=1 if quick else 5,
+        finetune_epochs=2 if quick else 5,
         finetune_lr=0.01,
         trials=12 if quick else 48,
         population=6 if quick else 12,
         seed_points=0 if quick else 3,  # quick: only the selectors' defaults, N is small
+        screening=60 if quick else 200,
     )
     return {"mnist": mnist, "cifar": cifar}
 
@@ -137,9 +154,16 @@ def reference_weights(setting: Setting, out: Path, device: str) -> Path:
 # -- study configs ----------------------------------------------------------------------------
 
 
-def _base(setting: Setting, method: str, weights: Path, out: Path, device: str) -> dict[str, Any]:
+def run_name(method: str, seed: int = 0) -> str:
+    """The run folder (and study name suffix) of ``method`` at sampler seed ``seed``."""
+    return method if seed == 0 or method in HAND_METHODS else f"{method}_s{seed}"
+
+
+def _base(setting: Setting, method: str, weights: Path, out: Path, device: str,
+          seed: int = 0) -> dict[str, Any]:
+    name = run_name(method, seed)
     return {
-        "name": f"{setting.key}_{method}",
+        "name": f"{setting.key}_{name}",
         "model": dict(setting.model),
         "data": {"name": "npz", "kwargs": dict(setting.data), "batch_size": setting.batch_size},
         "reference": {"weights": str(weights)},
@@ -148,7 +172,7 @@ def _base(setting: Setting, method: str, weights: Path, out: Path, device: str) 
         "objectives": ["accuracy", "params", "flops"],
         "device": device,
         "seed": 0,
-        "run_dir": str(out / setting.key / method),
+        "run_dir": str(out / setting.key / name),
     }
 
 
@@ -179,23 +203,27 @@ def search_space_config(setting: Setting) -> dict[str, Any]:
     }
 
 
-def method_config(setting: Setting, method: str, weights: Path, out: Path, device: str) -> dict[str, Any]:
-    """The study of ``method`` on ``setting``."""
-    cfg = _base(setting, method, weights, out, device)
-    if method in ("rankopt", "rankopt_nsgaii", "random"):
+def method_config(setting: Setting, method: str, weights: Path, out: Path, device: str,
+                  seed: int = 0) -> dict[str, Any]:
+    """The study of ``method`` on ``setting``; ``seed`` is the searches' sampler seed."""
+    cfg = _base(setting, method, weights, out, device, seed)
+    if method in SEARCH_METHODS:
         cfg["selectors"] = search_space_config(setting)
         cfg["trials"] = setting.trials
-        if method == "rankopt":
-            cfg["sampler"] = {"name": "tpe", "seed": 0,
+        if method in ("rankopt", "rankopt_screened", "rankopt_fast"):
+            cfg["sampler"] = {"name": "tpe", "seed": seed,
                               "options": {"multivariate": True, "group": True,
                                           "n_startup_trials": setting.population}}
             cfg["seed_proposals"] = setting.seed_points
+            cfg["keep_faster_layers"] = method == "rankopt_fast"
+            if method == "rankopt_screened":
+                cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
         elif method == "rankopt_nsgaii":
-            cfg["sampler"] = {"name": "nsgaii", "seed": 0,
+            cfg["sampler"] = {"name": "nsgaii", "seed": seed,
                               "options": {"population_size": setting.population}}
             cfg["seed_proposals"] = setting.seed_points
         else:
-            cfg["sampler"] = {"name": "random", "seed": 0}
+            cfg["sampler"] = {"name": "random", "seed": seed}
         return cfg
     cfg["sampler"] = {"name": "random", "seed": 0}
     if method == "vbmf":
@@ -256,6 +284,9 @@ def run_method(config: dict[str, Any]) -> tuple[Any, float]:
     # trial time from the storage, so a rerun that reuses completed trials reports the same
     spent = sum((t.datetime_complete - t.datetime_start).total_seconds()
                 for t in result.study.trials if t.datetime_complete and t.datetime_start)
+    screening = Path(config["run_dir"]) / "screening.json"
+    if screening.is_file():  # the proxy's time is part of the search's budget
+        spent += float(json.loads(screening.read_text())["seconds"])
     return result, spent
 
 

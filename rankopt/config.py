@@ -38,6 +38,7 @@ __all__ = [
     "SamplerConfig",
     "ResourcesConfig",
     "ConstraintsConfig",
+    "ScreeningConfig",
     "Range",
     "Choices",
     "OBJECTIVES",
@@ -216,6 +217,22 @@ class ConstraintsConfig(_Strict):
     max_flops: float | None = Field(None, gt=0)
 
 
+class ScreeningConfig(_Strict):
+    """The no-fine-tune proxy that picks the search's first points (rankopt.search.screening)."""
+
+    candidates: int = Field(100, ge=1)  # rank choices tried without training
+    keep: int = Field(8, ge=1)  # of them, how many start the search
+
+    @model_validator(mode="after")
+    def _keep_le_candidates(self) -> ScreeningConfig:
+        if self.keep > self.candidates:
+            raise ValueError(
+                f"keep ({self.keep}) must be <= candidates ({self.candidates}); raise "
+                "candidates or lower keep"
+            )
+        return self
+
+
 class StudyConfig(_Strict):
     """A whole study file (see ``studies/quickstart.yaml`` for a commented example)."""
 
@@ -253,6 +270,8 @@ class StudyConfig(_Strict):
     seed_proposals: bool | int = False
     # measure each decomposed layer against the original and keep the faster form
     keep_faster_layers: bool = False
+    # try many rank choices without training first; start the search from the best
+    screening: ScreeningConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -249,7 +249,10 @@ class Study:
                 reference_key=key,
             )
             if not study.trials:
-                for point in prep.enqueue:
+                enqueue = list(prep.enqueue)
+                if config.screening is not None:
+                    enqueue += [p for p in _screen(env, show) if p not in enqueue]
+                for point in enqueue:
                     study.enqueue_trial(point, skip_if_exists=True)
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             missing = None if config.trials is None else max(0, config.trials - done)
@@ -321,6 +324,32 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _screen(env: Any, show: Any) -> list[dict[str, Any]]:
+    """Run the study's screening (the no-fine-tune proxy) and return the points it keeps."""
+    from rankopt.search.screening import screen
+
+    screening = env.config.screening
+    show.message(
+        f"screening {screening.candidates} rank choices without training (keeping "
+        f"{screening.keep} to start the search)"
+    )
+    step = max(1, screening.candidates // 10)
+
+    def tick(candidate: Any) -> None:
+        if (candidate.number + 1) % step == 0:
+            show.message(f"  screened {candidate.number + 1}/{screening.candidates}")
+
+    result = screen(env, screening.candidates, screening.keep, on_candidate=tick)
+    failed = sum(c.accuracy is None for c in result.candidates)
+    show.message(
+        f"screening done in {result.seconds:.0f} s: {len(result.kept)} points kept"
+        + (f", {failed} candidates failed" if failed else "")
+        + f" (see {env.run_dir / 'screening.json'})"
+    )
+    return result.kept
+
 
 
 SESSIONS_ATTR = "rankopt_sessions"

@@ -32,7 +32,7 @@ from optuna.distributions import (
 
 from rankopt.search.space import SearchSpace
 
-__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value"]
+__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value", "strategy_point"]
 
 DEFAULT_PROPOSALS = 3
 
@@ -72,6 +72,20 @@ def _defaults_of(family: str, name: str) -> Mapping[str, Any]:
     return get_registry().create(family, name).defaults()
 
 
+def strategy_point(space: SearchSpace) -> dict[str, Any]:
+    """The strategy part of a seed point: the study's first strategy with its default
+    hyperparameters (a searched one outside its range takes the middle of the range)."""
+    out: dict[str, Any] = {}
+    strategy = next(iter(space.strategies))
+    if "strategy" in space.distributions():
+        out["strategy"] = strategy
+    defaults = _defaults_of("strategies", strategy)
+    for key, dist in space.strategies[strategy].searched.items():
+        value = defaults.get(key)
+        out[f"{strategy}.{key}"] = value if _inside(dist, value) else spread_value(dist, 0.5)
+    return out
+
+
 def proposal_points(space: SearchSpace, per_selector: int = DEFAULT_PROPOSALS) -> list[dict[str, Any]]:
     """The seed points (flat parameter names, as ``enqueue`` takes them) for ``space``.
 
@@ -80,14 +94,7 @@ def proposal_points(space: SearchSpace, per_selector: int = DEFAULT_PROPOSALS) -
     if per_selector < 0:
         raise ValueError(f"per_selector must be >= 0, got {per_selector}")
     dists = space.distributions()
-    common: dict[str, Any] = {}
-    strategy = next(iter(space.strategies))
-    if "strategy" in dists:
-        common["strategy"] = strategy
-    defaults = _defaults_of("strategies", strategy)
-    for key, dist in space.strategies[strategy].searched.items():
-        value = defaults.get(key)
-        common[f"{strategy}.{key}"] = value if _inside(dist, value) else spread_value(dist, 0.5)
+    common = strategy_point(space)
     for layer, options in space.layer_options.items():
         if f"decomposer.{layer}" in dists:
             common[f"decomposer.{layer}"] = options[0]
