@@ -20,6 +20,9 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt_screened``: ``rankopt`` whose first points come from ``screening``, the
   no-fine-tune proxy (``Setting.screening`` candidates, ``population`` kept); its
   screening time is counted in its time;
+- ``rankopt_full``: ``rankopt`` with ``targets.allow_full`` (each layer may also stay
+  uncompressed, a per-layer choice the sampler learns);
+- ``rankopt_full_screened``: both ``allow_full`` and ``screening``;
 - ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
   measures slower than its original on this machine stays full), for the realized-speed
   benchmark.
@@ -42,11 +45,13 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 ENERGY_PS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
-SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast")
+SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
+                  "rankopt_full", "rankopt_full_screened")
 HAND_METHODS = ("vbmf", "energy", "fraction")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
-RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast")
+RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
+                    "rankopt_full_screened")
 
 
 @dataclass(frozen=True)
@@ -210,14 +215,16 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
     if method in SEARCH_METHODS:
         cfg["selectors"] = search_space_config(setting)
         cfg["trials"] = setting.trials
-        if method in ("rankopt", "rankopt_screened", "rankopt_fast"):
+        if method.startswith("rankopt") and method != "rankopt_nsgaii":
             cfg["sampler"] = {"name": "tpe", "seed": seed,
                               "options": {"multivariate": True, "group": True,
                                           "n_startup_trials": setting.population}}
             cfg["seed_proposals"] = setting.seed_points
             cfg["keep_faster_layers"] = method == "rankopt_fast"
-            if method == "rankopt_screened":
+            if method.endswith("_screened"):
                 cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
+            if method.startswith("rankopt_full"):
+                cfg["targets"] = {"allow_full": True}
         elif method == "rankopt_nsgaii":
             cfg["sampler"] = {"name": "nsgaii", "seed": seed,
                               "options": {"population_size": setting.population}}

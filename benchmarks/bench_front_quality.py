@@ -37,7 +37,7 @@ from _baselines import (  # noqa: E402
 
 DEFAULT_OUT = Path("runs") / "bench_front_quality"
 # the two rankopt configurations held to the aims (each against the non-rankopt methods)
-AIM_CHECKED = ("rankopt", "rankopt_screened")
+AIM_CHECKED = ("rankopt", "rankopt_screened", "rankopt_full", "rankopt_full_screened")
 
 
 def _fmt_count(value: int | None, baseline: int) -> str:
@@ -73,7 +73,8 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def run_setting(setting, out: Path, device: str, seeds: list[int]) -> tuple[str, dict]:  # type: ignore[no-untyped-def]
+def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: ignore[no-untyped-def]
+                methods: list[str] | None = None) -> tuple[str, dict]:
     weights = reference_weights(setting, out, device)
     hand: list[MethodFigures] = []
     picked: dict = {"setting": setting.key, "methods": {}}
@@ -98,6 +99,11 @@ def run_setting(setting, out: Path, device: str, seeds: list[int]) -> tuple[str,
         print(f"[{setting.key} seed {seed}] {method}: {fig}", flush=True)
         return fig
 
+    if methods is not None:  # run (or continue) only these; the full table needs a run of all
+        for seed in seeds:
+            for method in methods:
+                run(method, seed if method in SEARCH_METHODS else seeds[0])
+        return "", picked
     hand = [run(m, seeds[0]) for m in HAND_METHODS]
     for seed in seeds:
         per_seed[seed] = [run(m, seed) for m in SEARCH_METHODS] + hand
@@ -152,6 +158,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="sampler seeds of the searches (default 0); the hand methods run once")
+    parser.add_argument("--methods", nargs="+", choices=list(SEARCH_METHODS + HAND_METHODS),
+                        help="run only these methods (e.g. in a second process); no table, no "
+                             "picked.json: a run without --methods reuses them and reports")
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -163,10 +172,12 @@ def main() -> None:
         if absent:
             print(f"skipping {key}: {absent} not found in ../shared/data (see its README)", file=sys.stderr)
             continue
-        text, _ = run_setting(setting, args.out, args.device, args.seeds)
+        text, _ = run_setting(setting, args.out, args.device, args.seeds, args.methods)
+        if args.methods:
+            continue
         print(text, flush=True)
         sections.append(text)
-    if args.record and sections:
+    if args.record and sections and not args.methods:
         from _record import record
 
         command = ".venv/bin/python benchmarks/bench_front_quality.py " + " ".join(
@@ -182,6 +193,8 @@ def main() -> None:
             "fraction = one rank fraction in {0.1, 0.2, 0.3, 0.5, 0.7}; random = random search "
             "over rankopt's space, same N; rankopt_screened = rankopt whose first points come "
             "from `screening` (the no-fine-tune proxy; its time is in the table's time); "
+            "rankopt_full = rankopt with `targets.allow_full` (each layer may stay uncompressed, a "
+            "per-layer choice the sampler learns); rankopt_full_screened = both; "
             "rankopt_fast = rankopt with `keep_faster_layers`. "
             "Only the sampler seed varies between seeds. Hand methods use Tucker-2 on convs, SVD on linears. "
             "HV = hypervolume against (accuracy 0, baseline cost), cost divided by the baseline's."

@@ -1,6 +1,7 @@
 """Cost of the search itself on a real setting (LeNet-5 on MNIST by default): per-trial time
 outside training and evaluation on both backends, trials per hour with 1 and 2 concurrent
-trials, the spectral cache's speed-up for rank selection, and the peak memory of a trial.
+trials, what ``keep_faster_layers`` adds to a trial and what a ``screening`` candidate
+costs, the spectral cache's speed-up for rank selection, and the peak memory of a trial.
 
     .venv/bin/python benchmarks/bench_search_cost.py --quick --record     # 2-core CPU, ~5 min
     .venv/bin/python benchmarks/bench_search_cost.py --device auto --record
@@ -61,6 +62,35 @@ def backend_rows(setting: Any, weights: Path, out: Path, device: str, trials: in
             import ray
 
             ray.shutdown()
+    return rows
+
+
+def option_rows(setting: Any, weights: Path, out: Path, device: str, trials: int) -> list[list[str]]:
+    """What the search's options cost: ``keep_faster_layers`` per trial (local backend, one
+    trial at a time, same seeded trials with it off and on) and ``screening`` per candidate."""
+    import rankopt
+
+    rows = []
+    for keep_faster in (False, True):
+        name = f"options_keepfaster{int(keep_faster)}"
+        config = method_config(setting, "random", weights, out / name, device)
+        config.update(name=name, trials=trials, keep_faster_layers=keep_faster, run_dir=str(out / name))
+        f = search_figures(rankopt.run_study(config, progress=False))
+        rows.append([f"keep_faster_layers: {str(keep_faster).lower()}", f"{trials} trials",
+                     f"{f['trial_s']:.2f}", f"{f['in_trial_overhead_s']:.3f}"])
+        print(rows[-1], flush=True)
+    candidates = 4 * trials
+    name = "options_screening"
+    config = method_config(setting, "rankopt_screened", weights, out / name, device)
+    config.update(name=name, trials=1, screening={"candidates": candidates, "keep": 1},
+                  seed_proposals=False, run_dir=str(out / name))
+    rankopt.run_study(config, progress=False)
+    report = json.loads((out / name / "screening.json").read_text())
+    per = [c["seconds"] for c in report["candidates"]]
+    rows.append([f"screening: {candidates} candidates", "per candidate (no training)",
+                 f"{sum(per) / len(per):.2f}",
+                 f"{(report['seconds'] - sum(per)) / len(per):.3f} (sampler, per candidate)"])
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -189,13 +219,17 @@ def main() -> None:
     trials = args.trials or (6 if args.quick else 16)
     import shutil
 
-    for stale in ("local1", "local2", "ray1", "ray2", "memory_vbmf", "memory_fraction"):
+    for stale in ("local1", "local2", "ray1", "ray2", "memory_vbmf", "memory_fraction",
+                  "options_keepfaster0", "options_keepfaster1", "options_screening"):
         shutil.rmtree(args.out / stale, ignore_errors=True)  # timings need fresh studies
     weights = reference_weights(setting, args.out, args.device)
     backend = markdown_table(
         ["backend", "concurrent trials", "trials", "search s", "trial s (mean)", "train+eval s",
          "in-trial overhead s", "backend overhead s per trial", "trials per hour"],
         backend_rows(setting, weights, args.out, args.device, trials))
+    options = markdown_table(
+        ["option", "measured over", "s per trial / candidate (mean)", "overhead s (outside train+eval)"],
+        option_rows(setting, weights, args.out, args.device, trials))
     cache = markdown_table(
         ["selector", "layers", "cold ms (SVDs computed)", "warm, memory ms", "speed-up",
          "warm, disk (new process) ms", "speed-up"],
@@ -210,6 +244,9 @@ def main() -> None:
         "(n_jobs). In-trial overhead = rank selection, decomposition, counting and saving; "
         "backend overhead = search wall time per trial beyond the trials (with 2 concurrent "
         f"trials it is not meaningful, trials overlap).\n\n{backend}\n\n"
+        "The search's options (local backend, one trial at a time; `keep_faster_layers` times "
+        "each decomposed layer against its original, `screening` evaluates a candidate "
+        f"without training):\n\n{options}\n\n"
         f"Rank selection over the whole model (`select_spec`), cold vs warm spectral cache:\n\n{cache}\n\n"
         f"Peak memory of one trial (fresh process, data and reference loaded first):\n\n{memory}"
     )
@@ -219,7 +256,7 @@ def main() -> None:
 
         command = ".venv/bin/python benchmarks/bench_search_cost.py " + " ".join(
             a for a in sys.argv[1:] if a != "--record") + " --record"
-        record("Cost of the search: overhead, throughput, spectral cache, peak memory", text, command)
+        record("Cost of the search: overhead, throughput, options, spectral cache, peak memory", text, command)
 
 
 if __name__ == "__main__":

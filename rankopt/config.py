@@ -189,10 +189,16 @@ class ReferenceConfig(_Strict):
 
 
 class TargetsConfig(_Strict):
-    """Which Conv2d/Linear layers to compress: glob patterns on qualified names."""
+    """Which Conv2d/Linear layers to compress: glob patterns on qualified names.
+
+    ``allow_full``: every target may also stay uncompressed, a per-layer choice
+    ``decomposer.<layer>: full`` next to the decomposers, so the search learns which
+    layers not to touch (often a network's first conv: tiny, and sensitive).
+    """
 
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
+    allow_full: bool = False
 
 
 class SamplerConfig(_Strict):

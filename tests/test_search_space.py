@@ -34,3 +34,57 @@ def test_every_selectors_and_strategys_parameters_are_asked_in_every_trial() -> 
     # NSGA-II's crossover works on the parameters all trials share: the selectors' now
     shared = optuna.search_space.intersection_search_space(study.get_trials(deepcopy=False))
     assert {"energy.p", "fixed.fraction"} <= set(shared)
+
+
+def _allow_full_study(tmp_path: Path, **changes: object) -> dict[str, object]:
+    config: dict[str, object] = {
+        "name": "allow_full",
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+        "data": {"name": "digits", "batch_size": 64},
+        "reference": {"epochs": 1, "lr": 0.05},
+        "decomposers": ["tucker2", "svd"],
+        "targets": {"allow_full": True},
+        "selectors": {"fixed": {"fraction": 0.25}},
+        "strategies": {"finetune": {"epochs": 0}},
+        "sampler": {"name": "random", "seed": 0},
+        "run_dir": str(tmp_path / "run"),
+    }
+    config.update(changes)
+    return config
+
+
+def test_allow_full_adds_a_per_layer_full_choice_that_leaves_the_layer_alone(tmp_path: Path) -> None:
+    config = load_config(_allow_full_study(tmp_path))
+    model = rankopt.model("small_cnn", num_classes=10, in_channels=1, width=8)
+    space = SearchSpace(config, model, find_layers(model, (1, 1, 8, 8)))
+    dists = space.distributions()
+    # every target layer gets the choice, also those only one decomposer supports
+    assert {layer: list(dists[f"decomposer.{layer}"].choices) for layer in space.layer_options} == {
+        "0": ["tucker2", "svd", "full"], "3": ["tucker2", "svd", "full"],
+        "7": ["tucker2", "svd", "full"], "12": ["svd", "full"],
+    }
+    plan = space.plan({"decomposer.0": "full", "decomposer.3": "svd", "decomposer.7": "tucker2",
+                       "decomposer.12": "full"})
+    assert plan.decomposers == {"3": "svd", "7": "tucker2"}
+    # without the option the space is unchanged: no 'full' anywhere
+    plain = SearchSpace(load_config(_allow_full_study(tmp_path, targets={})), model,
+                        find_layers(model, (1, 1, 8, 8)))
+    assert all("full" not in options for options in plain.layer_options.values())
+    assert "decomposer.12" not in plain.distributions()
+
+
+def test_layers_chosen_full_keep_the_reference_weights_and_counts(tmp_path: Path) -> None:
+    every_layer = {f"decomposer.{n}": "full" for n in ("0", "3", "7", "12")}
+    one_layer = {**every_layer, "decomposer.7": "tucker2"}
+    result = rankopt.run_study(
+        _allow_full_study(tmp_path, trials=2, enqueue=[every_layer, one_layer]), progress=False
+    )
+    records = {r.trial: r for r in result.trials()}
+    reference = result.reference
+    # all full: the reference itself (no fine-tuning here), to the last count and sample
+    assert records[0].spec == {}
+    assert (records[0].params, records[0].flops) == (reference["params"], reference["flops"])
+    assert records[0].accuracy == reference["accuracy"]
+    # one decomposed layer: only it changes
+    assert set(records[1].spec) == {"7"}
+    assert records[1].params < reference["params"]

@@ -29,7 +29,10 @@ from rankopt.config import SPACE_KEY, Choices, Range, StudyConfig, parse_param_v
 from rankopt.errors import ConfigError
 from rankopt.surgery import LayerInfo
 
-__all__ = ["SearchSpace", "TrialPlan", "MethodSpace", "suggest_value", "to_distribution"]
+__all__ = ["FULL", "SearchSpace", "TrialPlan", "MethodSpace", "suggest_value", "to_distribution"]
+
+# the per-layer choice "leave this layer uncompressed" (targets.allow_full)
+FULL = "full"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class TrialPlan:
     strategy_params: dict[str, Any]
     selector: str
     selector_params: dict[str, Any]
-    decomposers: dict[str, str]  # layer name -> decomposer name
+    decomposers: dict[str, str]  # layer name -> decomposer name; absent layers stay full
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,13 +124,18 @@ class SearchSpace:
                 f"strategies and selectors share the name(s) {shared}, which would make the "
                 "parameter names '<name>.<param>' ambiguous; drop one of them"
             )
+        if FULL in config.decomposers:
+            raise ConfigError(
+                f"decomposers: {FULL!r} names the per-layer 'stay uncompressed' choice of "
+                "targets.allow_full, so a decomposer plugin cannot use it; rename the plugin"
+            )
         self.layer_options: dict[str, list[str]] = {}
         decomposers = {name: registry.create("decomposers", name) for name in config.decomposers}
         for layer in targets:
             module = reference.get_submodule(layer.name)
             usable = [n for n, d in decomposers.items() if d.supports(module)]
             if usable:
-                self.layer_options[layer.name] = usable
+                self.layer_options[layer.name] = usable + ([FULL] if config.targets.allow_full else [])
         if not self.layer_options:
             raise ConfigError(
                 f"decomposers: none of {config.decomposers} supports any target layer "
@@ -192,10 +200,11 @@ class SearchSpace:
                     out[key] = values[f"{name}.{key}"]
             return out
 
-        decomposers = {
+        chosen = {
             layer: values.get(f"decomposer.{layer}", options[0])
             for layer, options in self.layer_options.items()
         }
+        decomposers = {layer: name for layer, name in chosen.items() if name != FULL}
         return TrialPlan(
             strategy=strategy,
             strategy_params=params(strategy, self.strategies[strategy]),
