@@ -1,7 +1,14 @@
 """Front quality: rankopt's search against the rank choices users make by hand today.
 
-    .venv/bin/python benchmarks/bench_front_quality.py --quick --record      # 2-core CPU, ~20 min
+    .venv/bin/python benchmarks/bench_front_quality.py --quick --setting mnist --seeds 0 1 2 --record
+        # 2-core CPU: ~20 min per seed (7 searches of 24 trials + the hand methods)
+    .venv/bin/python benchmarks/bench_front_quality.py --quick --setting cifar --record
+        # 2-core CPU: ~100 min (ResNet-20, 5k images, 12 trials per search)
     .venv/bin/python benchmarks/bench_front_quality.py --device auto --record  # real sizes, a GPU
+
+Long runs split across processes: ``--methods rankopt_full random`` runs only those
+studies (in their run folders); the command without ``--methods`` then reuses every
+finished study and prints / records the tables.
 
 For LeNet-5 on MNIST and ResNet-20 on a CIFAR-10 subset, every method starts from the
 same trained reference and fine-tunes each compressed model the same epochs at the same

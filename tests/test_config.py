@@ -219,3 +219,25 @@ def test_train_block_values_are_checked_at_load_time() -> None:
         with pytest.raises(ConfigError, match=field):
             load({**base, "train": train})
     assert load({**base, "train": {"optimizer": "adam", "grad_clip": 1.0}}).train["optimizer"] == "adam"
+
+
+def test_default_sampler_is_multivariate_group_tpe_and_options_override_it() -> None:
+    import warnings
+
+    import optuna
+
+    from rankopt.search.sampler import make_sampler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rankopt's own defaults raise no experimental notice
+        sampler = make_sampler(load_config(tiny()))
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert (sampler._multivariate, sampler._group) == (True, True)
+    plain = make_sampler(load_config(tiny(sampler={"options": {"multivariate": False, "group": False}})))
+    assert (plain._multivariate, plain._group) == (False, False)
+    # the same seed proposes the same first points
+    study_a = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(load_config(tiny())))
+    study_b = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(load_config(tiny())))
+    assert [study_a.ask().suggest_float("x", 0, 1) for _ in range(3)] == [
+        study_b.ask().suggest_float("x", 0, 1) for _ in range(3)
+    ]

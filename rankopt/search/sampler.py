@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import optuna
@@ -11,7 +12,10 @@ from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.search.objective import SET_CONSTRAINT
 
-__all__ = ["ConstraintsFunc", "make_sampler", "create_study"]
+__all__ = ["ConstraintsFunc", "TPE_DEFAULTS", "make_sampler", "create_study"]
+
+# TPE options rankopt sets unless sampler.options names them (see SamplerConfig)
+TPE_DEFAULTS: dict[str, Any] = {"multivariate": True, "group": True}
 
 
 class ConstraintsFunc:
@@ -41,6 +45,8 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
         "tpe": optuna.samplers.TPESampler,
         "random": optuna.samplers.RandomSampler,
     }[config.sampler.name]
+    if config.sampler.name == "tpe":
+        opts = {**TPE_DEFAULTS, **opts}
     kwargs: dict[str, Any] = {"seed": config.sampler.seed, **opts}
     if constraints is not None and not SET_CONSTRAINT:
         if config.sampler.name == "random":
@@ -58,7 +64,11 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
             f"are {allowed}"
         )
     try:
-        return cls(**kwargs)  # type: ignore[no-any-return]
+        with warnings.catch_warnings():
+            # multivariate/group TPE are rankopt's defaults on purpose; Optuna's
+            # "experimental" notice about them would only be noise in every study
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**kwargs)  # type: ignore[no-any-return]
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"sampler.options: {exc}") from None
 
