@@ -63,6 +63,8 @@ def measure_setting(setting: Any, out: Path, device: torch.device, threads: int)
     in_ch = 1 if setting.key == "mnist" else 3
     layers = {info.name: info for info in rankopt.find_layers(reference, (1, in_ch, side, side))}
     ref_flops = int(picked["baseline"]["flops"])
+    for b in BATCHES:  # warm-up: the first timings of a process run slow (allocator, caches)
+        latency_ms(reference, (b, in_ch, side, side), device, threads)
     ref_ms = {b: latency_ms(reference, (b, in_ch, side, side), device, threads) for b in BATCHES}
     rows = [["reference", "-", f"{picked['baseline']['accuracy']:.4f}", f"{ref_flops:,}",
              *(f"{ref_ms[b]:.3f}" for b in BATCHES), "1.00", "1.00", "1.00", "-"]]
@@ -94,6 +96,11 @@ def measure_setting(setting: Any, out: Path, device: torch.device, threads: int)
                          *(f"{speed[b] / flop_x:.2f}" for b in BATCHES),
                          ", ".join(slower) or "none"])
             print(rows[-1], flush=True)
+    # the reference once more, last: how far timings drift over the run (the noise floor)
+    again = {b: latency_ms(reference, (b, in_ch, side, side), device, threads) for b in BATCHES}
+    rows.append(["reference, timed again last", "-", f"{picked['baseline']['accuracy']:.4f}",
+                 f"{ref_flops:,}", *(f"{again[b]:.3f}" for b in BATCHES), "1.00",
+                 *(f"{ref_ms[b] / again[b]:.2f}" for b in BATCHES), "-"])
     table = markdown_table(
         ["method", "model", "val acc", "FLOPs", "ms @1", "ms @32", "FLOP reduction",
          "speed-up / FLOP reduction @1", "speed-up / FLOP reduction @32",
