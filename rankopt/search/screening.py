@@ -143,15 +143,15 @@ def screen(
     cost = next((o for o in config.objectives if o in ("params", "flops")), "params")
     result = ScreeningResult(cost=cost)
     start = time.perf_counter()
-    sampler = optuna.samplers.TPESampler(
-        seed=config.sampler.seed, multivariate=True, group=True,
-        n_startup_trials=min(10, max(1, candidates // 4)),
-    )
     from rankopt.search.local import quiet_optuna
 
     with quiet_optuna(), warnings.catch_warnings():
         # multivariate/group TPE are chosen on purpose; their "experimental" notice is noise
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=config.sampler.seed, multivariate=True, group=True,
+            n_startup_trials=min(10, max(1, candidates // 4)),
+        )
         proxy = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
         for number in range(candidates):
             trial = proxy.ask()
