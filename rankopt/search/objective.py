@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -29,11 +29,15 @@ from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
 
+if TYPE_CHECKING:  # annotations only; trial_context imports it when a trial runs
+    from rankopt.trial import LocalTrialContext
+
 __all__ = [
     "SET_CONSTRAINT",
     "set_constraints",
     "TrialEnv",
     "run_trial",
+    "trial_context",
     "objective_values",
     "measure_latency_ms",
     "ranks_summary",
@@ -169,6 +173,28 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> l
     return [float(metrics[key.get(o, o)]) for o in objectives]
 
 
+def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialContext:
+    """The context a trial (or a screening candidate) of ``plan`` runs in."""
+    from rankopt.trial import LocalTrialContext
+
+    config = env.config
+    return LocalTrialContext(
+        env.reference,
+        env.splits,
+        input_shape=env.input_shape,
+        targets=env.targets,
+        decomposers=plan.decomposers,
+        selector=plan.selector,
+        selector_params=plan.selector_params,
+        device=config.device,
+        seed=seed,
+        batch_size=config.data.batch_size,
+        train_options=config.train,
+        cache=env.cache,
+        keep_faster=config.keep_faster_layers,
+    )
+
+
 def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str, Any]:
     """Run trial ``number`` with the flat parameter ``values``; returns its metrics.
 
@@ -177,7 +203,6 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     ``KeyboardInterrupt`` and other non-``Exception`` errors pass through.
     """
     from rankopt.manager import get_registry
-    from rankopt.trial import LocalTrialContext
 
     start = time.perf_counter()
     trial_dir = env.trial_dir(number)
@@ -191,21 +216,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         strategy = get_registry().create("strategies", plan.strategy)
         hyperparameters = strategy.validate_params(plan.strategy_params)
         metrics["hyperparameters"] = hyperparameters
-        ctx = LocalTrialContext(
-            env.reference,
-            env.splits,
-            input_shape=env.input_shape,
-            targets=env.targets,
-            decomposers=plan.decomposers,
-            selector=plan.selector,
-            selector_params=plan.selector_params,
-            device=config.device,
-            seed=(config.seed + number) % 2**32,
-            batch_size=config.data.batch_size,
-            train_options=config.train,
-            cache=env.cache,
-            keep_faster=config.keep_faster_layers,
-        )
+        ctx = trial_context(env, plan, seed=(config.seed + number) % 2**32)
         metrics["selector_params"] = ctx.selector_params
         outcome = strategy.run(ctx, hyperparameters)
         spec = normalize_spec(outcome.spec)

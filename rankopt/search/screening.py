@@ -35,7 +35,7 @@ import optuna
 
 from rankopt.accounting import count
 from rankopt.results import pareto_front_2d
-from rankopt.search.objective import TrialEnv, write_json
+from rankopt.search.objective import TrialEnv, trial_context, write_json
 from rankopt.search.seeding import strategy_point
 
 __all__ = ["ScreenedCandidate", "ScreeningResult", "screen", "spread_along_front"]
@@ -95,27 +95,9 @@ def spread_along_front(points: list[tuple[float, float]], keep: int) -> list[int
 
 
 def _evaluate(env: TrialEnv, number: int, values: Mapping[str, Any]) -> ScreenedCandidate:
-    from rankopt.trial import LocalTrialContext
-
     start = time.perf_counter()
-    config = env.config
     try:
-        plan = env.space.plan(values)
-        ctx = LocalTrialContext(
-            env.reference,
-            env.splits,
-            input_shape=env.input_shape,
-            targets=env.targets,
-            decomposers=plan.decomposers,
-            selector=plan.selector,
-            selector_params=plan.selector_params,
-            device=config.device,
-            seed=config.seed,
-            batch_size=config.data.batch_size,
-            train_options=config.train,
-            cache=env.cache,
-            keep_faster=config.keep_faster_layers,
-        )
+        ctx = trial_context(env, env.space.plan(values), seed=env.config.seed)
         model = ctx.model()
         compressed = ctx.compress(model, ctx.select_ranks(model))
         accuracy = ctx.evaluate(compressed)
