@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _record import markdown_table  # noqa: E402,F401  (re-exported for the bench scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 
@@ -305,9 +307,3 @@ def picked_models(out: Path, key: str) -> dict[str, Any]:
             f"{path} does not exist; run benchmarks/bench_front_quality.py with the same --out first"
         )
     return json.loads(path.read_text())  # type: ignore[no-any-return]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-markdown table of ``header`` and ``rows`` (already formatted cells)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def record(title: str, table_markdown: str, command: str) -> None:

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
+from _record import markdown_table  # noqa: E402
 from rankopt.training import make_loader, seed_everything, train  # noqa: E402
 from rankopt.trial import LocalTrialContext  # noqa: E402
 
@@ -171,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(tdlrt: tau = {tau:.4f}, at which TDLRT's ranks on the reference would give about those conv params); "
         f"{args.epochs:g} training epochs per strategy; batch 64, SGD Nesterov, cosine, seed 0, 1 CPU thread.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
+        markdown_table(header, rows),
     ]
     table = "\n".join(lines)
     print(table)

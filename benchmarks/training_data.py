@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
+from _record import markdown_table as table  # noqa: E402
 from rankopt.training import evaluate, make_loader, train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -76,12 +77,6 @@ def loader_pass(dataset: Dataset, batch_size: int) -> float:
     for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=True):
         n += x.shape[0]
     return n / (time.perf_counter() - start)
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:
