@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.accounting import Cost, count_flops
-from rankopt.errors import ConfigError, InvalidRanksError, UnsupportedModuleError
+from rankopt.errors import ConfigError, InvalidRanksError
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.records import NAME_PATTERN
 from rankopt.testing._core import (
@@ -23,7 +23,15 @@ from rankopt.testing._core import (
     require_json,
     seeded,
 )
-from rankopt.testing.samples import SampleLayer, sample_layers, unsupported_probes
+from rankopt.testing._refusals import (
+    check_refusals,
+    provides_rank_matrices,
+    rank_matrices_like_selectors,
+    refuses_unsupported,
+    supports,
+    why_unsupported,
+)
+from rankopt.testing.samples import SampleLayer, sample_layers
 
 __all__ = ["check_decomposer", "assert_decomposer", "DEFAULT_RTOL"]
 
@@ -161,18 +169,18 @@ def check_decomposer(
     checks.run("identity", name_ok)
 
     all_layers = sample_layers(modules, input_hw=input_hw, seed=seed)
-    layers = [la for la in all_layers if _supports(decomposer, la.module)]
+    layers = [la for la in all_layers if supports(decomposer, la.module)]
     for la in all_layers:
         if la not in layers:
-            checks.skip(f"sample_layer {la.name}", _why_unsupported(decomposer, la.module))
+            checks.skip(f"sample_layer {la.name}", why_unsupported(decomposer, la.module))
     if not layers:
         checks.fail(
             "sample_layers",
             f"supports() rejects every sample layer ({[la.name for la in all_layers]}); "
             "pass modules= with layers this decomposer handles",
         )
-        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
-        _check_refusals(checks, decomposer, refuses)
+        checks.run("refuses_unsupported", refuses_unsupported(decomposer))
+        check_refusals(checks, decomposer, refuses)
         return checks.results
 
     def largest(layer: SampleLayer) -> tuple[int, ...]:
@@ -337,7 +345,7 @@ def check_decomposer(
         require(with_opts == largest(layer), f"max_ranks with the default options {opts} is {with_opts}, without {largest(layer)}")
 
     def rank_matrices_ok(layer: SampleLayer) -> str | None:
-        return _rank_matrices_like_selectors(decomposer, layer, largest(layer))
+        return rank_matrices_like_selectors(decomposer, layer, largest(layer))
 
     def cost_without_hw(layer: SampleLayer) -> str | None:
         if not isinstance(layer.module, nn.Conv2d):
@@ -367,7 +375,7 @@ def check_decomposer(
             ("default_options", options_ok),
             ("cost_without_input_hw", cost_without_hw),
         ])
-        if _provides_rank_matrices(decomposer):
+        if provides_rank_matrices(decomposer):
             checks.run("rank_matrices", _per_layer(layers, rank_matrices_ok))
         else:
             checks.skip(
@@ -375,148 +383,14 @@ def check_decomposer(
                 "not provided: the spectral rank selectors (energy, vbmf, approx_ratio, budget) "
                 "refuse this decomposer with a ConfigError; use the fixed selector with it",
             )
-        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
-        _check_refusals(checks, decomposer, refuses)
+        checks.run("refuses_unsupported", refuses_unsupported(decomposer))
+        check_refusals(checks, decomposer, refuses)
     return checks.results
 
 
 def _run_all(checks: Checks, layers: Sequence[SampleLayer], bodies: Sequence[tuple[str, Callable[[SampleLayer], str | None]]]) -> None:
     for name, body in bodies:
         checks.run(name, _per_layer(layers, body))
-
-
-def _provides_rank_matrices(dec: Decomposer) -> bool:
-    return type(dec).rank_matrices is not Decomposer.rank_matrices
-
-
-def _rank_matrices_like_selectors(dec: Decomposer, layer: SampleLayer, top: tuple[int, ...]) -> str | None:
-    """Call ``rank_matrices`` and ``ranks_from_matrix_ranks`` exactly as the spectral
-    selectors do (options passed positionally), then run the ``energy`` selector."""
-    from rankopt.plugins.selectors.energy import EnergyRankSelector
-    from rankopt.spectral import SpectralCache
-
-    options = dec.default_options(layer.module) or None
-    weight = layer.module.weight.detach()  # type: ignore[union-attr]
-    try:
-        mats = dec.rank_matrices(weight, options)
-    except NotImplementedError:
-        return "rank_matrices() raised NotImplementedError for this layer (spectral selectors refuse it)"
-    except TypeError as exc:
-        raise CheckFailed(
-            f"rank_matrices(weight, options) raised TypeError: {exc}; rank selectors pass the "
-            "layer's options, so declare rank_matrices(self, weight, options=None)"
-        ) from None
-    require(isinstance(mats, (list, tuple)) and len(mats) >= 1, "rank_matrices() must return a non-empty list")
-    require(all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in mats), "rank matrices must be 2-D tensors")
-    cache = SpectralCache()
-    for m in mats:
-        require(bool(torch.isfinite(cache.singular_values(m)).all()), "a rank matrix has non-finite singular values")
-    for matrix_ranks in ([min(m.shape) for m in mats], [1] * len(mats)):
-        try:
-            ranks = dec.ranks_from_matrix_ranks(layer.module, matrix_ranks, options)
-        except TypeError as exc:
-            raise CheckFailed(
-                f"ranks_from_matrix_ranks(module, matrix_ranks, options) raised TypeError: {exc}; "
-                "rank selectors pass the layer's options, so declare "
-                "ranks_from_matrix_ranks(self, module, matrix_ranks, options=None)"
-            ) from None
-        require(
-            len(ranks) == len(top) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks),
-            f"ranks_from_matrix_ranks(.., {matrix_ranks}, ..) gave {ranks!r}; need {len(top)} positive ints",
-        )
-    picked = EnergyRankSelector().select(layer.module, dec, cache=cache, name=layer.name)
-    dec.check_ranks(layer.module, picked, options=options)
-    return f"{len(mats)} matri{'x' if len(mats) == 1 else 'ces'}; energy selects {picked}"
-
-
-def _why_unsupported(dec: Decomposer, module: nn.Module) -> str:
-    try:
-        reason = dec.unsupported_reason(module)
-    except Exception as exc:
-        return f"supports() rejects it (unsupported_reason raised {type(exc).__name__}: {exc})"
-    return f"supports() rejects it: {reason}" if reason else "supports() rejects it (unsupported_reason gives no reason)"
-
-
-def _check_refusals(
-    checks: Checks, dec: Decomposer, extra: Sequence[nn.Module] | Mapping[str, nn.Module] | None
-) -> None:
-    """The layers the author declared this decomposer must refuse, each with a reason."""
-    declared: dict[str, nn.Module] = {}
-    try:
-        declared.update(dec.contract_refusals() if hasattr(dec, "contract_refusals") else {})
-    except Exception as exc:
-        checks.fail("declared_refusals", f"contract_refusals() raised {type(exc).__name__}: {exc}")
-        return
-    if isinstance(extra, Mapping):
-        declared.update({str(k): v for k, v in extra.items()})
-    elif extra is not None:
-        declared.update({f"{type(m).__name__.lower()}_{i}": m for i, m in enumerate(extra)})
-    if not declared:
-        checks.skip("declared_refusals", "none declared (list layers this decomposer must refuse in contract_refusals())")
-        return
-
-    def run() -> str:
-        problems = []
-        for name, module in declared.items():
-            try:
-                reason = dec.unsupported_reason(module)
-                require(not dec.supports(module), "supports() accepts it")
-                require(bool(reason), "unsupported_reason() gives no reason")
-                for what, call in (
-                    ("check_module", lambda m: dec.check_module(m)),
-                    ("max_ranks", lambda m: dec.max_ranks(m)),
-                    ("build", lambda m: dec.build(m, (1,) * max(1, len(dec.rank_names)))),
-                ):
-                    try:
-                        call(module)
-                    except UnsupportedModuleError as exc:
-                        require(str(reason) in str(exc), f"{what}() raised UnsupportedModuleError without the reason {reason!r}: {exc}")
-                        continue
-                    except CheckFailed:
-                        raise
-                    except Exception as exc:
-                        raise CheckFailed(f"{what}() raised {type(exc).__name__} instead of UnsupportedModuleError: {exc}") from None
-                    raise CheckFailed(f"{what}() accepted it")
-            except CheckFailed as exc:
-                problems.append(f"{name}: {exc}")
-            except Exception as exc:
-                problems.append(f"{name}: raised {type(exc).__name__}: {exc}")
-        if problems:
-            raise CheckFailed("; ".join(problems))
-        return f"refused {sorted(declared)} with a reason"
-
-    checks.run("declared_refusals", run)
-
-
-def _supports(dec: Decomposer, module: nn.Module) -> bool:
-    try:
-        return bool(dec.supports(module))
-    except Exception:
-        return False
-
-
-def _refuses_unsupported(dec: Decomposer) -> Callable[[], str]:
-    def run() -> str:
-        probes = [p for p in unsupported_probes() if not _supports(dec, p.module)]
-        require(bool(probes), "supports() accepted every probe, even BatchNorm2d and grouped convs")
-        for probe in probes:
-            for what, call in (
-                ("check_module", lambda m: dec.check_module(m)),
-                ("max_ranks", lambda m: dec.max_ranks(m)),
-                ("build", lambda m: dec.build(m, (1,) * max(1, len(dec.rank_names)))),
-            ):
-                try:
-                    call(probe.module)
-                except UnsupportedModuleError:
-                    continue
-                except Exception as exc:
-                    raise CheckFailed(
-                        f"{what}({probe.name}) raised {type(exc).__name__} instead of UnsupportedModuleError: {exc}"
-                    ) from None
-                raise CheckFailed(f"{what}({probe.name}) accepted a module that supports() rejects")
-        return f"refused {[p.name for p in probes]}"
-
-    return run
 
 
 def assert_decomposer(decomposer: Decomposer, modules: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None, **kwargs: object) -> None:
