@@ -353,3 +353,16 @@ def test_progress_line_for_each_plugin_and_every_row_counted() -> None:
     rows = check_installed_plugins(("decomposers",), only="svd", progress=lambda *a: seen.append(a))
     assert seen == [("decomposer", "svd", "rankopt 0.1.0")]
     assert rows and all(r["name"] == "svd" for r in rows)
+
+
+def test_a_decomposer_that_fits_no_layer_of_the_tiny_model_is_a_named_skip_not_a_failure() -> None:
+    class Conv1dOnly(Tucker2Decomposer):
+        name = "conv1d_only"
+        module_types = (nn.Conv1d,)
+
+    results = check_rank_selector(FixedRankSelector(), [Tucker2Decomposer(), Conv1dOnly()])
+    assert failed(results) == {}
+    (skip,) = [r for r in results if r.skipped]
+    assert skip.check == "ranks_within_bounds [conv1d_only]"
+    assert skip.reason == "not checked with 'conv1d_only': decomposer 'conv1d_only' supports none of the model's layers"
+    assert "setup" in failed(check_rank_selector(FixedRankSelector(), Conv1dOnly()))

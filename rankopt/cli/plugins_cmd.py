@@ -14,11 +14,12 @@ FORMATS = ("table", "json")
 @app.command("plugins")
 def plugins_command(
     target: str | None = typer.Argument(
-        None, metavar="[NAME_OR_DIST]",
+        None, metavar="NAME_OR_DIST",
         help="With --check: check only the plugin or distribution of this name.",
     ),
     check: bool = typer.Option(
-        False, "--check", help="Run the contract checks of rankopt.testing on every plugin."
+        False, "--check", help="Run the contract checks of rankopt.testing on every plugin "
+        "(or only NAME_OR_DIST); progress on stderr, a summary line at the end."
     ),
     format: str = typer.Option("table", "--format", help="Output format: table or json."),
     family: list[str] = typer.Option(
