@@ -366,3 +366,12 @@ def test_a_decomposer_that_fits_no_layer_of_the_tiny_model_is_a_named_skip_not_a
     assert skip.check == "ranks_within_bounds [conv1d_only]"
     assert skip.reason == "not checked with 'conv1d_only': decomposer 'conv1d_only' supports none of the model's layers"
     assert "setup" in failed(check_rank_selector(FixedRankSelector(), Conv1dOnly()))
+
+
+def test_a_name_claimed_twice_tells_users_to_uninstall_and_authors_to_rename(plugin_env) -> None:  # noqa: F811
+    plugin_env.activate("good", "duplicate")
+    rows = check_installed_plugins(("decomposers",), only="rankopt-fixture-duplicate")
+    (row,) = [r for r in rows if r["check"] == "unique_name"]
+    assert not row["passed"]
+    assert "rankopt-fixture-good 0.3.1" in row["reason"] and "rankopt-fixture-duplicate 0.5.0" in row["reason"]
+    assert row["reason"].endswith("users: uninstall one of them; authors: rename your decomposer")

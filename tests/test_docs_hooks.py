@@ -249,3 +249,20 @@ def test_the_guide_states_what_the_checks_cost_from_the_recorded_benchmark() -> 
     assert "What the checks cost." in text and "benchmarks/RESULTS.md" in text
     results = (GUIDE.parents[1] / "benchmarks" / "RESULTS.md").read_text()
     assert "## rankopt.testing: contract-check time per installed plugin (1 thread)" in results
+
+
+def test_the_guides_example_methods_have_the_base_classes_signatures(example_package: Path) -> None:
+    from rankopt_myplugins.decomposer import LowRankLinearDecomposer
+    from rankopt_myplugins.selector import ScaledRankSelector
+    from rankopt_myplugins.strategy import ShortFinetuneStrategy
+
+    compared = 0
+    for cls, base in ((LowRankLinearDecomposer, rankopt.Decomposer), (ScaledRankSelector, rankopt.RankSelector),
+                      (ShortFinetuneStrategy, rankopt.Strategy)):
+        for name, fn in vars(cls).items():
+            if inspect.isfunction(fn) and not name.startswith("_") and hasattr(base, name):
+                mine = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+                real = [(p.name, p.kind) for p in inspect.signature(getattr(base, name)).parameters.values()]
+                assert mine == real, f"the guide's {cls.__name__}.{name}{inspect.signature(fn)} differs from the base's"
+                compared += 1
+    assert compared >= 10  # every method the example overrides, rank_matrices included
