@@ -1,4 +1,4 @@
-"""Tensor Ring (contrib plugin) against the built-in Tucker-2 and TT, and the cost of the contract kit.
+"""Tensor Ring (contrib plugin) against the built-in Tucker-2 and TT.
 
 Run: ``.venv/bin/python benchmarks/bench_tensor_ring.py`` (about 2 minutes on 2 CPUs;
 needs ``pip install -e plugins/rankopt-tensor-ring``, which ``make install`` does).
@@ -9,15 +9,13 @@ needs ``pip install -e plugins/rankopt-tensor-ring``, which ``make install`` doe
    parameters and FLOPs after compression, the mean relative weight error of the two
    convs (``||W - W_r|| / ||W||``), validation accuracy right after compression and
    after one epoch of fine-tuning (SGD, lr 0.02).
-2. Seconds that ``rankopt.testing`` takes to check each installed decomposer, rank
-   selector and strategy (one torch thread), i.e. what ``rankopt plugins --check`` and
-   the parametrized contract tests cost.
+
+What the contract kit costs per plugin is measured by ``bench_contract_kit.py``.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,6 @@ from _record import record  # noqa: E402
 import rankopt  # noqa: E402
 from rankopt.selection import select_spec  # noqa: E402
 from rankopt.surgery import find_layers  # noqa: E402
-from rankopt.testing import check_decomposer, check_rank_selector, check_strategy  # noqa: E402
 from rankopt.training import evaluate, make_loader, train  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_tensor_ring.py"
@@ -76,27 +73,6 @@ def compression_table() -> str:
     return header + "\n".join(rows)
 
 
-def kit_table() -> str:
-    names = rankopt.plugin_names()
-    rows = []
-    for family, make, check in (
-        ("decomposer", rankopt.decomposer, check_decomposer),
-        ("rank selector", rankopt.rank_selector, check_rank_selector),
-        ("strategy", rankopt.strategy, check_strategy),
-    ):
-        key = {"decomposer": "decomposers", "rank selector": "rank_selectors", "strategy": "strategies"}[family]
-        for name in names[key]:
-            start = time.perf_counter()
-            results = check(make(name))
-            seconds = time.perf_counter() - start
-            passed = sum(r.passed for r in results)
-            source = rankopt.get_registry().source_of(key, name)
-            rows.append(f"| {family} | {name} | {source.distribution} | {passed}/{len(results)} | {seconds:.2f} |")
-            print(rows[-1], flush=True)
-    header = "| family | name | distribution | checks passed | seconds |\n| --- | --- | --- | ---: | ---: |\n"
-    return header + "\n".join(rows)
-
-
 def main() -> None:
     torch.set_num_threads(1)
     if "tensor_ring" not in rankopt.plugin_names()["decomposers"]:
@@ -104,9 +80,6 @@ def main() -> None:
     first = compression_table()
     print(first)
     record("Tensor Ring vs Tucker-2 and TT on the quickstart CNN (digits)", first, COMMAND)
-    second = kit_table()
-    print(second)
-    record("rankopt.testing: contract-check time per installed plugin (1 thread)", second, COMMAND)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,9 @@ class Registry:
             )
             raise DuplicateNameError(
                 f"{fam.label} name {name!r} is claimed by more than one plugin: {who}; "
-                f"uninstall one of them or set {AUTOLOAD_ENV}=1 to use the built-ins only"
+                f"uninstall one of them or set {AUTOLOAD_ENV}=1 to use the built-ins only; "
+                f"if you wrote one of these plugins, rename your {fam.label} (names are "
+                "shared by every installed plugin of a family)"
             )
         return ps[0].record
 

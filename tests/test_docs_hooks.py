@@ -128,3 +128,141 @@ def test_the_example_package_installs_and_passes_the_contract(example_package: P
         rankopt.dataset("noisy_blobs", n=3)
     with pytest.raises(rankopt.ConfigError, match=r"scale must be a number in \(0, 1\], got 2"):
         rankopt.rank_selector("scaled").validate_params({"scale": 2})
+
+
+# -- the methods and functions the guide names, against their real signatures ----------------
+
+def _documented_api() -> dict[str, list[str]]:
+    """Real parameter lists (``*`` marks keyword-only, ``**x`` a var-keyword) by name."""
+    from rankopt.artifacts import load_compressed, save_compressed
+    from rankopt.spectral import SpectralCache, get_default_cache
+    from rankopt.testing import check_decomposer, check_installed_plugins, check_rank_selector, check_strategy
+
+    def render(fn: object) -> list[str]:
+        out: list[str] = []
+        for p in inspect.signature(fn).parameters.values():  # type: ignore[arg-type]
+            if p.name == "self":
+                continue
+            if p.kind is p.KEYWORD_ONLY and "*" not in out and not any(o.startswith("*") for o in out):
+                out.append("*")
+            out.append({p.VAR_KEYWORD: "**", p.VAR_POSITIONAL: "*"}.get(p.kind, "") + p.name)  # type: ignore[call-overload]
+        return out
+
+    api: dict[str, list[str]] = {}
+    for cls in (rankopt.Decomposer, rankopt.RankSelector, rankopt.Strategy, SpectralCache):
+        for name, fn in inspect.getmembers(cls, inspect.isfunction):
+            if not name.startswith("_"):
+                api[name] = render(fn)
+    for fn in (save_compressed, load_compressed, get_default_cache, check_decomposer,
+               check_rank_selector, check_strategy, check_installed_plugins):
+        api[fn.__name__] = render(fn)
+    return api
+
+
+MENTION = re.compile(r"`(?:[\w.]+\.)?(\w+)\(([^`]*)\)`")
+
+
+def _split_args(text: str) -> list[str]:
+    """Top-level comma-separated names of a documented call, defaults and annotations dropped."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    names = []
+    for part in (p.strip() for p in parts):
+        if part:
+            names.append(re.split(r"[=:]", part, maxsplit=1)[0].strip())
+    return names
+
+
+def _prose() -> str:
+    """The guide without its code blocks (the code is checked by running it)."""
+    return FENCE.sub("", GUIDE.read_text()).replace("\n  ", " ").replace("\n", " ")
+
+
+def _matches(documented: list[str], real: list[str]) -> bool:
+    """Every positional parameter, in order; keyword-only ones may be left out (they are
+    never passed by position, so leaving them out cannot mislead); ``...`` ends a prefix."""
+    documented = [a for a in documented if a != "*"]
+    if documented and documented[0] == "...":  # `build(..., initialize=False)`: named ones only
+        return bool(documented[1:]) and set(documented[1:]) <= set(real)
+    if documented and documented[-1] == "...":
+        head = documented[:-1]
+        return head == [a for a in real if a != "*"][: len(head)]
+    positional = real[: real.index("*")] if "*" in real else real
+    keyword = real[len(positional) + 1:] if "*" in real else []
+    return any(documented == positional + keyword[:k] for k in range(len(keyword) + 1)) or (
+        bool(keyword) and keyword[-1].startswith("**") and documented == positional + keyword
+    )
+
+
+def test_every_signature_the_guide_gives_is_the_real_one() -> None:
+    api = _documented_api()
+    checked = 0
+    for name, args in MENTION.findall(_prose()):
+        if name not in api or not args.strip():
+            continue  # a bare `name()` mention names the method, it gives no signature
+        real = api[name]
+        assert _matches(_split_args(args), real), (
+            f"docs/plugins.md gives `{name}({args})`, the real signature is {name}({', '.join(real)})"
+        )
+        checked += 1
+    assert checked >= 15
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["max_ranks", "cost", "build", "project", "rank_matrices", "ranks_from_matrix_ranks", "select",
+     "save_compressed", "check_decomposer", "check_rank_selector", "check_installed_plugins"],
+)
+def test_the_guide_gives_the_full_signature_of(name: str) -> None:
+    real = _documented_api()[name]
+    given = [[a for a in _split_args(args) if a != "*"] for found, args in MENTION.findall(_prose()) if found == name]
+    assert [a for a in real if a != "*"] in given, (
+        f"docs/plugins.md never gives `{name}({', '.join(real)})`"
+    )
+
+
+def test_the_signature_check_catches_the_old_mistake() -> None:
+    api = _documented_api()
+    assert not _matches(_split_args("weight"), api["rank_matrices"])
+    assert not _matches(_split_args("module, matrix_ranks"), api["ranks_from_matrix_ranks"])
+    assert _matches(_split_args("weight, options"), api["rank_matrices"])
+    assert not _matches(_split_args("dec, modules=None, *, input_hw=(8, 8), rtol=None"), api["check_decomposer"])
+    assert _matches(_split_args("module"), api["check_module"])  # `name` is keyword-only
+    assert _matches(_split_args("model, layers, decomposers, ..."), api["select_layers"])
+    assert _matches(_split_args("..., initialize=False"), api["build"])
+    assert not _matches(_split_args("..., initialise=False"), api["build"])
+
+
+def test_the_guide_states_what_the_checks_cost_from_the_recorded_benchmark() -> None:
+    text = _prose()
+    assert "about a second each" not in text
+    assert "What the checks cost." in text and "benchmarks/RESULTS.md" in text
+    results = (GUIDE.parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    assert "## rankopt.testing: contract-check time per installed plugin (1 thread)" in results
+
+
+def test_the_guides_example_methods_have_the_base_classes_signatures(example_package: Path) -> None:
+    from rankopt_myplugins.decomposer import LowRankLinearDecomposer
+    from rankopt_myplugins.selector import ScaledRankSelector
+    from rankopt_myplugins.strategy import ShortFinetuneStrategy
+
+    compared = 0
+    for cls, base in ((LowRankLinearDecomposer, rankopt.Decomposer), (ScaledRankSelector, rankopt.RankSelector),
+                      (ShortFinetuneStrategy, rankopt.Strategy)):
+        for name, fn in vars(cls).items():
+            if inspect.isfunction(fn) and not name.startswith("_") and hasattr(base, name):
+                mine = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+                real = [(p.name, p.kind) for p in inspect.signature(getattr(base, name)).parameters.values()]
+                assert mine == real, f"the guide's {cls.__name__}.{name}{inspect.signature(fn)} differs from the base's"
+                compared += 1
+    assert compared >= 10  # every method the example overrides, rank_matrices included

@@ -117,6 +117,7 @@ def test_two_plugins_claiming_one_name_fail_naming_both(plugin_env, capsys, monk
     message = str(info.value)
     assert "rankopt-fixture-good 0.3.1" in message and "rankopt-fixture-duplicate 0.5.0" in message
     assert "claimed by more than one plugin" in message
+    assert "uninstall one of them" in message and "rename your decomposer" in message  # users and authors
     assert rankopt.decomposer("tucker2").name == "tucker2"  # other names are unaffected
 
     code, out = plugins_json(capsys)

@@ -276,7 +276,7 @@ def test_check_installed_plugins_rows_and_a_name_mismatch() -> None:
         rows = check_installed_plugins(("rank_selector",))
     finally:
         rankopt.reset_registry()
-    assert all(set(r) == {"family", "name", "distribution", "check", "passed", "reason"} for r in rows)
+    assert all(set(r) == {"family", "name", "distribution", "check", "passed", "skipped", "reason"} for r in rows)
     assert {r["family"] for r in rows} == {"rank selector"}
     assert {r["name"] for r in rows} >= set(REGISTERED["rank_selectors"]) | {"fixed_alias"}
     bad = [r for r in rows if not r["passed"]]
@@ -314,11 +314,19 @@ def test_rankopt_plugins_check_prints_a_table_and_exits_1_on_a_failure(capsys, m
     rankopt.register_plugin(ZeroRanksPlugin())
     try:
         assert main(["plugins", "--check", "--family", "rank_selectors", "--format", "json"]) == 1
-        rows = json.loads(capsys.readouterr().out)["checks"]
-        assert [(r["name"], r["check"]) for r in rows if not r["passed"]] == [("zero_ranks", "ranks_within_bounds")]
+        out = json.loads(capsys.readouterr().out)
+        rows = out["checks"]
+        # checked with every installed decomposer (fixed-like selectors claim them all)
+        assert [(r["name"], r["check"]) for r in rows if not r["passed"]] == [
+            ("zero_ranks", f"ranks_within_bounds [{d}]") for d in REGISTERED["decomposers"]
+        ]
+        skipped = sum(r["skipped"] for r in rows)
+        assert out["summary"] == f"{len(rows)} checks, {len(REGISTERED['decomposers'])} failed, {skipped} skipped"
         assert main(["plugins", "--check", "--family", "rank_selectors"]) == 1
-        line = next(ln for ln in capsys.readouterr().out.splitlines() if "zero_ranks" in ln and "FAIL" in ln)
-        assert "ranks_within_bounds" in line
+        lines = capsys.readouterr().out.splitlines()
+        line = next(ln for ln in lines if "zero_ranks" in ln and "FAIL" in ln)
+        assert "ranks_within_bounds [" in line
+        assert lines[-1] == out["summary"]
     finally:
         rankopt.reset_registry()
 

@@ -13,8 +13,13 @@ FORMATS = ("table", "json")
 
 @app.command("plugins")
 def plugins_command(
+    target: str | None = typer.Argument(
+        None, metavar="NAME_OR_DIST",
+        help="With --check: check only the plugin or distribution of this name.",
+    ),
     check: bool = typer.Option(
-        False, "--check", help="Run the contract checks of rankopt.testing on every plugin."
+        False, "--check", help="Run the contract checks of rankopt.testing on every plugin "
+        "(or only NAME_OR_DIST); progress on stderr, a summary line at the end."
     ),
     format: str = typer.Option("table", "--format", help="Output format: table or json."),
     family: list[str] = typer.Option(
@@ -32,6 +37,8 @@ def plugins_command(
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")
     if family and not check:
         raise ConfigError("--family only applies with --check; add --check or drop --family")
+    if target is not None and not check:
+        raise ConfigError(f"NAME_OR_DIST ({target!r}) only applies with --check; add --check or drop it")
     reg = get_registry()
     rows = [
         {
@@ -64,13 +71,20 @@ def plugins_command(
     ]
     checks = None
     if check:
-        from rankopt.testing import check_installed_plugins
+        from rankopt.cli.app import err_console
+        from rankopt.testing import CHECKED_FAMILIES, check_installed_plugins
 
-        checks = check_installed_plugins(tuple(family)) if family else check_installed_plugins()
+        def progress(fam: str, name: str, dist: str) -> None:  # on stderr: JSON stays parseable
+            err_console.print(f"checking {fam} {escape(name)} ({escape(dist)}) ...", highlight=False)
+
+        checks = check_installed_plugins(tuple(family) or CHECKED_FAMILIES, only=target, progress=progress)
+        failed = sum(not r["passed"] for r in checks)
+        summary = f"{len(checks)} checks, {failed} failed, {sum(r['skipped'] for r in checks)} skipped"
     if format == "json":
         out = {"plugins": rows, "failures": failures, "conflicts": conflicts}
         if checks is not None:
             out["checks"] = checks
+            out["summary"] = summary
         console.print_json(json.dumps(out))
     else:
         table = Table(title="rankopt plugins")
@@ -92,8 +106,10 @@ def plugins_command(
             for col in ("family", "name", "distribution", "check", "result"):
                 ct.add_column(col, overflow="fold")
             for r in checks:
-                ct.add_row(*(escape(str(r[c])) for c in ("family", "name", "distribution", "check")),
-                           "[green]pass[/green]" if r["passed"] else f"[red]FAIL[/red] {escape(r['reason'])}")
+                result = ("[yellow]skip[/yellow] " if r["skipped"] else "[green]pass[/green] " if r["passed"]
+                          else "[red]FAIL[/red] ") + escape(r["reason"] if r["skipped"] or not r["passed"] else "")
+                ct.add_row(*(escape(str(r[c])) for c in ("family", "name", "distribution", "check")), result.strip())
             console.print(ct)
+            console.print(summary, highlight=False)
     if checks is not None and not all(r["passed"] for r in checks):
         raise typer.Exit(1)

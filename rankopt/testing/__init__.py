@@ -16,8 +16,10 @@ Built-in and third-party plugins are held to the same contract::
 Each ``check_*`` function returns a list of :class:`CheckResult` (``check``,
 ``passed``, ``reason``) instead of raising, for tools (``rankopt plugins --check``
 prints them as a table via :func:`check_installed_plugins`). The checks use small
-layers and a tiny model, so a plugin is checked in about a second; they restore the
-caller's torch RNG state and do not touch the plugin registry.
+layers and a tiny model, so a plugin's check costs what its methods cost there: a
+fraction of a second for SVD-based decomposers, selectors and strategies, seconds for
+an iterative method such as CP-ALS (``benchmarks/bench_contract_kit.py``). They restore
+the caller's torch RNG state and do not touch the plugin registry.
 """
 
 from __future__ import annotations

@@ -15,14 +15,23 @@ __all__ = ["CheckResult", "CheckFailed", "Checks", "raise_on_failures", "seeded"
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The outcome of one contract check: its name, whether it passed, and why."""
+    """The outcome of one contract check: its name, whether it passed, and why.
+
+    A ``skipped`` check did not run (a sample layer ``supports()`` rejects, an optional
+    method not provided); it counts as passed, and ``reason`` says why it was skipped.
+    """
 
     check: str
     passed: bool
     reason: str = ""
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.skipped else ("pass" if self.passed else "FAIL")
 
     def __str__(self) -> str:
-        return f"[{'pass' if self.passed else 'FAIL'}] {self.check}: {self.reason}"
+        return f"[{self.status}] {self.check}: {self.reason}"
 
 
 class CheckFailed(Exception):
@@ -55,6 +64,9 @@ class Checks:
 
     def fail(self, check: str, reason: str) -> None:
         self.results.append(CheckResult(check, False, reason))
+
+    def skip(self, check: str, reason: str) -> None:
+        self.results.append(CheckResult(check, True, reason, skipped=True))
 
 
 def raise_on_failures(subject: str, results: Sequence[CheckResult]) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.accounting import Cost, count_flops
-from rankopt.errors import InvalidRanksError, UnsupportedModuleError
+from rankopt.errors import ConfigError, InvalidRanksError
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.records import NAME_PATTERN
 from rankopt.testing._core import (
@@ -23,7 +23,15 @@ from rankopt.testing._core import (
     require_json,
     seeded,
 )
-from rankopt.testing.samples import SampleLayer, sample_layers, unsupported_probes
+from rankopt.testing._refusals import (
+    check_refusals,
+    provides_rank_matrices,
+    rank_matrices_like_selectors,
+    refuses_unsupported,
+    supports,
+    why_unsupported,
+)
+from rankopt.testing.samples import SampleLayer, sample_layers
 
 __all__ = ["check_decomposer", "assert_decomposer", "DEFAULT_RTOL"]
 
@@ -45,6 +53,25 @@ def _built(dec: Decomposer, layer: SampleLayer, ranks: Sequence[int], *, initial
     new = dec.build(layer.module, tuple(ranks), initialize=initialize)
     require(isinstance(new, nn.Module), f"build() must return an nn.Module, got {type(new).__name__}")
     return new.to(dtype=torch.float64).eval()
+
+
+def _compare(new: nn.Module, reference: nn.Module, x: torch.Tensor, ranks: Sequence[int]) -> float:
+    """Relative error of ``new``'s output against ``reference``'s; a shape mismatch fails
+    with both shapes (not torch's size error)."""
+    ref = _forward(reference, x)
+    try:
+        out = _forward(new, x)
+    except Exception as exc:
+        raise CheckFailed(
+            f"at ranks {tuple(ranks)}, the built module's forward on an input of shape "
+            f"{tuple(x.shape)} raised {type(exc).__name__}: {exc}"
+        ) from None
+    require(
+        out.shape == ref.shape,
+        f"at ranks {tuple(ranks)}, output shape {tuple(out.shape)} differs from the original "
+        f"layer's {tuple(ref.shape)} (check stride, padding and dilation, per axis, in build())",
+    )
+    return relative_error(out, ref)
 
 
 def _with_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -86,13 +113,17 @@ def check_decomposer(
     input_hw: tuple[int, int] = (8, 8),
     rtol: float | None = None,
     seed: int = 0,
+    refuses: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None,
 ) -> list[CheckResult]:
     """Run ``decomposer`` through the decomposer contract.
 
     Args:
         decomposer: an instance (e.g. ``MyDecomposer()`` or ``rankopt.decomposer("tucker2")``).
-        modules: the layers to try (default: small Conv2d and Linear layers of varied
-            kernel, stride and bias; those ``supports()`` rejects are left out).
+        modules: the layers to try (default: :func:`~rankopt.testing.sample_layers`,
+            small Conv2d layers with 1x1, square and non-square kernels, stride 2 and
+            (2, 1), dilation (2, 1), large padding, with and without bias, odd channel
+            counts, and a Linear layer). Those ``supports()`` rejects are skipped, each
+            reported as a skipped ``sample_layer <name>`` result with the reason.
         input_hw: input size for the given Conv2d ``modules``.
         rtol: relative tolerance of the numerical checks, default the decomposer's
             ``contract_rtol`` attribute if it has one, else :data:`DEFAULT_RTOL`. An
@@ -103,6 +134,8 @@ def check_decomposer(
             then only has to move a projected weight no more than projecting moved
             the original, or than its ``projection_rtol``.
         seed: seeds weights and inputs (the caller's RNG state is restored).
+        refuses: layers the decomposer must refuse, in addition to those its
+            ``contract_refusals()`` declares.
 
     Checks, each on every supported layer: ``max_ranks`` are positive integers that
     ``check_ranks`` accepts and out-of-range, wrong-length and non-integer ranks raise
@@ -114,8 +147,12 @@ def check_decomposer(
     computes the same function once that state_dict is loaded; ``project`` keeps shape
     and dtype, leaves its input untouched and is idempotent; the module built from a
     projected weight computes that projection; ``default_options`` are JSON; the
-    ``rank_matrices`` (when provided) are one 2-D matrix per rank; and modules that
-    ``supports()`` rejects raise :class:`~rankopt.UnsupportedModuleError`.
+    ``rank_matrices`` (when provided) are 2-D, called as the spectral selectors call
+    them (``rank_matrices(weight, options)``, ``ranks_from_matrix_ranks(module,
+    matrix_ranks, options)``) and drive the ``energy`` selector to valid ranks;
+    ``cost()`` of a conv without ``input_hw`` raises ConfigError; modules that
+    ``supports()`` rejects, and the declared refusals, raise
+    :class:`~rankopt.UnsupportedModuleError` with the reason.
     """
     tol = float(rtol if rtol is not None else getattr(decomposer, "contract_rtol", DEFAULT_RTOL))
     checks = Checks(f"decomposer {getattr(decomposer, 'name', decomposer)!r}")
@@ -132,14 +169,18 @@ def check_decomposer(
     checks.run("identity", name_ok)
 
     all_layers = sample_layers(modules, input_hw=input_hw, seed=seed)
-    layers = [la for la in all_layers if _supports(decomposer, la.module)]
+    layers = [la for la in all_layers if supports(decomposer, la.module)]
+    for la in all_layers:
+        if la not in layers:
+            checks.skip(f"sample_layer {la.name}", why_unsupported(decomposer, la.module))
     if not layers:
         checks.fail(
             "sample_layers",
             f"supports() rejects every sample layer ({[la.name for la in all_layers]}); "
             "pass modules= with layers this decomposer handles",
         )
-        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
+        checks.run("refuses_unsupported", refuses_unsupported(decomposer))
+        check_refusals(checks, decomposer, refuses)
         return checks.results
 
     def largest(layer: SampleLayer) -> tuple[int, ...]:
@@ -199,7 +240,7 @@ def check_decomposer(
         top = largest(layer)
         with seeded(seed):
             x = layer.example()
-        err = relative_error(_forward(_built(decomposer, layer, top), x), _forward(layer.module, x))
+        err = _compare(_built(decomposer, layer, top), layer.module, x, top)
         require(err <= tol, f"output at the largest ranks {top} differs from the layer's by {err:.2e} > rtol {tol:.0e}")
         return f"rel. error {err:.1e}"
 
@@ -286,7 +327,7 @@ def check_decomposer(
         target_layer = SampleLayer(layer.name, target, layer.input_hw)
         with seeded(seed):
             x = layer.example()
-        err = relative_error(_forward(_built(decomposer, target_layer, ranks), x), _forward(target, x))
+        err = _compare(_built(decomposer, target_layer, ranks), target, x, ranks)
         bound = proj_tol if exact else max(relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300)), proj_tol)
         require(
             err <= bound,
@@ -304,18 +345,21 @@ def check_decomposer(
         require(with_opts == largest(layer), f"max_ranks with the default options {opts} is {with_opts}, without {largest(layer)}")
 
     def rank_matrices_ok(layer: SampleLayer) -> str | None:
-        top = largest(layer)
+        return rank_matrices_like_selectors(decomposer, layer, largest(layer))
+
+    def cost_without_hw(layer: SampleLayer) -> str | None:
+        if not isinstance(layer.module, nn.Conv2d):
+            return None  # a Linear layer's cost never needs it (cost_matches_built passes None)
         try:
-            mats = decomposer.rank_matrices(layer.module.weight.detach())  # type: ignore[union-attr]
-        except NotImplementedError:
-            return "not provided (spectral rank selectors cannot drive this decomposer)"
-        require(len(mats) >= 1, "rank_matrices() returned no matrix")
-        require(all(isinstance(m, torch.Tensor) and m.dim() == 2 for m in mats), "rank matrices must be 2-D tensors")
-        full = decomposer.ranks_from_matrix_ranks(layer.module, [min(m.shape) for m in mats])
-        decomposer.check_ranks(layer.module, tuple(min(r, hi) for r, hi in zip(full, top)))
-        ones = decomposer.ranks_from_matrix_ranks(layer.module, [1] * len(mats))
-        decomposer.check_ranks(layer.module, ones)
-        return None
+            got = decomposer.cost(layer.module, (1,) * len(largest(layer)), None)
+        except ConfigError as exc:
+            require("input_hw" in str(exc), f"the ConfigError does not name input_hw: {exc}")
+            return None
+        raise CheckFailed(
+            f"cost(conv, ranks, input_hw=None) returned {got!r}; a conv's FLOPs depend on its "
+            "input size, so raise ConfigError naming input_hw (rankopt passes a nominal size "
+            "when the real one is unknown)"
+        )
 
     with seeded(seed):  # building modules draws random initial weights
         _run_all(checks, layers, [
@@ -329,46 +373,24 @@ def check_decomposer(
             ("project_idempotent", idempotent),
             ("build_matches_projection", build_matches_projection),
             ("default_options", options_ok),
-            ("rank_matrices", rank_matrices_ok),
+            ("cost_without_input_hw", cost_without_hw),
         ])
-        checks.run("refuses_unsupported", _refuses_unsupported(decomposer))
+        if provides_rank_matrices(decomposer):
+            checks.run("rank_matrices", _per_layer(layers, rank_matrices_ok))
+        else:
+            checks.skip(
+                "rank_matrices",
+                "not provided: the spectral rank selectors (energy, vbmf, approx_ratio, budget) "
+                "refuse this decomposer with a ConfigError; use the fixed selector with it",
+            )
+        checks.run("refuses_unsupported", refuses_unsupported(decomposer))
+        check_refusals(checks, decomposer, refuses)
     return checks.results
 
 
 def _run_all(checks: Checks, layers: Sequence[SampleLayer], bodies: Sequence[tuple[str, Callable[[SampleLayer], str | None]]]) -> None:
     for name, body in bodies:
         checks.run(name, _per_layer(layers, body))
-
-
-def _supports(dec: Decomposer, module: nn.Module) -> bool:
-    try:
-        return bool(dec.supports(module))
-    except Exception:
-        return False
-
-
-def _refuses_unsupported(dec: Decomposer) -> Callable[[], str]:
-    def run() -> str:
-        probes = [p for p in unsupported_probes() if not _supports(dec, p.module)]
-        require(bool(probes), "supports() accepted every probe, even BatchNorm2d and grouped convs")
-        for probe in probes:
-            for what, call in (
-                ("check_module", lambda m: dec.check_module(m)),
-                ("max_ranks", lambda m: dec.max_ranks(m)),
-                ("build", lambda m: dec.build(m, (1,) * max(1, len(dec.rank_names)))),
-            ):
-                try:
-                    call(probe.module)
-                except UnsupportedModuleError:
-                    continue
-                except Exception as exc:
-                    raise CheckFailed(
-                        f"{what}({probe.name}) raised {type(exc).__name__} instead of UnsupportedModuleError: {exc}"
-                    ) from None
-                raise CheckFailed(f"{what}({probe.name}) accepted a module that supports() rejects")
-        return f"refused {[p.name for p in probes]}"
-
-    return run
 
 
 def assert_decomposer(decomposer: Decomposer, modules: Sequence[nn.Module] | Mapping[str, nn.Module] | None = None, **kwargs: object) -> None:

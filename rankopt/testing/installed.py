@@ -49,13 +49,33 @@ def _runner(family: str) -> Callable[[Any], list[CheckResult]]:
     }[family]
 
 
-def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[dict[str, Any]]:
+def _norm(text: str) -> str:
+    return text.strip().lower().replace("_", "-")
+
+
+def check_installed_plugins(
+    families: Sequence[str] = CHECKED_FAMILIES,
+    *,
+    only: str | None = None,
+    progress: Callable[[str, str, str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run the contract checks on every registered plugin of ``families``.
 
+    Args:
+        families: the families to check.
+        only: a plugin name or a distribution name (``rankopt-tensor-ring`` or
+            ``rankopt_tensor_ring``): check only the plugins it names.
+        progress: called as ``progress(family, name, distribution)`` before each
+            plugin's checks (the command line prints it).
+
     Returns one row per check: ``{"family", "name", "distribution", "check",
-    "passed", "reason"}``. Plugins that failed to load, names claimed twice and
-    factories that raise are failed rows too, so a clean result means every
-    installed plugin loads and honours its contract.
+    "passed", "skipped", "reason"}``. Plugins that failed to load, names claimed twice
+    and factories that raise are failed rows too, so a clean result means every
+    installed plugin loads and honours its contract. A rank selector is checked
+    against every installed decomposer: those it claims to work with (every one, or
+    those with ``rank_matrices`` when it ``needs_rank_matrices``) must get valid
+    ranks, the others must be refused with a ConfigError; its ``decomposers`` row says
+    which were which.
     """
     from rankopt.errors import ConfigError
     from rankopt.manager import FAMILIES, _family, get_registry
@@ -68,6 +88,18 @@ def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[
             f"{[*CHECKED_FAMILIES, 'models']}"
         )
     reg = get_registry()
+
+    def wanted(name: str, distribution: str) -> bool:
+        return only is None or _norm(only) in (_norm(name), _norm(distribution))
+
+    if only is not None:
+        known = {n for key in keys for p in reg.provided(key) for n in (p.record.name, p.source.distribution)}
+        known |= {n for f in reg.failures for n in (f.plugin, f.distribution)}
+        if not any(_norm(only) == _norm(n) for n in known):
+            raise ConfigError(
+                f"no installed plugin or distribution is named {only!r} in the checked families "
+                f"{[FAMILIES[k].label for k in keys]}; known names are {sorted(known)}"
+            )
     rows: list[dict[str, Any]] = []
 
     def add(family: str, name: str, dist: str, result: CheckResult) -> None:
@@ -78,27 +110,36 @@ def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[
                 "distribution": dist,
                 "check": result.check,
                 "passed": bool(result.passed),
+                "skipped": bool(result.skipped),
                 "reason": result.reason,
             }
         )
 
     for failure in reg.failures:
-        add(
-            "plugin",
-            failure.plugin,
-            f"{failure.distribution} {failure.version}".strip(),
-            CheckResult(f"load ({failure.stage})", False, failure.reason),
-        )
+        if wanted(failure.plugin, failure.distribution):
+            add(
+                "plugin",
+                failure.plugin,
+                f"{failure.distribution} {failure.version}".strip(),
+                CheckResult(f"load ({failure.stage})", False, failure.reason),
+            )
     for key, name, sources in reg.conflicts():
+        if not any(wanted(name, s.distribution) for s in sources):
+            continue
         who = " and ".join(f"{s.plugin} ({s.distribution} {s.version})".replace(" )", ")") for s in sources)
         add(FAMILIES[key].label, name, ", ".join(s.distribution for s in sources),
-            CheckResult("unique_name", False, f"claimed by {who}"))
+            CheckResult("unique_name", False, f"claimed by {who}; users: uninstall one of them; "
+                        f"authors: rename your {FAMILIES[key].label}"))
 
     for key in keys:
         label = FAMILIES[key].label
         for provided in reg.provided(key):
             record, source = provided.record, provided.source
+            if not wanted(record.name, source.distribution):
+                continue
             dist = f"{source.distribution} {source.version}".strip()
+            if progress is not None:
+                progress(label, record.name, dist)
             if key == "models":
                 for result in _model_checks(record):
                     add(label, record.name, dist, result)
@@ -114,6 +155,47 @@ def check_installed_plugins(families: Sequence[str] = CHECKED_FAMILIES) -> list[
                 registered == record.name,
                 f"instance.name is {registered!r}, registered as {record.name!r}",
             ))
-            for result in _runner(key)(instance):
+            if key == "rank_selectors":
+                results = _selector_checks(instance, source.distribution)
+            else:
+                results = _runner(key)(instance)
+            for result in results:
                 add(label, record.name, dist, result)
     return rows
+
+
+def _installed_decomposers() -> list[tuple[Any, str]]:
+    """(instance, distribution) of every uniquely named decomposer whose factory works."""
+    from rankopt.manager import get_registry
+
+    reg = get_registry()
+    conflicted = {name for key, name, _ in reg.conflicts() if key == "decomposers"}
+    out = []
+    for provided in reg.provided("decomposers"):
+        if provided.record.name in conflicted:
+            continue  # a conflict is reported as its own failure
+        try:
+            out.append((provided.record.factory(), provided.source.distribution))
+        except Exception:
+            continue  # reported by the decomposer's own "factory" row
+    return out
+
+
+def _selector_checks(selector: Any, distribution: str) -> list[CheckResult]:
+    """The selector's checks with every installed decomposer, and a row naming them."""
+    from rankopt.testing.selectors import _has_rank_matrices, check_rank_selector
+
+    decs = _installed_decomposers()
+    if not decs:
+        return check_rank_selector(selector)  # reports that no decomposer is registered
+    needs = bool(getattr(selector, "needs_rank_matrices", False))
+    claimed = [d.name for d, _ in decs if not needs or _has_rank_matrices(d)]
+    refused = [d.name for d, _ in decs if d.name not in claimed]
+    own = [d.name for d, dist in decs if dist == distribution and distribution != "rankopt"]
+    why = "it needs rank_matrices" if needs else "it claims every decomposer"
+    reason = f"valid ranks expected with {claimed} ({why})"
+    if refused:
+        reason += f"; a ConfigError expected from {refused} (no rank_matrices)"
+    if own:
+        reason += f"; its own distribution's: {own}"
+    return [CheckResult("decomposers", True, reason), *check_rank_selector(selector, [d for d, _ in decs])]

@@ -1,7 +1,8 @@
 """Small layers, a tiny model and tiny data that the contract checks run plugins on.
 
-Everything is deliberately small (a few hundred weights) so a full check of one
-plugin takes well under a second on a CPU. Channel counts are composite (6, 8, 12)
+Everything is deliberately small (a few hundred weights) so that the check of one
+plugin costs what its method costs on tiny layers: a fraction of a second for
+SVD-based decomposers, seconds for iterative ones (CP-ALS). Channel counts are composite (6, 8, 12)
 so decomposers that factorize channels (TT, Tensor Ring) have something to factorize.
 """
 
@@ -58,8 +59,17 @@ _DEFAULT_SAMPLES: tuple[tuple[str, Callable[[], nn.Module], tuple[int, int] | No
     ("conv3x3_stride2_nobias", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), (7, 7)),
     ("conv1x1", lambda: nn.Conv2d(8, 4, 1), (5, 5)),
     ("conv1x3", lambda: nn.Conv2d(4, 6, (1, 3), padding=(0, 1)), (5, 6)),
+    # each geometry below changes the output shape or values when a build() drops it,
+    # and the input is not square, so swapping height and width shows too
+    ("conv3x3_dilation2x1", lambda: nn.Conv2d(4, 6, 3, padding=(2, 1), dilation=(2, 1)), (7, 6)),
+    ("conv3x3_stride2x1", lambda: nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1), (7, 6)),
+    ("conv3x2_pad2x1_odd_channels", lambda: nn.Conv2d(5, 7, (3, 2), padding=(2, 1)), (5, 6)),
     ("linear", lambda: nn.Linear(12, 10), None),
 )
+"""The default layers: (name, factory, input (H, W)). Together they cover 1x1, square and
+non-square kernels, stride 2 and anisotropic stride (2, 1), dilation (2, 1), padding
+larger than the kernel's half, layers with and without bias, odd (prime) channel counts
+and a Linear layer."""
 
 
 def sample_layers(
@@ -108,6 +118,7 @@ def unsupported_probes() -> list[SampleLayer]:
         SampleLayer("grouped_conv", nn.Conv2d(4, 4, 3, groups=2), (6, 6)),
         SampleLayer("depthwise_conv", nn.Conv2d(4, 4, 3, groups=4), (6, 6)),
         SampleLayer("conv1d", nn.Conv1d(4, 6, 3), None),
+        SampleLayer("reflect_padded_conv", nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (6, 6)),
         SampleLayer("batchnorm", nn.BatchNorm2d(4), None),
         SampleLayer("linear", nn.Linear(12, 10), None),
         SampleLayer("conv2d", nn.Conv2d(6, 8, 3), (6, 6)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -91,7 +91,7 @@ def space_corners(space: Mapping[str, BaseDistribution]) -> list[dict[str, Any]]
 
 def check_rank_selector(
     selector: RankSelector,
-    decomposer: Decomposer | None = None,
+    decomposer: Decomposer | Sequence[Decomposer] | None = None,
     *,
     model: nn.Module | None = None,
     input_shape: Sequence[int] = TINY_INPUT_SHAPE,
@@ -102,8 +102,11 @@ def check_rank_selector(
 
     Args:
         selector: an instance.
-        decomposer: the decomposer to select ranks for (default: the registered
-            ``tucker2``, else ``svd``, else the first registered one).
+        decomposer: the decomposer to select ranks for, or several (then the checks
+            that select ranks run once per decomposer, named ``check [decomposer]``).
+            Default: the registered ``tucker2``, else ``svd``, else the first
+            registered one. ``rankopt plugins --check`` passes every installed
+            decomposer the selector claims to work with.
         model, input_shape: the model whose layers are used (default: a tiny CNN).
         params: parameter sets to try (default: the defaults, and every corner of the
             search space, one distribution at a time).
@@ -114,7 +117,9 @@ def check_rank_selector(
     is rejected by ``validate_params`` (ConfigError) and by ``select``; for every
     parameter set, ``select`` and ``select_layers`` give integer ranks in
     ``[1, max_ranks]`` on every layer the decomposer supports, the same with a fresh
-    :class:`~rankopt.SpectralCache` as with another (deterministic).
+    :class:`~rankopt.SpectralCache` as with another (deterministic). A selector with
+    ``needs_rank_matrices`` given a decomposer without ``rank_matrices`` must refuse
+    it with a ConfigError instead (check ``refuses_without_rank_matrices``).
     """
     checks = Checks(f"rank selector {getattr(selector, 'name', selector)!r}")
 
@@ -128,28 +133,42 @@ def check_rank_selector(
 
     checks.run("identity", identity)
     try:
-        dec = decomposer if decomposer is not None else default_decomposer()
+        if decomposer is None:
+            decs = [default_decomposer()]
+        elif isinstance(decomposer, Decomposer):
+            decs = [decomposer]
+        else:
+            decs = list(decomposer)
+        require(bool(decs), "no decomposer to check the selector with")
         with seeded(seed):
             net = (model if model is not None else tiny_model()).eval()
-        layers = [
-            la for la in find_layers(net, tuple(input_shape)) if dec.supports(net.get_submodule(la.name))
-        ]
-        require(bool(layers), f"decomposer {dec.name!r} supports none of the model's layers")
+        found = find_layers(net, tuple(input_shape))
+        per_dec, unusable = [], []
+        for dec in decs:
+            try:
+                layers = [la for la in found if dec.supports(net.get_submodule(la.name))]
+                require(bool(layers), f"decomposer {dec.name!r} supports none of the model's layers")
+                per_dec.append((dec, layers))
+            except Exception as exc:
+                if len(decs) == 1:
+                    raise
+                # one odd decomposer must not fail the selector: say why it was not used
+                unusable.append((dec, f"{type(exc).__name__}: {exc}" if not isinstance(exc, CheckFailed) else str(exc)))
+        require(bool(per_dec), f"none of the decomposers {[d.name for d in decs]} supports a layer of the model")
     except Exception as exc:
         checks.fail("setup", f"{type(exc).__name__}: {exc}")
         return checks.results
-
-    state: dict[str, Any] = {}
+    for dec, why in unusable:
+        checks.skip(f"ranks_within_bounds [{dec.name}]", f"not checked with {dec.name!r}: {why}")
 
     def space_ok() -> str:
-        space = selector.search_space(layers)
+        space = selector.search_space(per_dec[0][1])
         require(isinstance(space, dict), f"search_space() must return a dict, got {type(space).__name__}")
         for k, d in space.items():
             require(isinstance(k, str) and bool(k), f"search-space names must be non-empty strings, got {k!r}")
             require(isinstance(d, BaseDistribution), f"search_space()[{k!r}] must be an Optuna distribution, got {type(d).__name__}")
         for values in space_corners(space):
             selector.validate_params(values)
-        state["space"] = space
         return f"{sorted(space)}"
 
     def defaults_ok() -> str:
@@ -161,7 +180,41 @@ def check_rank_selector(
         require(selector.validate_params(full) == full, "validate_params is not idempotent on its own output")
         return f"{d}"
 
-    def rejects_unknown() -> str:
+    with seeded(seed):
+        checks.run("search_space", space_ok)
+        checks.run("defaults", defaults_ok)
+        for dec, layers in per_dec:
+            suffix = f" [{dec.name}]" if len(per_dec) > 1 else ""
+            if getattr(selector, "needs_rank_matrices", False) and not _has_rank_matrices(dec):
+                checks.run(f"refuses_without_rank_matrices{suffix}", _refuses(selector, net, dec, layers))
+                continue
+            checks.run(f"rejects_unknown_params{suffix}", _rejects_unknown(selector, net, dec, layers))
+            checks.run(f"ranks_within_bounds{suffix}", _ranks_ok(selector, net, dec, layers, input_shape, params))
+    return checks.results
+
+
+def _has_rank_matrices(dec: Decomposer) -> bool:
+    return type(dec).rank_matrices is not Decomposer.rank_matrices
+
+
+def _refuses(selector: RankSelector, net: nn.Module, dec: Decomposer, layers: Sequence[Any]) -> Callable[[], str]:
+    def run() -> str:
+        la = layers[0]
+        try:
+            got = selector.select(net.get_submodule(la.name), dec, cache=SpectralCache(), name=la.name,
+                                  **selector.validate_params({}))
+        except ConfigError as exc:
+            return f"ConfigError: {exc}"
+        raise CheckFailed(
+            f"needs_rank_matrices is set but select() on {dec.name!r} (no rank_matrices) returned "
+            f"{got!r}; raise ConfigError, or set needs_rank_matrices = False"
+        )
+
+    return run
+
+
+def _rejects_unknown(selector: RankSelector, net: nn.Module, dec: Decomposer, layers: Sequence[Any]) -> Callable[[], str]:
+    def run() -> str:
         try:
             selector.validate_params({UNKNOWN_PARAM: 1})
         except ConfigError as exc:
@@ -175,26 +228,31 @@ def check_rank_selector(
             return "validate_params and select reject it"
         raise CheckFailed(f"select() accepted (dropped) an unknown parameter {UNKNOWN_PARAM!r}")
 
-    def ranks_ok() -> str:
-        # corners of a space may be unreachable on a tiny model (a budget below the
-        # smallest ranks): selectors warn about that, which is not what is checked here
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return ranks_in_bounds()
+    return run
 
-    def ranks_in_bounds() -> str:
-        sets = [dict(p) for p in params] if params is not None else [{}, *space_corners(state.get("space") or {})]
+
+def _ranks_ok(
+    selector: RankSelector,
+    net: nn.Module,
+    dec: Decomposer,
+    layers: Sequence[Any],
+    input_shape: Sequence[int],
+    params: Sequence[Mapping[str, Any]] | None,
+) -> Callable[[], str]:
+    def in_bounds() -> str:
+        space = selector.search_space(layers)
+        if not all(isinstance(d, BaseDistribution) for d in space.values()):
+            space = {}  # an invalid space fails its own check; try the defaults here
+        sets = [dict(p) for p in params] if params is not None else [{}, *space_corners(space)]
         tried = 0
         for raw in sets:
             full = selector.validate_params(raw)
-            per_layer = {}
             for la in layers:
                 module = net.get_submodule(la.name)
                 r1 = selector.select(module, dec, cache=SpectralCache(), name=la.name, **full)
                 r2 = selector.select(module, dec, cache=SpectralCache(), name=la.name, **full)
                 _in_bounds(dec, module, r1, f"select({la.name}) with {raw}")
                 require(tuple(r1) == tuple(r2), f"select({la.name}) with {raw} is not deterministic: {r1} then {r2}")
-                per_layer[la.name] = tuple(r1)
             choices = selector.select_layers(
                 net, layers, {la.name: dec for la in layers}, cache=SpectralCache(),
                 input_shape=tuple(input_shape), **full,
@@ -206,12 +264,14 @@ def check_rank_selector(
             tried += 1
         return f"{tried} parameter set(s) on {len(layers)} layer(s) with {dec.name!r}"
 
-    with seeded(seed):
-        checks.run("search_space", space_ok)
-        checks.run("defaults", defaults_ok)
-        checks.run("rejects_unknown_params", rejects_unknown)
-        checks.run("ranks_within_bounds", ranks_ok)
-    return checks.results
+    def run() -> str:
+        # corners of a space may be unreachable on a tiny model (a budget below the
+        # smallest ranks): selectors warn about that, which is not what is checked here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return in_bounds()
+
+    return run
 
 
 def _in_bounds(dec: Decomposer, module: nn.Module, ranks: Any, where: str) -> None:
@@ -225,7 +285,9 @@ def _in_bounds(dec: Decomposer, module: nn.Module, ranks: Any, where: str) -> No
         )
 
 
-def assert_rank_selector(selector: RankSelector, decomposer: Decomposer | None = None, **kwargs: Any) -> None:
+def assert_rank_selector(
+    selector: RankSelector, decomposer: Decomposer | Sequence[Decomposer] | None = None, **kwargs: Any
+) -> None:
     """:func:`check_rank_selector`, raising one AssertionError that lists every failed check."""
     raise_on_failures(
         f"rank selector {getattr(selector, 'name', selector)!r}",

@@ -139,6 +139,16 @@ class Decomposer(ABC):
         """Combine per-matrix ranks into this decomposer's ranks (identity by default)."""
         return tuple(int(r) for r in matrix_ranks)
 
+    def contract_refusals(self) -> dict[str, nn.Module]:
+        """Layers this decomposer must refuse, by name, for :mod:`rankopt.testing` to check.
+
+        The contract checks require each to be rejected by :meth:`supports` with a
+        reason from :meth:`unsupported_reason`, and :meth:`check_module`,
+        :meth:`max_ranks` and :meth:`build` to raise
+        :class:`~rankopt.UnsupportedModuleError` carrying that reason. None by default.
+        """
+        return {}
+
     def default_options(self, module: nn.Module) -> dict[str, Any]:
         """Options chosen automatically for ``module`` (stored in the spec)."""
         return {}

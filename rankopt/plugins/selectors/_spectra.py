@@ -117,6 +117,8 @@ class SpectralRankSelector(RankSelector):
     decomposer and clamped to ``[min_rank, largest]``.
     """
 
+    needs_rank_matrices = True
+
     def select(
         self,
         module: nn.Module,

@@ -131,6 +131,11 @@ class RankSelector(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Params: ClassVar[type[SelectorParams] | None] = None
+    #: True for a selector that reads the decomposer's ``rank_matrices`` (the spectral
+    #: ones): it works with the decomposers that provide them and refuses the others
+    #: with a ConfigError. False: it claims to work with every decomposer.
+    #: :mod:`rankopt.testing` checks it against each installed decomposer it claims.
+    needs_rank_matrices: ClassVar[bool] = False
 
     # -- parameters -------------------------------------------------------------------
     def search_space(self, layers: Sequence[LayerInfo] = (), **options: Any) -> dict[str, BaseDistribution]:

@@ -275,6 +275,7 @@ class BudgetRankSelector(RankSelector):
     name = "budget"
     description = "Global allocator: ranks meeting a params/FLOPs target for the whole model"
     Params = BudgetParams
+    needs_rank_matrices = True
 
     def select(
         self,
