@@ -145,7 +145,7 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
 
 _LAZY = {
     "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
-    "export": "rankopt.export", "fold_batchnorm": "rankopt.export",
+    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy",
 }
 
 

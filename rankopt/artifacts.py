@@ -206,7 +206,7 @@ def load_compressed(
         ) from None
     skeleton.eval()
     if (payload.get("metadata") or {}).get("fold_bn"):  # written by `rankopt pick --fold-bn`
-        from rankopt.export import fold_batchnorm
+        from rankopt.deploy import fold_batchnorm
 
         skeleton = fold_batchnorm(skeleton)
     return skeleton.to(map_location)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import rankopt
 from rankopt.errors import ConfigError, ExportError
-from rankopt.export import export, fold_batchnorm
+from rankopt.deploy import export, fold_batchnorm
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[deploy]') is not installed")
 
@@ -92,7 +92,7 @@ def test_folded_batchnorm_equals_unfolded(decomposer: str, left: int) -> None:
 
 
 def test_above_the_tolerance_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rankopt.export as export_mod
+    import rankopt.deploy as export_mod
 
     path = tmp_path / "m.onnx"
     path.write_bytes(b"an earlier file")

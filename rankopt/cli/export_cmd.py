@@ -46,7 +46,7 @@ def export_command(
     """
     from rankopt.artifacts import load_compressed, read_compressed
     from rankopt.errors import ConfigError
-    from rankopt.export import EXPORT_FORMATS, export
+    from rankopt.deploy import EXPORT_FORMATS, export
     from rankopt.results import StudyResult
 
     if format not in EXPORT_FORMATS:
@@ -83,4 +83,5 @@ def export_command(
         f"wrote {result.path} ({format}, dynamic batch); largest |difference| from PyTorch on "
         f"{result.batch} {what}: {result.max_abs_diff:.3g} (tolerance {tolerance:g})",
         highlight=False,
+        soft_wrap=True,
     )

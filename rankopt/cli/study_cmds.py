@@ -198,7 +198,7 @@ def _write_folded(source: Path, out: Path) -> None:
 
     from rankopt.artifacts import load_compressed, read_compressed, save_compressed
     from rankopt.errors import ExportError
-    from rankopt.export import fold_batchnorm
+    from rankopt.deploy import fold_batchnorm
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
