@@ -207,7 +207,8 @@ def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path
         f"# Study `{result.config.name}`\n",
         f"Baseline: accuracy {ref['accuracy']:.4f}, {ref['params']:,} params, {ref['flops']:,} FLOPs "
         f"({ref.get('obtained', '')})"
-        + (f"; latency {ref['latency_ms']:.3f} ms in {ref.get('latency_runtime', 'eager')}" if ref.get("latency_ms") else "")
+        + (f"; latency {ref['latency_ms']:.3f} ms in {ref.get('latency_runtime', 'eager')}"
+           if ref.get("latency_ms") else "")
         + ".\n",
         "Trials: " + ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items())) + ".\n",
         "Normalized hypervolume: "

@@ -38,7 +38,8 @@ def _print_front(records: list[Any], title: str) -> None:
     table = Table(title=title)
     rows = front_table_rows(records)
     timed = bool(rows) and "latency_ms" in rows[0]  # latency columns only when measured
-    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", *(("ms", "speed-up") if timed else ()), "strategy"):
+    latency_cols = ("ms", "speed-up") if timed else ()
+    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", *latency_cols, "strategy"):
         table.add_column(col, no_wrap=True, justify="left" if col == "strategy" else "right")
     table.add_column("ranks", overflow="fold")
     for row in rows:
@@ -167,7 +168,9 @@ def pick_command(
     max_params: Optional[float] = typer.Option(None, "--max-params", help="The most accurate model with at most this many parameters."),
     max_flops: Optional[float] = typer.Option(None, "--max-flops", help="The most accurate model with at most this many FLOPs."),
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="The smallest model at least this accurate (a fraction, e.g. 0.95)."),
-    fold_bn: bool = typer.Option(False, "--fold-bn", help="Load as a model with BatchNorm folded into the preceding convs (checked to 1e-5)."),
+    fold_bn: bool = typer.Option(
+        False, "--fold-bn", help="Load as a model with BatchNorm folded into the preceding convs (checked to 1e-5)."
+    ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads."""
     from rankopt.artifacts import read_compressed
