@@ -81,6 +81,16 @@ def test_pareto_shows_latency_and_speedup(run_dir: Path, capsys: pytest.CaptureF
     assert "speed-up" in out and "ms" in out
 
 
+def test_report_summary_shows_latency_and_speedup(run_dir: Path, tmp_path: Path) -> None:
+    from rankopt.report import write_report
+
+    files = write_report(StudyResult(run_dir), out_dir=tmp_path)
+    summary = next(f for f in files if f.name == "summary.md").read_text()
+    header = next(line for line in summary.splitlines() if line.startswith("| trial"))
+    assert "latency_ms" in header and "speedup" in header
+    assert "ms in onnxruntime" in summary  # the reference's latency in the baseline line
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_from_the_run_directory(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
     trial = StudyResult(run_dir).front()[0].trial
