@@ -118,3 +118,14 @@ def test_bad_arguments_fail_before_writing(tmp_path: Path, kwargs: dict, match: 
     with pytest.raises(ConfigError, match=match):
         export(_net(), path, **kwargs)
     assert not path.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_exports_and_its_latency_is_measured(tmp_path: Path) -> None:
+    from rankopt.latency import measure_model_latency
+
+    model = _compressed("tucker2").cuda()
+    result = export(model, tmp_path / "m.onnx", "onnx", input_shape=(1, 3, 12, 12))
+    assert result.max_abs_diff <= 1e-4 and next(model.parameters()).is_cuda  # the caller's model stays put
+    timed = measure_model_latency(model, _net().cuda(), (1, 3, 12, 12), device="cuda")
+    assert timed["latency_ms"] > 0 and timed["latency_ratio"] > 0
