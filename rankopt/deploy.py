@@ -53,11 +53,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Uses ``torch.fx.experimental.optimization.fuse`` (Conv-BN and Linear-BN pairs whose
     conv output feeds only the BatchNorm); fx traces through rankopt's decomposed
-    layers, so a Tucker-2/CP/TT/SVD chain followed by BatchNorm has it folded into its
-    last factor. A BatchNorm after a layer that does not end in an ``nn.Conv2d`` module
-    stays (TT ends in a reshape, the tensor_ring contrib in a conv of computed
-    weights) and runs as its own op. The result is a ``torch.fx.GraphModule`` computing the same function
-    (to float rounding, ~1e-6). ``model`` is left untouched.
+    layers, so a Tucker-2, CP or SVD chain followed by BatchNorm has it folded into
+    its last factor. A BatchNorm after a layer that does not end in an ``nn.Conv2d``
+    module stays (TT ends in a reshape, the tensor_ring contrib in a conv of computed
+    weights) and runs as its own op. The result is a ``torch.fx.GraphModule``
+    computing the same function (to float rounding, ~1e-6). ``model`` is left untouched.
     """
     from torch.fx.experimental.optimization import fuse
 
