@@ -153,3 +153,26 @@ def test_bad_values_name_the_field(field: str, value: object) -> None:
     layers = rankopt.find_layers(net, INPUT)
     with pytest.raises(ConfigError, match=rf"{field} must be an integer >= 1, got {value!r}"):
         select_spec(net, layers, {"conv1": "tucker2"}, "fixed", {}, **{field: value})
+
+
+def test_inspect_follows_the_study_files_min_in_channels(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import yaml
+
+    from rankopt.cli import main
+
+    def dense_layers(*args: str) -> list[str]:
+        assert main(["inspect", *args, "--input-shape", "1,1,8,8", "--format", "json"]) == 0
+        return [r["layer"] for r in json.loads(capsys.readouterr().out)["layers"] if r.get("dense")]
+
+    study = {"name": "s", "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "trials": 1}
+    default, asked = tmp_path / "default.yaml", tmp_path / "asked.yaml"
+    default.write_text(yaml.safe_dump(study))
+    asked.write_text(yaml.safe_dump({**study, "min_in_channels": 1}))
+    assert dense_layers(str(default)) == ["0"]  # the 1-channel stem
+    assert dense_layers(str(asked)) == []
+    assert dense_layers(str(asked), "--min-in-channels", "9") == ["0", "3"]  # 1 and 8 input channels
+    assert main(["inspect", "small_cnn", "--min-in-channels", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-in-channels must be an integer >= 1, got 0" in err and len(err.strip().splitlines()) == 1

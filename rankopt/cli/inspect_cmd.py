@@ -284,8 +284,9 @@ def inspect_command(
         None, "--cache-dir", help="A spectral-cache directory to read and fill (default: memory only)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (without --weights)."),
-    min_in_channels: int = typer.Option(
-        4, "--min-in-channels", help="Layers with fewer input channels are kept dense, as a study does by default."
+    min_in_channels: Optional[int] = typer.Option(
+        None, "--min-in-channels",
+        help="Layers with fewer input channels are kept dense (default: the study file's, else 4 as in a study).",
     ),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
@@ -298,6 +299,14 @@ def inspect_command(
         raise ConfigError(f"--num-classes must be a positive integer, got {num_classes}")
     ps = _parse_floats(thresholds, "--thresholds")
     shape = _parse_shape(input_shape) if input_shape is not None else None
+    if min_in_channels is None:
+        min_in_channels = 4
+        if model_or_study.endswith(STUDY_SUFFIXES):
+            from rankopt.config import load_config
+
+            min_in_channels = load_config(model_or_study, check_paths=False).min_in_channels
+    if min_in_channels < 1:
+        raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
     import rankopt
 
     rankopt.decomposer(decomposer)  # an unknown name fails before any work
@@ -305,8 +314,6 @@ def inspect_command(
         model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
     )
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
-    if min_in_channels < 1:
-        raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
     methods, rows = inspect_rows(
         model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels
     )
