@@ -115,6 +115,162 @@ def measure_setting(setting: Any, out: Path, device: torch.device, threads: int)
     return text
 
 
+# -- serving runtimes: eager vs ONNX Runtime (issue 14) --------------------------------------
+
+RUNTIME_BATCHES = (1, 32)
+
+
+def runtime_speeds(reference: nn.Module, model: nn.Module, shape: tuple[int, ...], rounds: int) -> dict[str, float]:
+    """Speed-ups of ``model`` over ``reference`` in eager and in ONNX Runtime (1 thread).
+
+    All four callables (reference and model, eager and ORT) are timed in one interleaved
+    loop on process CPU time (``rankopt.latency.time_interleaved``), so load changes on
+    the shared machine hit them alike.
+    """
+    from rankopt.latency import runtime_callable, time_interleaved
+
+    x = torch.zeros(shape)
+    fns = [runtime_callable(m, x, rt, threads=1) for rt in ("eager", "onnxruntime") for m in (reference, model)]
+    ref_e, mod_e, ref_o, mod_o = time_interleaved(fns, rounds=rounds)
+    return {"ref_eager_ms": ref_e * 1e3, "eager": ref_e / mod_e, "ort": ref_o / mod_o,
+            "ref_ort_ms": ref_o * 1e3, "model_ort_ms": mod_o * 1e3}
+
+
+def fixed_fraction_model(reference: nn.Module, shape: tuple[int, ...], fraction: float, multiple: int) -> tuple[nn.Module, int]:
+    """``reference`` with tucker2 at ``fraction`` of each conv's ranks (stems of <= 3 channels
+    and 1x1 convs left dense, as a study does), ranks rounded to ``multiple``; and its FLOPs."""
+    from rankopt.selection import select_spec
+
+    layers = rankopt.find_layers(reference, shape)
+    convs = {la.name: "tucker2" for la in layers if la.kind == "conv2d" and tuple(la.kernel_size) != (1, 1)}
+    spec, _ = select_spec(reference, layers, convs, "fixed", {"fraction": fraction},
+                          rank_multiple=multiple, min_in_channels=4)
+    model = rankopt.compress(reference, spec).eval()
+    return model, rankopt.count(model, shape).flops
+
+
+def runtime_rows(args: argparse.Namespace) -> str:
+    """Eager vs ONNX Runtime speed-ups: the front-quality picks where present, and
+    structure-only tucker2 models (speed does not depend on the weights' values)."""
+    rows: list[list[str]] = []
+    cases: list[tuple[str, str, nn.Module, nn.Module, tuple[int, ...]]] = []
+    for key in ("mnist", "cifar"):
+        setting = settings(args.quick)[key]
+        if (args.out / key / "picked.json").is_file():
+            picked = picked_models(args.out, key)
+            ref = reference_model(picked, setting)
+            side, in_ch = (28, 1) if key == "mnist" else (32, 3)
+            for method, picks in picked["methods"].items():
+                for label, pick in picks.items():
+                    model = load_compressed(pick["model_path"]).eval()
+                    cases.append((setting.title, f"{method} {label} pick (trial {pick['trial']})", ref, model,
+                                  (1, in_ch, side, side)))
+    zoo = [("LeNet-5 (MNIST 28x28)", "lenet5", (1, 1, 28, 28)),
+           ("ResNet-20 (CIFAR)", "resnet20_cifar", (1, 3, 32, 32)),
+           ("ResNet-18 (CIFAR)", "resnet18_cifar", (1, 3, 32, 32))]
+    for title, name, shape in zoo:
+        torch.manual_seed(0)
+        ref = rankopt.model(name, num_classes=10, in_channels=shape[1]).eval()
+        for fraction in (0.25, 0.5):
+            for multiple in ((1, 8) if name != "resnet18_cifar" else (1,)):
+                model, _ = fixed_fraction_model(ref, shape, fraction, multiple)
+                cases.append((title, f"tucker2 x{fraction:g}" + (f", rank_multiple {multiple}" if multiple > 1 else ""),
+                              ref, model, shape))
+    for title, label, ref, model, shape in cases:
+        ref_flops, flops = rankopt.count(ref, shape).flops, rankopt.count(model, shape).flops
+        flop_x = ref_flops / flops
+        cells = []
+        for b in RUNTIME_BATCHES:
+            rounds = args.rounds if b == 1 or ref_flops < 1e8 else max(3, args.rounds // 3)
+            s = runtime_speeds(ref, model, (b, *shape[1:]), rounds)
+            cells += [f"{s['eager']:.2f}", f"{s['ort']:.2f}", f"{s['eager'] / flop_x:.2f}", f"{s['ort'] / flop_x:.2f}",
+                      f"{s['ref_eager_ms'] / s['ref_ort_ms']:.2f}"]
+        rows.append([title, label, f"{flop_x:.2f}", *cells])
+        print(rows[-1], flush=True)
+    header = ["model", "compression", "FLOP reduction"]
+    for b in RUNTIME_BATCHES:
+        header += [f"eager speed-up @{b}", f"ORT speed-up @{b}", f"eager / FLOP red. @{b}",
+                   f"ORT / FLOP red. @{b}", f"dense ORT vs eager @{b}"]
+    return markdown_table(header, rows)
+
+
+def latency_study(args: argparse.Namespace) -> str:
+    """A small latency-objective study on ResNet-20 (CIFAR subset, ONNX Runtime, batch 1,
+    rank_multiple 8); its front's speed-up over the reference in ORT vs FLOP reduction."""
+    from _baselines import DATA
+
+    from rankopt.latency import measure_model_latency
+    from rankopt.study import Study
+
+    run_dir = args.out / "latency_study"
+    config = {
+        "name": "bench_latency_resnet20",
+        "model": {"name": "resnet20_cifar"},
+        "data": {"name": "npz", "batch_size": 64, "kwargs": {
+            "train": "cifar10_train_1.npz", "val": "cifar10_train_5.npz", "root": str(DATA),
+            "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
+            "limit": {"train": args.study_train, "val": 500}}},
+        "reference": {"epochs": 2, "lr": 0.1},
+        "decomposers": ["tucker2"],
+        "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 0.8}}, "energy": {"p": {"low": 0.6, "high": 0.98}}},
+        "strategies": {"finetune": {"epochs": 0.5, "lr": 0.01}},
+        "objectives": ["accuracy", "latency"],
+        "latency": {"runtime": "onnxruntime", "batch": 1, "threads": 1, "rounds": 9},
+        "rank_multiple": 8,
+        "keep_faster_layers": True,
+        "sampler": {"name": "tpe", "seed": 0},
+        "trials": args.study_trials,
+        "device": "cpu",
+        "run_dir": str(run_dir),
+    }
+    result = Study(config, progress=False).run()
+    ref = result.reference
+    shape = tuple(ref["input_shape"])
+    reference = rankopt.model("resnet20_cifar", num_classes=10)
+    reference.load_state_dict(torch.load(run_dir / "reference" / "model.pt", weights_only=True))
+    rows = []
+    for rec in sorted(result.front(), key=lambda r: r.latency_ratio or 0):
+        model = result.load_model(rec.trial)
+        again = measure_model_latency(model, reference, shape, runtime="onnxruntime", rounds=args.rounds)
+        flop_x = ref["flops"] / rec.flops
+        speed = 1.0 / again["latency_ratio"]
+        rows.append([str(rec.trial), f"{rec.accuracy:.4f}", f"{rec.flops:,}", f"{flop_x:.2f}",
+                     f"{1.0 / rec.latency_ratio:.2f}", f"{speed:.2f}", f"{speed / flop_x:.2f}", rec.ranks_summary])
+        print(rows[-1], flush=True)
+    text = (f"Reference: accuracy {ref['accuracy']:.4f}, {ref['flops']:,} FLOPs, "
+            f"{ref.get('latency_ms', float('nan')):.3f} ms in ONNX Runtime at batch 1. "
+            f"{len(result.trials())} trials, front of {len(rows)}.\n\n")
+    return text + markdown_table(
+        ["trial", "val acc", "FLOPs", "FLOP reduction", "ORT speed-up (in the study)",
+         "ORT speed-up (timed again)", "speed-up / FLOP reduction @1", "ranks"], rows)
+
+
+def runtimes_main(args: argparse.Namespace) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    load = "load average %.2f, %.2f, %.2f" % os.getloadavg()
+    speeds = runtime_rows(args)
+    study = latency_study(args)
+    load_after = "%.2f, %.2f, %.2f" % os.getloadavg()
+    text = (
+        f"One thread, process CPU time, reference and model in eager and in ONNX Runtime timed "
+        f"interleaved in one loop (medians of {args.rounds} rounds; ResNet-18 at batch 32: a third). "
+        f"Shared 2-core machine with six other engineers' jobs running: {load} before, "
+        f"{load_after} after. Structure-only models: tucker2 at a fixed fraction of every 3x3 "
+        "conv's ranks, the stem (<= 3 input channels) dense (speed does not depend on weight values).\n\n"
+        + speeds + "\n\nLatency-objective study on ResNet-20 (objectives accuracy, latency; "
+        "runtime onnxruntime, batch 1; rank_multiple 8; keep_faster_layers in ORT):\n\n" + study
+    )
+    print(text)
+    if args.record:
+        from _record import record
+
+        command = ".venv/bin/python benchmarks/bench_realized_speed.py " + " ".join(
+            a for a in sys.argv[1:] if a != "--record") + " --record"
+        record("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the models of a --quick front-quality run")
@@ -123,7 +279,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the front-quality run folder")
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="eager vs ONNX Runtime speed-ups and a latency-objective study (issue 14)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (--runtimes)")
+    parser.add_argument("--study-trials", type=int, default=10, help="trials of the latency study (--runtimes)")
+    parser.add_argument("--study-train", type=int, default=2000, help="training images of the latency study")
     args = parser.parse_args()
+    if args.runtimes:
+        return runtimes_main(args)
     from rankopt.devices import resolve_device
 
     device = resolve_device(args.device)

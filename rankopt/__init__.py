@@ -22,6 +22,7 @@ from rankopt.errors import (
     ConfigError,
     DecompositionError,
     DuplicateNameError,
+    ExportError,
     InvalidRanksError,
     PluginError,
     RankoptError,
@@ -102,6 +103,10 @@ __all__ = [
     "DecompositionError",
     "TrainingDivergedError",
     "ArtifactError",
+    "ExportError",
+    # deployment
+    "export",
+    "fold_batchnorm",
 ]
 
 
@@ -138,7 +143,10 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
     return get_registry().create("datasets", name, **kwargs)  # type: ignore[no-any-return]
 
 
-_LAZY = {"run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study"}
+_LAZY = {
+    "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
+    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -189,7 +189,10 @@ def load_compressed(
     """Rebuild a compressed model written by ``rankopt pick`` or :func:`save_compressed`.
 
     The base architecture comes from the registered model named in the file, or from
-    ``model`` (an uncompressed instance of the same architecture) when given.
+    ``model`` (an uncompressed instance of the same architecture) when given. A file
+    written with ``pick --fold-bn`` (``metadata["fold_bn"]``) keeps the trained weights
+    and loads as the BatchNorm-folded ``torch.fx.GraphModule`` (see
+    :func:`rankopt.fold_batchnorm`).
     """
     payload = read_compressed(path)
     if model is None:
@@ -202,4 +205,8 @@ def load_compressed(
             f"model file {str(path)!r} does not match its spec: {str(exc).splitlines()[0]}"
         ) from None
     skeleton.eval()
+    if (payload.get("metadata") or {}).get("fold_bn"):  # written by `rankopt pick --fold-bn`
+        from rankopt.deploy import fold_batchnorm
+
+        skeleton = fold_batchnorm(skeleton)
     return skeleton.to(map_location)

@@ -246,6 +246,16 @@ class ScreeningConfig(_Strict):
         return self
 
 
+class LatencyConfig(_Strict):
+    """Where the ``latency`` objective and ``keep_faster_layers`` measure (rankopt.latency):
+    the serving runtime, the batch and the threads, timed interleaved with the reference."""
+
+    runtime: Literal["eager", "onnxruntime", "torchscript"] = "eager"
+    batch: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1)
+    rounds: int = Field(15, ge=3)  # interleaved timing rounds (medians)
+
+
 class StudyConfig(_Strict):
     """A whole study file (see ``studies/quickstart.yaml`` for a commented example)."""
 
@@ -283,6 +293,12 @@ class StudyConfig(_Strict):
     seed_proposals: bool | int = False
     # measure each decomposed layer against the original and keep the faster form
     keep_faster_layers: bool = False
+    # the serving runtime the latency objective and keep_faster_layers measure in
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
+    rank_multiple: int = Field(1, ge=1)
+    # layers with fewer input channels stay dense (a 3-channel stem saves almost nothing)
+    min_in_channels: int = Field(4, ge=1)
     # try many rank choices without training first; start the search from the best
     screening: ScreeningConfig | None = None
 

@@ -19,6 +19,7 @@ __all__ = [
     "DecompositionError",
     "TrainingDivergedError",
     "ArtifactError",
+    "ExportError",
 ]
 
 
@@ -78,3 +79,7 @@ class TrainingDivergedError(RankoptError, ArithmeticError):
 
 class ArtifactError(RankoptError):
     """A model file or run directory is missing, truncated, tampered with or of an unknown format."""
+
+
+class ExportError(RankoptError):
+    """An exported ONNX/TorchScript file could not be written or does not match PyTorch."""

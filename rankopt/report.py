@@ -3,6 +3,7 @@ chosen trial, and a Markdown summary, into ``RUN_DIR/report/``."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,9 @@ def _pyplot() -> Any:
 
 
 def front_table_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
-    """The rows ``rankopt pareto`` and the summary show."""
-    return [
+    """The rows ``rankopt pareto`` and the summary show (with ``latency_ms`` and the
+    ``speedup`` over the reference, timed in the same loop, when latency was measured)."""
+    rows = [
         {
             "trial": r.trial,
             "accuracy": r.accuracy,
@@ -40,6 +42,11 @@ def front_table_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
         }
         for r in records
     ]
+    if any(r.latency_ms is not None for r in records):
+        for row, r in zip(rows, records):
+            row["latency_ms"] = r.latency_ms if r.latency_ms is not None else math.nan
+            row["speedup"] = 1.0 / r.latency_ratio if r.latency_ratio else math.nan
+    return rows
 
 
 def layer_rows(result: StudyResult, record: TrialRecord) -> list[dict[str, Any]]:
@@ -199,7 +206,10 @@ def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path
     md = [
         f"# Study `{result.config.name}`\n",
         f"Baseline: accuracy {ref['accuracy']:.4f}, {ref['params']:,} params, {ref['flops']:,} FLOPs "
-        f"({ref.get('obtained', '')}).\n",
+        f"({ref.get('obtained', '')})"
+        + (f"; latency {ref['latency_ms']:.3f} ms in {ref.get('latency_runtime', 'eager')}"
+           if ref.get("latency_ms") else "")
+        + ".\n",
         "Trials: " + ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items())) + ".\n",
         "Normalized hypervolume: "
         + ", ".join(f"accuracy x {k} {v:.4f}" for k, v in status["hypervolume"].items())

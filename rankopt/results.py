@@ -53,6 +53,7 @@ class TrialRecord:
     spec: dict[str, Any] = field(default_factory=dict)  # {layer: {"decomposer", "ranks"}}
     latency_ms: float | None = None
     model_path: str = ""
+    latency_ratio: float | None = None  # latency / the reference's, timed in the same loop
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +187,7 @@ class StudyResult:
                 for name, r in ranks.items()
             },
             latency_ms=attrs.get("latency_ms"),
+            latency_ratio=attrs.get("latency_ratio"),
             model_path=str(self.run_dir / "trials" / str(trial.number) / "model.pt"),
         )
 

@@ -27,7 +27,7 @@ from optuna.distributions import BaseDistribution
 from rankopt.accounting import Cost, layer_cost
 from rankopt.errors import ConfigError
 from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector
+from rankopt.plugins.selectors.base import LayerChoice, RankSelector, round_ranks
 from rankopt.spectral import SpectralCache
 from rankopt.surgery import LayerInfo, Spec, get_submodule
 
@@ -159,6 +159,8 @@ def select_spec(
     *,
     cache: SpectralCache | None = None,
     input_shape: Sequence[int] | None = None,
+    rank_multiple: int = 1,
+    min_in_channels: int = 1,
 ) -> tuple[Spec, list[LayerChoice]]:
     """A compression spec for ``model`` and the decision for every considered layer.
 
@@ -173,6 +175,11 @@ def select_spec(
         cache: the spectral cache (default: :func:`rankopt.spectral.get_default_cache`).
         input_shape: the model's input, batch included; global selectors that price
             FLOPs of the whole model (``budget``) need it, the others ignore it.
+        rank_multiple: every selected rank is rounded to a multiple of this (or the
+            layer's largest rank), see :func:`~rankopt.plugins.selectors.base.round_ranks`.
+        min_in_channels: layers with fewer input channels stay full (a 3-channel stem
+            saves almost nothing and costs an extra op); 1 considers every layer.
+            Studies default to 4.
 
     Returns:
         ``(spec, choices)``: the spec ``{name: {"decomposer", "ranks", ["options"]}}`` of
@@ -180,6 +187,9 @@ def select_spec(
         considered layer, in ``layers`` order (ranks None and a reason for those left
         full).
     """
+    for what, value in (("rank_multiple", rank_multiple), ("min_in_channels", min_in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
     sel = resolve_selector(selector)
     checked = sel.validate_params(params if params is not None else {})
     considered, per_layer = _resolve_decomposers(model, layers, decomposers)
@@ -191,6 +201,13 @@ def select_spec(
         dec = per_layer[layer.name]
         module = model.get_submodule(layer.name)
         why = dec.unsupported_reason(module)
+        if layer.in_channels < min_in_channels:
+            reasons[layer.name] = (
+                f"{layer.in_channels} input channel(s), fewer than min_in_channels={min_in_channels}: "
+                "a stem this thin saves almost nothing and costs an extra op; set "
+                "min_in_channels: 1 in the study to compress it"
+            )
+            continue
         if why is not None:
             reasons[layer.name] = f"decomposer {dec.name!r} cannot decompose it: {why}"
             continue
@@ -222,7 +239,10 @@ def select_spec(
         if choice.ranks is None:
             choices.append(LayerChoice(layer.name, dec.name, None, choice.reason or "left full by the selector", opts))
             continue
-        ranks = dec.check_ranks(module, tuple(choice.ranks), name=layer.name, options=opts or None)
+        ranks = tuple(choice.ranks)
+        if rank_multiple > 1:
+            ranks = round_ranks(ranks, dec.max_ranks(module, opts or None), rank_multiple)
+        ranks = dec.check_ranks(module, ranks, name=layer.name, options=opts or None)
         new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, opts)
         why = cost_increase_reason(dec.name, ranks, new, original, flops_known)
         if why is not None:

@@ -13,6 +13,7 @@ build one directly to test a strategy on a tiny model::
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,10 @@ class LocalTrialContext:
             on ``device`` and keep the original where it is faster
             (:func:`rankopt.latency.keep_faster_layers`); dropped layers are reported
             under ``kept_full_for_speed``.
+        rank_multiple, min_in_channels: see :func:`rankopt.selection.select_spec`.
+        latency: where ``keep_faster`` measures: ``runtime``, ``batch``, ``threads``,
+            ``rounds`` (see :class:`rankopt.config.LatencyConfig`; default eager, 1, 1, 15).
+        latency_cache: a directory caching the per-layer measurements across trials.
     """
 
     def __init__(
@@ -123,6 +128,10 @@ class LocalTrialContext:
         cache: SpectralCache | None = None,
         progress: Any = None,
         keep_faster: bool = False,
+        rank_multiple: int = 1,
+        min_in_channels: int = 1,
+        latency: Mapping[str, Any] | None = None,
+        latency_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         from rankopt.devices import resolve_device
         from rankopt.manager import get_registry
@@ -140,6 +149,10 @@ class LocalTrialContext:
         self.progress = progress
         self.cache = cache
         self.keep_faster = bool(keep_faster)
+        self.rank_multiple = rank_multiple
+        self.min_in_channels = min_in_channels
+        self.latency: dict[str, Any] = dict(latency or {})
+        self.latency_cache = latency_cache
         self._reference = reference
         self.targets: list[LayerInfo] = (
             list(targets) if targets is not None else find_layers(reference, self.input_shape)
@@ -231,12 +244,18 @@ class LocalTrialContext:
             self.selector_params,
             cache=self.cache,
             input_shape=self.input_shape,
+            rank_multiple=self.rank_multiple,
+            min_in_channels=self.min_in_channels,
         )
         self.choices = list(choices)
         if self.keep_faster and spec:
             from rankopt.latency import keep_faster_layers
 
-            spec, dropped = keep_faster_layers(model, spec, self.targets)
+            lat = self.latency
+            spec, dropped = keep_faster_layers(
+                model, spec, self.targets, runtime=lat.get("runtime", "eager"), batch=lat.get("batch", 1),
+                threads=lat.get("threads", 1), repeats=lat.get("rounds", 15), cache_dir=self.latency_cache,
+            )
             if dropped:
                 self.reported.setdefault("kept_full_for_speed", {}).update(dropped)
         return spec

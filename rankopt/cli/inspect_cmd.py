@@ -145,8 +145,14 @@ def inspect_rows(
     decomposer: str = "tucker2",
     thresholds: Sequence[float] = (0.92, 0.95, 0.98),
     cache: Any = None,
+    min_in_channels: int = 4,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(method names, one row per compressible layer) of the inspect table."""
+    """(method names, one row per compressible layer) of the inspect table.
+
+    A layer with fewer than ``min_in_channels`` input channels (a study's default 4)
+    gets ``dense: true`` and a note saying why a study leaves it full; its ranks are
+    still shown, and the model totals leave it uncompressed.
+    """
     import rankopt
     from rankopt.selection import cost_increase_reason, layer_costs
 
@@ -168,6 +174,12 @@ def inspect_rows(
             "methods": {},
         }
         why = dec.unsupported_reason(module)
+        if layer.in_channels < min_in_channels:
+            row["dense"] = True
+            row["note"] = (
+                f"kept dense by studies: {layer.in_channels} input channel(s) < min_in_channels "
+                f"{min_in_channels}; a stem this thin saves almost nothing and costs an extra op"
+            )
         if why is not None:
             row["note"] = f"{decomposer}: {why}"
         else:
@@ -193,7 +205,7 @@ def _totals(model: Any, methods: Sequence[str], rows: Sequence[Mapping[str, Any]
         saved = sum(
             r["params"] - r["methods"][m]["params"]
             for r in rows
-            if m in r["methods"] and r["methods"][m]["compressed"]
+            if m in r["methods"] and r["methods"][m]["compressed"] and not r.get("dense")
         )
         out["methods"][m] = {"params": total - saved, "ratio": total / max(total - saved, 1)}
     return out
@@ -221,7 +233,7 @@ def _print_table(label: str, shape: Sequence[int], decomposer: str, methods: Seq
             e = r["methods"].get(m)
             if e is None:
                 continue
-            ratio = f"x{e['ratio']:.2f}" if e["compressed"] else f"x{e['ratio']:.2f} kept full"
+            ratio = f"x{e['ratio']:.2f}" if e["compressed"] and not r.get("dense") else f"x{e['ratio']:.2f} kept full"
             table.add_row(
                 f"  {m.replace('energy@', 'p=')}", "", "", "", "/".join(str(x) for x in e["ranks"]),
                 _si(e["params"]), ratio,
@@ -272,6 +284,10 @@ def inspect_command(
         None, "--cache-dir", help="A spectral-cache directory to read and fill (default: memory only)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (without --weights)."),
+    min_in_channels: Optional[int] = typer.Option(
+        None, "--min-in-channels",
+        help="Layers with fewer input channels are kept dense (default: the study file's, else 4 as in a study).",
+    ),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
     from rankopt.errors import ConfigError
@@ -283,6 +299,14 @@ def inspect_command(
         raise ConfigError(f"--num-classes must be a positive integer, got {num_classes}")
     ps = _parse_floats(thresholds, "--thresholds")
     shape = _parse_shape(input_shape) if input_shape is not None else None
+    if min_in_channels is None:
+        min_in_channels = 4
+        if model_or_study.endswith(STUDY_SUFFIXES):
+            from rankopt.config import load_config
+
+            min_in_channels = load_config(model_or_study, check_paths=False).min_in_channels
+    if min_in_channels < 1:
+        raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
     import rankopt
 
     rankopt.decomposer(decomposer)  # an unknown name fails before any work
@@ -290,7 +314,9 @@ def inspect_command(
         model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
     )
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
-    methods, rows = inspect_rows(model, shape, decomposer=decomposer, thresholds=ps, cache=cache)
+    methods, rows = inspect_rows(
+        model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels
+    )
     totals = _totals(model, methods, rows)
     if format == "json":
         out = {

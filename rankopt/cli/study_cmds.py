@@ -36,10 +36,13 @@ def _print_front(records: list[Any], title: str) -> None:
     from rankopt.report import front_table_rows
 
     table = Table(title=title)
-    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy"):
+    rows = front_table_rows(records)
+    timed = bool(rows) and "latency_ms" in rows[0]  # latency columns only when measured
+    latency_cols = ("ms", "speed-up") if timed else ()
+    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", *latency_cols, "strategy"):
         table.add_column(col, no_wrap=True, justify="left" if col == "strategy" else "right")
     table.add_column("ranks", overflow="fold")
-    for row in front_table_rows(records):
+    for row in rows:
         ranks = row["ranks"] if len(row["ranks"]) <= 80 else row["ranks"][:77] + "..."
         table.add_row(
             str(row["trial"]),
@@ -48,6 +51,7 @@ def _print_front(records: list[Any], title: str) -> None:
             f"{row['flops']:,}",
             f"{row['params_compression']:.2f}",
             f"{row['flops_compression']:.2f}",
+            *((f"{row['latency_ms']:.3f}", f"{row['speedup']:.2f}") if timed else ()),
             row["strategy"],
             ranks,
         )
@@ -164,6 +168,9 @@ def pick_command(
     max_params: Optional[float] = typer.Option(None, "--max-params", help="The most accurate model with at most this many parameters."),
     max_flops: Optional[float] = typer.Option(None, "--max-flops", help="The most accurate model with at most this many FLOPs."),
     min_accuracy: Optional[float] = typer.Option(None, "--min-accuracy", help="The smallest model at least this accurate (a fraction, e.g. 0.95)."),
+    fold_bn: bool = typer.Option(
+        False, "--fold-bn", help="Load as a model with BatchNorm folded into the preceding convs (checked to 1e-5)."
+    ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads."""
     from rankopt.artifacts import read_compressed
@@ -176,9 +183,37 @@ def pick_command(
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
     read_compressed(source)  # refuse to copy a torn or foreign file
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, out)
+    if fold_bn:
+        _write_folded(source, out)
+    else:
+        shutil.copyfile(source, out)
     console.print(
         f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
         highlight=False,
     )
+
+
+def _write_folded(source: Path, out: Path) -> None:
+    """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
+    equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
+    import torch
+
+    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.errors import ExportError
+    from rankopt.deploy import fold_batchnorm
+
+    payload = read_compressed(source)
+    if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
+        shutil.copyfile(source, out)
+        return
+    model = load_compressed(source)
+    shape = payload.get("input_shape") or []
+    if shape:
+        x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((fold_batchnorm(model)(x) - model(x)).abs().max())
+        if not diff <= 1e-5:
+            raise ExportError(f"folding BatchNorm changed the outputs by up to {diff:.3g} (> 1e-5); nothing written")
+    metadata = {**(payload.get("metadata") or {}), "fold_bn": True}
+    save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)

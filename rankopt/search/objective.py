@@ -56,6 +56,10 @@ TRIAL_ATTRS = (
     "params",
     "flops",
     "latency_ms",
+    "latency_reference_ms",
+    "latency_ratio",
+    "latency_runtime",
+    "latency_batch",
     "params_compression",
     "flops_compression",
     "ranks_summary",
@@ -158,6 +162,17 @@ def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], device: tor
         model.train(was_training)
 
 
+def trial_latency(model: nn.Module, env: TrialEnv, device: torch.device) -> dict[str, Any]:
+    """The model against the reference in the study's latency runtime (rankopt.latency)."""
+    from rankopt.latency import measure_model_latency
+
+    lat = env.config.latency
+    return measure_model_latency(
+        model, env.reference, env.input_shape, runtime=lat.runtime, batch=lat.batch,
+        threads=lat.threads, rounds=lat.rounds, device=device,
+    )
+
+
 def ranks_summary(spec: Mapping[str, Mapping[str, Any]], n_targets: int) -> str:
     """``"conv1 4x8, fc svd 12 (2/3 layers)"``: each compressed layer and its ranks."""
     parts = [
@@ -169,7 +184,8 @@ def ranks_summary(spec: Mapping[str, Mapping[str, Any]], n_targets: int) -> str:
 
 def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> list[float]:
     """The values Optuna optimizes, in the study's objective order."""
-    key = {"latency": "latency_ms"}
+    # the ratio to the reference timed in the same loop: robust to the machine's load
+    key = {"latency": "latency_ratio"}
     return [float(metrics[key.get(o, o)]) for o in objectives]
 
 
@@ -192,6 +208,10 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
         train_options=config.train,
         cache=env.cache,
         keep_faster=config.keep_faster_layers,
+        rank_multiple=config.rank_multiple,
+        min_in_channels=config.min_in_channels,
+        latency=config.latency.model_dump(),
+        latency_cache=env.run_dir / "cache" / "latency",
     )
 
 
@@ -238,7 +258,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             reference_key=env.reference_key,
         )
         if "latency" in config.objectives:
-            metrics["latency_ms"] = measure_latency_ms(model, env.input_shape, ctx.device)
+            metrics.update(trial_latency(model, env, ctx.device))
         save_compressed(
             trial_dir / "model.pt",
             model,

@@ -35,7 +35,7 @@ __all__ = ["connect", "run_ray", "TRIAL_NUMBER_KEY", "METRICS_KEY"]
 
 TRIAL_NUMBER_KEY = "_rankopt_trial_number"
 METRICS_KEY = "rankopt_metrics"
-METRIC_NAMES = {"accuracy": "accuracy", "params": "params", "flops": "flops", "latency": "latency_ms"}
+METRIC_NAMES = {"accuracy": "accuracy", "params": "params", "flops": "flops", "latency": "latency_ratio"}
 
 TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
 

@@ -25,7 +25,7 @@ from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import reference_path
-from rankopt.search.objective import measure_latency_ms, write_json
+from rankopt.search.objective import write_json
 from rankopt.surgery import LayerInfo
 
 __all__ = ["fingerprint_module", "reference_key", "check_reference_key", "obtain_reference"]
@@ -159,7 +159,16 @@ def obtain_reference(
         "device": str(device),
     }
     if "latency" in config.objectives:
-        metrics["latency_ms"] = measure_latency_ms(model, input_shape, device)
+        from rankopt.latency import measure_model_latency
+
+        lat = config.latency
+        timed = measure_model_latency(
+            model, model, input_shape, runtime=lat.runtime, batch=lat.batch,
+            threads=lat.threads, rounds=lat.rounds, device=device,
+        )
+        metrics.update(
+            latency_ms=timed["latency_reference_ms"], latency_runtime=lat.runtime, latency_batch=lat.batch
+        )
     model = model.cpu().eval()
     ref_dir.mkdir(parents=True, exist_ok=True)
     tmp = weights_file.with_suffix(".tmp")

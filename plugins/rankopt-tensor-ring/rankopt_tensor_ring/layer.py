@@ -111,17 +111,20 @@ class TensorRingConv2d(nn.Module):
         return ring_to_kernel(full, self.in_factors, self.out_factors, self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
         r0 = self.ranks[0]
         into = merge_chain(list(self.in_cores))  # (r0, S, r_din)
         r_din = into.shape[2]
         w_in = into.permute(0, 2, 1).reshape(r0 * r_din, self.in_channels, 1, 1)
-        y = F.conv2d(x, w_in).reshape(n * r0, r_din, h, w)
-        z = F.conv2d(y, self.kernel_core, None, self.stride, self.padding, self.dilation)
-        r_mid, ho, wo = z.shape[1:]
+        y = F.conv2d(x, w_in)  # (n, r0 * r_din, h, w), r0-major
+        # the kernel core applied to each of the r0 ring slices: a grouped conv with the
+        # core repeated per group (the same multiply-adds as folding r0 into the batch,
+        # and no activation reshapes, so exporters see static shapes: ONNX needs them)
+        r_mid = self.kernel_core.shape[0]
+        kernel = self.kernel_core.repeat(r0, 1, 1, 1) if r0 > 1 else self.kernel_core
+        z = F.conv2d(y, kernel, None, self.stride, self.padding, self.dilation, groups=r0)
         out = merge_chain(list(self.out_cores))  # (r_mid, T, r0)
         w_out = out.permute(1, 2, 0).reshape(self.out_channels, r0 * r_mid, 1, 1)
-        return F.conv2d(z.reshape(n, r0 * r_mid, ho, wo), w_out, self.bias)
+        return F.conv2d(z, w_out, self.bias)
 
     def extra_repr(self) -> str:
         return (

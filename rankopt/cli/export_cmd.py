@@ -1,0 +1,87 @@
+"""``rankopt export``: a trial of a run, or a picked model file, to ONNX or TorchScript."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from rankopt.cli.app import app, console
+
+
+def _real_inputs(run_dir: Path, batch: int) -> Any:
+    """The first ``batch`` validation images of the run's dataset (None without one)."""
+    import torch
+
+    from rankopt.manager import get_registry
+    from rankopt.results import StudyResult
+
+    config = StudyResult(run_dir).config
+    if config.data.name is None:  # a study given its data in Python
+        return None
+    splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+    n = min(batch, len(splits.val))  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(splits.val[i][0]).float() for i in range(n)])
+
+
+@app.command("export")
+def export_command(
+    source: Path = typer.Argument(..., help="A run directory (with --trial) or a model file written by `rankopt pick`."),
+    out: Path = typer.Option(..., "--out", help="The file to write, e.g. model.onnx."),
+    format: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    trial: Optional[int] = typer.Option(None, "--trial", help="The trial to export (SOURCE a run directory)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="A run directory whose validation images verify a picked file (default: SOURCE's, when a run)."
+    ),
+    batch: int = typer.Option(32, "--batch", help="How many inputs the exported file is verified on."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="The largest absolute output difference accepted."),
+    fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the preceding conv first."),
+) -> None:
+    """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
+
+    The file is run in ONNX Runtime (or TorchScript) on real validation images and the
+    largest absolute difference from PyTorch printed; above --tolerance nothing is
+    written and the exit status is 1.
+    """
+    from rankopt.artifacts import load_compressed, read_compressed
+    from rankopt.errors import ConfigError
+    from rankopt.deploy import EXPORT_FORMATS, export
+    from rankopt.results import StudyResult
+
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    if batch < 1:
+        raise ConfigError(f"--batch must be a positive integer, got {batch}")
+    if not tolerance > 0:
+        raise ConfigError(f"--tolerance must be a positive number, got {tolerance}")
+    if source.is_dir():
+        if trial is None:
+            raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")
+        record = StudyResult(source).pick(trial=trial)
+        model_file = Path(record.model_path)
+        data = data or source
+    elif source.is_file():
+        if trial is not None:
+            raise ConfigError(f"--trial is for a run directory; {str(source)!r} is a model file")
+        model_file = source
+    else:
+        raise ConfigError(f"{str(source)!r} is neither a run directory nor a model file written by `rankopt pick`")
+    if data is not None and not data.is_dir():
+        raise ConfigError(f"--data must be a run directory written by `rankopt run`, got {str(data)!r}")
+    payload = read_compressed(model_file)
+    input_shape = payload.get("input_shape")
+    if not input_shape:
+        raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
+    model = load_compressed(model_file)
+    inputs = _real_inputs(data, batch) if data is not None else None
+    result = export(
+        model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance
+    )
+    what = "validation images" if inputs is not None else "seeded random inputs (give --data RUN_DIR for real ones)"
+    console.print(
+        f"wrote {result.path} ({format}, dynamic batch); largest |difference| from PyTorch on "
+        f"{result.batch} {what}: {result.max_abs_diff:.3g} (tolerance {tolerance:g})",
+        highlight=False,
+        soft_wrap=True,
+    )
