@@ -158,6 +158,8 @@ class DataConfig(_Strict):
     name: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(128, ge=1)
+    # held out of the training split as the test split (rankopt evaluate, pick, report)
+    test_fraction: float | None = Field(None, ge=0, lt=1)
 
 
 class ReferenceConfig(_Strict):

@@ -53,6 +53,8 @@ class TrialRecord:
     spec: dict[str, Any] = field(default_factory=dict)  # {layer: {"decomposer", "ranks"}}
     latency_ms: float | None = None
     model_path: str = ""
+    # the values the sampler chose for this trial's selector and strategy ("energy.p": 0.8)
+    searched: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +189,10 @@ class StudyResult:
             },
             latency_ms=attrs.get("latency_ms"),
             model_path=str(self.run_dir / "trials" / str(trial.number) / "model.pt"),
+            searched={
+                k: v for k, v in trial.params.items()
+                if k.split(".", 1)[0] in (attrs.get("selector"), attrs.get("strategy")) and "." in k
+            },
         )
 
     def _complete(self) -> list[FrozenTrial]:
@@ -301,11 +307,66 @@ class StudyResult:
         values = [getattr(r, measure) for r in self.front()]
         return f"{min(values):g}..{max(values):g}" if values else "(empty)"
 
-    def load_model(self, trial: int) -> nn.Module:
-        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`)."""
+    def architecture(self) -> str:
+        """What the run's uncompressed model is: a registered name, a callable, or the class
+        of a module passed from Python (which loading needs again as ``model=``)."""
+        try:
+            base = self.reference.get("base", {})
+        except ArtifactError:
+            base = {}
+        if base.get("model"):
+            return f"registered model {base['model']!r} {base.get('kwargs', {})}"
+        if base.get("callable"):
+            return f"callable {base['callable']!r} {base.get('kwargs', {})}"
+        if base.get("class"):
+            return f"a module passed from Python, class {base['class']}"
+        return "unknown (no reference/metrics.json)"
+
+    def load_model(self, trial: int, *, model: nn.Module | None = None) -> nn.Module:
+        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`).
+
+        ``model``: an uncompressed instance of the run's architecture, needed when the study
+        was run on a module passed from Python (``reference/metrics.json`` names its class).
+        """
         from rankopt.artifacts import load_compressed
 
-        return load_compressed(self.pick(trial=trial).model_path)
+        path = self.pick(trial=trial).model_path
+        try:
+            return load_compressed(path, model=model)
+        except ArtifactError as exc:
+            if model is not None or "names no registered base model" not in str(exc):
+                raise
+            raise ArtifactError(
+                f"trial {trial}'s model was compressed from {self.architecture()}; pass an "
+                "uncompressed instance: StudyResult(run_dir).load_model(trial, model=MyNet()) "
+                "or rankopt.load_compressed(path, model=MyNet())"
+            ) from None
+
+    def evaluate(
+        self,
+        trials: int | Sequence[int] | None = None,
+        *,
+        split: str = "test",
+        model: nn.Module | None = None,
+        data: Any = None,
+        device: str | None = None,
+    ) -> dict[int, float]:
+        """Accuracy of trials' saved models on ``split`` ("test", default, or "val").
+
+        ``trials``: a number, a list, or None for the front. ``data``: the
+        :class:`~rankopt.DatasetSplits` when the study ran on data passed from Python
+        (else the study file's dataset is loaded). ``model``: see :meth:`load_model`.
+        Test accuracies of the study's own data are cached in ``evaluation.json``.
+        """
+        from rankopt.evaluation import evaluate_trials
+
+        if trials is None:
+            numbers = [r.trial for r in self.front()]
+        elif isinstance(trials, int):
+            numbers = [trials]
+        else:
+            numbers = [int(t) for t in trials]
+        return evaluate_trials(self, numbers, split=split, model=model, data=data, device=device)
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

@@ -131,6 +131,9 @@ class Study:
         else:
             assert config.data.name is not None
             splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+        from rankopt.evaluation import check_input_shape, hold_out_test
+
+        splits = hold_out_test(splits, config.data.test_fraction, config.seed)
         input_shape = (1, *tuple(int(d) for d in splits.input_shape))
         from rankopt.training import seed_everything
 
@@ -143,6 +146,7 @@ class Study:
         else:
             assert config.model is not None
             model, base = _build_model(config, splits)
+        check_input_shape(model, splits)
         targets = find_layers(
             model, input_shape, include=config.targets.include, exclude=config.targets.exclude
         )

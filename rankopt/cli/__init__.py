@@ -32,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rankopt.cli.study_cmds",
     "rankopt.cli.plugins_cmd",
     "rankopt.cli.inspect_cmd",
+    "rankopt.cli.user_cmds",
 )
 
 for _mod in COMMAND_MODULES:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 from rich.console import Console
 
@@ -14,8 +16,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# piped or redirected output is not wrapped at 80 columns (a file has no width)
+console = Console() if sys.stdout.isatty() else Console(width=240, soft_wrap=True)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=240, soft_wrap=True)
 state: dict[str, bool] = {"debug": False}
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from rankopt.cli.app import app, console
@@ -32,27 +31,36 @@ def _open(run_dir: Path) -> Any:
     return StudyResult(run_dir)
 
 
-def _print_front(records: list[Any], title: str) -> None:
-    from rankopt.report import front_table_rows
+def _print_front(records: list[Any], title: str, *, ranks: bool = False,
+                 test: dict[int, float] | None = None) -> None:
+    """The front as a table: compact by default (layers compressed), per-layer ranks with
+    ``ranks``; the searched values as columns; test accuracies when measured."""
+    from rankopt.report import fmt_value, front_table_rows
 
+    rows = front_table_rows(records, test or None)
+    fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
+             "flops_compression", "strategy", "selector", "ranks"}
+    searched = [c for c in (rows[0] if rows else {}) if c not in fixed]
     table = Table(title=title)
-    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy"):
-        table.add_column(col, no_wrap=True, justify="left" if col == "strategy" else "right")
-    table.add_column("ranks", overflow="fold")
-    for row in front_table_rows(records):
-        ranks = row["ranks"] if len(row["ranks"]) <= 80 else row["ranks"][:77] + "..."
-        table.add_row(
-            str(row["trial"]),
-            f"{row['accuracy']:.4f}",
-            f"{row['params']:,}",
-            f"{row['flops']:,}",
-            f"{row['params_compression']:.2f}",
-            f"{row['flops_compression']:.2f}",
-            row["strategy"],
-            ranks,
-        )
-    # piped into a file or a pager, keep each row on one line rather than folding at 80
-    (console if console.is_terminal else Console(width=200)).print(table)
+    heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
+        "params", "FLOPs", "params x", "FLOPs x", "strategy", "selector"] + searched
+    for col in heads:
+        table.add_column(col, no_wrap=True, justify="left" if col in ("strategy", "selector") else "right")
+    table.add_column("ranks" if ranks else "layers", overflow="fold" if ranks else "ellipsis")
+    for row in rows:
+        summary = row["ranks"]
+        cells = [str(row["trial"]), f"{row['accuracy']:.4f}"]
+        if test:
+            cells.append(fmt_value("test_accuracy", row.get("test_accuracy")))
+        cells += [f"{row['params']:,}", f"{row['flops']:,}", f"{row['params_compression']:.2f}",
+                  f"{row['flops_compression']:.2f}", row["strategy"], row["selector"]]
+        cells += [fmt_value(c, row[c]) for c in searched]
+        if ranks:
+            cells.append(summary)
+        else:  # "(3/4 layers)" at the end of the summary: how many layers were compressed
+            cells.append(summary[summary.rfind("(") + 1:].rstrip(")") if "(" in summary else summary)
+        table.add_row(*cells)
+    console.print(table)
 
 
 @app.command("run")
@@ -116,17 +124,22 @@ def status_command(
 def pareto_command(
     run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
     format: str = typer.Option("table", "--format", help="table, csv or json."),
+    ranks: bool = typer.Option(False, "--ranks", help="Show each layer's decomposer and ranks (default: how many layers)."),
 ) -> None:
-    """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, ranks."""
+    """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
+    from rankopt.evaluation import cached_accuracies
+
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
     front = result.front()
+    test = {r.trial: a for r, a in ((r, cached_accuracies(result.run_dir).get(r.trial)) for r in front)
+            if a is not None}
     if format == "json":
         typer.echo(json.dumps([r.as_dict() for r in front], indent=2, default=_json_default))
     elif format == "csv":
         from rankopt.report import front_table_rows
 
-        rows = front_table_rows(front)
+        rows = front_table_rows(front, test or None)
         buf = io.StringIO()
         fields = list(rows[0]) if rows else ["trial", "accuracy", "params", "flops"]
         writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -134,7 +147,8 @@ def pareto_command(
         writer.writerows(rows)
         typer.echo(buf.getvalue(), nl=False)
     else:
-        _print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)")
+        _print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)",
+                     ranks=ranks, test=test)
 
 
 def _json_default(value: Any) -> Any:
@@ -182,3 +196,25 @@ def pick_command(
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
         highlight=False,
     )
+    console.print(_held_out_line(result, record.trial), highlight=False)
+    base = result.reference.get("base", {})
+    if base.get("class"):
+        console.print(f"load it with rankopt.load_compressed({str(out)!r}, model=...) given an "
+                      f"uncompressed {base['class']} (the run used a module passed from Python)",
+                      highlight=False)
+
+
+def _held_out_line(result: Any, trial: int) -> str:
+    """The picked model's test accuracy (measured and stored in evaluation.json), or a note
+    that the numbers are validation numbers."""
+    from rankopt.evaluation import cached_accuracies, config_splits
+
+    cached = cached_accuracies(result.run_dir, "test")
+    if trial not in cached and result.config.data.name is not None:
+        if config_splits(result.config, "pick").test is not None:
+            cached = result.evaluate(trial, split="test")
+    if trial in cached:
+        return (f"test accuracy {cached[trial]:.4f} on the held-out test split (stored in "
+                f"{result.run_dir / 'evaluation.json'})")
+    return ("accuracy above is a validation number (what the search optimized): the study has "
+            "no test split; set data.test_fraction to hold one out")

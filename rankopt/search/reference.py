@@ -49,12 +49,16 @@ def reference_key(
 ) -> str:
     """A hash of everything the reference model depends on; a change retrains it."""
     data: Any = config.data.model_dump(mode="json")
+    if data.get("test_fraction") is None:
+        data.pop("test_fraction", None)  # keys of runs made before the field stay valid
     if user_data is not None:
         data = {
             "user": [type(user_data.train).__name__, len(user_data.train), len(user_data.val)],  # type: ignore[arg-type]
             "num_classes": user_data.num_classes,
             "batch_size": config.data.batch_size,
         }
+        if config.data.test_fraction:
+            data["test_fraction"] = config.data.test_fraction
     model: Any = dict(base) if user_model is None else fingerprint_module(user_model)
     reference = config.reference.model_dump(mode="json")
     if config.reference.weights:
