@@ -84,5 +84,9 @@ def dashboard_command(
 
 def name_objectives(study: Any, objectives: list[str]) -> None:
     """Name the objectives in the storage so the dashboard labels axes accuracy/params/..."""
+    import warnings
+
     if study.metric_names != list(objectives):
-        study.set_metric_names(list(objectives))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning
+            study.set_metric_names(list(objectives))
