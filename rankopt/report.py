@@ -98,7 +98,7 @@ def _front_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord],
     """Accuracy against ``measure``: every trial, the study's front (the points of the
     ``pareto`` table, labelled with their trial numbers), the 2-D front of this pair of
     measures as a step line, test accuracies of the front when measured, the baseline."""
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, LogLocator
 
     ref = result.reference
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
@@ -111,9 +111,10 @@ def _front_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord],
                 alpha=0.6, label=f"best accuracy for its {label}")
     ax.scatter([getattr(r, measure) for r in front], [r.accuracy for r in front], s=30,
                color="C0", label="Pareto front (the pareto table)", zorder=4)
-    for r in front:
-        ax.annotate(str(r.trial), (getattr(r, measure), r.accuracy), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7, color="C0", gid=f"trial-label-{r.trial}")
+    for k, (point, trials) in enumerate(_labels(front, measure)):
+        # trials at one point share a label; neighbours alternate above and below
+        ax.annotate(",".join(map(str, trials)), point, textcoords="offset points",
+                    xytext=(5, 5) if k % 2 == 0 else (5, -11), fontsize=8, color="C0")
     tested = [r for r in front if r.trial in test]
     if tested:
         ax.scatter([getattr(r, measure) for r in tested], [test[r.trial] for r in tested],
@@ -122,6 +123,7 @@ def _front_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord],
                label="baseline (uncompressed)", zorder=5)
     ax.set_xscale("log")
     # engineering notation (20k, 1.5M) on major ticks only: log minor labels overlap
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(f"{label} (log scale)")
@@ -133,6 +135,14 @@ def _front_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord],
     fig.savefig(out, dpi=110, metadata={"Description": "front trials " + " ".join(str(r.trial) for r in front)})
     plt.close(fig)
     return out
+
+
+def _labels(front: Sequence[TrialRecord], measure: str) -> list[tuple[tuple[float, float], list[int]]]:
+    """Front points by cost, each with the trials at exactly that point."""
+    points: dict[tuple[float, float], list[int]] = {}
+    for r in sorted(front, key=lambda r: (getattr(r, measure), r.accuracy)):
+        points.setdefault((float(getattr(r, measure)), r.accuracy), []).append(r.trial)
+    return list(points.items())
 
 
 def _hypervolume_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord], out: Path) -> Path:
@@ -168,7 +178,10 @@ def _ranks_plot(plt: Any, rows: Sequence[dict[str, Any]], record: TrialRecord, o
     bottom.set_ylabel("parameters")
     bottom.set_yscale("log")
     bottom.set_xticks(list(pos))
-    bottom.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    long_names = max((len(n) for n in names), default=0) > 6
+    bottom.set_xticklabels(names, rotation=45 if long_names else 0,
+                           ha="right" if long_names else "center", fontsize=8)
+    bottom.set_xlabel("layer")
     bottom.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

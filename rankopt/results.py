@@ -114,6 +114,11 @@ def hypervolume_history(
     return out
 
 
+def compressed(record: TrialRecord) -> bool:
+    """Whether a trial compressed at least one layer to fewer parameters (not 1.0x)."""
+    return bool(record.spec) and not record.params_compression <= 1.0
+
+
 # -- the result of a study --------------------------------------------------------------------
 
 
@@ -208,9 +213,14 @@ class StudyResult:
 
     def front(self) -> list[TrialRecord]:
         """The Pareto-optimal completed trials over the study's objectives (feasible ones
-        only when the study has constraints), sorted by params."""
+        only when the study has constraints), sorted by params.
+
+        A trial that compressed no layer (1.0x) is the uncompressed model, not a
+        compressed one: it is left off the front (and out of :meth:`pick`'s limits).
+        """
         best = {t.number for t in self.study.best_trials}
         records = [self._record(t) for t in self._complete() if t.number in best]
+        records = [r for r in records if compressed(r)]
         return sorted(records, key=lambda r: (r.params, r.flops, -r.accuracy))
 
     def hypervolume(self) -> dict[str, float]:
@@ -227,8 +237,15 @@ class StudyResult:
     def status(self) -> dict[str, Any]:
         """What ``rankopt status --format json`` prints."""
         counts: dict[str, int] = {}
+        running = []
         for t in self.study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            if t.state == TrialState.RUNNING:
+                running.append({"trial": t.number, "params": dict(t.params)})
+        wanted = self.config.trials
+        if wanted is not None and counts.get("COMPLETE", 0) >= wanted:
+            # enqueued points the finished run never needed: Optuna's WAITING, not work left
+            counts.pop("WAITING", None)
         ref = self.reference
         front = self.front()
         return {
@@ -241,6 +258,7 @@ class StudyResult:
             "hypervolume": self.hypervolume(),
             "best_accuracy": max((r.accuracy for r in front), default=None),
             "smallest_params": min((r.params for r in front), default=None),
+            "running": running,
         }
 
     # -- picking ------------------------------------------------------------------------------
@@ -280,7 +298,8 @@ class StudyResult:
         ok = [
             r
             for r in records
-            if (max_params is None or r.params <= max_params)
+            if compressed(r)
+            and (max_params is None or r.params <= max_params)
             and (max_flops is None or r.flops <= max_flops)
             and (min_accuracy is None or r.accuracy >= min_accuracy)
         ]

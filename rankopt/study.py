@@ -240,6 +240,7 @@ class Study:
                 key=key,
                 run_dir=run_dir,
             )
+            _warn_weak_reference(baseline, prep.splits.num_classes)
             env = TrialEnv(
                 config=config,
                 run_dir=run_dir.resolve(),
@@ -278,7 +279,13 @@ class Study:
                 f"{'trials until the timeout' if missing is None else missing} on the "
                 f"{config.backend} backend; results in {run_dir}"
             )
-            with StudyProgress(missing, enabled=self.progress, baseline=baseline) as progress:
+            earlier = [
+                (float(t.user_attrs["accuracy"]), float(t.user_attrs["params"]))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "accuracy" in t.user_attrs and "params" in t.user_attrs
+            ]
+            with StudyProgress(missing, enabled=self.progress, baseline=baseline,
+                               earlier=earlier) as progress:
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
                 elif config.backend == "local":
@@ -354,6 +361,19 @@ def _screen(env: Any, show: Any) -> list[dict[str, Any]]:
     )
     return result.kept
 
+
+
+def _warn_weak_reference(baseline: Mapping[str, Any], num_classes: int) -> None:
+    """A reference below twice chance accuracy has little to lose: its compressed trials
+    say nothing about a trained model's."""
+    chance = 1.0 / max(1, int(num_classes))
+    if baseline["accuracy"] < min(2 * chance, 0.99):
+        log.warning(
+            "the reference model is weak: validation accuracy %.4f is below twice chance "
+            "(%.4f for %d classes); train it longer (reference.epochs, reference.lr) or give "
+            "trained reference.weights before trusting the front", baseline["accuracy"],
+            2 * chance, num_classes,
+        )
 
 
 SESSIONS_ATTR = "rankopt_sessions"

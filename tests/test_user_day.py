@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import torch.nn as nn
@@ -126,8 +127,8 @@ def test_front_plot_artists(run_dir: Path) -> None:
     finally:
         plt.close = close
     ax = captured[0].axes[0]
-    labels = sorted(t.get_text() for t in ax.texts)
-    assert labels == sorted(str(r.trial) for r in front)
+    labels = sorted(int(n) for t in ax.texts for n in t.get_text().split(","))
+    assert labels == sorted(r.trial for r in front)
     assert "front, test accuracy" in [t.get_text() for t in ax.get_legend().get_texts()]
     ticks = [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
     assert ticks == []  # no crowded minor labels on the log axis
@@ -232,3 +233,66 @@ def test_wrong_input_shape_names_input_shape(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"input_shape.*\(1, 6, 6\)"):
         Study(user_study(tmp_path / "run"), model=UserNet(), data=splits).run()
     assert not (tmp_path / "run").exists()
+
+
+# -- small ones ---------------------------------------------------------------------------------
+
+
+def test_version_and_flag_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"rankopt {version('rankopt')}"
+    code, out, _ = run_cli(capsys, "run", "--help")
+    quiet = next(line for line in out.splitlines() if "--quiet" in line)
+    assert "<bool>" not in quiet and "No progress display" in quiet
+    backend = next(line for line in out.splitlines() if "--backend" in line)
+    assert "study file" in out[out.index(backend):][:200]
+
+
+def test_misspelt_sampler_lists_the_valid_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({**TINY, "sampler": {"name": "nsga2"}}))
+    code, _, err = run_cli(capsys, "run", str(study), "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and "'nsga2'" in err and all(n in err for n in ("nsgaii", "tpe", "random"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_status_hides_leftover_waiting_and_shows_running(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = StudyResult(run_dir)
+    result.study.enqueue_trial({"selector": "fixed"})  # a queued point the finished run never needed
+    running = result.study.ask({})  # a trial in flight, as another worker would hold it
+    running_number = running.number
+    try:
+        status = result.status()
+        assert "WAITING" not in status["trials"]
+        assert [r["trial"] for r in status["running"]] == [running_number]
+        code, out, _ = run_cli(capsys, "status", str(run_dir))
+        assert code == 0 and f"running {running_number}" in out and "WAITING" not in out
+    finally:
+        result.study.tell(running, state=optuna.trial.TrialState.FAIL)
+
+
+def test_uncompressed_trials_stay_off_the_front(run_dir: Path) -> None:
+    from rankopt.results import TrialRecord, compressed
+
+    def rec(spec: dict, ratio: float) -> TrialRecord:
+        return TrialRecord(trial=0, accuracy=0.9, params=10, flops=10, params_compression=ratio,
+                           flops_compression=ratio, strategy="finetune", selector="fixed", spec=spec)
+
+    assert not compressed(rec({}, 1.0))
+    assert not compressed(rec({"a": {"decomposer": "svd", "ranks": [9]}}, 1.0))
+    assert compressed(rec({"a": {"decomposer": "svd", "ranks": [4]}}, 1.3))
+    result = StudyResult(run_dir)
+    assert all(compressed(r) for r in result.front())
+    # --min-accuracy 0 asks for the smallest model: never the uncompressed one
+    assert compressed(result.pick(min_accuracy=0.0))
+
+
+def test_weak_reference_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = {**TINY, "trials": 1, "reference": {"epochs": 0}, "run_dir": str(tmp_path / "run"),
+           "strategies": {"finetune": {"epochs": 0}}, "data": {"name": "digits"}}
+    with caplog.at_level("WARNING", logger="rankopt.study"):
+        result = rankopt.run_study(cfg)
+    assert result.reference["accuracy"] < 0.2
+    assert any("reference model is weak" in r.getMessage() for r in caplog.records)

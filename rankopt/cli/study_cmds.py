@@ -67,7 +67,7 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
 def run_command(
     study_file: Path = typer.Argument(..., help="The study file (YAML), e.g. studies/quickstart.yaml."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="local (default) or ray."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local or ray (default: the study file's backend, else local)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Total number of trials wanted."),
     address: Optional[str] = typer.Option(None, "--address", help="Address of an existing Ray cluster (or RAY_ADDRESS)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
@@ -114,6 +114,10 @@ def status_command(
     table.add_row("baseline", f"accuracy {ref['accuracy']:.4f}, {ref['params']:,} params, {ref['flops']:,} FLOPs")
     table.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items())) or "(none)")
     table.add_row("wanted", str(status["trials_wanted"]))
+    for run in status.get("running", []):
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in run["params"].items())
+        table.add_row(f"running {run['trial']}", values or "(choosing its values)")
     table.add_row("front size", str(status["front_size"]))
     hv = status["hypervolume"]
     table.add_row("hypervolume", f"accuracy x params {hv['params']:.4f}, accuracy x FLOPs {hv['flops']:.4f}")
