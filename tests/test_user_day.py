@@ -4,6 +4,7 @@ and readable pareto/report output."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -296,3 +297,73 @@ def test_weak_reference_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptur
         result = rankopt.run_study(cfg)
     assert result.reference["accuracy"] < 0.2
     assert any("reference model is weak" in r.getMessage() for r in caplog.records)
+
+
+def test_plugins_compact_by_default_and_by_family(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0
+    assert "--family models" in out and "resnet56_cifar" not in out
+    assert len(out.splitlines()) < 60
+    code, out, _ = run_cli(capsys, "plugins", "--family", "models")
+    assert code == 0 and "resnet56_cifar" in out and "tucker2" not in out
+
+
+def test_inspect_warns_on_untrained_weights_and_reads_a_run(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "inspect", "small_cnn", "--input-shape", "1,1,8,8", "--format", "json")
+    assert code == 0 and "untrained" in err and json.loads(out)["trained"] is False
+    code, out, err = run_cli(capsys, "inspect", str(run_dir), "--format", "json")
+    assert code == 0 and "untrained" not in err
+    table = json.loads(out)
+    assert table["trained"] is True and table["input_shape"] == [1, 1, 8, 8]
+    # the reference weights, not a fresh initialization: the spectrum (and so ranks) follow them
+    from rankopt.cli.inspect_cmd import load_run_reference
+
+    model, _, _ = load_run_reference(run_dir)
+    saved = torch.load(run_dir / "reference" / "model.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_data_paths_are_relative_to_the_study_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    data = tmp_path / "project" / "data"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.savez(data / "train.npz", x=rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8),
+             y=np.arange(40) % 2)
+    studies = tmp_path / "project" / "studies"
+    studies.mkdir()
+    study = studies / "s.yaml"
+    study.write_text(yaml.safe_dump({**TINY, "data": {"name": "npz", "kwargs": {
+        "root": "../data", "train": "train.npz", "val_fraction": 0.25}}}))
+    monkeypatch.chdir(tmp_path)  # neither the project nor studies/
+    config = load_config(study)
+    assert config.data.kwargs["root"] == str(data.resolve())
+    assert config.data.kwargs["train"] == "train.npz"  # still relative to root, as npz reads it
+    study.write_text(yaml.safe_dump({**TINY, "data": {"name": "npz", "kwargs": {"root": "../nowhere", "train": "t.npz"}}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(study)
+    assert "download" not in str(info.value)  # npz takes no download
+
+
+def test_set_overrides_any_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump(TINY))
+    code, _, err = run_cli(capsys, "run", str(study), "--run-dir", str(tmp_path / "r"), "--quiet",
+                           "--set", "trials=1", "--set", "strategies.finetune.epochs=0",
+                           "--set", "sampler.seed=7")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "r" / "study.yaml").read_text())
+    assert saved["trials"] == 1 and saved["sampler"]["seed"] == 7
+    assert saved["strategies"]["finetune"] == {"epochs": 0, "lr": 0.02}
+    code, _, err = run_cli(capsys, "run", str(study), "--set", "trials")
+    assert code == 2 and "--set must be key=value" in err
+
+
+def test_readme_and_study_file_agree_on_the_quickstart_time() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    study = (root / "studies" / "quickstart.yaml").read_text()
+    figure = re.search(r"(\d+) s of CPU time", study)
+    assert figure is not None and f"{figure.group(1)} s of CPU time" in readme
+    assert "about a minute" in study and "about a minute" in readme

@@ -72,6 +72,7 @@ def run_command(
     address: Optional[str] = typer.Option(None, "--address", help="Address of an existing Ray cluster (or RAY_ADDRESS)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    set_: list[str] = typer.Option([], "--set", help="Override any study-file field: key.sub=value (YAML value), repeatable, e.g. --set sampler.seed=3."),
 ) -> None:
     """Run (or continue) a study: train the reference once, search, print the front."""
     from rankopt.study import Study
@@ -83,7 +84,15 @@ def run_command(
         "address": address,
         "timeout": timeout,
     }
-    study = Study(study_file, progress=False if quiet else None, **overrides)
+    source: Any = study_file
+    if set_:
+        from rankopt.config import load_config, merge_set, parse_set
+
+        sets = parse_set(set_)  # a malformed --set fails before the file is read
+        loaded = load_config(study_file, check_plugins=False)  # paths resolved against the file
+        source = merge_set(loaded.model_dump(mode="json", exclude_unset=True), sets)
+        source.setdefault("name", loaded.name)
+    study = Study(source, progress=False if quiet else None, **overrides)
     result = study.run()
     status = result.status()
     if not quiet:
