@@ -309,10 +309,13 @@ def test_plugins_compact_by_default_and_by_family(capsys: pytest.CaptureFixture[
 
 
 def test_inspect_warns_on_untrained_weights_and_reads_a_run(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "inspect", "small_cnn", "--input-shape", "1,1,8,8")
+    assert code == 0 and "untrained (randomly initialized) weights" in err
     code, out, err = run_cli(capsys, "inspect", "small_cnn", "--input-shape", "1,1,8,8", "--format", "json")
-    assert code == 0 and "untrained" in err and json.loads(out)["trained"] is False
+    assert code == 0 and json.loads(out)["trained"] is False
+    code, out, err = run_cli(capsys, "inspect", str(run_dir))
+    assert code == 0 and "untrained" not in err and "reference of" in out
     code, out, err = run_cli(capsys, "inspect", str(run_dir), "--format", "json")
-    assert code == 0 and "untrained" not in err
     table = json.loads(out)
     assert table["trained"] is True and table["input_shape"] == [1, 1, 8, 8]
     # the reference weights, not a fresh initialization: the spectrum (and so ranks) follow them

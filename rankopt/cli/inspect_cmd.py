@@ -339,7 +339,7 @@ def inspect_command(
             model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
         )
         trained = weights is not None or _study_weights(model_or_study)
-    if not trained:
+    if not trained and format == "table":  # json says it in "trained"; csv stays a plain table
         from rankopt.cli.app import err_console
 
         err_console.print(
