@@ -239,6 +239,7 @@ class Study:
                 targets=prep.targets,
                 key=key,
                 run_dir=run_dir,
+                report=show.message if show.enabled else None,
             )
             _warn_weak_reference(baseline, prep.splits.num_classes)
             env = TrialEnv(

@@ -370,3 +370,21 @@ def test_readme_and_study_file_agree_on_the_quickstart_time() -> None:
     figure = re.search(r"(\d+) s of CPU time", study)
     assert figure is not None and f"{figure.group(1)} s of CPU time" in readme
     assert "about a minute" in study and "about a minute" in readme
+
+
+def test_reference_epochs_and_trial_bar_report_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = {**TINY, "trials": 1, "reference": {"epochs": 2, "lr": 0.05},
+           "strategies": {"finetune": {"epochs": 0}}, "data": {"name": "digits"}}
+    rankopt.run_study({**cfg, "run_dir": str(tmp_path / "shown")}, progress=True)
+    err = capsys.readouterr().err
+    for epoch in (1, 2):
+        assert re.search(rf"reference epoch {epoch}/2: loss \d\.\d{{4}}, val accuracy \d\.\d{{4}}, \d+ s, eta \d+ s", err), err
+    # a resumed run counts the earlier trial on its bar (2/2 after one more)
+    rankopt.run_study({**cfg, "run_dir": str(tmp_path / "shown"), "trials": 2}, progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "eta" in err and "front" in err
+    # reporting changes nothing: the same reference weights as a run without it
+    rankopt.run_study({**cfg, "run_dir": str(tmp_path / "quiet")}, progress=False)
+    shown = torch.load(tmp_path / "shown" / "reference" / "model.pt", weights_only=True)
+    quiet = torch.load(tmp_path / "quiet" / "reference" / "model.pt", weights_only=True)
+    assert all(torch.equal(shown[k], quiet[k]) for k in shown)

@@ -28,7 +28,8 @@ class StudyProgress:
                  earlier: Sequence[tuple[float, float]] = ()) -> None:
         """``total``: trials to run now; ``earlier``: (accuracy, params) of the trials a
         previous run completed, counted on the bar and in the front so far."""
-        self.console = Console(stderr=True)
+        # redirected to a file or pipe: no 80-column limit to cut the bar's text at
+        self.console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=240)
         self.enabled = self.console.is_terminal if enabled is None else enabled
         self.baseline = dict(baseline)
         self.earlier = len(earlier)
