@@ -591,8 +591,9 @@ def _check_data_paths(kwargs: Mapping[str, Any], where: str, download_ok: bool =
             if not path.exists():
                 field = f"{where}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
                 raise ConfigError(
-                    f"{field}: path {item!r} does not exist (looked for {str(path)!r} from the "
-                    f"current directory {os.getcwd()!r}); fix the path"
+                    f"{field}: path {item!r} does not exist (looked for {str(path)!r}; relative "
+                    f"paths are read from a study file's folder, or from the current directory "
+                    f"{os.getcwd()!r} for a config given from Python); fix the path"
                     + (" or set download: true" if key == "root" and download_ok else "")
                 )
 

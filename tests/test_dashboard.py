@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,15 +38,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def browse(url: str, *extra: str) -> str:
-    """Chromium's DOM of ``url`` after its scripts ran (``--virtual-time-budget`` waits for
-    the page's fetches and rendering)."""
+def browse(url: str, *extra: str, attempts: int = 2) -> str:
+    """Chromium's output for ``url`` after its scripts ran (``--virtual-time-budget`` waits
+    for the page's fetches and rendering). Each call has its own profile, so no other
+    Chromium's profile lock can stall it; a run that hangs is killed with its children
+    and tried again once."""
+    import tempfile
+
     assert CHROMIUM is not None
-    done = subprocess.run(
-        [CHROMIUM, *FLAGS, "--virtual-time-budget=20000", "--window-size=1400,1000", *extra, url],
-        capture_output=True, text=True, timeout=120, check=True,
-    )
-    return done.stdout
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as profile:
+            proc = subprocess.Popen(
+                [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
+                 "--window-size=1400,1000", *extra, url],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+            )
+            try:
+                out, _ = proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                if attempt + 1 == attempts:
+                    raise
+                continue
+            assert proc.returncode == 0, f"chromium exited with {proc.returncode}"
+            return out
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def visible_text(html: str) -> str:
