@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import optuna
@@ -388,3 +389,16 @@ def test_reference_epochs_and_trial_bar_report_progress(tmp_path: Path, capsys: 
     shown = torch.load(tmp_path / "shown" / "reference" / "model.pt", weights_only=True)
     quiet = torch.load(tmp_path / "quiet" / "reference" / "model.pt", weights_only=True)
     assert all(torch.equal(shown[k], quiet[k]) for k in shown)
+
+
+def test_plugins_check_shows_progress_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from rich.console import Console
+
+    cli_app = sys.modules["rankopt.cli.app"]  # the module (rankopt.cli.app is the Typer app)
+    screen = io.StringIO()
+    monkeypatch.setattr(cli_app, "err_console", Console(file=screen, force_terminal=True, width=100))
+    assert main(["plugins", "--check", "--family", "rank_selectors"]) == 0
+    assert "running the contract checks" in screen.getvalue()
+    capsys.readouterr()

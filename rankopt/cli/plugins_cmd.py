@@ -69,7 +69,11 @@ def plugins_command(
     if check:
         from rankopt.testing import check_installed_plugins
 
-        checks = check_installed_plugins(tuple(family)) if family else check_installed_plugins()
+        from rankopt.cli.app import err_console
+
+        # a spinner on a terminal (silent when piped): the checks decompose and train
+        with err_console.status("running the contract checks of the installed plugins..."):
+            checks = check_installed_plugins(tuple(family)) if family else check_installed_plugins()
     if format == "json":
         out = {"plugins": rows, "failures": failures, "conflicts": conflicts}
         if checks is not None:
