@@ -143,8 +143,9 @@ def test_pareto_compact_by_default_ranks_on_request(run_dir: Path, capsys: pytes
     assert code == 0
     assert "layers" in out and front[0].ranks_summary not in out
     assert all(len(line) <= 240 for line in out.splitlines())
-    # piped: one line per row, header + rows + borders
-    assert len(out.splitlines()) == len(front) + 5
+    # piped: one line per row (title, borders, header, rows, caption)
+    assert len(out.splitlines()) == len(front) + 6
+    assert "test acc" in out and "held-out test split" in out
     code, out, _ = run_cli(capsys, "pareto", str(run_dir), "--ranks")
     assert front[0].ranks_summary in out
 

@@ -41,7 +41,10 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
     fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
              "flops_compression", "strategy", "selector", "ranks"}
     searched = [c for c in (rows[0] if rows else {}) if c not in fixed]
-    table = Table(title=title)
+    caption = ("accuracy: validation (what the search optimized); test acc: held-out test split"
+               if test else "accuracy: validation (what the search optimized); "
+               "held-out accuracy: `rankopt evaluate`")
+    table = Table(title=title, caption=caption)
     heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
         "params", "FLOPs", "params x", "FLOPs x", "strategy", "selector"] + searched
     for col in heads:
