@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch/torchvision first, pinned to the releases our machines install offline
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) | $(BIN)/python
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[test,postgres,deploy]"
+	$(BIN)/python -m pip install -q -e ".[test,postgres,deploy,dashboard]"
 	@for p in plugins/*/; do \
 		if [ -f "$$p/pyproject.toml" ]; then $(BIN)/python -m pip install -q -e "$$p" || exit 1; fi; \
 	done

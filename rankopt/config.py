@@ -158,6 +158,8 @@ class DataConfig(_Strict):
     name: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     batch_size: int = Field(128, ge=1)
+    # held out of the training split as the test split (rankopt evaluate, pick, report)
+    test_fraction: float | None = Field(None, ge=0, lt=1)
 
 
 class ReferenceConfig(_Strict):
@@ -405,6 +407,7 @@ def load_config(
                 f"got {type(raw).__name__}"
             )
         raw.setdefault("name", path.stem)
+        _resolve_data_paths(raw, path.parent)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -423,6 +426,77 @@ def load_config(
     if check_plugins:
         check_config(config, check_paths=check_paths)
     return config
+
+
+def _resolve_data_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in a study file's ``data.kwargs`` are relative to the study file, not
+    to the current directory, so a study runs from anywhere. A file named next to a
+    ``root`` stays relative to that root (as the dataset reads it)."""
+    data = raw.get("data")
+    kwargs = data.get("kwargs") if isinstance(data, dict) else None
+    if not isinstance(kwargs, dict):
+        return
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value and not value.startswith("~") and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        return value
+
+    has_root = isinstance(kwargs.get("root"), str)
+    for key in list(kwargs):
+        if key not in _PATH_KEYS and not key.endswith(_PATH_SUFFIXES):
+            continue
+        if key == "root" or not has_root:
+            kwargs[key] = resolve(kwargs[key])
+
+
+def _signature_names(fn: Any) -> set[str] | None:
+    """Keyword names ``fn`` accepts; None when unknown or it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key.sub=value`` overrides as one nested mapping; values are YAML
+    (``--set trials=8``, ``--set sampler.seed=3``, ``--set 'decomposers=[svd]'``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(
+                f"--set must be key=value with a dotted key (e.g. trials=8, sampler.seed=3), got {item!r}"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def merge_set(raw: dict[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``sets`` merged in at every depth (a value replaces, a mapping merges)."""
+    merged = copy.deepcopy(raw)
+    for key, value in sets.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_set(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def config_to_yaml(config: StudyConfig) -> str:
@@ -510,7 +584,7 @@ def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tu
         )
 
 
-def _check_data_paths(kwargs: Mapping[str, Any], where: str) -> None:
+def _check_data_paths(kwargs: Mapping[str, Any], where: str, download_ok: bool = True) -> None:
     """Every file or folder a dataset's keyword arguments name must exist (before any work).
 
     Relative paths are read from ``root`` when the dataset takes one as the base of its
@@ -533,9 +607,10 @@ def _check_data_paths(kwargs: Mapping[str, Any], where: str) -> None:
             if not path.exists():
                 field = f"{where}.{key}" + (f"[{i}]" if isinstance(value, (list, tuple)) else "")
                 raise ConfigError(
-                    f"{field}: path {item!r} does not exist (looked for {str(path)!r} from the "
-                    f"current directory {os.getcwd()!r}); fix the path"
-                    + (" or set download: true" if key == "root" else "")
+                    f"{field}: path {item!r} does not exist (looked for {str(path)!r}; relative "
+                    f"paths are read from a study file's folder, or from the current directory "
+                    f"{os.getcwd()!r} for a config given from Python); fix the path"
+                    + (" or set download: true" if key == "root" and download_ok else "")
                 )
 
 
@@ -580,7 +655,9 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
         factory = reg.record("datasets", config.data.name).factory
         _check_kwargs(factory, config.data.kwargs, "data.kwargs")
         if check_paths:
-            _check_data_paths(config.data.kwargs, "data.kwargs")
+            # suggest download: true only to datasets that take it (npz refuses it)
+            takes = _signature_names(factory)
+            _check_data_paths(config.data.kwargs, "data.kwargs", download_ok=takes is None or "download" in takes)
     if check_paths and config.reference.weights and not Path(config.reference.weights).is_file():
         raise ConfigError(
             f"reference.weights: file {config.reference.weights!r} does not exist; give the "

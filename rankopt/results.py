@@ -54,6 +54,8 @@ class TrialRecord:
     latency_ms: float | None = None
     model_path: str = ""
     latency_ratio: float | None = None  # latency / the reference's, timed in the same loop
+    # the values the sampler chose for this trial's selector and strategy ("energy.p": 0.8)
+    searched: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +113,11 @@ def hypervolume_history(
         seen.append((rec.accuracy, float(getattr(rec, measure))))
         out.append((rec.trial, hypervolume_2d(seen, float(baseline[measure]))))
     return out
+
+
+def compressed(record: TrialRecord) -> bool:
+    """Whether a trial compressed at least one layer to fewer parameters (not 1.0x)."""
+    return bool(record.spec) and not record.params_compression <= 1.0
 
 
 # -- the result of a study --------------------------------------------------------------------
@@ -189,6 +196,10 @@ class StudyResult:
             latency_ms=attrs.get("latency_ms"),
             latency_ratio=attrs.get("latency_ratio"),
             model_path=str(self.run_dir / "trials" / str(trial.number) / "model.pt"),
+            searched={
+                k: v for k, v in trial.params.items()
+                if k.split(".", 1)[0] in (attrs.get("selector"), attrs.get("strategy")) and "." in k
+            },
         )
 
     def _complete(self) -> list[FrozenTrial]:
@@ -204,9 +215,14 @@ class StudyResult:
 
     def front(self) -> list[TrialRecord]:
         """The Pareto-optimal completed trials over the study's objectives (feasible ones
-        only when the study has constraints), sorted by params."""
+        only when the study has constraints), sorted by params.
+
+        A trial that compressed no layer (1.0x) is the uncompressed model, not a
+        compressed one: it is left off the front (and out of :meth:`pick`'s limits).
+        """
         best = {t.number for t in self.study.best_trials}
         records = [self._record(t) for t in self._complete() if t.number in best]
+        records = [r for r in records if compressed(r)]
         return sorted(records, key=lambda r: (r.params, r.flops, -r.accuracy))
 
     def hypervolume(self) -> dict[str, float]:
@@ -223,8 +239,15 @@ class StudyResult:
     def status(self) -> dict[str, Any]:
         """What ``rankopt status --format json`` prints."""
         counts: dict[str, int] = {}
+        running = []
         for t in self.study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            if t.state == TrialState.RUNNING:
+                running.append({"trial": t.number, "params": dict(t.params)})
+        wanted = self.config.trials
+        if wanted is not None and counts.get("COMPLETE", 0) >= wanted:
+            # enqueued points the finished run never needed: Optuna's WAITING, not work left
+            counts.pop("WAITING", None)
         ref = self.reference
         front = self.front()
         return {
@@ -237,6 +260,7 @@ class StudyResult:
             "hypervolume": self.hypervolume(),
             "best_accuracy": max((r.accuracy for r in front), default=None),
             "smallest_params": min((r.params for r in front), default=None),
+            "running": running,
         }
 
     # -- picking ------------------------------------------------------------------------------
@@ -276,7 +300,8 @@ class StudyResult:
         ok = [
             r
             for r in records
-            if (max_params is None or r.params <= max_params)
+            if compressed(r)
+            and (max_params is None or r.params <= max_params)
             and (max_flops is None or r.flops <= max_flops)
             and (min_accuracy is None or r.accuracy >= min_accuracy)
         ]
@@ -303,11 +328,66 @@ class StudyResult:
         values = [getattr(r, measure) for r in self.front()]
         return f"{min(values):g}..{max(values):g}" if values else "(empty)"
 
-    def load_model(self, trial: int) -> nn.Module:
-        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`)."""
+    def architecture(self) -> str:
+        """What the run's uncompressed model is: a registered name, a callable, or the class
+        of a module passed from Python (which loading needs again as ``model=``)."""
+        try:
+            base = self.reference.get("base", {})
+        except ArtifactError:
+            base = {}
+        if base.get("model"):
+            return f"registered model {base['model']!r} {base.get('kwargs', {})}"
+        if base.get("callable"):
+            return f"callable {base['callable']!r} {base.get('kwargs', {})}"
+        if base.get("class"):
+            return f"a module passed from Python, class {base['class']}"
+        return "unknown (no reference/metrics.json)"
+
+    def load_model(self, trial: int, *, model: nn.Module | None = None) -> nn.Module:
+        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`).
+
+        ``model``: an uncompressed instance of the run's architecture, needed when the study
+        was run on a module passed from Python (``reference/metrics.json`` names its class).
+        """
         from rankopt.artifacts import load_compressed
 
-        return load_compressed(self.pick(trial=trial).model_path)
+        path = self.pick(trial=trial).model_path
+        try:
+            return load_compressed(path, model=model)
+        except ArtifactError as exc:
+            if model is not None or "names no registered base model" not in str(exc):
+                raise
+            raise ArtifactError(
+                f"trial {trial}'s model was compressed from {self.architecture()}; pass an "
+                "uncompressed instance: StudyResult(run_dir).load_model(trial, model=MyNet()) "
+                "or rankopt.load_compressed(path, model=MyNet())"
+            ) from None
+
+    def evaluate(
+        self,
+        trials: int | Sequence[int] | None = None,
+        *,
+        split: str = "test",
+        model: nn.Module | None = None,
+        data: Any = None,
+        device: str | None = None,
+    ) -> dict[int, float]:
+        """Accuracy of trials' saved models on ``split`` ("test", default, or "val").
+
+        ``trials``: a number, a list, or None for the front. ``data``: the
+        :class:`~rankopt.DatasetSplits` when the study ran on data passed from Python
+        (else the study file's dataset is loaded). ``model``: see :meth:`load_model`.
+        Test accuracies of the study's own data are cached in ``evaluation.json``.
+        """
+        from rankopt.evaluation import evaluate_trials
+
+        if trials is None:
+            numbers = [r.trial for r in self.front()]
+        elif isinstance(trials, int):
+            numbers = [trials]
+        else:
+            numbers = [int(t) for t in trials]
+        return evaluate_trials(self, numbers, split=split, model=model, data=data, device=device)
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

@@ -131,6 +131,9 @@ class Study:
         else:
             assert config.data.name is not None
             splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+        from rankopt.evaluation import check_input_shape, hold_out_test
+
+        splits = hold_out_test(splits, config.data.test_fraction, config.seed)
         input_shape = (1, *tuple(int(d) for d in splits.input_shape))
         from rankopt.training import seed_everything
 
@@ -143,6 +146,7 @@ class Study:
         else:
             assert config.model is not None
             model, base = _build_model(config, splits)
+        check_input_shape(model, splits)
         targets = find_layers(
             model, input_shape, include=config.targets.include, exclude=config.targets.exclude
         )
@@ -235,7 +239,9 @@ class Study:
                 targets=prep.targets,
                 key=key,
                 run_dir=run_dir,
+                report=show.message if show.enabled else None,
             )
+            _warn_weak_reference(baseline, prep.splits.num_classes)
             env = TrialEnv(
                 config=config,
                 run_dir=run_dir.resolve(),
@@ -274,7 +280,13 @@ class Study:
                 f"{'trials until the timeout' if missing is None else missing} on the "
                 f"{config.backend} backend; results in {run_dir}"
             )
-            with StudyProgress(missing, enabled=self.progress, baseline=baseline) as progress:
+            earlier = [
+                (float(t.user_attrs["accuracy"]), float(t.user_attrs["params"]))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "accuracy" in t.user_attrs and "params" in t.user_attrs
+            ]
+            with StudyProgress(missing, enabled=self.progress, baseline=baseline,
+                               earlier=earlier) as progress:
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
                 elif config.backend == "local":
@@ -350,6 +362,19 @@ def _screen(env: Any, show: Any) -> list[dict[str, Any]]:
     )
     return result.kept
 
+
+
+def _warn_weak_reference(baseline: Mapping[str, Any], num_classes: int) -> None:
+    """A reference below twice chance accuracy has little to lose: its compressed trials
+    say nothing about a trained model's."""
+    chance = 1.0 / max(1, int(num_classes))
+    if baseline["accuracy"] < min(2 * chance, 0.99):
+        log.warning(
+            "the reference model is weak: validation accuracy %.4f is below twice chance "
+            "(%.4f for %d classes); train it longer (reference.epochs, reference.lr) or give "
+            "trained reference.weights before trusting the front", baseline["accuracy"],
+            2 * chance, num_classes,
+        )
 
 
 SESSIONS_ATTR = "rankopt_sessions"

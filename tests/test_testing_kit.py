@@ -331,6 +331,9 @@ def test_rankopt_plugins_check_prints_a_table_and_exits_1_on_a_failure(capsys, m
         rankopt.reset_registry()
 
 
-def test_family_without_check_is_a_usage_error(capsys) -> None:
-    assert main(["plugins", "--family", "decomposers"]) == 2
-    assert "--family only applies with --check" in capsys.readouterr().err
+def test_family_without_check_filters_the_listing(capsys) -> None:
+    assert main(["plugins", "--family", "decomposers"]) == 0
+    out = capsys.readouterr().out
+    assert "tucker2" in out and "small_cnn" not in out and "digits" not in out
+    assert main(["plugins", "--family", "decomposer"]) == 2
+    assert "--family must be one of" in capsys.readouterr().err

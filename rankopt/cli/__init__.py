@@ -33,6 +33,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "rankopt.cli.plugins_cmd",
     "rankopt.cli.inspect_cmd",
     "rankopt.cli.export_cmd",
+    "rankopt.cli.user_cmds",
 )
 
 for _mod in COMMAND_MODULES:

@@ -267,6 +267,51 @@ def _csv(methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _study_weights(source: str) -> bool:
+    """Whether a study file names reference weights (then inspect loads them)."""
+    if not source.endswith(STUDY_SUFFIXES):
+        return False
+    from rankopt.config import load_config
+
+    return bool(load_config(source, check_paths=False).reference.weights)
+
+
+def load_run_reference(
+    run_dir: Path, *, weights: Path | None = None, input_shape: Sequence[int] | None = None
+) -> tuple[Any, tuple[int, ...], str]:
+    """The reference model of a run directory, with its trained weights
+    (``reference/model.pt``) and input shape (``reference/metrics.json``)."""
+    import torch
+
+    from rankopt.artifacts import _build_base
+    from rankopt.errors import ArtifactError, ConfigError
+    from rankopt.results import reference_path
+
+    metrics_file = reference_path(run_dir)
+    weights_file = weights or run_dir / "reference" / "model.pt"
+    if not metrics_file.is_file() or not Path(weights_file).is_file():
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a run directory with a trained reference (no "
+            "reference/metrics.json and reference/model.pt); give a run directory that "
+            "`rankopt run` wrote, a model name or a study file"
+        )
+    metrics = json.loads(metrics_file.read_text())
+    base = metrics.get("base", {})
+    if base.get("class"):
+        raise ConfigError(
+            f"run {str(run_dir)!r} was run on a module passed from Python ({base['class']}), "
+            "which inspect cannot rebuild; from Python: inspect_rows(model, input_shape)"
+        )
+    try:
+        model = _build_base(base, metrics_file)
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from None
+    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    shape = tuple(input_shape or metrics.get("input_shape") or (1, *DEFAULT_SAMPLE_SHAPE))
+    name = base.get("model") or base.get("callable")
+    return model.eval(), shape, f"{name} (reference of {run_dir})"
+
+
 @app.command("inspect")
 def inspect_command(
     model_or_study: str = typer.Argument(
@@ -310,9 +355,23 @@ def inspect_command(
     import rankopt
 
     rankopt.decomposer(decomposer)  # an unknown name fails before any work
-    model, shape, label = load_model(
-        model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
-    )
+    if Path(model_or_study).is_dir():
+        model, shape, label = load_run_reference(Path(model_or_study), weights=weights, input_shape=shape)
+        trained = True
+    else:
+        model, shape, label = load_model(
+            model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
+        )
+        trained = weights is not None or _study_weights(model_or_study)
+    if not trained and format == "table":  # json says it in "trained"; csv stays a plain table
+        from rankopt.cli.app import err_console
+
+        err_console.print(
+            f"warning: {label} has untrained (randomly initialized) weights, whose spectra are "
+            "nearly flat: VBMF and energy ranks say little about a trained model; give "
+            "--weights, a study file with reference.weights, or a run directory",
+            highlight=False,
+        )
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
     methods, rows = inspect_rows(
         model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels
@@ -320,7 +379,7 @@ def inspect_command(
     totals = _totals(model, methods, rows)
     if format == "json":
         out = {
-            "model": label, "input_shape": list(shape), "decomposer": decomposer,
+            "model": label, "trained": trained, "input_shape": list(shape), "decomposer": decomposer,
             "methods": methods, "layers": rows, "total": totals,
         }
         typer.echo(json.dumps(out, indent=2))

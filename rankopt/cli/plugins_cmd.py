@@ -23,8 +23,9 @@ def plugins_command(
     ),
     format: str = typer.Option("table", "--format", help="Output format: table or json."),
     family: list[str] = typer.Option(
-        [], "--family", help="With --check: check only this family (decomposers, rank_selectors, "
-        "strategies, models); repeatable. Default: decomposers, rank selectors and strategies.",
+        [], "--family", help="List only this family in full (decomposers, rank_selectors, "
+        "strategies, models, datasets); repeatable. With --check: check only it (default: "
+        "decomposers, rank selectors and strategies).",
     ),
 ) -> None:
     """List the decomposers, rank selectors, strategies, models and datasets that are installed."""
@@ -35,8 +36,9 @@ def plugins_command(
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")
-    if family and not check:
-        raise ConfigError("--family only applies with --check; add --check or drop --family")
+    unknown = [f for f in family if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"--family must be one of {list(FAMILIES)}, got {unknown[0]!r}")
     if target is not None and not check:
         raise ConfigError(f"NAME_OR_DIST ({target!r}) only applies with --check; add --check or drop it")
     reg = get_registry()
@@ -49,6 +51,7 @@ def plugins_command(
             "description": p.record.summary,
         }
         for key in FAMILIES
+        if not family or key in family
         for p in reg.provided(key)
     ]
     failures = [
@@ -88,10 +91,14 @@ def plugins_command(
         console.print_json(json.dumps(out))
     else:
         table = Table(title="rankopt plugins")
-        for col in ("family", "name", "distribution", "version", "description"):
+        for col in ("family", "name", "distribution", "version"):
             table.add_column(col, overflow="fold")  # wrap, never cut off a name
-        for r in rows:
-            table.add_row(*(escape(str(r[c])) for c in ("family", "name", "distribution", "version", "description")))
+        table.add_column("description", overflow="fold")
+        for r in _compact(rows) if not family else rows:
+            cells = [str(r[c]) for c in ("family", "name", "distribution", "version", "description")]
+            if not family and len(cells[-1]) > DESCRIPTION_CHARS:  # `--family`/json: whole
+                cells[-1] = cells[-1][: DESCRIPTION_CHARS - 3] + "..."
+            table.add_row(*(escape(c) for c in cells))
         console.print(table)
         for c in conflicts:
             console.print(
@@ -113,3 +120,28 @@ def plugins_command(
             console.print(summary, highlight=False)
     if checks is not None and not all(r["passed"] for r in checks):
         raise typer.Exit(1)
+
+
+DESCRIPTION_CHARS = 60  # the default listing keeps one short line per plugin
+COLLAPSED = ("model",)  # families too long to list by default (the model zoo)
+
+
+def _compact(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The default listing: every plugin, except that a collapsed family's many entries
+    become one row per distribution (``--family models`` lists them)."""
+    out: list[dict[str, str]] = []
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for r in rows:
+        if r["family"] in COLLAPSED:
+            groups.setdefault((r["family"], r["distribution"], r["version"]), []).append(r["name"])
+        else:
+            out.append(r)
+    for (fam, dist, version), names in groups.items():
+        if len(names) <= 3:
+            out += [r for r in rows if r["family"] == fam and r["distribution"] == dist]
+            continue
+        out.append({
+            "family": fam, "name": f"{len(names)} {fam}s", "distribution": dist, "version": version,
+            "description": f"rankopt plugins --family {fam}s lists them ({names[0]}, ...)",
+        })
+    return out

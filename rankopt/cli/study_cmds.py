@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from rankopt.cli.app import app, console
@@ -32,42 +31,56 @@ def _open(run_dir: Path) -> Any:
     return StudyResult(run_dir)
 
 
-def _print_front(records: list[Any], title: str) -> None:
-    from rankopt.report import front_table_rows
+def _print_front(records: list[Any], title: str, *, ranks: bool = False,
+                 test: dict[int, float] | None = None) -> None:
+    """The front as a table: compact by default (layers compressed), per-layer ranks with
+    ``ranks``; the searched values as columns; test accuracies when measured."""
+    from rankopt.report import fmt_value, front_table_rows
 
-    table = Table(title=title)
-    rows = front_table_rows(records)
+    rows = front_table_rows(records, test or None)
+    fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
+             "flops_compression", "strategy", "selector", "ranks", "latency_ms", "speedup"}
+    searched = [c for c in (rows[0] if rows else {}) if c not in fixed]
     timed = bool(rows) and "latency_ms" in rows[0]  # latency columns only when measured
-    latency_cols = ("ms", "speed-up") if timed else ()
-    for col in ("trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", *latency_cols, "strategy"):
-        table.add_column(col, no_wrap=True, justify="left" if col == "strategy" else "right")
-    table.add_column("ranks", overflow="fold")
+    caption = ("accuracy: validation (what the search optimized); test acc: held-out test split"
+               if test else "accuracy: validation (what the search optimized); "
+               "held-out accuracy: `rankopt evaluate`")
+    table = Table(title=title, caption=caption)
+    heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
+        "params", "FLOPs", "params x", "FLOPs x"] + (["ms", "speed-up"] if timed else []) + [
+        "strategy", "selector"] + searched
+    for col in heads:
+        table.add_column(col, no_wrap=True, justify="left" if col in ("strategy", "selector") else "right")
+    table.add_column("ranks" if ranks else "layers", overflow="fold" if ranks else "ellipsis")
     for row in rows:
-        ranks = row["ranks"] if len(row["ranks"]) <= 80 else row["ranks"][:77] + "..."
-        table.add_row(
-            str(row["trial"]),
-            f"{row['accuracy']:.4f}",
-            f"{row['params']:,}",
-            f"{row['flops']:,}",
-            f"{row['params_compression']:.2f}",
-            f"{row['flops_compression']:.2f}",
-            *((f"{row['latency_ms']:.3f}", f"{row['speedup']:.2f}") if timed else ()),
-            row["strategy"],
-            ranks,
-        )
-    # piped into a file or a pager, keep each row on one line rather than folding at 80
-    (console if console.is_terminal else Console(width=200)).print(table)
+        summary = row["ranks"]
+        cells = [str(row["trial"]), f"{row['accuracy']:.4f}"]
+        if test:
+            cells.append(fmt_value("test_accuracy", row.get("test_accuracy")))
+        cells += [f"{row['params']:,}", f"{row['flops']:,}", f"{row['params_compression']:.2f}",
+                  f"{row['flops_compression']:.2f}"]
+        if timed:
+            cells += [f"{row['latency_ms']:.3f}", f"{row['speedup']:.2f}"]
+        cells += [row["strategy"], row["selector"]]
+        cells += [fmt_value(c, row[c]) for c in searched]
+        if ranks:
+            cells.append(summary)
+        else:  # "(3/4 layers)" at the end of the summary: how many layers were compressed
+            cells.append(summary[summary.rfind("(") + 1:].rstrip(")") if "(" in summary else summary)
+        table.add_row(*cells)
+    console.print(table)
 
 
 @app.command("run")
 def run_command(
     study_file: Path = typer.Argument(..., help="The study file (YAML), e.g. studies/quickstart.yaml."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
-    backend: Optional[str] = typer.Option(None, "--backend", help="local (default) or ray."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="local or ray (default: the study file's backend, else local)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Total number of trials wanted."),
     address: Optional[str] = typer.Option(None, "--address", help="Address of an existing Ray cluster (or RAY_ADDRESS)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after this many seconds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    set_: list[str] = typer.Option([], "--set", help="Override any study-file field: key.sub=value (YAML value), repeatable, e.g. --set sampler.seed=3."),
 ) -> None:
     """Run (or continue) a study: train the reference once, search, print the front."""
     from rankopt.study import Study
@@ -79,7 +92,15 @@ def run_command(
         "address": address,
         "timeout": timeout,
     }
-    study = Study(study_file, progress=False if quiet else None, **overrides)
+    source: Any = study_file
+    if set_:
+        from rankopt.config import load_config, merge_set, parse_set
+
+        sets = parse_set(set_)  # a malformed --set fails before the file is read
+        loaded = load_config(study_file, check_plugins=False)  # paths resolved against the file
+        source = merge_set(loaded.model_dump(mode="json", exclude_unset=True), sets)
+        source.setdefault("name", loaded.name)
+    study = Study(source, progress=False if quiet else None, **overrides)
     result = study.run()
     status = result.status()
     if not quiet:
@@ -110,6 +131,10 @@ def status_command(
     table.add_row("baseline", f"accuracy {ref['accuracy']:.4f}, {ref['params']:,} params, {ref['flops']:,} FLOPs")
     table.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items())) or "(none)")
     table.add_row("wanted", str(status["trials_wanted"]))
+    for run in status.get("running", []):
+        values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in run["params"].items())
+        table.add_row(f"running {run['trial']}", values or "(choosing its values)")
     table.add_row("front size", str(status["front_size"]))
     hv = status["hypervolume"]
     table.add_row("hypervolume", f"accuracy x params {hv['params']:.4f}, accuracy x FLOPs {hv['flops']:.4f}")
@@ -120,17 +145,22 @@ def status_command(
 def pareto_command(
     run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
     format: str = typer.Option("table", "--format", help="table, csv or json."),
+    ranks: bool = typer.Option(False, "--ranks", help="Show each layer's decomposer and ranks (default: how many layers)."),
 ) -> None:
-    """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, ranks."""
+    """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
+    from rankopt.evaluation import cached_accuracies
+
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
     front = result.front()
+    test = {r.trial: a for r, a in ((r, cached_accuracies(result.run_dir).get(r.trial)) for r in front)
+            if a is not None}
     if format == "json":
         typer.echo(json.dumps([r.as_dict() for r in front], indent=2, default=_json_default))
     elif format == "csv":
         from rankopt.report import front_table_rows
 
-        rows = front_table_rows(front)
+        rows = front_table_rows(front, test or None)
         buf = io.StringIO()
         fields = list(rows[0]) if rows else ["trial", "accuracy", "params", "flops"]
         writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -138,7 +168,8 @@ def pareto_command(
         writer.writerows(rows)
         typer.echo(buf.getvalue(), nl=False)
     else:
-        _print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)")
+        _print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)",
+                     ranks=ranks, test=test)
 
 
 def _json_default(value: Any) -> Any:
@@ -192,7 +223,28 @@ def pick_command(
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
         highlight=False,
     )
+    console.print(_held_out_line(result, record.trial), highlight=False)
+    base = result.reference.get("base", {})
+    if base.get("class"):
+        console.print(f"load it with rankopt.load_compressed({str(out)!r}, model=...) given an "
+                      f"uncompressed {base['class']} (the run used a module passed from Python)",
+                      highlight=False)
 
+
+def _held_out_line(result: Any, trial: int) -> str:
+    """The picked model's test accuracy (measured and stored in evaluation.json), or a note
+    that the numbers are validation numbers."""
+    from rankopt.evaluation import cached_accuracies, config_splits
+
+    cached = cached_accuracies(result.run_dir, "test")
+    if trial not in cached and result.config.data.name is not None:
+        if config_splits(result.config, "pick").test is not None:
+            cached = result.evaluate(trial, split="test")
+    if trial in cached:
+        return (f"test accuracy {cached[trial]:.4f} on the held-out test split (stored in "
+                f"{result.run_dir / 'evaluation.json'})")
+    return ("accuracy above is a validation number (what the search optimized): the study has "
+            "no test split; set data.test_fraction to hold one out")
 
 def _write_folded(source: Path, out: Path) -> None:
     """``source`` re-written with ``metadata.fold_bn`` after checking the folded model

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,16 @@ def reference_key(
 ) -> str:
     """A hash of everything the reference model depends on; a change retrains it."""
     data: Any = config.data.model_dump(mode="json")
+    if data.get("test_fraction") is None:
+        data.pop("test_fraction", None)  # keys of runs made before the field stay valid
     if user_data is not None:
         data = {
             "user": [type(user_data.train).__name__, len(user_data.train), len(user_data.val)],  # type: ignore[arg-type]
             "num_classes": user_data.num_classes,
             "batch_size": config.data.batch_size,
         }
+        if config.data.test_fraction:
+            data["test_fraction"] = config.data.test_fraction
     model: Any = dict(base) if user_model is None else fingerprint_module(user_model)
     reference = config.reference.model_dump(mode="json")
     if config.reference.weights:
@@ -82,6 +87,35 @@ def check_reference_key(study: optuna.Study, key: str, run_dir: Path) -> None:
         )
 
 
+def _epoch_reporter(report: Callable[[str], None], model: nn.Module, val_loader: Any,
+                    batches_per_epoch: int, device: Any) -> Callable[[int, int, float], None]:
+    """A ``train(progress=...)`` callback that reports each epoch of the reference: mean
+    loss, validation accuracy and the time left (from the pace so far)."""
+    from rankopt.training import evaluate
+
+    start = time.perf_counter()
+    losses: list[float] = []
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        losses.append(loss)
+        if step % batches_per_epoch and step != total:
+            return
+        # a loader draws a base seed from the global RNG: fork it so that reporting leaves
+        # the training (augmentation, dropout) exactly as without it
+        with torch.random.fork_rng(devices=[]):
+            accuracy = evaluate(model, val_loader, device=device)  # eval mode, restored after
+        elapsed = time.perf_counter() - start
+        eta = elapsed / step * (total - step)
+        report(
+            f"  reference epoch {math.ceil(step / batches_per_epoch)}/"
+            f"{math.ceil(total / batches_per_epoch)}: loss {sum(losses) / len(losses):.4f}, "
+            f"val accuracy {accuracy:.4f}, {elapsed:.0f} s, eta {eta:.0f} s"
+        )
+        losses.clear()
+
+    return on_step
+
+
 def obtain_reference(
     config: StudyConfig,
     *,
@@ -92,6 +126,7 @@ def obtain_reference(
     targets: Sequence[LayerInfo],
     key: str,
     run_dir: Path,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The reference model (on CPU, eval mode) and its metrics: loaded from ``reference/``
     when cached under ``key``, else trained (or loaded from ``reference.weights``),
@@ -127,9 +162,12 @@ def obtain_reference(
         loader = loader_for(
             splits.train, batch_size=config.data.batch_size, shuffle=True, seed=config.seed
         )
+        reporter = None if report is None else _epoch_reporter(
+            report, model, loader_for(splits.val, batch_size=config.data.batch_size), len(loader), device)
         train(
             model,
             loader,
+            progress=reporter,
             epochs=ref.epochs,
             lr=ref.lr,
             optimizer=ref.optimizer,

@@ -1,0 +1,92 @@
+"""``rankopt evaluate`` (held-out accuracy of saved trials) and ``rankopt dashboard``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from rankopt.cli.app import app, console, err_console
+
+RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart)."
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
+    trial: Optional[int] = typer.Option(None, "--trial", help="Evaluate this trial."),
+    front: bool = typer.Option(False, "--front", help="Evaluate every Pareto-front trial (the default)."),
+    split: str = typer.Option("test", "--split", help="test (held out, the default) or val."),
+    format: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Accuracy of saved trial models on the test split the search never saw."""
+    from rankopt.errors import ConfigError
+    from rankopt.evaluation import SPLITS
+    from rankopt.results import StudyResult
+
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {list(SPLITS)}, got {split!r}")
+    if format not in ("table", "json"):
+        raise ConfigError(f"--format must be one of ['table', 'json'], got {format!r}")
+    if trial is not None and front:
+        raise ConfigError("give --trial N or --front, not both")
+    result = StudyResult(run_dir)
+    records = {r.trial: r for r in result.trials()}
+    numbers = [trial] if trial is not None else [r.trial for r in result.front()]
+    if trial is not None:
+        result.pick(trial=trial)  # a clear error for a trial that is not a completed one
+    accuracies = result.evaluate(numbers, split=split)
+    if format == "json":
+        typer.echo(json.dumps(
+            [{"trial": n, "val_accuracy": records[n].accuracy, f"{split}_accuracy": a}
+             for n, a in accuracies.items()], indent=2))
+        return
+    table = Table(title=f"{result.config.name}: {split} accuracy")
+    for col in ("trial", "val accuracy", f"{split} accuracy", "params", "params x"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for n, acc in accuracies.items():
+        r = records[n]
+        table.add_row(str(n), f"{r.accuracy:.4f}", f"{acc:.4f}", f"{r.params:,}",
+                      f"{r.params_compression:.2f}x")
+    console.print(table)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
+    port: int = typer.Option(8080, "--port", help="Local port to serve on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (local only by default)."),
+) -> None:
+    """Serve the study with optuna-dashboard: trials, Pareto front, per-trial user attributes."""
+    from rankopt.errors import ConfigError
+    from rankopt.results import StudyResult, storage_url_of
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise ConfigError(
+            "rankopt dashboard needs optuna-dashboard: pip install 'rankopt[dashboard]'"
+        ) from None
+    result = StudyResult(run_dir)
+    name_objectives(result.study, result.config.objectives)
+    url = storage_url_of(result.config, result.run_dir)
+    err_console.print(
+        f"serving study {result.config.name!r} at http://{host}:{port}/dashboard/ (Ctrl-C stops)",
+        highlight=False,
+    )
+    run_server(url, host=host, port=port)
+
+
+def name_objectives(study: Any, objectives: list[str]) -> None:
+    """Name the objectives in the storage so the dashboard labels axes accuracy/params/..."""
+    import warnings
+
+    if study.metric_names != list(objectives):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning
+            study.set_metric_names(list(objectives))

@@ -1,0 +1,176 @@
+"""Accuracy of saved trial models on a split the search never saw (``rankopt evaluate``).
+
+The search optimizes validation accuracy, so a front chosen on it is optimistic; the
+test split gives the honest number. Results are cached in ``RUN_DIR/evaluation.json``
+(``{"test": {"<trial>": accuracy}}``) so ``pick`` and ``report`` reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from rankopt.errors import ConfigError
+from rankopt.plugins.datasets.base import DatasetSplits
+
+if TYPE_CHECKING:
+    from rankopt.config import StudyConfig
+    from rankopt.results import StudyResult
+
+__all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
+           "evaluate_trials", "check_input_shape"]
+
+SPLITS = ("test", "val")
+EVALUATION_FILE = "evaluation.json"
+
+
+def hold_out_test(splits: DatasetSplits, fraction: float | None, seed: int) -> DatasetSplits:
+    """``splits`` with ``fraction`` of its training data held out as the test split.
+
+    A plain seeded random split (``torch.utils.data.random_split``): datasets in general
+    expose no label array to stratify on (``digits``' own ``test_fraction`` is stratified).
+    """
+    if fraction is None or fraction == 0:
+        return splits
+    if splits.test is not None:
+        raise ConfigError(
+            f"data.test_fraction: {fraction} asks to hold out training data as the test split, "
+            "but the dataset already has a test split; remove data.test_fraction or the "
+            "dataset's own test data"
+        )
+    if isinstance(splits.train, torch.utils.data.DataLoader):
+        raise ConfigError(
+            "data.test_fraction: cannot split a DataLoader; pass Datasets in DatasetSplits, "
+            "or pass test= yourself"
+        )
+    n = len(splits.train)  # type: ignore[arg-type]
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise ConfigError(f"data.test_fraction: {fraction} of {n} training samples leaves none to train on")
+    train, test = torch.utils.data.random_split(
+        splits.train, [n - held, held], generator=torch.Generator().manual_seed(seed)
+    )
+    return DatasetSplits(train=train, val=splits.val, num_classes=splits.num_classes,
+                         input_shape=splits.input_shape, test=test)
+
+
+def config_splits(config: StudyConfig, what: str = "evaluate") -> DatasetSplits:
+    """The splits a study file names (the registered dataset, with ``data.test_fraction``)."""
+    from rankopt.manager import get_registry
+
+    if config.data.name is None:
+        raise ConfigError(
+            f"study {config.name!r} was run on data passed from Python (DatasetSplits), which a run "
+            f"directory cannot rebuild; to {what}, pass it: "
+            "StudyResult(run_dir).evaluate(data=DatasetSplits(...))"
+        )
+    splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+    return hold_out_test(splits, config.data.test_fraction, config.seed)
+
+
+def check_input_shape(model: nn.Module, splits: DatasetSplits) -> None:
+    """``splits.input_shape`` must be the shape of one sample and what the model takes."""
+    shape = tuple(int(d) for d in splits.input_shape)
+    data = splits.train
+    sample = None
+    if isinstance(data, torch.utils.data.DataLoader):
+        data = data.dataset
+    try:
+        item = data[0]  # type: ignore[index]
+        sample = item[0] if isinstance(item, (tuple, list)) else item
+    except Exception:  # iterable-only datasets: the model check below still runs
+        sample = None
+    if isinstance(sample, torch.Tensor) and tuple(sample.shape) != shape:
+        raise ConfigError(
+            f"DatasetSplits.input_shape: {shape} is not the shape of a training sample "
+            f"{tuple(sample.shape)}; give input_shape=(C, H, W) of one sample, here "
+            f"{tuple(sample.shape)}"
+        )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *shape)))
+    except Exception as exc:
+        raise ConfigError(
+            f"DatasetSplits.input_shape: the model cannot run on an input of shape (1, *{shape}) "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give "
+            "input_shape=(C, H, W) of one sample as the model expects it"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _cache_path(run_dir: Path) -> Path:
+    return Path(run_dir) / EVALUATION_FILE
+
+
+def cached_accuracies(run_dir: Path, split: str = "test") -> dict[int, float]:
+    """``{trial: accuracy}`` measured before on ``split`` (empty when none)."""
+    path = _cache_path(run_dir)
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {int(k): float(v) for k, v in raw.get(split, {}).items()}
+
+
+def _store(run_dir: Path, split: str, accuracies: Mapping[int, float]) -> None:
+    path = _cache_path(run_dir)
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raw = {}
+    raw.setdefault(split, {}).update({str(k): v for k, v in accuracies.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
+    tmp.replace(path)  # atomic: a crash never leaves a torn cache
+
+
+def evaluate_trials(
+    result: StudyResult,
+    trials: Iterable[int],
+    *,
+    split: str = "test",
+    model: nn.Module | None = None,
+    data: DatasetSplits | None = None,
+    device: str | None = None,
+    use_cache: bool = True,
+) -> dict[int, float]:
+    """Accuracy of each trial's saved model on ``split`` ("test" or "val")."""
+    from rankopt.devices import resolve_device
+    from rankopt.training import evaluate
+    from rankopt.trial import loader_for
+
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    numbers = list(trials)
+    have = cached_accuracies(result.run_dir, split) if use_cache and data is None else {}
+    todo = [n for n in numbers if n not in have]
+    if todo:
+        config = result.config
+        splits = data if data is not None else config_splits(config)
+        dataset = splits.test if split == "test" else splits.val
+        if dataset is None:
+            raise ConfigError(
+                f"study {config.name!r} has no test split, so there is no held-out accuracy "
+                "(the search's numbers are validation numbers); give the dataset a test split "
+                "(npz `test:`, digits `test_fraction:`) or set data.test_fraction in the study file"
+            )
+        loader = loader_for(dataset, batch_size=config.data.batch_size)
+        dev = resolve_device(device or config.device)
+        for number in todo:
+            net = result.load_model(number, model=model)
+            have[number] = evaluate(net, loader, device=dev)
+        if data is None:
+            _store(result.run_dir, split, {n: have[n] for n in todo})
+    return {n: have[n] for n in numbers}
+
