@@ -46,6 +46,8 @@ __all__ = [
     "load_config",
     "parse_param_value",
     "import_callable",
+    "import_model_factory",
+    "builds_a_module",
     "config_to_yaml",
 ]
 
@@ -477,6 +479,41 @@ def import_callable(spec: str, where: str) -> Any:
     return obj
 
 
+def builds_a_module(factory: Any) -> bool:
+    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
+    the only callables rankopt calls as a model factory (never ``os.system``...)."""
+    import typing
+
+    import torch.nn as nn
+
+    if inspect.isclass(factory):
+        return issubclass(factory, nn.Module)
+    target = inspect.unwrap(factory) if inspect.isfunction(factory) else None
+    if target is None:
+        return False
+    try:
+        returns = typing.get_type_hints(target).get("return")
+    except Exception:  # unresolvable annotations: not provably a module factory
+        return False
+    return inspect.isclass(returns) and issubclass(returns, nn.Module)
+
+
+def import_model_factory(spec: str, where: str) -> Any:
+    """``import_callable`` for a model factory, refused unless :func:`builds_a_module`.
+
+    A study file is trusted like a script (it may import its own module); the check
+    still keeps ``model: {name: "os:system", kwargs: {command: ...}}`` from being called.
+    """
+    factory = import_callable(spec, where)
+    if not builds_a_module(factory):
+        raise ConfigError(
+            f"{where}: {spec!r} is neither an nn.Module subclass nor a function annotated to "
+            "return one, so rankopt will not call it; name a model class, or annotate the "
+            "factory `-> nn.Module`"
+        )
+    return factory
+
+
 def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tuple[str, ...] = ()) -> None:
     try:
         sig = inspect.signature(factory)
@@ -556,7 +593,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
     reg = get_registry()
     if config.model is not None:
         if ":" in config.model.name:
-            factory = import_callable(config.model.name, "model.name")
+            factory = import_model_factory(config.model.name, "model.name")
         else:
             factory = reg.record("models", config.model.name).factory
         _check_kwargs(factory, config.model.kwargs, "model.kwargs")

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig, config_to_yaml, import_callable, load_config
+from rankopt.config import StudyConfig, config_to_yaml, import_model_factory, load_config
 from rankopt.errors import ConfigError, RankoptError
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
@@ -478,7 +478,7 @@ def _build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module,
     assert config.model is not None
     name, kwargs = config.model.name, dict(config.model.kwargs)
     if ":" in name:
-        factory = import_callable(name, "model.name")
+        factory = import_model_factory(name, "model.name")
     else:
         factory = get_registry().record("models", name).factory
     accepts = _accepted(factory)
