@@ -50,7 +50,7 @@ def malformed_inputs() -> tuple[int, int, list[str]]:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             (work / "other-run").mkdir()
-            (work / "other-run" / "study.yaml").write_text("name: other\n")
+            (work / "other-run" / "resolved-study.yaml").write_text("name: other\n")
             cwd = os.getcwd()
             os.chdir(work)
             try:

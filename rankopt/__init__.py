@@ -25,6 +25,7 @@ from rankopt.errors import (
     InvalidRanksError,
     PluginError,
     RankoptError,
+    StudyInterrupted,
     TrainingDivergedError,
     UnknownNameError,
     UnsupportedModuleError,
@@ -102,6 +103,7 @@ __all__ = [
     "DecompositionError",
     "TrainingDivergedError",
     "ArtifactError",
+    "StudyInterrupted",
 ]
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "DecompositionError",
     "TrainingDivergedError",
     "ArtifactError",
+    "StudyInterrupted",
 ]
 
 
@@ -78,3 +79,7 @@ class TrainingDivergedError(RankoptError, ArithmeticError):
 
 class ArtifactError(RankoptError):
     """A model file or run directory is missing, truncated, tampered with or of an unknown format."""
+
+
+class StudyInterrupted(RankoptError):
+    """Ctrl-C (SIGINT) stopped a study; completed trials are kept (the CLI exits 130)."""

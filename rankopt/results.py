@@ -1,6 +1,6 @@
 """Reading a run directory: trials, the Pareto front, hypervolume, status, and picking a model.
 
-A run directory is self-describing: ``study.yaml`` (the resolved config, which names
+A run directory is self-describing: ``resolved-study.yaml`` (the resolved config, which names
 the storage), ``reference/metrics.json`` (the baseline) and ``trials/<n>/`` are all
 :class:`StudyResult` needs.
 """
@@ -32,7 +32,10 @@ __all__ = [
     "storage_url_of",
 ]
 
-STUDY_FILE = "study.yaml"
+# the run's own record of the resolved config: not "study.yaml", the usual name of a user's
+# study file, which `rankopt run study.yaml --run-dir .` would otherwise overwrite
+STUDY_FILE = "resolved-study.yaml"
+LEGACY_STUDY_FILE = "study.yaml"  # read from run directories written before
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class StudyResult:
     def __init__(self, run_dir: str | Path, config: StudyConfig | None = None) -> None:
         self.run_dir = Path(run_dir)
         study_file = self.run_dir / STUDY_FILE
+        if not study_file.is_file() and (self.run_dir / LEGACY_STUDY_FILE).is_file():
+            study_file = self.run_dir / LEGACY_STUDY_FILE
         if config is None:
             if not study_file.is_file():
                 raise ConfigError(

@@ -28,11 +28,11 @@ import torch.nn as nn
 from optuna.trial import TrialState
 
 from rankopt.config import StudyConfig, config_to_yaml, import_model_factory, load_config
-from rankopt.errors import ConfigError, RankoptError
+from rankopt.errors import ConfigError, RankoptError, StudyInterrupted
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.local import quiet_optuna
-from rankopt.search.objective import TrialEnv, clean_trial_dir, write_json
+from rankopt.search.objective import TrialEnv, clean_trial_dir, interrupt_guard, write_json
 from rankopt.search.reference import check_reference_key, obtain_reference, reference_key
 from rankopt.search.storage import STALE_REASON
 from rankopt.search.sampler import ConstraintsFunc, create_study, make_sampler
@@ -102,6 +102,11 @@ class Study:
                 f"data must be rankopt.DatasetSplits(train, val, num_classes, input_shape), "
                 f"got {type(data).__name__}"
             )
+        if overrides.get("run_dir") is not None and not str(overrides["run_dir"]).strip():
+            raise ConfigError(
+                f"--run-dir: {overrides['run_dir']!r} is not a directory path; give a folder "
+                "such as runs/my-study, or leave it out for runs/<name>"
+            )
         self.config = load_config(config, **overrides)
         if model is None and self.config.model is None:
             raise ConfigError("model: required (a registered name or 'package.module:callable'), "
@@ -110,6 +115,14 @@ class Study:
             raise ConfigError("data.name: required (a registered dataset), unless data is "
                               "passed to Study(..., data=DatasetSplits(...))")
         check_run_dir(self.config.resolved_run_dir())
+        if isinstance(config, (str, os.PathLike)):
+            record = self.config.resolved_run_dir() / STUDY_FILE
+            if Path(config).resolve() == record.resolve():
+                raise ConfigError(
+                    f"study file {str(config)!r} is the run directory's own record of the "
+                    f"resolved config ({STUDY_FILE}), which every run rewrites; copy it out of "
+                    "the run directory and run the copy"
+                )
         self.user_model = model
         self.user_data = data
         self.progress = progress
@@ -143,6 +156,11 @@ class Study:
         else:
             assert config.model is not None
             model, base = _build_model(config, splits)
+        from rankopt.search.upfront import check_model_on_data, check_reference_weights
+
+        check_model_on_data(model, splits, config.data.batch_size,
+                            given="model" if self.user_model is not None else "model.name")
+        check_reference_weights(config, model)
         targets = find_layers(
             model, input_shape, include=config.targets.include, exclude=config.targets.exclude
         )
@@ -170,8 +188,12 @@ class Study:
         """Run the missing trials and return the results (see :class:`StudyResult`)."""
         from rankopt.search.storage import open_storage
 
+        from rankopt.search.rundir import check_existing_run_dir
+
         prep = self._prepare()
         config = prep.config
+        key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
+        check_existing_run_dir(config, prep.run_dir, key, user_model=self.user_model is not None)
         storage = open_storage(prep.storage_url) if prep.storage_url else None
         started_ray = False
         if config.backend == "ray":
@@ -179,7 +201,10 @@ class Study:
 
             started_ray = connect(config)
         try:
-            return self._run(prep, storage)
+            with interrupt_guard():
+                return self._run(prep, storage)
+        except KeyboardInterrupt:
+            raise StudyInterrupted(_interrupted_message(prep)) from None
         finally:
             if started_ray:
                 import ray
@@ -222,6 +247,12 @@ class Study:
                 log.warning("marked trials %s FAIL: a process that died left them running", stale)
                 for number in stale:
                     clean_trial_dir(run_dir / "trials" / str(number), reason=STALE_REASON)
+            from rankopt.search.rundir import reconcile_trial_dirs
+
+            with TrialClaim(run_dir):  # the storage is the truth about interrupted trials
+                fixed = reconcile_trial_dirs(study, run_dir)
+            if fixed:
+                log.warning("trials %s: their folders disagreed with the storage; now FAIL", fixed)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
             show = StudyProgress(None, enabled=self.progress, baseline={})
@@ -324,6 +355,15 @@ class Study:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _interrupted_message(prep: _Prepared) -> str:
+    done = "?"
+    with contextlib.suppress(Exception):  # the storage may be what was interrupted
+        from rankopt.results import StudyResult
+
+        done = str(StudyResult(prep.run_dir, prep.config).status()["trials"].get("COMPLETE", 0))
+    return f"Interrupted: {done} trials complete; rerun the same command to continue"
 
 
 def _screen(env: Any, show: Any) -> list[dict[str, Any]]:

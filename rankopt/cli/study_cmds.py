@@ -58,7 +58,7 @@ def _print_front(records: list[Any], title: str) -> None:
 @app.command("run")
 def run_command(
     study_file: Path = typer.Argument(..., help="The study file (YAML), e.g. studies/quickstart.yaml."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="local (default) or ray."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Total number of trials wanted."),
     address: Optional[str] = typer.Option(None, "--address", help="Address of an existing Ray cluster (or RAY_ADDRESS)."),
@@ -174,11 +174,38 @@ def pick_command(
     source = Path(record.model_path)
     if not source.is_file():
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
+    _check_out(out, source)
     read_compressed(source)  # refuse to copy a torn or foreign file
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(source, tmp)  # a reader of --out never sees half a file
+    tmp.replace(out)
     console.print(
         f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
         highlight=False,
     )
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """``pick --out`` must name a new or replaceable file, not a folder or the trial's own file."""
+    import os
+
+    from rankopt.errors import ConfigError
+
+    text = str(out)
+    if not text.strip() or text in (".", "..") or text.endswith(("/", os.sep)):
+        raise ConfigError(f"--out: {text!r} is not a file name; give a path such as model.pt")
+    if out.is_dir():
+        raise ConfigError(f"--out: {text!r} is a directory; give a file path such as {text}/model.pt")
+    if out.exists() and out.resolve() == source.resolve():
+        raise ConfigError(
+            f"--out: {text!r} is the trial's own model file; give a path outside the run directory"
+        )
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
+        out.exists() and not os.access(out, os.W_OK)
+    ):
+        raise ConfigError(f"--out: {text!r} cannot be written by this user; give a writable path")
