@@ -460,6 +460,13 @@ def check_run_dir(run_dir: Path) -> None:
             f"run directory {str(run_dir)!r} {what} a file, not a directory; give another "
             "--run-dir (or run_dir in the study file)"
         )
+    # root passes os.access on a read-only file system's folders: ask the mount itself
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if read_only:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is on a read-only file system ({str(probe)!r}); "
+            "give a --run-dir on a writable one"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(
             f"run directory {str(run_dir)!r} is not writable ({str(probe)!r} does not let this "
