@@ -27,7 +27,6 @@ from rankopt.hookspecs import hookimpl
 from rankopt.manager import reset_registry
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
-from rankopt.search.rundir import reconcile_trial_dirs
 from reliability_support import cli_command, sqlite_states, storage_trials, wait_for
 
 FAST = {
@@ -202,6 +201,8 @@ def test_misbehaving_plugins_fail_only_their_trial(tmp_path: Path, misbehaving: 
 
 
 def test_reconcile_makes_folders_agree_with_the_storage(tmp_path: Path) -> None:
+    from rankopt.search.rundir import reconcile_trial_dirs
+
     study = optuna.create_study(directions=["maximize"])
     failed = study.ask()
     failed.set_user_attr("reason", "interrupted")
