@@ -360,9 +360,15 @@ class Study:
 def _interrupted_message(prep: _Prepared) -> str:
     done = "?"
     with contextlib.suppress(Exception):  # the storage may be what was interrupted
-        from rankopt.results import StudyResult
+        from rankopt.results import storage_url_of
+        from rankopt.search.storage import open_storage
 
-        done = str(StudyResult(prep.run_dir, prep.config).status()["trials"].get("COMPLETE", 0))
+        url = storage_url_of(prep.config, prep.run_dir)
+        try:
+            study = optuna.load_study(study_name=prep.config.name, storage=open_storage(url))
+            done = str(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+        except KeyError:  # interrupted before the study was created
+            done = "0"
     return f"Interrupted: {done} trials complete; rerun the same command to continue"
 
 
