@@ -310,7 +310,15 @@ class StudyResult:
         """The compressed model of a completed trial (see :func:`rankopt.load_compressed`)."""
         from rankopt.artifacts import load_compressed
 
-        return load_compressed(self.pick(trial=trial).model_path)
+        return load_compressed(self.pick(trial=trial).model_path, allow_modules=self.model_modules)
+
+    @property
+    def model_modules(self) -> list[str]:
+        """The module of the study's model factory when the study file named one by import
+        path: the study file was trusted to import it, so its run's models may be rebuilt
+        from it (a model file on its own never is; see :func:`rankopt.load_compressed`)."""
+        model = self.config.model
+        return [model.name.partition(":")[0]] if model is not None and ":" in model.name else []
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

@@ -124,6 +124,9 @@ def test_callable_model_reloads_through_its_import_path(tmp_path: Path) -> None:
         rankopt.load_compressed(rec.model_path)  # a file never makes rankopt import code
     model = rankopt.load_compressed(rec.model_path, allow_modules=["rankopt.plugins"])
     assert rankopt.count(model, (1, 1, 8, 8)).params == rec.params
+    # the study's own results trust the module its study file named (and only that one)
+    assert result.model_modules == ["rankopt.plugins.models.small_cnn"]
+    assert rankopt.count(result.load_model(rec.trial), (1, 1, 8, 8)).params == rec.params
     metrics = json.loads(Path(rec.model_path).with_name("metrics.json").read_text())
     assert metrics["hyperparameters"]["epochs"] == 0 and metrics["train_seconds"] == 0
 
