@@ -26,6 +26,7 @@ from rankopt.errors import (
     InvalidRanksError,
     PluginError,
     RankoptError,
+    StudyInterrupted,
     TrainingDivergedError,
     UnknownNameError,
     UnsupportedModuleError,
@@ -107,6 +108,7 @@ __all__ = [
     # deployment
     "export",
     "fold_batchnorm",
+    "StudyInterrupted",
 ]
 
 

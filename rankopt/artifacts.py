@@ -8,10 +8,9 @@ A file holds only tensors and plain data (no pickled code)::
      "input_shape": [1, 3, 32, 32], "metadata": {...}, "state_dict": {...},
      "sha256": "..."}   # of all the above: a tampered or corrupted file is refused
 
-``base.model`` names a registered model (``rankopt plugins`` lists them), or
-``base.callable`` an explicit ``"package.module:callable"`` of an installed module
-(called with ``base.kwargs``); any other model is rebuilt from an ``nn.Module`` the
-caller passes.
+``base.model`` names a registered model (``rankopt plugins`` lists them); any other
+model (``base.callable``, a factory a study file named by import path) is rebuilt from
+an ``nn.Module`` the caller passes: loading a file never imports or runs code it names.
 """
 
 from __future__ import annotations
@@ -125,59 +124,88 @@ def _checksum(payload: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _build_base(base: Any, path: str | os.PathLike[str]) -> nn.Module:
-    """The uncompressed architecture a file names: a registered model, or an explicit
-    ``"package.module:callable"`` of an installed module (the only code a file can name)."""
-    kwargs = dict(base.get("kwargs") or {}) if isinstance(base, dict) else {}
-    name = base.get("model") if isinstance(base, dict) else None
-    target = base.get("callable") if isinstance(base, dict) else None
-    if name:
+def _build_base(
+    base: Any, path: str | os.PathLike[str], allow_modules: Sequence[str] = ()
+) -> tuple[Any, dict[str, Any], str]:
+    """The factory, keyword arguments and description of the architecture a file names.
+
+    Only a registered model (``base.model``) is built from a file. ``base.callable``
+    (``"package.module:callable"``, written for study files that name a factory by import
+    path) is followed only when its module is under one of ``allow_modules``, an explicit
+    opt-in of the caller; otherwise nothing is imported: importing a module runs its code,
+    and a model file is data that anyone may have written.
+    """
+    if not isinstance(base, dict):
+        base = {}
+    kwargs = base.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ArtifactError(f"model file {str(path)!r}: base.kwargs must be a mapping, got {kwargs!r}")
+    name = base.get("model")
+    target = base.get("callable")
+    if isinstance(name, str) and name:
         from rankopt.manager import get_registry
 
-        return get_registry().create("models", name, **kwargs)  # type: ignore[no-any-return]
-    if target:
-        from rankopt.config import import_callable
+        try:
+            record = get_registry().record("models", name)
+        except Exception as exc:
+            raise ArtifactError(f"model file {str(path)!r}: base.model: {exc}") from None
+        return record.factory, dict(kwargs), f"registered model {name!r}"
+    how = (
+        "pass the uncompressed architecture: load_compressed(path, model=MyNet()), or "
+        "register the model as a plugin (`rankopt plugins` lists them)"
+    )
+    if isinstance(target, str) and target:
+        module = target.partition(":")[0]
+        allowed = any(module == p or module.startswith(p + ".") for p in allow_modules)
+        if not allowed:
+            raise ArtifactError(
+                f"model file {str(path)!r} names the factory {target!r} by import path; "
+                "loading a file never imports a module (that would run its code): " + how
+                + (", or allow its package: load_compressed(path, allow_modules="
+                   f"[{module.split('.')[0]!r}])")
+            )
+        from rankopt.config import import_model_factory
         from rankopt.errors import ConfigError
 
         try:
-            factory = import_callable(str(target), f"model file {str(path)!r}: base.callable")
+            factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable")
         except ConfigError as exc:
             raise ArtifactError(str(exc)) from None
-        if not _builds_a_module(factory):
-            raise ArtifactError(
-                f"model file {str(path)!r}: base.callable {target!r} is neither an nn.Module "
-                "class nor a function annotated to return one, so loading will not call it "
-                "(a file must not be able to run arbitrary code); annotate the factory "
-                "`-> nn.Module`, or pass the architecture: load_compressed(path, model=MyNet())"
-            )
-        built = factory(**kwargs)
-        if not isinstance(built, nn.Module):
-            raise ArtifactError(
-                f"model file {str(path)!r}: base.callable {target!r} returned "
-                f"{type(built).__name__}, not an nn.Module"
-            )
-        return built
-    raise ArtifactError(
-        f"model file {str(path)!r} names no registered base model or callable; pass the "
-        "uncompressed architecture: load_compressed(path, model=MyNet())"
-    )
+        return factory, dict(kwargs), f"factory {target!r}"
+    raise ArtifactError(f"model file {str(path)!r} names no registered base model; " + how)
 
 
-def _builds_a_module(factory: Any) -> bool:
-    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
-    the only callables a model file may have called (never ``os.system``, ``torch.load``...)."""
-    import inspect
-    import typing
-
-    if inspect.isclass(factory):
-        return issubclass(factory, nn.Module)
-    if not inspect.isfunction(factory):
-        return False
+def _check_shapes(
+    factory: Any, kwargs: dict[str, Any], payload: Mapping[str, Any], path: Any, what: str
+) -> None:
+    """Build the architecture on PyTorch's ``meta`` device (no memory is allocated) and
+    compare every compressed tensor's shape with the file's, so that ``base.kwargs`` that
+    would build a huge model (``width: 1000000``) are refused before anything is allocated."""
     try:
-        returns = typing.get_type_hints(factory).get("return")
-    except Exception:  # unresolvable annotations: not provably a module factory
-        return False
-    return inspect.isclass(returns) and issubclass(returns, nn.Module)
+        with torch.device("meta"):
+            meta = factory(**kwargs)
+            if not isinstance(meta, nn.Module):
+                raise ArtifactError(
+                    f"model file {str(path)!r}: {what} returned {type(meta).__name__}, not an nn.Module"
+                )
+            meta = compress(meta, payload["spec"], initialize=False)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(
+            f"model file {str(path)!r}: {what} with base.kwargs {kwargs!r} does not build the "
+            f"model its spec describes ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    state = payload["state_dict"]
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for key in sorted(set(expected) | set(got)):
+        if expected.get(key) != got.get(key):
+            raise ArtifactError(
+                f"model file {str(path)!r} does not match its spec: {what} with base.kwargs "
+                f"{kwargs!r} gives {key!r} the shape {expected.get(key)}, the file holds "
+                f"{got.get(key)}; refusing to build it (pass model= to load other weights)"
+            )
 
 
 def load_compressed(
@@ -185,18 +213,29 @@ def load_compressed(
     model: nn.Module | None = None,
     *,
     map_location: str | torch.device = "cpu",
+    allow_modules: Sequence[str] = (),
 ) -> nn.Module:
     """Rebuild a compressed model written by ``rankopt pick`` or :func:`save_compressed`.
 
-    The base architecture comes from the registered model named in the file, or from
-    ``model`` (an uncompressed instance of the same architecture) when given. A file
-    written with ``pick --fold-bn`` (``metadata["fold_bn"]``) keeps the trained weights
-    and loads as the BatchNorm-folded ``torch.fx.GraphModule`` (see
+    The base architecture comes from ``model`` (an uncompressed instance of the same
+    architecture) when given, else from the registered model the file names. Loading
+    never imports a module: a file naming a factory by import path needs ``model=``, or
+    ``allow_modules`` listing the module prefixes the caller trusts (off by default).
+    ``base.kwargs`` are checked against the file's tensor shapes on the ``meta`` device
+    before the model is built.
+    A file written with ``pick --fold-bn`` (``metadata["fold_bn"]``) keeps the trained
+    weights and loads as the BatchNorm-folded ``torch.fx.GraphModule`` (see
     :func:`rankopt.fold_batchnorm`).
     """
+    if isinstance(allow_modules, str):
+        allow_modules = [allow_modules]
     payload = read_compressed(path)
     if model is None:
-        model = _build_base(payload["base"], path)
+        factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+        _check_shapes(factory, kwargs, payload, path, what)
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ArtifactError(f"model file {str(path)!r}: {what} returned {type(model).__name__}")
     skeleton = compress(model, payload["spec"], initialize=False)
     try:
         skeleton.load_state_dict(payload["state_dict"], strict=True)

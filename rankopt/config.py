@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rankopt.errors import ConfigError
 
@@ -46,6 +54,8 @@ __all__ = [
     "load_config",
     "parse_param_value",
     "import_callable",
+    "import_model_factory",
+    "builds_a_module",
     "config_to_yaml",
 ]
 
@@ -60,14 +70,23 @@ SAMPLERS = ("nsgaii", "tpe", "random")
 # in a selector's entry, options that shape its search space rather than parameters
 SPACE_KEY = "space"
 CALLABLE_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-STUDY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no trailing newline
+# limits on values that would otherwise exhaust memory or time before anything useful runs
+MAX_NAME = 100  # a study name is a folder name (file systems allow 255 bytes)
+MAX_CPUS = 1024
+MAX_GPUS = 64
+MAX_TRIALS = 1_000_000
+MAX_SCREENING = 100_000
+MAX_PROPOSALS = 1000
 # keyword arguments of dataset factories that name files or folders
 _PATH_KEYS = {"path", "root", "train", "val", "test", "file", "dir", "directory"}
 _PATH_SUFFIXES = ("_path", "_dir", "_file", "_root")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/NaN is never a meaningful epochs, lr, cpus...; StrictInt keeps `trials: true` from
+    # meaning 1
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Range(_Strict):
@@ -157,7 +176,7 @@ class DataConfig(_Strict):
 
     name: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    batch_size: int = Field(128, ge=1)
+    batch_size: StrictInt = Field(128, ge=1, le=1_000_000)
     # held out of the training split as the test split (rankopt evaluate, pick, report)
     test_fraction: float | None = Field(None, ge=0, lt=1)
 
@@ -221,8 +240,9 @@ class SamplerConfig(_Strict):
 class ResourcesConfig(_Strict):
     """Resources of one trial on the Ray backend."""
 
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    # a huge count makes the OpenMP runtime allocate per thread until memory runs out
+    cpus: float = Field(1.0, gt=0, le=MAX_CPUS)
+    gpus: float = Field(0.0, ge=0, le=MAX_GPUS)
 
 
 class ConstraintsConfig(_Strict):
@@ -235,8 +255,8 @@ class ConstraintsConfig(_Strict):
 class ScreeningConfig(_Strict):
     """The no-fine-tune proxy that picks the search's first points (rankopt.search.screening)."""
 
-    candidates: int = Field(100, ge=1)  # rank choices tried without training
-    keep: int = Field(8, ge=1)  # of them, how many start the search
+    candidates: StrictInt = Field(100, ge=1, le=MAX_SCREENING)  # rank choices tried without training
+    keep: StrictInt = Field(8, ge=1, le=MAX_SCREENING)  # of them, how many start the search
 
     @model_validator(mode="after")
     def _keep_le_candidates(self) -> ScreeningConfig:
@@ -276,18 +296,18 @@ class StudyConfig(_Strict):
     )
     constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    trials: int | None = Field(20, ge=1)
+    trials: StrictInt | None = Field(20, ge=1, le=MAX_TRIALS)
     timeout: float | None = Field(None, gt=0)
     backend: Literal["local", "ray"] = "local"
     address: str | None = None
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    max_concurrent: int = Field(1, ge=1)
+    max_concurrent: StrictInt = Field(1, ge=1, le=MAX_CPUS)
     # stop a run once this many of its trials failed (None: never; see Study.run)
-    max_failures: int | None = Field(None, ge=1)
+    max_failures: StrictInt | None = Field(None, ge=1)
     storage: str | None = None
     run_dir: str | None = None
     device: str = "auto"
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: StrictInt = Field(0, ge=0, lt=2**32)
     train: dict[str, Any] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     # enqueue the selectors' one-shot proposals first (see rankopt.search.seeding):
@@ -307,7 +327,12 @@ class StudyConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not STUDY_NAME_PATTERN.match(v):
+        if len(v) > MAX_NAME:
+            raise ValueError(
+                f"a study name of {len(v)} characters is too long; use at most {MAX_NAME} "
+                "(it names the run directory)"
+            )
+        if not STUDY_NAME_PATTERN.fullmatch(v):
             raise ValueError(
                 f"{v!r} is not a valid study name; use letters, digits, '_', '.', '-' "
                 "(it names the run directory and the Optuna study)"
@@ -327,9 +352,37 @@ class StudyConfig(_Strict):
     @field_validator("seed_proposals")
     @classmethod
     def _seed_proposals(cls, v: bool | int) -> bool | int:
-        if not isinstance(v, bool) and v < 0:
+        if not isinstance(v, bool) and not 0 <= v <= MAX_PROPOSALS:
             raise ValueError(
-                f"{v} is not allowed; give true, false or a number of points per selector >= 0"
+                f"{v} is not allowed; give true, false or a number of points per selector "
+                f"from 0 to {MAX_PROPOSALS}"
+            )
+        return v
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "\x00" in v):
+            raise ValueError(
+                f"{v!r} is not a directory path; give a folder such as runs/my-study, or leave "
+                "run_dir out for runs/<name>"
+            )
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        head, _, rest = v.partition("://")
+        database = rest[1:] if rest.startswith("/") else rest
+        if head.startswith("sqlite") and (
+            not database or database.split("?")[0] == ":memory:" or "mode=memory" in database
+        ):
+            raise ValueError(
+                f"{v!r} is an in-memory database: no trial would survive the run and "
+                "`rankopt status`/`pick` could not read it; leave storage out (optuna.db in the "
+                "run directory) or give sqlite:///path/optuna.db"
             )
         return v
 
@@ -396,7 +449,7 @@ def load_config(
                 "readable UTF-8 YAML file"
             ) from None
         try:
-            raw = yaml.safe_load(text)
+            raw = load_yaml(text)
         except yaml.YAMLError as exc:
             # one line: YAML's message spans several (problem, then a caret under the text)
             detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
@@ -499,6 +552,63 @@ def merge_set(raw: dict[str, Any], sets: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MAX_YAML_NODES = 100_000  # a study file is a few hundred nodes; aliases can expand to billions
+
+
+class _StudyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (YAML's last-wins would silently drop
+    a setting) and documents whose aliases expand beyond :data:`MAX_YAML_NODES` nodes
+    (the "billion laughs": a few lines that validation and error messages would expand)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each setting may appear once)",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in ``node`` with every alias expanded (memoized: aliases share their node)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once (and then fails construction)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text: str) -> Any:
+    """The YAML document in ``text`` (safe tags only, no duplicate keys, bounded size)."""
+    loader = _StudyLoader(text)
+    try:
+        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"the document expands to {size:,} values through its aliases (&/*); at most "
+                f"{MAX_YAML_NODES:,} are allowed"
+            )
+        return loader.construct_document(node)  # type: ignore[no-untyped-call]
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+
+
 def config_to_yaml(config: StudyConfig) -> str:
     """The resolved config as YAML (what ``study.yaml`` in a run directory holds)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
@@ -511,14 +621,21 @@ def _format_errors(exc: ValidationError, prefix: str = "") -> str:
         where = ".".join(p for p in (prefix, loc) if p) or "study file"
         kind = err["type"]
         if kind == "extra_forbidden":
-            lines.append(f"{where}: unknown key (value {err['input']!r}); {_allowed_keys(exc, err)}")
+            lines.append(f"{where}: unknown key (value {_short(err['input'])}); {_allowed_keys(exc, err)}")
         elif kind == "missing":
             lines.append(f"{where}: required but missing")
         elif kind == "value_error":
             lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"{where}: {err['input']!r} is not allowed; {err['msg'][0].lower()}{err['msg'][1:]}")
-    return "; ".join(lines)
+            lines.append(f"{where}: {_short(err['input'])} is not allowed; {err['msg'][0].lower()}{err['msg'][1:]}")
+    message = "; ".join(lines)
+    return message if len(message) <= 2000 else message[:1997] + "..."
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an error line stays one readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _allowed_keys(exc: ValidationError, err: Any) -> str:
@@ -565,6 +682,41 @@ def import_callable(spec: str, where: str) -> Any:
     if not callable(obj):
         raise ConfigError(f"{where}: {spec!r} is not callable")
     return obj
+
+
+def builds_a_module(factory: Any) -> bool:
+    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
+    the only callables rankopt calls as a model factory (never ``os.system``...)."""
+    import typing
+
+    import torch.nn as nn
+
+    if inspect.isclass(factory):
+        return issubclass(factory, nn.Module)
+    target = inspect.unwrap(factory) if inspect.isfunction(factory) else None
+    if target is None:
+        return False
+    try:
+        returns = typing.get_type_hints(target).get("return")
+    except Exception:  # unresolvable annotations: not provably a module factory
+        return False
+    return inspect.isclass(returns) and issubclass(returns, nn.Module)
+
+
+def import_model_factory(spec: str, where: str) -> Any:
+    """``import_callable`` for a model factory, refused unless :func:`builds_a_module`.
+
+    A study file is trusted like a script (it may import its own module); the check
+    still keeps ``model: {name: "os:system", kwargs: {command: ...}}`` from being called.
+    """
+    factory = import_callable(spec, where)
+    if not builds_a_module(factory):
+        raise ConfigError(
+            f"{where}: {spec!r} is neither an nn.Module subclass nor a function annotated to "
+            "return one, so rankopt will not call it; name a model class, or annotate the "
+            "factory `-> nn.Module`"
+        )
+    return factory
 
 
 def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tuple[str, ...] = ()) -> None:
@@ -645,9 +797,14 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
     from rankopt.training import train
 
     reg = get_registry()
+    for field, value in (("train", config.train), ("strategies", config.strategies),
+                         ("selectors", config.selectors),
+                         ("model.kwargs", config.model.kwargs if config.model else {}),
+                         ("data.kwargs", config.data.kwargs)):
+        _check_finite(value, field)
     if config.model is not None:
         if ":" in config.model.name:
-            factory = import_callable(config.model.name, "model.name")
+            factory = import_model_factory(config.model.name, "model.name")
         else:
             factory = reg.record("models", config.model.name).factory
         _check_kwargs(factory, config.model.kwargs, "model.kwargs")
@@ -711,6 +868,20 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
                     "'selector', '<strategy>.<param>', '<selector>.<param>' and "
                     "'decomposer.<layer>'"
                 )
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """No inf/NaN anywhere in free-form settings (an ``epochs: .inf`` never ends)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not allowed; give a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:

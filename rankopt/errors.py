@@ -20,6 +20,7 @@ __all__ = [
     "TrainingDivergedError",
     "ArtifactError",
     "ExportError",
+    "StudyInterrupted",
 ]
 
 
@@ -83,3 +84,5 @@ class ArtifactError(RankoptError):
 
 class ExportError(RankoptError):
     """An exported ONNX/TorchScript file could not be written or does not match PyTorch."""
+class StudyInterrupted(RankoptError):
+    """Ctrl-C (SIGINT) stopped a study; completed trials are kept (the CLI exits 130)."""

@@ -74,7 +74,8 @@ def config_splits(config: StudyConfig, what: str = "evaluate") -> DatasetSplits:
 
 
 def check_input_shape(model: nn.Module, splits: DatasetSplits) -> None:
-    """``splits.input_shape`` must be the shape of one sample and what the model takes."""
+    """``splits.input_shape`` must be the shape of one sample (the forward pass on a batch
+    is :func:`rankopt.search.upfront.check_model_on_data`)."""
     shape = tuple(int(d) for d in splits.input_shape)
     data = splits.train
     sample = None
@@ -91,18 +92,6 @@ def check_input_shape(model: nn.Module, splits: DatasetSplits) -> None:
             f"{tuple(sample.shape)}; give input_shape=(C, H, W) of one sample, here "
             f"{tuple(sample.shape)}"
         )
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros((1, *shape)))
-    except Exception as exc:
-        raise ConfigError(
-            f"DatasetSplits.input_shape: the model cannot run on an input of shape (1, *{shape}) "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); give "
-            "input_shape=(C, H, W) of one sample as the model expects it"
-        ) from None
-    finally:
-        model.train(was_training)
 
 
 def _cache_path(run_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 """Reading a run directory: trials, the Pareto front, hypervolume, status, and picking a model.
 
-A run directory is self-describing: ``study.yaml`` (the resolved config, which names
+A run directory is self-describing: ``resolved-study.yaml`` (the resolved config, which names
 the storage), ``reference/metrics.json`` (the baseline) and ``trials/<n>/`` are all
 :class:`StudyResult` needs.
 """
@@ -32,7 +32,10 @@ __all__ = [
     "storage_url_of",
 ]
 
-STUDY_FILE = "study.yaml"
+# the run's own record of the resolved config: not "study.yaml", the usual name of a user's
+# study file, which `rankopt run study.yaml --run-dir .` would otherwise overwrite
+STUDY_FILE = "resolved-study.yaml"
+LEGACY_STUDY_FILE = "study.yaml"  # read from run directories written before
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class StudyResult:
     def __init__(self, run_dir: str | Path, config: StudyConfig | None = None) -> None:
         self.run_dir = Path(run_dir)
         study_file = self.run_dir / STUDY_FILE
+        if not study_file.is_file() and (self.run_dir / LEGACY_STUDY_FILE).is_file():
+            study_file = self.run_dir / LEGACY_STUDY_FILE
         if config is None:
             if not study_file.is_file():
                 raise ConfigError(
@@ -353,7 +358,7 @@ class StudyResult:
 
         path = self.pick(trial=trial).model_path
         try:
-            return load_compressed(path, model=model)
+            return load_compressed(path, model=model, allow_modules=self.model_modules)
         except ArtifactError as exc:
             if model is not None or "names no registered base model" not in str(exc):
                 raise
@@ -388,6 +393,14 @@ class StudyResult:
         else:
             numbers = [int(t) for t in trials]
         return evaluate_trials(self, numbers, split=split, model=model, data=data, device=device)
+
+    @property
+    def model_modules(self) -> list[str]:
+        """The module of the study's model factory when the study file named one by import
+        path: the study file was trusted to import it, so its run's models may be rebuilt
+        from it (a model file on its own never is; see :func:`rankopt.load_compressed`)."""
+        model = self.config.model
+        return [model.name.partition(":")[0]] if model is not None and ":" in model.name else []
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig, config_to_yaml, import_callable, load_config
-from rankopt.errors import ConfigError, RankoptError
+from rankopt.config import StudyConfig, config_to_yaml, import_model_factory, load_config
+from rankopt.errors import ConfigError, RankoptError, StudyInterrupted
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.local import quiet_optuna
-from rankopt.search.objective import TrialEnv, clean_trial_dir, write_json
+from rankopt.search.objective import TrialEnv, clean_trial_dir, interrupt_guard, write_json
 from rankopt.search.reference import check_reference_key, obtain_reference, reference_key
 from rankopt.search.storage import STALE_REASON
 from rankopt.search.sampler import ConstraintsFunc, create_study, make_sampler
@@ -102,6 +102,11 @@ class Study:
                 f"data must be rankopt.DatasetSplits(train, val, num_classes, input_shape), "
                 f"got {type(data).__name__}"
             )
+        if overrides.get("run_dir") is not None and not str(overrides["run_dir"]).strip():
+            raise ConfigError(
+                f"--run-dir: {overrides['run_dir']!r} is not a directory path; give a folder "
+                "such as runs/my-study, or leave it out for runs/<name>"
+            )
         self.config = load_config(config, **overrides)
         if model is None and self.config.model is None:
             raise ConfigError("model: required (a registered name or 'package.module:callable'), "
@@ -110,6 +115,14 @@ class Study:
             raise ConfigError("data.name: required (a registered dataset), unless data is "
                               "passed to Study(..., data=DatasetSplits(...))")
         check_run_dir(self.config.resolved_run_dir())
+        if isinstance(config, (str, os.PathLike)):
+            record = self.config.resolved_run_dir() / STUDY_FILE
+            if Path(config).resolve() == record.resolve():
+                raise ConfigError(
+                    f"study file {str(config)!r} is the run directory's own record of the "
+                    f"resolved config ({STUDY_FILE}), which every run rewrites; copy it out of "
+                    "the run directory and run the copy"
+                )
         self.user_model = model
         self.user_data = data
         self.progress = progress
@@ -147,6 +160,11 @@ class Study:
             assert config.model is not None
             model, base = _build_model(config, splits)
         check_input_shape(model, splits)
+        from rankopt.search.upfront import check_model_on_data, check_reference_weights
+
+        check_model_on_data(model, splits, config.data.batch_size,
+                            given="model" if self.user_model is not None else "model.name")
+        check_reference_weights(config, model)
         targets = find_layers(
             model, input_shape, include=config.targets.include, exclude=config.targets.exclude
         )
@@ -174,8 +192,12 @@ class Study:
         """Run the missing trials and return the results (see :class:`StudyResult`)."""
         from rankopt.search.storage import open_storage
 
+        from rankopt.search.rundir import check_existing_run_dir
+
         prep = self._prepare()
         config = prep.config
+        key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
+        check_existing_run_dir(config, prep.run_dir, key, user_model=self.user_model is not None)
         storage = open_storage(prep.storage_url) if prep.storage_url else None
         started_ray = False
         if config.backend == "ray":
@@ -183,7 +205,10 @@ class Study:
 
             started_ray = connect(config)
         try:
-            return self._run(prep, storage)
+            with interrupt_guard():
+                return self._run(prep, storage)
+        except KeyboardInterrupt:
+            raise StudyInterrupted(_interrupted_message(prep)) from None
         finally:
             if started_ray:
                 import ray
@@ -226,6 +251,12 @@ class Study:
                 log.warning("marked trials %s FAIL: a process that died left them running", stale)
                 for number in stale:
                     clean_trial_dir(run_dir / "trials" / str(number), reason=STALE_REASON)
+            from rankopt.search.rundir import reconcile_trial_dirs
+
+            with TrialClaim(run_dir):  # the storage is the truth about interrupted trials
+                fixed = reconcile_trial_dirs(study, run_dir)
+            if fixed:
+                log.warning("trials %s: their folders disagreed with the storage; now FAIL", fixed)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
             show = StudyProgress(None, enabled=self.progress, baseline={})
@@ -338,6 +369,21 @@ class Study:
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def _interrupted_message(prep: _Prepared) -> str:
+    done = "?"
+    with contextlib.suppress(Exception):  # the storage may be what was interrupted
+        from rankopt.results import storage_url_of
+        from rankopt.search.storage import open_storage
+
+        url = storage_url_of(prep.config, prep.run_dir)
+        try:
+            study = optuna.load_study(study_name=prep.config.name, storage=open_storage(url))
+            done = str(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+        except KeyError:  # interrupted before the study was created
+            done = "0"
+    return f"Interrupted: {done} trials complete; rerun the same command to continue"
+
+
 def _screen(env: Any, show: Any) -> list[dict[str, Any]]:
     """Run the study's screening (the no-fine-tune proxy) and return the points it keeps."""
     from rankopt.search.screening import screen
@@ -445,6 +491,13 @@ def check_run_dir(run_dir: Path) -> None:
             f"run directory {str(run_dir)!r} {what} a file, not a directory; give another "
             "--run-dir (or run_dir in the study file)"
         )
+    # root passes os.access on a read-only file system's folders: ask the mount itself
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if read_only:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is on a read-only file system ({str(probe)!r}); "
+            "give a --run-dir on a writable one"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(
             f"run directory {str(run_dir)!r} is not writable ({str(probe)!r} does not let this "
@@ -503,7 +556,7 @@ def _build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module,
     assert config.model is not None
     name, kwargs = config.model.name, dict(config.model.kwargs)
     if ":" in name:
-        factory = import_callable(name, "model.name")
+        factory = import_model_factory(name, "model.name")
     else:
         factory = get_registry().record("models", name).factory
     accepts = _accepted(factory)

@@ -76,7 +76,7 @@ def test_inspect_a_callable_with_weights_and_a_study_file(tmp_path: Path, monkey
     module = tmp_path / "inspect_models.py"
     module.write_text(
         "import torch.nn as nn\n"
-        "def net(num_classes=3):\n"
+        "def net(num_classes=3) -> nn.Module:  # rankopt calls only annotated model factories\n"
         "    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(),\n"
         "                         nn.LazyLinear(num_classes))\n"
     )

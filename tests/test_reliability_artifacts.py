@@ -134,14 +134,20 @@ def test_a_model_file_cannot_name_an_arbitrary_callable(model_file: Path, tmp_pa
         payload["sha256"] = _checksum(payload)  # a forger can recompute the checksum
         path = tmp_path / "named.pt"
         torch.save(payload, path)
-        with pytest.raises(ArtifactError, match="neither an nn.Module class nor a function annotated"):
+        with pytest.raises(ArtifactError, match="never imports a module"):
             rankopt.load_compressed(path)
+        # even a caller that allows the module gets no call of a non-model callable
+        with pytest.raises(ArtifactError, match="neither an nn.Module subclass nor a function annotated"):
+            rankopt.load_compressed(path, allow_modules=[target.split(":")[0]])
     assert not marker.exists()
-    # an annotated factory of an installed module is the one way, and it works
+    # an annotated factory is followed only under a module prefix the caller allows
     payload["base"] = {"callable": "rankopt.plugins.models.small_cnn:small_cnn", "kwargs": BASE["kwargs"]}
     payload["sha256"] = _checksum(payload)
     torch.save(payload, tmp_path / "factory.pt")
-    assert isinstance(rankopt.load_compressed(tmp_path / "factory.pt"), nn.Module)
+    with pytest.raises(ArtifactError, match="never imports a module"):
+        rankopt.load_compressed(tmp_path / "factory.pt")
+    loaded = rankopt.load_compressed(tmp_path / "factory.pt", allow_modules=["rankopt.plugins"])
+    assert isinstance(loaded, nn.Module)
 
 
 # -- study files ------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ CATALOGUE: list[tuple[str, Build, tuple[str, ...]]] = [
     ("cli-unknown-option", run_with({}, "--trails", "3"), ("--trails", "No such option")),
     ("cli-backend-unknown", run_with({}, "--backend", "dask"), ("backend", "'dask'", "'local'")),
     ("cli-timeout-negative", run_with({}, "--timeout", "-5"), ("timeout", "-5", "greater than 0")),
-    ("cli-status-not-a-run", cli("status", "{tmp}"), ("not a rankopt run directory", "study.yaml")),
+    ("cli-status-not-a-run", cli("status", "{tmp}"), ("not a rankopt run directory", "resolved-study.yaml")),
     ("cli-pareto-format", cli("pareto", "{tmp}", "--format", "xml"), ("--format", "'xml'", "'csv'")),
     ("cli-pick-without-out", cli("pick", "{tmp}", "--trial", "1"), ("--out", "Missing option")),
     ("cli-unknown-command", cli("optimise", "{study}"), ("optimise", "No such command")),
@@ -180,7 +180,7 @@ def workdir(tmp_path: Path) -> Path:
     """A working tree with an existing run directory of another study (must stay untouched)."""
     other = tmp_path / "other-run"
     other.mkdir()
-    (other / "study.yaml").write_text("name: other\n")
+    (other / "resolved-study.yaml").write_text("name: other\n")
     return tmp_path
 
 

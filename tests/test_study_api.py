@@ -120,8 +120,13 @@ def test_callable_model_reloads_through_its_import_path(tmp_path: Path) -> None:
     rec = result.trials()[0]
     payload = rankopt.artifacts.read_compressed(rec.model_path)
     assert payload["base"]["callable"] == "rankopt.plugins.models.small_cnn:small_cnn"
-    model = rankopt.load_compressed(rec.model_path)
+    with pytest.raises(rankopt.ArtifactError, match="never imports a module"):
+        rankopt.load_compressed(rec.model_path)  # a file never makes rankopt import code
+    model = rankopt.load_compressed(rec.model_path, allow_modules=["rankopt.plugins"])
     assert rankopt.count(model, (1, 1, 8, 8)).params == rec.params
+    # the study's own results trust the module its study file named (and only that one)
+    assert result.model_modules == ["rankopt.plugins.models.small_cnn"]
+    assert rankopt.count(result.load_model(rec.trial), (1, 1, 8, 8)).params == rec.params
     metrics = json.loads(Path(rec.model_path).with_name("metrics.json").read_text())
     assert metrics["hyperparameters"]["epochs"] == 0 and metrics["train_seconds"] == 0
 

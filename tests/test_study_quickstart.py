@@ -72,7 +72,7 @@ def test_points_match_count_and_reload_with_their_accuracy(quickstart: StudyResu
 
 def test_run_directory_is_self_describing(quickstart: StudyResult) -> None:
     run_dir = quickstart.run_dir
-    assert (run_dir / "study.yaml").is_file()
+    assert (run_dir / "resolved-study.yaml").is_file()  # not study.yaml: the usual input name
     assert (run_dir / "optuna.db").is_file()
     assert (run_dir / "reference" / "model.pt").is_file()
     ref = json.loads((run_dir / "reference" / "metrics.json").read_text())

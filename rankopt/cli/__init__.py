@@ -42,7 +42,7 @@ for _mod in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map rankopt errors to exit codes without tracebacks."""
-    from rankopt.errors import ConfigError, RankoptError
+    from rankopt.errors import ConfigError, RankoptError, StudyInterrupted
 
     args = list(sys.argv[1:] if argv is None else argv)
     state["debug"] = "--debug" in args
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             message += f"; got {given!r}"
         err_console.print(f"error: {message}{hint}", highlight=False, soft_wrap=True, markup=False)
         return int(getattr(exc, "exit_code", 2) or 2)
+    except StudyInterrupted as exc:  # Ctrl-C during `rankopt run`: completed trials are kept
+        err_console.print(str(exc), highlight=False, soft_wrap=True, markup=False)
+        return 130
     except ConfigError as exc:
         if state["debug"]:
             raise

@@ -100,9 +100,9 @@ def load_model(
     else:
         name = source
     if ":" in name:
-        from rankopt.config import import_callable
+        from rankopt.config import import_model_factory
 
-        factory = import_callable(name, "MODEL_OR_STUDY")
+        factory = import_model_factory(name, "MODEL_OR_STUDY")
     else:
         record = get_registry().record("models", name)
         factory = record.factory

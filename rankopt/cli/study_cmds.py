@@ -74,7 +74,7 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
 @app.command("run")
 def run_command(
     study_file: Path = typer.Argument(..., help="The study file (YAML), e.g. studies/quickstart.yaml."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Where results go (default runs/<study name>)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="local or ray (default: the study file's backend, else local)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Total number of trials wanted."),
     address: Optional[str] = typer.Option(None, "--address", help="Address of an existing Ray cluster (or RAY_ADDRESS)."),
@@ -212,12 +212,15 @@ def pick_command(
     source = Path(record.model_path)
     if not source.is_file():
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
+    _check_out(out, source)
     read_compressed(source)  # refuse to copy a torn or foreign file
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
     if fold_bn:
-        _write_folded(source, out)
+        _write_folded(source, tmp, allow_modules=result.model_modules)
     else:
-        shutil.copyfile(source, out)
+        shutil.copyfile(source, tmp)
+    tmp.replace(out)
     console.print(
         f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
@@ -246,7 +249,8 @@ def _held_out_line(result: Any, trial: int) -> str:
     return ("accuracy above is a validation number (what the search optimized): the study has "
             "no test split; set data.test_fraction to hold one out")
 
-def _write_folded(source: Path, out: Path) -> None:
+
+def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
@@ -259,7 +263,7 @@ def _write_folded(source: Path, out: Path) -> None:
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
         shutil.copyfile(source, out)
         return
-    model = load_compressed(source)
+    model = load_compressed(source, allow_modules=allow_modules)
     shape = payload.get("input_shape") or []
     if shape:
         x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -269,3 +273,27 @@ def _write_folded(source: Path, out: Path) -> None:
             raise ExportError(f"folding BatchNorm changed the outputs by up to {diff:.3g} (> 1e-5); nothing written")
     metadata = {**(payload.get("metadata") or {}), "fold_bn": True}
     save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """``pick --out`` must name a new or replaceable file, not a folder or the trial's own file."""
+    import os
+
+    from rankopt.errors import ConfigError
+
+    text = str(out)
+    if not text.strip() or text in (".", "..") or text.endswith(("/", os.sep)):
+        raise ConfigError(f"--out: {text!r} is not a file name; give a path such as model.pt")
+    if out.is_dir():
+        raise ConfigError(f"--out: {text!r} is a directory; give a file path such as {text}/model.pt")
+    if out.exists() and out.resolve() == source.resolve():
+        raise ConfigError(
+            f"--out: {text!r} is the trial's own model file; give a path outside the run directory"
+        )
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
+        out.exists() and not os.access(out, os.W_OK)
+    ):
+        raise ConfigError(f"--out: {text!r} cannot be written by this user; give a writable path")

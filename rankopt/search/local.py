@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +63,7 @@ def run_local(
     workers on one study run exactly ``target`` trials between them. ``should_stop``
     is asked before each new trial (e.g. ``max_failures`` reached).
     """
+    from rankopt.search.rundir import INTERRUPTED_REASON
     from rankopt.search.storage import WORKER_ATTR, TrialClaim, worker_id
 
     finished: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -75,11 +78,19 @@ def run_local(
         # the trial is RUNNING now; once it names its process other workers may go on
         trial.set_user_attr(WORKER_ATTR, me)
         claim.release()
-        values = env.space.suggest(trial)
-        metrics = run_trial(env, trial.number, values)
-        for key, value in user_attrs(metrics).items():
-            trial.set_user_attr(key, value)
-        set_constraints(trial, env.config, metrics)
+        try:
+            values = env.space.suggest(trial)
+            metrics = run_trial(env, trial.number, values)
+            for key, value in user_attrs(metrics).items():
+                trial.set_user_attr(key, value)
+            set_constraints(trial, env.config, metrics)
+        except KeyboardInterrupt:
+            # Ctrl-C: Optuna stores the trial FAIL; say why and drop its partial folder
+            # (even a finished metrics.json: storage is the truth, the trial did not complete)
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("reason", INTERRUPTED_REASON)
+            shutil.rmtree(env.trial_dir(trial.number), ignore_errors=True)
+            raise
         finished[trial.number] = (values, metrics)
         if metrics["state"] != "COMPLETE":
             log.warning("trial %d failed: %s", trial.number, metrics.get("reason"))

@@ -7,12 +7,15 @@ once per study in the driver and shipped to Ray workers as is (it pickles).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +47,35 @@ __all__ = [
     "write_json",
     "clean_trial_dir",
     "TRIAL_ATTRS",
+    "interrupt_guard",
+    "INTERRUPTED",
 ]
+
+# set by the SIGINT handler of interrupt_guard: a KeyboardInterrupt with it set is the
+# user's Ctrl-C (stop the study); without it, a plugin raised it (fail only that trial)
+INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """While a study runs, Ctrl-C sets :data:`INTERRUPTED` and raises KeyboardInterrupt.
+
+    Only the main thread can install a signal handler; elsewhere nothing changes.
+    """
+    INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 # the metrics copied into the trial's user attrs in the Optuna storage
 TRIAL_ATTRS = (
@@ -219,8 +250,10 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     """Run trial ``number`` with the flat parameter ``values``; returns its metrics.
 
     Never raises for a failing trial (diverged training, a decomposition that breaks,
-    a strategy bug): the metrics then have ``state: "FAIL"`` and ``reason``.
-    ``KeyboardInterrupt`` and other non-``Exception`` errors pass through.
+    a strategy bug, a plugin calling ``sys.exit()`` or raising another ``BaseException``,
+    a model that does not match its spec or gives non-finite logits): the metrics then
+    have ``state: "FAIL"`` and ``reason``. Only the user's Ctrl-C (see
+    :func:`interrupt_guard`) passes through: the caller marks the trial interrupted.
     """
     from rankopt.manager import get_registry
 
@@ -241,6 +274,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         outcome = strategy.run(ctx, hyperparameters)
         spec = normalize_spec(outcome.spec)
         model = outcome.model.to(ctx.device)
+        check_outcome(env, model, spec, ctx)
         accuracy = ctx.evaluate(model)
         cost = count(model, env.input_shape, device=ctx.device)
         metrics.update(
@@ -274,7 +308,11 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
                 "strategy": plan.strategy,
             },
         )
-    except Exception as exc:  # one failing trial must not end the study
+    except BaseException as exc:  # one failing trial must not end the study
+        if isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set():
+            raise  # the user's Ctrl-C: the study stops (the caller cleans up)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            INTERRUPTED.clear()  # a plugin's, not the user's
         metrics.update(
             state="FAIL",
             reason=f"{type(exc).__name__}: {exc}",
@@ -295,6 +333,45 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     )
     write_json(trial_dir / "metrics.json", metrics)
     return metrics
+
+
+def check_outcome(env: TrialEnv, model: nn.Module, spec: Mapping[str, Any], ctx: Any) -> None:
+    """Refuse a strategy's outcome that would be a wrong front point: a model whose tensors
+    do not match ``compress(reference, spec)`` (its file could not be loaded), or whose
+    logits on a validation batch are not finite."""
+    import copy
+
+    from rankopt.surgery import compress
+
+    # a structural copy of the reference on the meta device: no weights are copied
+    memo: dict[int, Any] = {}
+    for tensor in list(env.reference.parameters()) + list(env.reference.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    with torch.device("meta"):
+        skeleton = compress(copy.deepcopy(env.reference, memo), spec, initialize=False)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key in sorted(set(expected) | set(got)):
+        if expected.get(key) != got.get(key):
+            raise ValueError(
+                f"the strategy returned a model that does not match its spec: {key!r} has shape "
+                f"{got.get(key)} in the model, {expected.get(key)} in compress(reference, spec)"
+            )
+    _, loader = ctx._loaders()
+    inputs = next(iter(loader))[0].to(ctx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(inputs)
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(logits).all():
+        raise ArithmeticError(
+            "the compressed model gives non-finite logits (inf/NaN) on a validation batch; "
+            "it is not a usable model"
+        )
 
 
 # Optuna 5 tells samplers the constraints per trial (constraints_func is deprecated there)

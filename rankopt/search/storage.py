@@ -51,7 +51,13 @@ GRACE_PERIOD = 180
 
 
 def default_storage_url(run_dir: Path) -> str:
-    return f"sqlite:///{(Path(run_dir) / DB_FILE).resolve()}"
+    """``sqlite:///RUN_DIR/optuna.db``, built by SQLAlchemy so that ``?``, ``%`` or ``#`` in
+    the path are escaped (pasted into the URL they would start a query or put the
+    database elsewhere)."""
+    from sqlalchemy.engine import URL
+
+    path = str((Path(run_dir) / DB_FILE).resolve())
+    return URL.create("sqlite", database=path).render_as_string(hide_password=False)
 
 
 def is_local_sqlite(url: str) -> bool:

@@ -1,0 +1,141 @@
+"""Checks of an existing run directory before a run writes anything, and reconciliation of
+``trials/<n>/`` with the storage after an interruption (the storage is the truth).
+
+A run directory belongs to one study: its name, model, seed and objectives. A run that
+differs in any of them is refused before a single byte changes, since its trials would
+mix with (or overwrite) the first study's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from rankopt.config import StudyConfig
+from rankopt.errors import ConfigError
+from rankopt.results import LEGACY_STUDY_FILE, STUDY_FILE
+
+__all__ = ["check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
+
+INTERRUPTED_REASON = "interrupted"
+# what makes two runs one study: a difference in any of them makes trials incomparable
+_IDENTITY = ("name", "model", "seed", "objectives")
+LEGACY_HEADER = "# the resolved study config"  # the first line of every record a run writes
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    for name in (STUDY_FILE, LEGACY_STUDY_FILE):
+        path = run_dir / name
+        if path.is_file():
+            try:
+                text = path.read_text()
+                if name == LEGACY_STUDY_FILE and not text.startswith(LEGACY_HEADER):
+                    continue  # a user's own study.yaml, not a record written by a run
+                raw = yaml.safe_load(text)
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ConfigError(
+                    f"run directory {str(run_dir)!r}: its record {name} cannot be read "
+                    f"({type(exc).__name__}); give a new --run-dir"
+                ) from None
+            return raw if isinstance(raw, dict) else None
+    return None
+
+
+def check_existing_run_dir(
+    config: StudyConfig, run_dir: Path, reference_key: str, *, user_model: bool
+) -> None:
+    """Refuse (``ConfigError``) a run whose study differs from the one already in ``run_dir``:
+    another name, model, seed or objectives, or completed trials of another reference.
+    Reads only; called before anything is written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    recorded = _recorded_config(run_dir)
+    if recorded is not None:
+        now = config.model_dump(mode="json")
+        for key in _IDENTITY:
+            if key == "model" and (user_model or recorded.get("model") is None):
+                continue  # a Python model: the reference key below compares its weights
+            if recorded.get(key) != now.get(key):
+                raise ConfigError(
+                    f"run directory {str(run_dir)!r} holds study {recorded.get('name')!r} with "
+                    f"{key} {_show(recorded.get(key))}; this run has {key} {_show(now.get(key))}. "
+                    "Its trials would not be comparable: give a new --run-dir (nothing was "
+                    "changed in this one)"
+                )
+    for metrics in _trial_metrics(run_dir):
+        other = metrics.get("reference_key")
+        if metrics.get("state") == "COMPLETE" and other not in (None, reference_key):
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} holds trials of a different model, data or "
+                f"reference config (reference {other}, now {reference_key}); their accuracies "
+                "are not comparable: give a new --run-dir (nothing was changed in this one)"
+            )
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _trial_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    trials = run_dir / "trials"
+    if not trials.is_dir():
+        return out
+    for folder in trials.iterdir():
+        path = folder / "metrics.json"
+        if folder.name.isdigit() and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                out.append(data)
+    return out
+
+
+def reconcile_trial_dirs(study: optuna.Study, run_dir: Path) -> list[int]:
+    """Make ``trials/<n>/`` agree with the storage, which is the truth: a folder whose
+    ``metrics.json`` says COMPLETE (or is missing) while the storage has the trial FAIL,
+    or has no such trial, is rewritten as FAIL with the storage's reason and its model
+    removed. Folders of RUNNING and COMPLETE trials are left alone. Returns the numbers fixed."""
+    from rankopt.search.objective import write_json
+
+    trials = Path(run_dir) / "trials"
+    if not trials.is_dir():
+        return []
+    stored = {t.number: t for t in study.get_trials(deepcopy=False)}
+    fixed = []
+    for folder in sorted(trials.iterdir(), key=lambda p: p.name):
+        if not folder.name.isdigit() or not folder.is_dir():
+            continue
+        trial = stored.get(int(folder.name))
+        if trial is not None and trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.WAITING):
+            continue
+        path = folder / "metrics.json"
+        try:
+            state = json.loads(path.read_text()).get("state") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            state = None
+        if trial is not None and state == "FAIL" and not (folder / "model.pt").exists():
+            continue  # already agrees
+        reason = (trial.user_attrs.get("reason") if trial is not None else None) or INTERRUPTED_REASON
+        for child in folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if trial is None:
+            folder.rmdir()
+        else:
+            write_json(path, {"trial": trial.number, "state": "FAIL", "reason": reason,
+                              "reconciled": f"metrics.json said {state}; the storage has FAIL"})
+        fixed.append(int(folder.name))
+    return fixed
