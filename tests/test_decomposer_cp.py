@@ -153,7 +153,7 @@ def _border_rank_conv() -> nn.Conv2d:
 
 def _ratio_of(dec: CPDecomposer, weight: torch.Tensor, rank: int, options: dict[str, Any]) -> float:
     factors = dec.factors(weight, (rank,), options)
-    return cp_module.term_ratio(torch.ones(rank, dtype=weight.dtype), factors, weight.norm())
+    return cp_module.term_ratio(torch.ones(rank, dtype=weight.dtype), factors, weight.detach().norm())
 
 
 def test_degenerate_als_on_a_border_rank_kernel_falls_back_to_a_ridge() -> None:
@@ -166,7 +166,7 @@ def test_degenerate_als_on_a_border_rank_kernel_falls_back_to_a_ridge() -> None:
     a_t = built.pointwise_out.weight.detach()[:, :, 0, 0]
     factors = [a_t, built.pointwise_in.weight.detach()[:, :, 0, 0].T,
                built.depthwise_h.weight.detach()[:, 0, :, 0].T, built.depthwise_w.weight.detach()[:, 0, 0, :].T]
-    ratio = cp_module.term_ratio(torch.ones(2, dtype=torch.float64), factors, conv.weight.norm())
+    ratio = cp_module.term_ratio(torch.ones(2, dtype=torch.float64), factors, conv.weight.detach().norm())
     assert ratio <= 3.0
     with torch.no_grad():
         assert rel_error(built.reconstruct_weight(), conv.weight) < 0.05
