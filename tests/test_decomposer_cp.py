@@ -158,16 +158,18 @@ def _ratio_of(dec: CPDecomposer, weight: torch.Tensor, rank: int, options: dict[
 
 def test_degenerate_als_on_a_border_rank_kernel_falls_back_to_a_ridge() -> None:
     conv, dec = _border_rank_conv(), CPDecomposer()
-    # unchecked, plain ALS degenerates: the terms grow past 3x the kernel as it iterates
-    loose = {"n_iter_max": 3000, "max_term_ratio": 1e9}
-    assert _ratio_of(dec, conv.weight, 2, loose) > 3.0
-    # checked, the ridge run is taken: bounded terms, still a close approximation
-    built = dec.build(conv, (2,), options={"n_iter_max": 3000})
+    # unchecked, plain ALS degenerates: the terms grow (2.0x the kernel after 200
+    # iterations, 2.8x after 1000, 4.1x after 5000) while the error creeps down
+    loose = {"n_iter_max": 1000, "max_term_ratio": 1e9}
+    assert _ratio_of(dec, conv.weight, 2, loose) > 2.5
+    # checked (a bound of 2.5 to keep the test short), the ridge run is taken: bounded
+    # terms, still a close approximation
+    built = dec.build(conv, (2,), options={"n_iter_max": 1000, "max_term_ratio": 2.5})
     a_t = built.pointwise_out.weight.detach()[:, :, 0, 0]
     factors = [a_t, built.pointwise_in.weight.detach()[:, :, 0, 0].T,
                built.depthwise_h.weight.detach()[:, 0, :, 0].T, built.depthwise_w.weight.detach()[:, 0, 0, :].T]
     ratio = cp_module.term_ratio(torch.ones(2, dtype=torch.float64), factors, conv.weight.detach().norm())
-    assert ratio <= 3.0
+    assert ratio <= 2.5
     with torch.no_grad():
         assert rel_error(built.reconstruct_weight(), conv.weight) < 0.05
 

@@ -74,7 +74,7 @@ class _RecordingContext:
 @pytest.mark.parametrize(
     ("decomposer", "distortion_steps"),
     # 6: the run (12 steps) ends on a distortion, the case where CP used to decompose again
-    [("tucker2", 6), ("cp", 6), ("cp", 5), ("tt", 6), ("svd", 6), ("tensor_ring", 6)],
+    [("tucker2", 6), ("cp", 6), ("tt", 5), ("svd", 6), ("tensor_ring", 6)],
 )
 def test_the_trained_model_and_the_compressed_model_compute_the_same_logits(
     decomposer: str, distortion_steps: int
