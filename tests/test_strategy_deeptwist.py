@@ -94,3 +94,28 @@ def test_the_trained_model_and_the_compressed_model_compute_the_same_logits(
         expected, got = trained.eval()(x), outcome.model.eval()(x)
     assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
     assert outcome.extra["accuracy_after_compression"] == outcome.extra["accuracy_before_compression"]
+
+
+def test_a_decomposer_whose_module_cannot_reconstruct_is_refused_before_training() -> None:
+    from rankopt.plugins.decomposers.svd import SVDDecomposer
+
+    class Opaque(SVDDecomposer):
+        name = "opaque_svd"
+
+        def build(self, module, ranks, *, options=None, initialize=True):  # type: ignore[no-untyped-def]
+            built = super().build(module, ranks, options=options, initialize=initialize)
+            return torch.nn.Sequential(*built.children())  # the same layers, no reconstruct_weight
+
+    class Plugin:
+        @rankopt.hookimpl
+        def rankopt_decomposers(self) -> list:
+            return [rankopt.DecomposerInfo("opaque_svd", Opaque, "svd without reconstruct_weight")]
+
+    rankopt.register_plugin(Plugin())
+    try:
+        ctx = make_context(decomposers="opaque_svd", **AGGRESSIVE)
+        with pytest.raises(rankopt.ConfigError, match=r"deeptwist: the Sequential that decomposer 'opaque_svd' builds for layer '\d+' has no reconstruct_weight"):
+            rankopt.strategy("deeptwist").run(ctx, {"distortion_steps": 5, "epochs": 1, "lr": 0.05})
+        assert ctx.train_results == []  # nothing trained
+    finally:
+        rankopt.reset_registry()

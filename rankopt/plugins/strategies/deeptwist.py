@@ -29,7 +29,7 @@ from rankopt.plugins.strategies._common import check_bool, check_int, check_numb
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
-__all__ = ["DeepTwistStrategy", "adopt_compressed", "distort"]
+__all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort"]
 
 
 @torch.no_grad()
@@ -51,16 +51,25 @@ def adopt_compressed(model: nn.Module, compressed: nn.Module, spec: Mapping[str,
     """
     for name in spec:
         built = compressed.get_submodule(name)
-        rebuild = getattr(built, "reconstruct_weight", None)
-        if rebuild is None:
-            raise ConfigError(
-                f"deeptwist: the {type(built).__name__} that decomposer "
-                f"{spec[name]['decomposer']!r} built for layer {name!r} has no reconstruct_weight(), "
-                "so the trained model cannot be made equal to the compressed one; give the "
-                "module a reconstruct_weight() or use another decomposer"
-            )
+        _require_reconstruct(built, name, spec[name]["decomposer"])
         weight = model.get_submodule(name).weight
-        weight.copy_(rebuild().detach().reshape(weight.shape).to(weight.dtype))
+        weight.copy_(built.reconstruct_weight().detach().reshape(weight.shape).to(weight.dtype))
+
+
+def _require_reconstruct(built: nn.Module, name: str, decomposer: str) -> None:
+    if not callable(getattr(built, "reconstruct_weight", None)):
+        raise ConfigError(
+            f"deeptwist: the {type(built).__name__} that decomposer {decomposer!r} builds for "
+            f"layer {name!r} has no reconstruct_weight(), so the trained model cannot be made "
+            "equal to the compressed one; give the module a reconstruct_weight() or use "
+            "another decomposer"
+        )
+
+
+def check_reconstructable(model: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Before training: every spec layer's factorized module offers ``reconstruct_weight()``."""
+    for name, module, dec, ranks, options in spec_layers(model, spec):
+        _require_reconstruct(dec.build(module, ranks, options=options, initialize=False), name, dec.name)
 
 
 class DeepTwistStrategy(Strategy):
@@ -115,6 +124,7 @@ class DeepTwistStrategy(Strategy):
         hp = self.validate_params(params)
         model = ctx.model()
         spec = ctx.select_ranks(model)
+        check_reconstructable(model, spec)  # refuse before training, not after
         distortions = 0
         last_distorted = 0
 
