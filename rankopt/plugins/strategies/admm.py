@@ -106,12 +106,15 @@ class ADMMStrategy(Strategy):
     penalty alone each closes a share of about ``lr * rho / (1 - momentum)`` of the gap
     ``W - (Z - U)`` (0.1 at lr 0.01, rho 1, Nesterov 0.9), while the dual adds the whole
     gap at every update: at interval 1 the dual outruns W tenfold, U grows and drags
-    ``Z = Pi(W + U)`` away (on digits, tucker2 and tt at the defaults: residual 0.85 ->
-    2.7, accuracy after compression 0.10). Damping the dual step by that share did not
-    cure it (the momentum adds its own lag; tt still ended at 0.83). An update so needs
+    ``Z = Pi(W + U)`` away (small_cnn on digits, lr 0.01, rho 1, tucker2 at 0.25 of the
+    largest ranks: residual 0.85 -> 2.7, accuracy after compression 0.10; tt the same).
+    Damping the dual step by that share, with a constant lr, did not cure it (the
+    momentum adds its own lag; tucker2 oscillated, tt went 0.97 -> 0.83 at accuracy
+    0.10). An update so needs
     ``update_interval * lr * rho / (1 - momentum)`` of at least about 1, with margin for
-    the cosine schedule that shrinks lr later (tt at interval 10 reached 0.009, then
-    drifted back to 0.1 as lr decayed; at 20 it ends at 0.003). The default range is
+    the cosine schedule that shrinks lr later (tt at energy p=0.95 ranks: at interval 10
+    the residual reached 0.009, then drifted back to 0.1 as lr decayed; at 20 it ended
+    at 0.003). The default range is
     therefore 20-200 and the default 20. Settings with a small ``lr * rho`` need a larger
     interval; HODEC raises rho during training for the same reason.
     """
