@@ -107,7 +107,7 @@ class ADMMStrategy(Strategy):
     ``W - (Z - U)`` (0.1 at lr 0.01, rho 1, Nesterov 0.9), while the dual adds the whole
     gap at every update: at interval 1 the dual outruns W tenfold, U grows and drags
     ``Z = Pi(W + U)`` away (small_cnn on digits, lr 0.01, rho 1, tucker2 at 0.25 of the
-    largest ranks: residual 0.85 -> 2.7, accuracy after compression 0.10; tt the same).
+    largest ranks: residual 0.85 -> 2.7, tt 0.97 -> 2.5, accuracy after compression 0.10).
     Damping the dual step by that share, with a constant lr, did not cure it (the
     momentum adds its own lag; tucker2 oscillated, tt went 0.97 -> 0.83 at accuracy
     0.10). An update so needs
