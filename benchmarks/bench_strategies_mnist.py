@@ -2,7 +2,7 @@
 
 One trained reference (LeNet-5, Caffe variant: conv 1->20 5x5, conv 20->50 5x5, FC 500),
 then one trial per strategy through :class:`rankopt.trial.LocalTrialContext`, Tucker-2
-on the conv layers. ``finetune``, ``nrmf``, ``deeptwist`` and ``admm`` compress at the
+on the conv layers (and DeepTwist once more with CP, whose compression must stay lossless). ``finetune``, ``nrmf``, ``deeptwist`` and ``admm`` compress at the
 same ranks (the ``fixed`` selector, by default 0.1 of each mode's largest rank, picked
 on the weights each strategy hands it: equal params by construction); ``tdlrt``
 learns its ranks, with ``tau`` set where its truncation, applied to the reference's
@@ -44,15 +44,19 @@ DATA = HERE.parents[0] / ".." / "shared" / "data"
 INPUT_SHAPE = (1, 1, 28, 28)
 
 
-def strategy_settings(epochs: float, tau: float) -> list[tuple[str, dict[str, Any]]]:
+def strategy_settings(epochs: float, tau: float) -> list[tuple[str, dict[str, Any], str]]:
+    """(strategy, hyperparameters, decomposer) per row; ADMM at its default (fixed) interval."""
     half = epochs / 2
+    admm_interval = rankopt.strategy("admm").defaults()["update_interval"]
     return [
-        ("finetune", {"epochs": epochs, "lr": 0.01}),
-        ("nrmf", {"alpha": 1e-2, "epochs": half, "finetune_epochs": half, "lr": 0.01}),
-        ("deeptwist", {"distortion_steps": 50, "epochs": epochs, "lr": 0.01}),
-        ("admm", {"rho": 1.0, "update_interval": 10, "epochs": half, "tol": 0.01,
-                  "finetune_epochs": half, "lr": 0.01}),
-        ("tdlrt", {"tau": round(tau, 4), "epochs": epochs, "lr": 0.01}),
+        ("finetune", {"epochs": epochs, "lr": 0.01}, "tucker2"),
+        ("nrmf", {"alpha": 1e-2, "epochs": half, "finetune_epochs": half, "lr": 0.01}, "tucker2"),
+        ("deeptwist", {"distortion_steps": 50, "epochs": epochs, "lr": 0.01}, "tucker2"),
+        # CP-ALS is no projection: the compressed model must still equal the trained one
+        ("deeptwist", {"distortion_steps": 50, "epochs": epochs, "lr": 0.01}, "cp"),
+        ("admm", {"rho": 1.0, "update_interval": admm_interval, "epochs": half, "tol": 0.01,
+                  "finetune_epochs": half, "lr": 0.01}, "tucker2"),
+        ("tdlrt", {"tau": round(tau, 4), "epochs": epochs, "lr": 0.01}, "tucker2"),
     ]
 
 
@@ -141,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in rankopt.find_layers(reference, INPUT_SHAPE) if t.kind == "conv2d"]
     names = [t.name for t in targets]
 
-    def context() -> LocalTrialContext:
+    def context(decomposer: str = "tucker2") -> LocalTrialContext:
         return LocalTrialContext(
-            reference, splits, input_shape=INPUT_SHAPE, targets=targets, decomposers="tucker2",
+            reference, splits, input_shape=INPUT_SHAPE, targets=targets, decomposers=decomposer,
             selector="fixed", selector_params={"fraction": args.fraction}, device="cpu", seed=0,
             batch_size=64,
         )
@@ -156,19 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     base_conv = sum(sum(p.numel() for p in reference.get_submodule(n).parameters()) for n in names)
     rows = [["reference", f"{args.epochs:g} epochs, lr=0.05", "-", f"{base_conv:,}", f"{base.params:,}",
              f"{base.flops / 1e6:.2f}", "-", "-", f"{reference_accuracy:.4f}", f"{reference_seconds:.0f}"]]
-    for name, params in strategy_settings(args.epochs, tau):
-        ctx = context()
+    for name, params, decomposer in strategy_settings(args.epochs, tau):
+        ctx = context(decomposer)
         start = time.perf_counter()
         outcome = rankopt.strategy(name).run(ctx, params)
         seconds = time.perf_counter() - start
         rows.append(row(name, params, outcome, ctx, reference_accuracy, seconds, names))
+        if decomposer != "tucker2":
+            rows[-1][0] = f"{name} ({decomposer})"
         print(" | ".join(rows[-1]), flush=True)
 
-    header = ["strategy", "setting", "ranks (r_in, r_out)", "conv params", "model params", "MFLOPs",
+    header = ["strategy", "setting", "ranks (r_in, r_out) or (R,)", "conv params", "model params", "MFLOPs",
               "acc. full model", "acc. after decomposition", "acc. final", "wall s"]
     lines = [
         f"LeNet-5 (Caffe variant) on MNIST: {args.train_images:,} training images, val = first 2,000 "
-        f"test images; Tucker-2 on the convs; fixed ranks = {args.fraction:g} of each mode's largest "
+        f"test images; Tucker-2 on the convs (CP where the row says; ranks (R,)); fixed ranks = {args.fraction:g} of each mode's largest "
         f"(tdlrt: tau = {tau:.4f}, at which TDLRT's ranks on the reference would give about those conv params); "
         f"{args.epochs:g} training epochs per strategy; batch 64, SGD Nesterov, cosine, seed 0, 1 CPU thread.",
         "",

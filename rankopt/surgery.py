@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.accounting import Cost, layer_cost
-from rankopt.errors import ConfigError
+from rankopt.errors import ConfigError, DecompositionError
 
 __all__ = [
     "LayerInfo",
@@ -189,7 +189,10 @@ def compress(
     target = model if inplace else copy.deepcopy(model)
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
-        new = dec.build(original, ranks, options=options, initialize=initialize)
+        try:
+            new = dec.build(original, ranks, options=options, initialize=initialize)
+        except DecompositionError as exc:  # the decomposer knows the kernel, not the layer
+            raise DecompositionError(f"layer {name!r} ({dec.name}, ranks {list(ranks)}): {exc}") from exc
         p = next(original.parameters(), None)
         if p is not None:
             new = new.to(device=p.device, dtype=p.dtype)

@@ -41,6 +41,9 @@ CONV_CASES = [
     Case("k2x4_same_even_bias", lambda: nn.Conv2d(4, 6, (2, 4), padding="same"), (7, 9)),
     Case("k3_valid_bias", lambda: nn.Conv2d(8, 4, 3, padding="valid"), (7, 8)),
     Case("k1_bias", lambda: nn.Conv2d(6, 8, 1), (5, 6)),
+    # odd and prime channel counts: TT factors 15 = 3 x 5, 9 = 3 x 3; 7 and 13 stay whole
+    Case("k3_odd_15to9_nobias", lambda: nn.Conv2d(15, 9, 3, padding=1, bias=False), (7, 9)),
+    Case("k3_prime_7to13_bias", lambda: nn.Conv2d(7, 13, 3, stride=2), (9, 8)),
 ]
 LINEAR_CASES = [
     Case("linear_bias", lambda: nn.Linear(12, 10), None),

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from _decomposer_cases import CONV_CASES, rel_error, with_cp_rank
 
+import rankopt
 import rankopt.plugins.decomposers.cp as cp_module
 from rankopt.errors import DecompositionError
 from rankopt.plugins.decomposers.cp import CPDecomposer, cp_max_rank
@@ -129,3 +130,58 @@ def test_stride_and_dilation_go_to_their_own_axis() -> None:
     h, w = built.depthwise_h, built.depthwise_w
     assert (h.kernel_size, h.stride, h.padding, h.dilation, h.groups) == ((3, 1), (2, 1), (1, 0), (2, 1), 2)
     assert (w.kernel_size, w.stride, w.padding, w.dilation, w.groups) == ((1, 5), (1, 3), (0, 2), (1, 1), 2)
+
+
+def _border_rank_conv() -> nn.Conv2d:
+    """A kernel of rank 4 whose best rank-2 approximation does not exist (border rank 2).
+
+    ``sum_m a x .. x b (mode m) x .. x a``: the limit of ``((a + e b)^(x4) - a^(x4)) / e``,
+    so rank-2 ALS drives two terms to infinity while they cancel, the error creeping to 0.
+    """
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 5, 3, 3)
+    a = [torch.randn(n, dtype=torch.float64, generator=g) for n in shape]
+    b = [torch.randn(n, dtype=torch.float64, generator=g) for n in shape]
+    kernel = sum(
+        torch.einsum("t,s,h,w->tshw", *[b[i] if i == m else a[i] for i in range(4)]) for m in range(4)
+    )
+    conv = nn.Conv2d(5, 6, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+    return conv
+
+
+def _ratio_of(dec: CPDecomposer, weight: torch.Tensor, rank: int, options: dict[str, Any]) -> float:
+    factors = dec.factors(weight, (rank,), options)
+    return cp_module.term_ratio(torch.ones(rank, dtype=weight.dtype), factors, weight.detach().norm())
+
+
+def test_degenerate_als_on_a_border_rank_kernel_falls_back_to_a_ridge() -> None:
+    conv, dec = _border_rank_conv(), CPDecomposer()
+    # unchecked, plain ALS degenerates: the terms grow (2.0x the kernel after 200
+    # iterations, 2.8x after 1000, 4.1x after 5000) while the error creeps down
+    loose = {"n_iter_max": 1000, "max_term_ratio": 1e9}
+    assert _ratio_of(dec, conv.weight, 2, loose) > 2.5
+    # checked (a bound of 2.5 to keep the test short), the ridge run is taken: bounded
+    # terms, still a close approximation
+    built = dec.build(conv, (2,), options={"n_iter_max": 1000, "max_term_ratio": 2.5})
+    a_t = built.pointwise_out.weight.detach()[:, :, 0, 0]
+    factors = [a_t, built.pointwise_in.weight.detach()[:, :, 0, 0].T,
+               built.depthwise_h.weight.detach()[:, 0, :, 0].T, built.depthwise_w.weight.detach()[:, 0, 0, :].T]
+    ratio = cp_module.term_ratio(torch.ones(2, dtype=torch.float64), factors, conv.weight.detach().norm())
+    assert ratio <= 2.5
+    with torch.no_grad():
+        assert rel_error(built.reconstruct_weight(), conv.weight) < 0.05
+
+
+def test_degeneracy_no_ridge_can_fix_is_an_error_naming_layer_and_rank() -> None:
+    conv = _border_rank_conv()
+    model = nn.Sequential(conv)
+    spec = {"0": {"decomposer": "cp", "ranks": [2], "options": {"max_term_ratio": 0.5}}}
+    with pytest.raises(DecompositionError) as info:
+        rankopt.compress(model, spec)
+    text = str(info.value)
+    assert "layer '0'" in text and "R=2" in text and "degenerate" in text and "l2_reg=0.01" in text
+    assert "init='random'" in text and "max_term_ratio=0.5" in text
+    with pytest.raises(rankopt.ConfigError, match="max_term_ratio must be a number > 0, got -1"):
+        CPDecomposer().build(conv, (2,), options={"max_term_ratio": -1})

@@ -11,7 +11,7 @@ from _decomposer_cases import flops_of, params_of, rel_error
 
 from rankopt.accounting import Cost
 from rankopt.errors import ConfigError
-from rankopt.plugins.decomposers.tt import TTDecomposer, balanced_factors, tt_max_ranks
+from rankopt.plugins.decomposers.tt import TTDecomposer, balanced_factors, tt_max_ranks, tt_usable_ranks
 
 
 @pytest.mark.parametrize(
@@ -69,17 +69,28 @@ def test_bad_factorizations_are_refused() -> None:
         dec.build(conv, (1, 1, 1, 1), options={"out_factors": [8, 0.5]})
 
 
-def test_surplus_rank_is_zero_padded_and_priced() -> None:
-    # bond 2 can hold at most r1 * s2 = 1 * 2 from TT-SVD; asking 4 pads with zeros
+def test_surplus_rank_is_capped_so_every_counted_parameter_learns() -> None:
+    # bond 2 can hold at most r1 * s2 = 1 * 2: asking 4 builds and prices 2
     dec = TTDecomposer()
-    conv = nn.Conv2d(4, 6, 3).double()
+    conv = nn.Conv2d(4, 6, 3).double()  # modes 2, 2, 9, 2, 3
     ranks = (1, 4, 6, 3)
+    assert tt_usable_ranks([2, 2, 9, 2, 3], ranks) == (1, 2, 6, 3)
+    assert tt_usable_ranks([2, 2, 9, 2, 3], (2, 4, 36, 3)) == (2, 4, 6, 3)  # right side: 2 * 3
     built = dec.build(conv, ranks)
-    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
-    assert built.ranks == ranks
-    assert dec.cost(conv, ranks, input_hw=(7, 7)) == Cost(params_of(built), flops_of(built, x))
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    assert built.ranks == (1, 2, 6, 3)
+    assert dec.cost(conv, ranks, input_hw=(7, 7)) == Cost(params_of(built), flops_of(built, x[:1]))
+    assert dec.cost(conv, ranks, input_hw=(7, 7)) == dec.cost(conv, (1, 2, 6, 3), input_hw=(7, 7))
     assert rel_error(built.reconstruct_weight(), dec.project(conv.weight, ranks)) < 1e-12
-    assert rel_error(dec.project(conv.weight, ranks), dec.project(conv.weight, (1, 2, 6, 3))) < 1e-12
+    # no dead slice: every output and input channel of every core gets a gradient
+    built(x).square().sum().backward()
+    for name, p in built.named_parameters():
+        grad = p.grad.reshape(p.shape[0], p.shape[1] if p.dim() > 1 else 1, -1)
+        assert (grad.abs().sum(dim=(1, 2)) > 0).all(), f"{name}: a dead output slice"
+        if p.dim() > 1:
+            assert (grad.abs().sum(dim=(0, 2)) > 0).all(), f"{name}: a dead input slice"
+    # a selector's per-bond ranks come out capped already
+    assert dec.ranks_from_matrix_ranks(conv, (2, 4, 36, 3)) == (2, 4, 6, 3)
 
 
 def test_rank_matrices_are_the_bond_unfoldings() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import torch
 
 import rankopt
 from rankopt.config import load_config
@@ -88,3 +89,34 @@ def test_layers_chosen_full_keep_the_reference_weights_and_counts(tmp_path: Path
     # one decomposed layer: only it changes
     assert set(records[1].spec) == {"7"}
     assert records[1].params < reference["params"]
+
+
+def test_the_energy_selector_can_search_squared_and_linear_p(tmp_path: Path) -> None:
+    config = load_config(
+        _allow_full_study(
+            tmp_path,
+            targets={},
+            selectors={"energy": {"p": 0.7, "energy": {"choices": ["squared", "linear"]}}},
+        )
+    )
+    model = rankopt.model("small_cnn", num_classes=10, in_channels=1, width=8)
+    torch.manual_seed(0)
+    layers = find_layers(model, (1, 1, 8, 8))
+    space = SearchSpace(config, model, layers)
+    assert space.distributions()["energy.energy"] == optuna.distributions.CategoricalDistribution(
+        ["squared", "linear"]
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    ranks = {}
+    for _ in range(8):
+        trial = study.ask()
+        plan = space.plan(space.suggest(trial))
+        params = plan.selector_params
+        assert params["p"] == 0.7 and params["energy"] in ("squared", "linear")
+        conv = model.get_submodule("3")
+        ranks[params["energy"]] = rankopt.rank_selector("energy").select(conv, rankopt.decomposer("tucker2"), **params)
+        study.tell(trial, 0.0)
+    # both were tried, and the same p means more rank when singular values count linearly
+    assert set(ranks) == {"squared", "linear"}
+    assert all(lin >= sq for lin, sq in zip(ranks["linear"], ranks["squared"]))
+    assert ranks["linear"] != ranks["squared"]

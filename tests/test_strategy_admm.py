@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from strategies_support import (
     AGGRESSIVE,
@@ -65,3 +66,21 @@ def test_residual_falls_under_tol_and_compression_loses_less_than_plain() -> Non
     assert plain_before - plain_after > 0.10
     assert loss < 0.03 and loss < plain_before - plain_after
     assert outcome.extra["accuracy_after_compression"] >= plain_before - 0.03
+
+
+@pytest.mark.parametrize("decomposer", ["tt", "tucker2"])
+def test_the_smallest_interval_of_the_default_space_converges_at_the_defaults(decomposer: str) -> None:
+    """HODEC's own format (tt) too: at the default space's smallest interval the residual falls."""
+    strategy = rankopt.strategy("admm")
+    smallest = strategy.search_space()["update_interval"].low
+    assert smallest == strategy.defaults()["update_interval"] > 1
+    ctx = make_context(decomposers=decomposer)
+    outcome = rankopt.strategy("admm").run(
+        ctx, {"update_interval": smallest, "epochs": 2, "tol": 1e-9, "finetune_epochs": 0}
+    )
+    assert {e["decomposer"] for e in outcome.spec.values()} == {decomposer}
+    history = ctx.reported["admm_residual_history"]
+    assert len(history) >= 3  # two updates at least
+    assert history[-1] < 0.05 * history[0] and history[-1] < 0.02
+    assert max(history) <= history[0]  # never above the start
+    assert outcome.extra["accuracy_after_compression"] >= outcome.extra["accuracy_before_compression"] - 0.02

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from strategies_support import (
     AGGRESSIVE,
@@ -53,3 +54,68 @@ def test_deeptwist_loses_less_at_compression_than_plain_training() -> None:
     assert before is None or before - after < plain_before - plain_after
     assert after >= plain_before - 0.03
     assert outcome.spec == ctx.select_ranks(ctx.model())  # ranks chosen once, on the reference
+
+
+class _RecordingContext:
+    """Wraps a context and keeps the trained model DeepTwist hands to ``compress``."""
+
+    def __init__(self, ctx: object) -> None:
+        self._ctx = ctx
+        self.trained: list[torch.nn.Module] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ctx, name)
+
+    def compress(self, model: torch.nn.Module, spec: dict) -> torch.nn.Module:
+        self.trained.append(model)
+        return self._ctx.compress(model, spec)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("decomposer", "distortion_steps"),
+    # 6: the run (12 steps) ends on a distortion, the case where CP used to decompose again
+    [("tucker2", 6), ("cp", 6), ("tt", 5), ("svd", 6), ("tensor_ring", 6)],
+)
+def test_the_trained_model_and_the_compressed_model_compute_the_same_logits(
+    decomposer: str, distortion_steps: int
+) -> None:
+    ctx = _RecordingContext(
+        make_context(decomposers=decomposer, selector="fixed", selector_params={"fraction": 0.1})
+    )
+    outcome = rankopt.strategy("deeptwist").run(
+        ctx, {"distortion_steps": distortion_steps, "epochs": 0.5, "lr": 0.05}  # type: ignore[arg-type]
+    )
+    (result,) = ctx.train_results
+    assert (result.steps % distortion_steps == 0) == (distortion_steps == 6)
+    assert outcome.spec and {e["decomposer"] for e in outcome.spec.values()} == {decomposer}
+    (trained,) = ctx.trained
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = trained.eval()(x), outcome.model.eval()(x)
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+    assert outcome.extra["accuracy_after_compression"] == outcome.extra["accuracy_before_compression"]
+
+
+def test_a_decomposer_whose_module_cannot_reconstruct_is_refused_before_training() -> None:
+    from rankopt.plugins.decomposers.svd import SVDDecomposer
+
+    class Opaque(SVDDecomposer):
+        name = "opaque_svd"
+
+        def build(self, module, ranks, *, options=None, initialize=True):  # type: ignore[no-untyped-def]
+            built = super().build(module, ranks, options=options, initialize=initialize)
+            return torch.nn.Sequential(*built.children())  # the same layers, no reconstruct_weight
+
+    class Plugin:
+        @rankopt.hookimpl
+        def rankopt_decomposers(self) -> list:
+            return [rankopt.DecomposerInfo("opaque_svd", Opaque, "svd without reconstruct_weight")]
+
+    rankopt.register_plugin(Plugin())
+    try:
+        ctx = make_context(decomposers="opaque_svd", **AGGRESSIVE)
+        with pytest.raises(rankopt.ConfigError, match=r"deeptwist: the Sequential that decomposer 'opaque_svd' builds for layer '\d+' has no reconstruct_weight"):
+            rankopt.strategy("deeptwist").run(ctx, {"distortion_steps": 5, "epochs": 1, "lr": 0.05})
+        assert ctx.train_results == []  # nothing trained
+    finally:
+        rankopt.reset_registry()

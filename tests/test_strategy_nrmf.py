@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from strategies_support import make_context, trained_reference
@@ -79,3 +80,47 @@ def test_regularizer_lowers_the_energy_ranks_at_bounded_accuracy_cost() -> None:
     }
     assert params[0.03] < 0.6 * params[0.0]
     assert set(outcome.spec) >= set(plain_outcome.spec)
+
+
+class _SourcesContext(LocalTrialContext):
+    """Records what NRMF selects ranks on and what it compresses."""
+
+    def select_ranks(self, model: nn.Module) -> dict:
+        self.ranked_on = copy.deepcopy(model)
+        return super().select_ranks(model)
+
+    def compress(self, model: nn.Module, spec: dict) -> nn.Module:
+        self.compressed_from = copy.deepcopy(model)
+        return super().compress(model, spec)
+
+
+def test_ranks_and_initialization_come_from_the_model_each_option_names() -> None:
+    """The four rows of seed 000's table: ranks from / factors from {reference, regularized}."""
+    reference, splits = trained_reference()
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_logits = reference(x)
+    seen = {}
+    for ranks_from in ("reference", "regularized"):
+        for init_from in ("reference", "regularized"):
+            ctx = _SourcesContext(
+                reference, splits, input_shape=(1, 1, 8, 8), device="cpu", seed=0, batch_size=64
+            )
+            outcome = rankopt.strategy("nrmf").run(
+                ctx,
+                {"alpha": 0.03, "epochs": 0.5, "finetune_epochs": 0, "lr": 0.05,
+                 "ranks_from": ranks_from, "init_from": init_from},
+            )
+            with torch.no_grad():
+                ranked, source = ctx.ranked_on.eval()(x), ctx.compressed_from.eval()(x)
+            assert torch.equal(ranked, ref_logits) == (ranks_from == "reference")
+            assert torch.equal(source, ref_logits) == (init_from == "reference")
+            seen[ranks_from, init_from] = {n: tuple(e["ranks"]) for n, e in outcome.spec.items()}
+    # ranks depend on where they were selected only; the regularized weights need fewer
+    assert seen["reference", "reference"] == seen["reference", "regularized"]
+    assert seen["regularized", "reference"] == seen["regularized", "regularized"]
+    assert sum(map(sum, seen["regularized", "regularized"].values())) < sum(
+        map(sum, seen["reference", "reference"].values())
+    )
+    with pytest.raises(rankopt.ConfigError, match=r"'init_from' must be one of \['regularized', 'reference'\], got 'vbmf'"):
+        rankopt.strategy("nrmf").validate_params({"init_from": "vbmf"})

@@ -41,6 +41,7 @@ def test_study_over_three_strategies_records_them(tmp_path: Path) -> None:
     assert records["finetune"].hyperparameters == {"epochs": 0.5, "lr": 0.02, "optimizer": "sgd"}
     assert records["nrmf"].hyperparameters == {
         "alpha": 0.02, "epochs": 0.5, "finetune_epochs": 0.5, "lr": 0.02,
+        "ranks_from": "regularized", "init_from": "regularized",
     }
     assert records["admm"].hyperparameters == {
         "rho": 1.0, "update_interval": 3, "epochs": 0.5, "tol": 0.05, "finetune_epochs": 0.5,

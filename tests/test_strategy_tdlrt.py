@@ -142,3 +142,70 @@ def test_targets_without_input_size_and_no_training_keep_the_initial_ranks() -> 
     x = torch.randn(8, *INPUT_SHAPE[1:])
     with torch.no_grad():
         assert torch.allclose(outcome.model(x), expected(x), atol=1e-4)
+
+
+def _span_projector(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projector onto the column space of ``matrix`` (by SVD, not QR)."""
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    u = u[:, s > 1e-9 * s[0]]
+    return u @ u.T
+
+
+def test_low_rank_step_matches_the_integrators_formulas() -> None:
+    """Below full rank: the augmented bases and the new kernel, computed from seed 003's formulas.
+
+    K-step: span(U~_i) = span([U_i, Mat_i(D x_{j!=i} U_j^T) Mat_i(C)^T]) (the QR factor of
+    Mat_i(C)^T only changes the basis of that span); S-step then truncation at a tolerance
+    below every singular value: W_new = W + D x_0 P_out x_1 P_in with P the projectors.
+    """
+    torch.set_default_dtype(torch.float64)
+    try:
+        _, layer = _layer((2, 3))
+        core, u_out, u_in = layer.core.clone(), layer.u_out.clone(), layer.u_in.clone()
+        before = layer.low_rank_weight()
+        update = 0.3 * torch.randn_like(before)
+        with torch.no_grad():
+            layer.delta.copy_(update)
+        layer.integrate(tau=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    r_out, r_in = core.shape[:2]
+    mat_c_out = core.reshape(r_out, -1)  # Mat_0(C): r_out x (r_in*k*k)
+    mat_c_in = core.transpose(0, 1).reshape(r_in, -1)
+    d_out = torch.einsum("tskl,sb->tbkl", update, u_in).reshape(8, -1)  # Mat_0(D x_1 U_in^T)
+    d_in = torch.einsum("tskl,ta->sakl", update, u_out).reshape(6, -1)
+    p_out = _span_projector(torch.cat([u_out, d_out @ mat_c_out.T], dim=1))
+    p_in = _span_projector(torch.cat([u_in, d_in @ mat_c_in.T], dim=1))
+    assert layer.ranks == (2 * r_in, 2 * r_out)  # generic update: every new direction kept
+    assert torch.allclose(layer.u_out @ layer.u_out.T, p_out, atol=1e-8)
+    assert torch.allclose(layer.u_in @ layer.u_in.T, p_in, atol=1e-8)
+    expected = before + torch.einsum("tskl,xt,ys->xykl", update, p_out, p_in)
+    assert torch.allclose(layer.low_rank_weight(), expected, atol=1e-8)
+    # ... which is not the full update: the part outside the augmented spans is dropped
+    assert not torch.allclose(layer.low_rank_weight(), before + update, atol=1e-3)
+
+
+@pytest.mark.parametrize("planted", [(2, 3), (1, 5)])
+def test_tau_recovers_a_planted_tucker_rank_under_noise(planted: tuple[int, int]) -> None:
+    """A full-rank layer holding a rank-``planted`` kernel plus 1% noise truncates to exactly it."""
+    g = torch.Generator().manual_seed(0)
+    r_in, r_out = planted
+    conv = nn.Conv2d(6, 8, 3, padding=1).double()
+    u_out = torch.linalg.qr(torch.randn(8, r_out, generator=g, dtype=torch.float64))[0]
+    u_in = torch.linalg.qr(torch.randn(6, r_in, generator=g, dtype=torch.float64))[0]
+    signal = torch.einsum("abkl,ta,sb->tskl", torch.randn(r_out, r_in, 3, 3, generator=g, dtype=torch.float64), u_out, u_in)
+    noise = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
+    noise *= 0.01 * signal.norm() / noise.norm()
+    ranks = {}
+    for tau in (0.002, 0.05):
+        layer = TuckerTrainingConv2d.from_factors(
+            conv, signal + noise, torch.eye(8, dtype=torch.float64), torch.eye(6, dtype=torch.float64),
+            None, max_ranks=(6, 8),
+        )
+        assert layer.ranks == (6, 8)
+        layer.integrate(tau=tau)  # no update: the truncation alone
+        ranks[tau] = layer.ranks
+        if tau == 0.05:  # above the noise (1%), below the weakest planted direction
+            assert layer.ranks == planted
+            assert (layer.low_rank_weight() - signal).norm() <= 0.011 * signal.norm()
+    assert ranks[0.002][0] > r_in and ranks[0.002][1] > r_out  # under the noise: noise kept

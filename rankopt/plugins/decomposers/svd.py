@@ -4,6 +4,9 @@ A Linear ``W: (out, in)`` becomes ``in -> r`` (no bias) then ``r -> out`` (the o
 bias). A Conv2d is lowered (im2col view, as DeepTwist's 2-D SVD): ``W`` reshaped to
 ``T x (S*kh*kw)`` is factorized, giving a ``kh x kw`` conv ``S -> r`` with the original
 stride, padding and dilation, then a 1x1 conv ``r -> T`` with the bias. Ranks: ``(r,)``.
+
+Option ``tiles: [a, b]``: DeepTwist's tiling-based SVD (seeds/002 section 4.2), the
+matrix cut into ``a x b`` tiles each with its own rank-``r`` SVD (:mod:`._tiles`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from rankopt.plugins.decomposers._layers import (
     require_input_hw,
     thin_svd,
     validate_weight_ranks,
+)
+from rankopt.plugins.decomposers._tiles import (
+    TiledSVDConv2d,
+    TiledSVDLinear,
+    check_tiles,
+    tile_max_rank,
+    tiled_factors,
+    tiled_project,
 )
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.records import DecomposerInfo
@@ -76,7 +87,12 @@ class SVDDecomposer(Decomposer):
     Options: ``split`` says where the singular values go: ``"balanced"`` (default,
     ``sqrt(s)`` on each factor, which keeps both factors on the same scale for
     fine-tuning), ``"first"`` (all on the first layer, the second is orthonormal) or
-    ``"second"``. :meth:`build` takes the SVD from the shared spectral cache;
+    ``"second"``. ``tiles`` (default None: one tile) ``[a, b]`` cuts the matrix into
+    ``a`` row blocks and ``b`` column blocks (as equal as possible) and gives each tile
+    its own truncated SVD at rank ``r``, at most the smallest tile side (DeepTwist's
+    tiling-based SVD for skewed lowered kernels); params ``r * (a*n + b*m)`` for an
+    ``m x n`` matrix. Spectrum-reading selectors do not apply to tiles (one rank for
+    many spectra); use ``fixed`` ranks or fractions. :meth:`build` takes the SVD from the shared spectral cache;
     :meth:`project` computes it on the weight's device.
     """
 
@@ -84,18 +100,20 @@ class SVDDecomposer(Decomposer):
     description = "Truncated SVD: Linear as two Linears, Conv2d as kxk conv then 1x1; ranks (r,)"
     rank_names = ("r",)
     module_types = (nn.Conv2d, nn.Linear)
-    DEFAULT_OPTIONS: Mapping[str, Any] = {"split": "balanced"}
+    DEFAULT_OPTIONS: Mapping[str, Any] = {"split": "balanced", "tiles": None}
 
     def _options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         opts = check_options(options, self.DEFAULT_OPTIONS, self.name)
         if opts["split"] not in SPLITS:
             raise ConfigError(f"svd option split must be one of {list(SPLITS)}, got {opts['split']!r}")
+        opts["tiles"] = check_tiles(opts["tiles"])
         return opts
 
     def max_ranks(self, module: nn.Module, options: Mapping[str, Any] | None = None) -> tuple[int, ...]:
         self.check_module(module)
         rows, cols = _matrix(module.weight).shape  # type: ignore[arg-type]
-        return (min(rows, cols),)
+        tiles = check_tiles(self._options(options)["tiles"], (rows, cols))
+        return (min(rows, cols) if tiles is None else tile_max_rank((rows, cols), tiles),)
 
     def cost(
         self,
@@ -106,6 +124,9 @@ class SVDDecomposer(Decomposer):
     ) -> Cost:
         self.check_module(module)
         (r,) = self.check_ranks(module, ranks, options=options)
+        tiles = self._options(options)["tiles"]
+        if tiles is not None:
+            return self._tiled_cost(module, r, tiles, input_hw)
         if isinstance(module, nn.Linear):
             n_in, n_out = module.in_features, module.out_features
             params = r * (n_in + n_out) + (n_out if module.bias is not None else 0)
@@ -118,8 +139,32 @@ class SVDDecomposer(Decomposer):
         flops = conv2d_flops(s, r, g.kernel_size, out_hw) + conv2d_flops(r, t, (1, 1), out_hw)
         return Cost(params, flops)
 
+    def _tiled_cost(
+        self, module: nn.Module, r: int, tiles: tuple[int, int], input_hw: Sequence[int] | None
+    ) -> Cost:
+        m, n = _matrix(module.weight).shape  # type: ignore[arg-type]
+        a, b = tiles
+        bias = m if getattr(module, "bias", None) is not None else 0
+        positions = 1
+        if isinstance(module, nn.Conv2d):
+            if isinstance(module.padding, str):
+                raise ConfigError(
+                    f"svd option tiles runs a conv as im2col, which needs numeric padding; the "
+                    f"layer has padding={module.padding!r}: give explicit padding or drop tiles"
+                )
+            hw = require_input_hw(module, input_hw, self.name)
+            oh, ow = ConvGeometry.of(module).output_hw(hw)
+            positions = oh * ow
+        flops = linear_flops(n, a * r, batch=positions) + linear_flops(b * r, m, batch=positions)
+        return Cost(r * (a * n + b * m) + bias, flops)
+
     def rank_matrices(self, weight: torch.Tensor, options: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
         """[W] for Linear, [W reshaped to T x (S*kh*kw)] for Conv2d."""
+        if self._options(options)["tiles"] is not None:
+            raise NotImplementedError(
+                "svd with option tiles has one rank for many tile spectra, so spectrum-based "
+                "rank selectors do not apply; use the fixed selector (ranks or fraction)"
+            )
         return [_matrix(weight.detach())]
 
     def ranks_from_matrix_ranks(
@@ -165,10 +210,12 @@ class SVDDecomposer(Decomposer):
         initialize: bool = True,
     ) -> nn.Module:
         self.check_module(module)
-        self._options(options)
+        opts = self._options(options)
         (r,) = self.check_ranks(module, ranks, options=options)
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         kw = {"device": weight.device, "dtype": weight.dtype}
+        if opts["tiles"] is not None:
+            return self._build_tiled(module, r, opts, initialize, kw)
         built: SVDLinear | SVDConv2d
         if isinstance(module, nn.Linear):
             built = SVDLinear(
@@ -194,11 +241,35 @@ class SVDDecomposer(Decomposer):
             copy_bias(second_layer, module)
         return built
 
+    def _build_tiled(
+        self, module: nn.Module, r: int, opts: Mapping[str, Any], initialize: bool, kw: dict[str, Any]
+    ) -> nn.Module:
+        tiles = opts["tiles"]
+        built: TiledSVDLinear | TiledSVDConv2d
+        if isinstance(module, nn.Linear):
+            built = TiledSVDLinear(module.out_features, module.in_features, r, tiles, module.bias is not None, **kw)
+        else:
+            built = TiledSVDConv2d(module, r, tiles, **kw)  # type: ignore[arg-type]
+        if initialize:
+            weight: torch.Tensor = module.weight  # type: ignore[assignment]
+            mat = _matrix(weight.detach()).to(compute_dtype(weight.dtype))
+            firsts, seconds = tiled_factors(mat, r, tiles, lambda u, s, vh: self._split(u, s, vh, opts["split"]))
+            built.load_factors(firsts, seconds)
+            if built.bias is not None:
+                with torch.no_grad():
+                    built.bias.copy_(module.bias)  # type: ignore[arg-type]
+        return built
+
     def project(
         self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
-        self._options(options)
+        opts = self._options(options)
         mat = _matrix(weight.detach())
+        tiles = check_tiles(opts["tiles"], mat.shape)
+        if tiles is not None:
+            (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (tile_max_rank(mat.shape, tiles),))
+            approx = tiled_project(mat.to(compute_dtype(weight.dtype)), r, tiles)
+            return approx.reshape(weight.shape).to(weight.dtype)
         (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (min(mat.shape),))
         u, s, vh = thin_svd(mat.to(compute_dtype(weight.dtype)))
         approx = (u[:, :r] * s[:r]) @ vh[:r]

@@ -45,7 +45,7 @@ from rankopt.plugins.decomposers._layers import (
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.records import DecomposerInfo
 
-__all__ = ["TTConv2d", "TTDecomposer", "balanced_factors", "tt_max_ranks"]
+__all__ = ["TTConv2d", "TTDecomposer", "balanced_factors", "tt_max_ranks", "tt_usable_ranks"]
 
 DEFAULT_NUM_FACTORS = 2
 
@@ -72,6 +72,26 @@ def balanced_factors(n: int, parts: int = DEFAULT_NUM_FACTORS) -> list[int]:
 def tt_max_ranks(modes: Sequence[int]) -> tuple[int, ...]:
     """Bond ``b`` can carry at most ``min(prod(modes[:b]), prod(modes[b:]))``: exact TT-SVD."""
     return tuple(min(math.prod(modes[:b]), math.prod(modes[b:])) for b in range(1, len(modes)))
+
+
+def tt_usable_ranks(modes: Sequence[int], ranks: Sequence[int]) -> tuple[int, ...]:
+    """``ranks`` capped at what a TT of these modes can use given its neighbours.
+
+    Core ``b`` is ``(r_{b-1}, mode_b, r_b)``: a bond carries at most
+    ``r_{b-1} * mode_b`` (what its left core can span) and ``mode_{b+1} * r_{b+1}``
+    (what its right core can). Rank beyond that would be zero slices that never get a
+    gradient yet are counted as parameters, so :meth:`TTDecomposer.build` and
+    :meth:`TTDecomposer.cost` use these capped ranks.
+    """
+    r = [1, *(int(x) for x in ranks), 1]
+    changed = True
+    while changed:  # one pass each way suffices; loop for clarity of the fixed point
+        changed = False
+        for b in range(1, len(r) - 1):
+            cap = min(r[b - 1] * modes[b - 1], modes[b] * r[b + 1])
+            if r[b] > cap:
+                r[b], changed = cap, True
+    return tuple(r[1:-1])
 
 
 class TTConv2d(nn.Module):
@@ -174,10 +194,11 @@ class TTDecomposer(Decomposer):
     ``DEFAULT_NUM_FACTORS = 2`` balanced factors (:func:`balanced_factors`; a prime
     channel count stays whole). The factorization fixes the number of ranks.
 
-    Initialization is TT-SVD (Oseledets 2011) by TensorLy's ``tensor_train``. TT-SVD
-    cannot give a bond more rank than ``r_{b-1} * mode_b`` (or than the modes to its
-    right span); such surplus rank is filled with zero slices, which leaves the function
-    unchanged and the structure as priced by :meth:`cost`.
+    Initialization is TT-SVD (Oseledets 2011) by TensorLy's ``tensor_train``. A bond
+    cannot use more rank than ``r_{b-1} * mode_b`` or ``mode_{b+1} * r_{b+1}`` (its
+    neighbours' ranks times the mode between): :meth:`build` and :meth:`cost` cap the
+    ranks there (:func:`tt_usable_ranks`), so every counted parameter can learn; the
+    built module's ``ranks`` are the capped ones.
     """
 
     name = "tt"
@@ -222,6 +243,11 @@ class TTDecomposer(Decomposer):
         return fin, fout, [*fin, kh * kw, *fout]
 
     def max_ranks(self, module: nn.Module, options: Mapping[str, Any] | None = None) -> tuple[int, ...]:
+        """Per bond ``min(prod(modes[:b]), prod(modes[b:]))``, all usable together.
+
+        Smaller ranks on one bond lower what its neighbours can use
+        (:func:`tt_usable_ranks`); larger requested ranks are accepted and capped.
+        """
         self.check_module(module)
         return tt_max_ranks(self._modes(module.weight.shape, options)[2])  # type: ignore[union-attr]
 
@@ -237,8 +263,8 @@ class TTDecomposer(Decomposer):
         ranks = self.check_ranks(module, ranks, options=options)
         hw = require_input_hw(module, input_hw, self.name)
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
-        fin, fout, _ = self._modes(module.weight.shape, options)  # type: ignore[union-attr]
-        r = [1, *ranks, 1]
+        fin, fout, modes = self._modes(module.weight.shape, options)  # type: ignore[union-attr]
+        r = [1, *tt_usable_ranks(modes, ranks), 1]
         m = len(fin)
         out_hw = g.output_hw(hw)
         params, flops = (g.out_channels if g.bias else 0), 0
@@ -268,12 +294,13 @@ class TTDecomposer(Decomposer):
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> tuple[int, ...]:
         largest = self.max_ranks(module, options)
-        return tuple(max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest))
+        modes = self._modes(module.weight.shape, options)[2]  # type: ignore[union-attr]
+        return tt_usable_ranks(modes, [max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest)])
 
     def cores(
         self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> list[torch.Tensor]:
-        """TT-SVD cores ``(r_{b-1}, mode_b, r_b)`` of the reordered kernel, padded to ``ranks``."""
+        """TT-SVD cores ``(r_{b-1}, mode_b, r_b)`` of the reordered kernel at the usable ranks."""
         if weight.dim() != 4:
             raise ConfigError(
                 f"tt works on 4-d conv kernels (T, S, kh, kw), got a weight of shape {tuple(weight.shape)}"
@@ -282,6 +309,7 @@ class TTDecomposer(Decomposer):
         ranks = validate_weight_ranks(
             self.name, [f"r{i + 1}" for i in range(len(modes) - 1)], ranks, tt_max_ranks(modes)
         )
+        ranks = tt_usable_ranks(modes, ranks)
         x = _weight_to_tensor(weight.detach().to(compute_dtype(weight.dtype)), fin, fout)
         with tensorly_torch():
             cores = list(tensor_train(x, rank=[1, *ranks, 1]))
@@ -309,7 +337,8 @@ class TTDecomposer(Decomposer):
         ranks = self.check_ranks(module, ranks, options=options)
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        fin, fout, _ = self._modes(weight.shape, options)
+        fin, fout, modes = self._modes(weight.shape, options)
+        ranks = tt_usable_ranks(modes, ranks)
         kw = {"device": weight.device, "dtype": weight.dtype}
         r = [1, *ranks, 1]
         m = len(fin)

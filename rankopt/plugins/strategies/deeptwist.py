@@ -5,9 +5,13 @@ the uncompressed model; every ``S_D`` steps (batches) replace each target kernel
 its low-rank reconstruction K' (the trial decomposer's ``project`` at the layer's
 ranks; Tucker-2 by default, or 2-D SVD of the lowered kernel with the ``svd``
 decomposer); go on training from K'. Training so finds a flat minimum that the
-low-rank approximation barely disturbs. After training one last distortion makes
-the weights exactly low-rank, so the decomposition that follows loses nothing; an
-optional fine-tuning of the compressed model comes last.
+low-rank approximation barely disturbs. After training the model is compressed
+and its kernels are replaced by the compressed layers' own reconstructions (the last
+distortion uses the very factors the compressed model keeps), so the compressed model
+computes exactly what the trained model computes, for every decomposer: re-projecting a
+projection is not the identity for CP-ALS (a local optimum, ``projection_idempotent``
+False), so projecting and then decomposing again would move the weights. An optional
+fine-tuning of the compressed model comes last.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
+from rankopt.errors import ConfigError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import check_bool, check_int, check_number, spec_layers
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
-__all__ = ["DeepTwistStrategy", "distort"]
+__all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort"]
 
 
 @torch.no_grad()
@@ -33,6 +38,38 @@ def distort(model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> None:
     for _name, module, dec, ranks, options in spec_layers(model, spec):
         weight = module.weight
         weight.copy_(dec.project(weight.detach(), ranks, options).to(weight.dtype))
+
+
+@torch.no_grad()
+def adopt_compressed(model: nn.Module, compressed: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Set each spec layer's kernel of ``model`` to the one its compressed layer computes.
+
+    The final distortion: afterwards ``model`` and ``compressed`` compute the same function
+    whatever the decomposer (a second decomposition of a projected kernel need not return
+    it, see the module docstring). Needs ``reconstruct_weight()`` on the built modules, as
+    every built-in decomposer and the tensor_ring contrib provide.
+    """
+    for name in spec:
+        built = compressed.get_submodule(name)
+        _require_reconstruct(built, name, spec[name]["decomposer"])
+        weight = model.get_submodule(name).weight
+        weight.copy_(built.reconstruct_weight().detach().reshape(weight.shape).to(weight.dtype))
+
+
+def _require_reconstruct(built: nn.Module, name: str, decomposer: str) -> None:
+    if not callable(getattr(built, "reconstruct_weight", None)):
+        raise ConfigError(
+            f"deeptwist: the {type(built).__name__} that decomposer {decomposer!r} builds for "
+            f"layer {name!r} has no reconstruct_weight(), so the trained model cannot be made "
+            "equal to the compressed one; give the module a reconstruct_weight() or use "
+            "another decomposer"
+        )
+
+
+def check_reconstructable(model: nn.Module, spec: Mapping[str, Any]) -> None:
+    """Before training: every spec layer's factorized module offers ``reconstruct_weight()``."""
+    for name, module, dec, ranks, options in spec_layers(model, spec):
+        _require_reconstruct(dec.build(module, ranks, options=options, initialize=False), name, dec.name)
 
 
 class DeepTwistStrategy(Strategy):
@@ -87,6 +124,7 @@ class DeepTwistStrategy(Strategy):
         hp = self.validate_params(params)
         model = ctx.model()
         spec = ctx.select_ranks(model)
+        check_reconstructable(model, spec)  # refuse before training, not after
         distortions = 0
         last_distorted = 0
 
@@ -105,14 +143,16 @@ class DeepTwistStrategy(Strategy):
             steps = ctx.train(model, epochs=hp["epochs"], lr=hp["lr"], step_callback=on_step).steps
         if last_distorted != steps or distortions == 0:
             # the last steps since a distortion (or a run shorter than S_D) leave the
-            # weights full-rank; one more distortion makes the compression exact
+            # weights full-rank; one more distortion makes them low-rank
             extra["accuracy_before_last_distortion"] = ctx.evaluate(model)
             if hp["reselect"]:
                 spec = ctx.select_ranks(model)
-            distort(model, spec)
             distortions += 1
-        extra["accuracy_before_compression"] = ctx.evaluate(model)
+        # the last distortion is the compression itself: the trained model takes the
+        # compressed layers' kernels, so compressing loses nothing for any decomposer
         compressed = ctx.compress(model, spec)
+        adopt_compressed(model, compressed, spec)
+        extra["accuracy_before_compression"] = ctx.evaluate(model)
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         extra["distortions"] = distortions
         if hp["finetune_epochs"] > 0:
