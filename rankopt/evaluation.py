@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rankopt.results import StudyResult
 
 __all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
-           "evaluate_trials", "check_input_shape"]
+           "evaluate_trials"]
 
 SPLITS = ("test", "val")
 EVALUATION_FILE = "evaluation.json"
@@ -71,27 +71,6 @@ def config_splits(config: StudyConfig, what: str = "evaluate") -> DatasetSplits:
         )
     splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
     return hold_out_test(splits, config.data.test_fraction, config.seed)
-
-
-def check_input_shape(model: nn.Module, splits: DatasetSplits) -> None:
-    """``splits.input_shape`` must be the shape of one sample (the forward pass on a batch
-    is :func:`rankopt.search.upfront.check_model_on_data`)."""
-    shape = tuple(int(d) for d in splits.input_shape)
-    data = splits.train
-    sample = None
-    if isinstance(data, torch.utils.data.DataLoader):
-        data = data.dataset
-    try:
-        item = data[0]  # type: ignore[index]
-        sample = item[0] if isinstance(item, (tuple, list)) else item
-    except Exception:  # iterable-only datasets: the model check below still runs
-        sample = None
-    if isinstance(sample, torch.Tensor) and tuple(sample.shape) != shape:
-        raise ConfigError(
-            f"DatasetSplits.input_shape: {shape} is not the shape of a training sample "
-            f"{tuple(sample.shape)}; give input_shape=(C, H, W) of one sample, here "
-            f"{tuple(sample.shape)}"
-        )
 
 
 def _cache_path(run_dir: Path) -> Path:

@@ -144,7 +144,7 @@ class Study:
         else:
             assert config.data.name is not None
             splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
-        from rankopt.evaluation import check_input_shape, hold_out_test
+        from rankopt.evaluation import hold_out_test
 
         splits = hold_out_test(splits, config.data.test_fraction, config.seed)
         input_shape = (1, *tuple(int(d) for d in splits.input_shape))
@@ -159,7 +159,6 @@ class Study:
         else:
             assert config.model is not None
             model, base = _build_model(config, splits)
-        check_input_shape(model, splits)
         from rankopt.search.upfront import check_model_on_data, check_reference_weights
 
         check_model_on_data(model, splits, config.data.batch_size,

@@ -233,7 +233,7 @@ def test_own_model_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_wrong_input_shape_names_input_shape(tmp_path: Path) -> None:
     splits = DatasetSplits(train=blobs(32, 0), val=blobs(16, 1), num_classes=2, input_shape=(3, 6, 6))
-    with pytest.raises(ConfigError, match=r"input_shape.*\(1, 6, 6\)"):
+    with pytest.raises(ConfigError, match=r"input_shape.*\[1, 6, 6\]"):
         Study(user_study(tmp_path / "run"), model=UserNet(), data=splits).run()
     assert not (tmp_path / "run").exists()
 
@@ -358,7 +358,7 @@ def test_set_overrides_any_field(tmp_path: Path, capsys: pytest.CaptureFixture[s
                            "--set", "trials=1", "--set", "strategies.finetune.epochs=0",
                            "--set", "sampler.seed=7")
     assert code == 0, err
-    saved = yaml.safe_load((tmp_path / "r" / "study.yaml").read_text())
+    saved = yaml.safe_load((tmp_path / "r" / "resolved-study.yaml").read_text())
     assert saved["trials"] == 1 and saved["sampler"]["seed"] == 7
     assert saved["strategies"]["finetune"] == {"epochs": 0, "lr": 0.02}
     code, _, err = run_cli(capsys, "run", str(study), "--set", "trials")

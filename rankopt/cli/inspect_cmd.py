@@ -302,8 +302,11 @@ def load_run_reference(
             f"run {str(run_dir)!r} was run on a module passed from Python ({base['class']}), "
             "which inspect cannot rebuild; from Python: inspect_rows(model, input_shape)"
         )
-    try:
-        model = _build_base(base, metrics_file)
+    from rankopt.results import StudyResult
+
+    try:  # the run's own study file was trusted to import its factory; nothing else is
+        factory, kwargs, _ = _build_base(base, metrics_file, StudyResult(run_dir).model_modules)
+        model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None
     model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
