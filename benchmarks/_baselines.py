@@ -16,6 +16,9 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
 - ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
 - ``fraction``: one rank fraction for all layers in {0.1, 0.2, 0.3, 0.5, 0.7};
+- ``uniform``: every layer's parameters cut by one rate in {4, 8, 16, 32, 64}x (per-layer
+  fractions of the ``fixed`` selector, :func:`rankopt.search.seeding.uniform_rate_point`),
+  the thin first conv dense (``targets.dense_input_channels``, on by default);
 - ``random``: random search over rankopt's space, N trials, no seeding;
 - ``rankopt_screened``: ``rankopt`` whose first points come from ``screening``, the
   no-fine-tune proxy (``Setting.screening`` candidates, ``population`` kept); its
@@ -46,10 +49,11 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 ENERGY_PS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
+UNIFORM_RATES = (4, 8, 16, 32, 64)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
                   "rankopt_full", "rankopt_full_screened")
-HAND_METHODS = ("vbmf", "energy", "fraction")
+HAND_METHODS = ("vbmf", "energy", "fraction", "uniform")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
@@ -183,20 +187,40 @@ def _base(setting: Setting, method: str, weights: Path, out: Path, device: str,
     }
 
 
-def _hand_decomposers(config: dict[str, Any]) -> dict[str, str]:
-    """``decomposer.<layer>: tucker2`` for every conv that could also take SVD: the hand
-    recipe (Tucker-2 on convs, SVD on linears)."""
+def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The search space of a hand method's study and its (untrained) model; the targets
+    are the study's, thin first convs left out as the study leaves them."""
     import rankopt
     from rankopt.config import load_config
     from rankopt.search.space import SearchSpace
+    from rankopt.study import _thin_conv
 
     cfg = load_config(config)
     in_ch = 1 if cfg.model and cfg.model.name == "lenet5" else 3
     side = 28 if in_ch == 1 else 32
     model = rankopt.model(cfg.model.name, num_classes=10, in_channels=in_ch)  # type: ignore[union-attr]
-    space = SearchSpace(cfg, model, rankopt.find_layers(model, (1, in_ch, side, side)))
+    targets = [t for t in rankopt.find_layers(model, (1, in_ch, side, side))
+               if not _thin_conv(model, t.name, cfg.targets.dense_input_channels)]
+    return SearchSpace(cfg, model, targets), model
+
+
+def _hand_decomposers(config: dict[str, Any]) -> dict[str, str]:
+    """``decomposer.<layer>: tucker2`` for every conv that could also take SVD: the hand
+    recipe (Tucker-2 on convs, SVD on linears)."""
+    space, _ = _hand_space(config)
     return {f"decomposer.{layer}": "tucker2" for layer, options in space.layer_options.items()
             if len(options) > 1 and "tucker2" in options}
+
+
+def uniform_points(config: dict[str, Any], rates: Sequence[float] = UNIFORM_RATES) -> list[dict[str, Any]]:
+    """The uniform rate sweep's points: per-layer fractions cutting each layer by each rate
+    (shapes only matter, so an untrained model of the same architecture serves)."""
+    from rankopt.search.seeding import uniform_rate_point
+
+    space, model = _hand_space(config)
+    hand = {layer: ("tucker2" if "tucker2" in options else options[0])
+            for layer, options in space.layer_options.items()}
+    return [uniform_rate_point(space, model, rate, hand) for rate in rates]
 
 
 def search_space_config(setting: Setting) -> dict[str, Any]:
@@ -244,6 +268,9 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
     elif method == "fraction":
         cfg["selectors"] = {"fixed": {"fraction": {"low": min(FRACTIONS), "high": max(FRACTIONS)}}}
         cfg["enqueue"] = [{"fixed.fraction": f} for f in FRACTIONS]
+    elif method == "uniform":
+        cfg["selectors"] = {"fixed": {"space": {"per_layer": True}}}
+        cfg["enqueue"] = uniform_points(cfg)
     else:
         raise ValueError(f"unknown method {method!r}; methods are {list(METHODS)}")
     hand = _hand_decomposers(cfg)

@@ -37,6 +37,8 @@ def front_table_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
             "strategy": r.strategy,
             "selector": r.selector,
             "ranks": r.ranks_summary,
+            "fidelity": r.fidelity,
+            "train_epochs": r.train_epochs,
         }
         for r in records
     ]

@@ -107,6 +107,10 @@ def status_command(
     table.add_row("trials", ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items())) or "(none)")
     table.add_row("wanted", str(status["trials_wanted"]))
     table.add_row("front size", str(status["front_size"]))
+    table.add_row("repeats", f"{status.get('repeats', 0)} (reported an earlier trial's result)")
+    if status.get("front_fidelity"):
+        table.add_row("front fidelity", ", ".join(
+            f"{n} at fidelity {k}" for k, n in status["front_fidelity"].items()))
     hv = status["hypervolume"]
     table.add_row("hypervolume", f"accuracy x params {hv['params']:.4f}, accuracy x FLOPs {hv['flops']:.4f}")
     console.print(table)

@@ -23,7 +23,12 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 
 from rankopt.hookspecs import hookimpl
-from rankopt.plugins.strategies._common import channel_unfoldings, check_number
+from rankopt.plugins.strategies._common import (
+    DISTILL_DEFAULTS,
+    channel_unfoldings,
+    check_number,
+    distill_params,
+)
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
@@ -81,7 +86,7 @@ class NuclearNormStrategy(Strategy):
         }
 
     def defaults(self) -> dict[str, Any]:
-        return {"alpha": 1e-2, "epochs": 2.0, "finetune_epochs": 1.0, "lr": 0.01}
+        return {"alpha": 1e-2, "epochs": 2.0, "finetune_epochs": 1.0, "lr": 0.01, **DISTILL_DEFAULTS}
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         hp = super().validate_params(params)
@@ -92,6 +97,7 @@ class NuclearNormStrategy(Strategy):
                 self.name, "finetune_epochs", hp["finetune_epochs"], low=0.0
             ),
             "lr": check_number(self.name, "lr", hp["lr"], low=0.0, low_open=True),
+            **distill_params(self.name, hp),
         }
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
@@ -113,7 +119,7 @@ class NuclearNormStrategy(Strategy):
         compressed = ctx.compress(model, spec)
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         if hp["finetune_epochs"] > 0:
-            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"])
+            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(nrmf_ranks={name: list(entry["ranks"]) for name, entry in spec.items()})
         return TrialOutcome(model=compressed, spec=spec, extra=extra)
 
