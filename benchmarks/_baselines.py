@@ -19,6 +19,8 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``uniform``: every layer's parameters cut by one rate in {4, 8, 16, 32, 64}x (per-layer
   fractions of the ``fixed`` selector, :func:`rankopt.search.seeding.uniform_rate_point`),
   the thin first conv dense (``targets.dense_input_channels``, on by default);
+- ``uniform_head``: the same with the classifier (the last target layer) dense too: at
+  8x and beyond a 10-class classifier would be cut to rank 1;
 - ``random``: random search over rankopt's space, N trials, no seeding;
 - ``rankopt_screened``: ``rankopt`` whose first points come from ``screening``, the
   no-fine-tune proxy (``Setting.screening`` candidates, ``population`` kept); its
@@ -26,6 +28,11 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt_full``: ``rankopt`` with ``targets.allow_full`` (each layer may also stay
   uncompressed, a per-layer choice the sampler learns);
 - ``rankopt_full_screened``: both ``allow_full`` and ``screening``;
+- ``rankopt_kd``: ``rankopt`` whose fine-tuning distills the reference (``KD``);
+- ``rankopt_mf``: ``rankopt`` with multi-fidelity at the same fine-tuning epochs: every
+  trial fine-tunes half the epochs, then the best quarter by non-dominated rank gets
+  2x the setting's epochs more (N/2 + N/4 * 2 = N epochs, as ``rankopt``'s N);
+- ``rankopt_kd_mf``: both;
 - ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
   measures slower than its original on this machine stays full), for the realized-speed
   benchmark.
@@ -52,12 +59,14 @@ FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
 UNIFORM_RATES = (4, 8, 16, 32, 64)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
-                  "rankopt_full", "rankopt_full_screened")
-HAND_METHODS = ("vbmf", "energy", "fraction", "uniform")
+                  "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf")
+HAND_METHODS = ("vbmf", "energy", "fraction", "uniform", "uniform_head")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
-                    "rankopt_full_screened")
+                    "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf")
+# distillation of the issue-18 variants: lambda 0.5 at T = 4 (Hinton et al.'s range)
+KD = {"distill_weight": 0.5, "distill_temperature": 4.0}
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,8 @@ def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
     in_ch = 1 if cfg.model and cfg.model.name == "lenet5" else 3
     side = 28 if in_ch == 1 else 32
     model = rankopt.model(cfg.model.name, num_classes=10, in_channels=in_ch)  # type: ignore[union-attr]
-    targets = [t for t in rankopt.find_layers(model, (1, in_ch, side, side))
+    targets = [t for t in rankopt.find_layers(model, (1, in_ch, side, side), include=cfg.targets.include,
+                                              exclude=cfg.targets.exclude)
                if not _thin_conv(model, t.name, cfg.targets.dense_input_channels)]
     return SearchSpace(cfg, model, targets), model
 
@@ -226,10 +236,11 @@ def uniform_points(config: dict[str, Any], rates: Sequence[float] = UNIFORM_RATE
 def search_space_config(setting: Setting) -> dict[str, Any]:
     """Selectors of rankopt's search (and of random search over the same space)."""
     return {
-        "energy": {"p": {"low": 0.6, "high": 0.995}},
+        # down to 64x and beyond per layer (rank 1: fixed's default range starts at 0.001)
+        "energy": {"p": {"low": 0.3, "high": 0.995}},
         "fixed": {"space": {"per_layer": True}},
         "vbmf": {},
-        "budget": {"target": {"low": 0.03, "high": 0.9, "log": True},
+        "budget": {"target": {"low": 0.005, "high": 0.9, "log": True},
                    "measure": {"choices": ["params", "flops"]}},
     }
 
@@ -251,6 +262,12 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
                 cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
             if method.startswith("rankopt_full"):
                 cfg["targets"] = {"allow_full": True}
+            if method in ("rankopt_kd", "rankopt_kd_mf"):
+                cfg["strategies"]["finetune"].update(KD)
+            if method in ("rankopt_mf", "rankopt_kd_mf"):
+                cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
+                cfg["multi_fidelity"] = {"rounds": 1, "epochs": 2 * setting.finetune_epochs,
+                                         "keep": 0.25}
         elif method == "rankopt_nsgaii":
             cfg["sampler"] = {"name": "nsgaii", "seed": seed,
                               "options": {"population_size": setting.population}}
@@ -268,8 +285,11 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
     elif method == "fraction":
         cfg["selectors"] = {"fixed": {"fraction": {"low": min(FRACTIONS), "high": max(FRACTIONS)}}}
         cfg["enqueue"] = [{"fixed.fraction": f} for f in FRACTIONS]
-    elif method == "uniform":
+    elif method in ("uniform", "uniform_head"):
         cfg["selectors"] = {"fixed": {"space": {"per_layer": True}}}
+        if method == "uniform_head":
+            space, _ = _hand_space(cfg)
+            cfg["targets"] = {"exclude": [list(space.layer_options)[-1]]}
         cfg["enqueue"] = uniform_points(cfg)
     else:
         raise ValueError(f"unknown method {method!r}; methods are {list(METHODS)}")
@@ -295,6 +315,9 @@ class MethodFigures:
     best_flops: int | None
     best_flops_trial: int | None
     seconds: float
+    epochs: float = 0.0  # training epochs all its trials ran
+    epochs_to_hv: float | None = None  # epochs until HV (acc, params) was within 1 % of its final
+    repeats: int = 0
 
 
 def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], seconds: float,
@@ -302,14 +325,31 @@ def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], secon
     """Hypervolumes (normalized by the baseline) and the cheapest models within ``tolerance``."""
     from rankopt.results import hypervolume_2d
 
+    spent = sum(getattr(r, "train_epochs", 0.0) for r in records)
+    repeats = sum(getattr(r, "repeat_of", None) is not None for r in records)
+    # each model once, at the highest fidelity it reached (as StudyResult.front does)
+    superseded = {getattr(r, "continued_from", None) for r in records}
+    history = list(records)
+    records = [r for r in records if getattr(r, "repeat_of", None) is None and r.trial not in superseded]
     hv_p = hypervolume_2d([(r.accuracy, r.params) for r in records], float(baseline["params"]))
     hv_f = hypervolume_2d([(r.accuracy, r.flops) for r in records], float(baseline["flops"]))
     ok = [r for r in records if r.accuracy >= baseline["accuracy"] - tolerance]
     bp = min(ok, key=lambda r: (r.params, -r.accuracy)) if ok else None
     bf = min(ok, key=lambda r: (r.flops, -r.accuracy)) if ok else None
-    return MethodFigures(method, len(records), hv_p, hv_f, bp.params if bp else None,
+    to_hv = None
+    epochs = 0.0
+    for i, r in enumerate(history):  # in trial order: the front of the trials so far
+        epochs += getattr(r, "train_epochs", 0.0)
+        done = history[: i + 1]
+        later = {getattr(d, "continued_from", None) for d in done}
+        pts = [(d.accuracy, d.params) for d in done
+               if getattr(d, "repeat_of", None) is None and d.trial not in later]
+        if hypervolume_2d(pts, float(baseline["params"])) >= 0.99 * hv_p:
+            to_hv = epochs
+            break
+    return MethodFigures(method, len(history), hv_p, hv_f, bp.params if bp else None,
                          bp.trial if bp else None, bf.flops if bf else None,
-                         bf.trial if bf else None, seconds)
+                         bf.trial if bf else None, seconds, spent, to_hv, repeats)
 
 
 def run_method(config: dict[str, Any]) -> tuple[Any, float]:

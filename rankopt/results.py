@@ -312,7 +312,7 @@ class StudyResult:
             )
         ok = [
             r
-            for r in records
+            for r in (self._record(t) for t in self.current())  # each model once, latest fidelity
             if (max_params is None or r.params <= max_params)
             and (max_flops is None or r.flops <= max_flops)
             and (min_accuracy is None or r.accuracy >= min_accuracy)

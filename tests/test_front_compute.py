@@ -230,3 +230,6 @@ def test_uniform_sweep_baseline_has_one_point_per_rate(tmp_path: Path) -> None:
     assert not any("conv1" in k for p in cfg["enqueue"] for k in p)  # the first conv dense
     assert math.isclose(b.UNIFORM_RATES[-1], 64)
     load_config(cfg)  # a valid study
+    head = b.method_config(b.settings(True)["mnist"], "uniform_head", weights, tmp_path, "cpu")
+    assert head["trials"] == 5 and head["targets"] == {"exclude": ["fc_out"]}
+    assert all("fixed.fraction:fc_out" not in p and "fixed.fraction:fcs.0" in p for p in head["enqueue"])
