@@ -137,8 +137,11 @@ def test_promotion_picks_the_non_dominated_first() -> None:
     values = [(0.90, 100), (0.95, 200), (0.85, 150), (0.80, 50), (0.94, 300)]
     # front: 0, 1, 3 (2 is dominated by 0; 4 by 1); then rank 1: 2 and 4
     assert sorted(promotion_order(values, directions, 3)) == [0, 1, 3]
-    assert promotion_order(values, directions, 3) == [1, 0, 3]  # ties: the first objective
-    assert promotion_order(values, directions, 4) == [1, 0, 3, 4]
+    # two of the front: against the worst point (acc 0.80, 300 params) 0's box is 0.10 x 200,
+    # 1's 0.15 x 100 (5 of it not covered by 0's), 3's 0 x 250: 0, then 1
+    assert promotion_order(values, directions, 2) == [0, 1]
+    # the whole front, then of rank 1 the point with the larger box (2: 0.05 x 150; 4: 0.14 x 0)
+    assert promotion_order(values, directions, 4) == [0, 1, 3, 2]
     assert promotion_order([], directions, 2) == []
 
 

@@ -3,8 +3,8 @@
 With ``multi_fidelity: {rounds: R, epochs: E, keep: q}`` every trial of the search runs
 at the strategy's own (short) budget, fidelity 0. Then, in each of ``R`` rounds, the
 share ``q`` of the models at the previous fidelity with the best non-dominated rank
-(Optuna's fast non-dominated sort over the study's objectives, ties broken by the first
-objective) are loaded from their ``model.pt`` and trained ``E`` more epochs (the
+(Optuna's fast non-dominated sort over the study's objectives; within the rank that
+does not fit whole, the subset adding the most hypervolume) are loaded from their ``model.pt`` and trained ``E`` more epochs (the
 trial's own learning rate, optimizer and distillation, a fresh cosine schedule: a warm
 restart). Each continuation is a new trial of the same parameters with ``fidelity`` one
 higher and ``continued_from`` naming the trial it trained further; the front
@@ -48,17 +48,31 @@ TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
 
 
 def promotion_order(values: Sequence[Sequence[float]], directions: Sequence[Any], keep: int) -> list[int]:
-    """Indices of the ``keep`` points to promote: lowest non-dominated rank first (rank 0
-    is the front), ties by the first objective, then by index."""
-    from optuna.study._multi_objective import _fast_non_domination_rank  # Optuna's NSGA-II sort
+    """Indices of the ``keep`` points to promote: by non-dominated rank (rank 0 is the
+    front), and within the rank that does not fit whole, the subset with the largest
+    hypervolume (SMS-EMOA's reduction step; Optuna's greedy subset selection), against
+    the worst value of each objective among ``values``: the points at either end of the
+    front (an almost uncompressed model, a broken tiny one) add the least and go last."""
+    # Optuna's NSGA-II sort and TPE's hypervolume subset selection (private helpers)
+    from optuna._hypervolume import _solve_hssp
+    from optuna.study._multi_objective import _fast_non_domination_rank
 
-    if not values:
+    if not values or keep <= 0:
         return []
     signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
-    loss = np.asarray([[s * float(v) for s, v in zip(signs, row)] for row in values])
+    loss = np.asarray([[s * float(v) for s, v in zip(signs, row)] for row in values], dtype=float)
     ranks = _fast_non_domination_rank(loss)
-    order = sorted(range(len(values)), key=lambda i: (int(ranks[i]), float(loss[i][0]), i))
-    return order[:keep]
+    reference = loss.max(axis=0)
+    order: list[int] = []
+    for rank in sorted(set(int(r) for r in ranks)):
+        members = np.flatnonzero(ranks == rank)
+        need = keep - len(order)
+        if need <= 0:
+            break
+        if len(members) > need:
+            members = _solve_hssp(loss[members], members, need, reference)
+        order += [int(i) for i in members]
+    return order
 
 
 def _rung(study: optuna.Study, fidelity: int) -> list[FrozenTrial]:
