@@ -33,6 +33,7 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
   trial fine-tunes half the epochs, then the best quarter by non-dominated rank gets
   2x the setting's epochs more (N/2 + N/4 * 2 = N epochs, as ``rankopt``'s N);
 - ``rankopt_kd_mf``: both;
+- ``rankopt_all``: ``rankopt_screened`` with distillation and multi-fidelity;
 - ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
   measures slower than its original on this machine stays full), for the realized-speed
   benchmark.
@@ -59,12 +60,13 @@ FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
 UNIFORM_RATES = (4, 8, 16, 32, 64)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
-                  "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf")
+                  "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf",
+                  "rankopt_all")
 HAND_METHODS = ("vbmf", "energy", "fraction", "uniform", "uniform_head")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
-                    "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf")
+                    "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf", "rankopt_all")
 # distillation of the issue-18 variants: lambda 0.5 at T = 4 (Hinton et al.'s range)
 KD = {"distill_weight": 0.5, "distill_temperature": 4.0}
 
@@ -258,13 +260,13 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
                                           "n_startup_trials": setting.population}}
             cfg["seed_proposals"] = setting.seed_points
             cfg["keep_faster_layers"] = method == "rankopt_fast"
-            if method.endswith("_screened"):
+            if method.endswith("_screened") or method == "rankopt_all":
                 cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
             if method.startswith("rankopt_full"):
                 cfg["targets"] = {"allow_full": True}
-            if method in ("rankopt_kd", "rankopt_kd_mf"):
+            if method in ("rankopt_kd", "rankopt_kd_mf", "rankopt_all"):
                 cfg["strategies"]["finetune"].update(KD)
-            if method in ("rankopt_mf", "rankopt_kd_mf"):
+            if method in ("rankopt_mf", "rankopt_kd_mf", "rankopt_all"):
                 cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
                 cfg["multi_fidelity"] = {"rounds": 1, "epochs": 2 * setting.finetune_epochs,
                                          "keep": 0.25}
