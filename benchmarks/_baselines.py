@@ -16,6 +16,11 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``vbmf``: VBMF ranks once (Tucker-2 on convs, SVD on linears);
 - ``energy``: energy threshold p in {0.80, 0.85, 0.90, 0.92, 0.95, 0.98};
 - ``fraction``: one rank fraction for all layers in {0.1, 0.2, 0.3, 0.5, 0.7};
+- ``uniform``: every layer's parameters cut by one rate in {4, 8, 16, 32, 64}x (per-layer
+  fractions of the ``fixed`` selector, :func:`rankopt.search.seeding.uniform_rate_point`),
+  the thin first conv dense (``targets.dense_input_channels``, on by default);
+- ``uniform_head``: the same with the classifier (the last target layer) dense too: at
+  8x and beyond a 10-class classifier would be cut to rank 1;
 - ``random``: random search over rankopt's space, N trials, no seeding;
 - ``rankopt_screened``: ``rankopt`` whose first points come from ``screening``, the
   no-fine-tune proxy (``Setting.screening`` candidates, ``population`` kept); its
@@ -23,6 +28,12 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt_full``: ``rankopt`` with ``targets.allow_full`` (each layer may also stay
   uncompressed, a per-layer choice the sampler learns);
 - ``rankopt_full_screened``: both ``allow_full`` and ``screening``;
+- ``rankopt_kd``: ``rankopt`` whose fine-tuning distills the reference (``KD``);
+- ``rankopt_mf``: ``rankopt`` with multi-fidelity at the same fine-tuning epochs: every
+  trial fine-tunes half the epochs, then the best quarter by non-dominated rank gets
+  2x the setting's epochs more (N/2 + N/4 * 2 = N epochs, as ``rankopt``'s N);
+- ``rankopt_kd_mf``: both;
+- ``rankopt_all``: ``rankopt_screened`` with distillation and multi-fidelity;
 - ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
   measures slower than its original on this machine stays full), for the realized-speed
   benchmark.
@@ -46,14 +57,18 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 ENERGY_PS = (0.80, 0.85, 0.90, 0.92, 0.95, 0.98)
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
+UNIFORM_RATES = (4, 8, 16, 32, 64)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
-                  "rankopt_full", "rankopt_full_screened")
-HAND_METHODS = ("vbmf", "energy", "fraction")
+                  "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf",
+                  "rankopt_all")
+HAND_METHODS = ("vbmf", "energy", "fraction", "uniform", "uniform_head")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
-                    "rankopt_full_screened")
+                    "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf", "rankopt_all")
+# distillation of the issue-18 variants: lambda 0.5 at T = 4 (Hinton et al.'s range)
+KD = {"distill_weight": 0.5, "distill_temperature": 4.0}
 
 
 @dataclass(frozen=True)
@@ -183,29 +198,51 @@ def _base(setting: Setting, method: str, weights: Path, out: Path, device: str,
     }
 
 
-def _hand_decomposers(config: dict[str, Any]) -> dict[str, str]:
-    """``decomposer.<layer>: tucker2`` for every conv that could also take SVD: the hand
-    recipe (Tucker-2 on convs, SVD on linears)."""
+def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The search space of a hand method's study and its (untrained) model; the targets
+    are the study's, thin first convs left out as the study leaves them."""
     import rankopt
     from rankopt.config import load_config
     from rankopt.search.space import SearchSpace
+    from rankopt.study import _thin_conv
 
     cfg = load_config(config)
     in_ch = 1 if cfg.model and cfg.model.name == "lenet5" else 3
     side = 28 if in_ch == 1 else 32
     model = rankopt.model(cfg.model.name, num_classes=10, in_channels=in_ch)  # type: ignore[union-attr]
-    space = SearchSpace(cfg, model, rankopt.find_layers(model, (1, in_ch, side, side)))
+    targets = [t for t in rankopt.find_layers(model, (1, in_ch, side, side), include=cfg.targets.include,
+                                              exclude=cfg.targets.exclude)
+               if not _thin_conv(model, t.name, cfg.targets.dense_input_channels)]
+    return SearchSpace(cfg, model, targets), model
+
+
+def _hand_decomposers(config: dict[str, Any]) -> dict[str, str]:
+    """``decomposer.<layer>: tucker2`` for every conv that could also take SVD: the hand
+    recipe (Tucker-2 on convs, SVD on linears)."""
+    space, _ = _hand_space(config)
     return {f"decomposer.{layer}": "tucker2" for layer, options in space.layer_options.items()
             if len(options) > 1 and "tucker2" in options}
+
+
+def uniform_points(config: dict[str, Any], rates: Sequence[float] = UNIFORM_RATES) -> list[dict[str, Any]]:
+    """The uniform rate sweep's points: per-layer fractions cutting each layer by each rate
+    (shapes only matter, so an untrained model of the same architecture serves)."""
+    from rankopt.search.seeding import uniform_rate_point
+
+    space, model = _hand_space(config)
+    hand = {layer: ("tucker2" if "tucker2" in options else options[0])
+            for layer, options in space.layer_options.items()}
+    return [uniform_rate_point(space, model, rate, hand) for rate in rates]
 
 
 def search_space_config(setting: Setting) -> dict[str, Any]:
     """Selectors of rankopt's search (and of random search over the same space)."""
     return {
-        "energy": {"p": {"low": 0.6, "high": 0.995}},
+        # down to 64x and beyond per layer (rank 1: fixed's default range starts at 0.001)
+        "energy": {"p": {"low": 0.3, "high": 0.995}},
         "fixed": {"space": {"per_layer": True}},
         "vbmf": {},
-        "budget": {"target": {"low": 0.03, "high": 0.9, "log": True},
+        "budget": {"target": {"low": 0.005, "high": 0.9, "log": True},
                    "measure": {"choices": ["params", "flops"]}},
     }
 
@@ -223,10 +260,16 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
                                           "n_startup_trials": setting.population}}
             cfg["seed_proposals"] = setting.seed_points
             cfg["keep_faster_layers"] = method == "rankopt_fast"
-            if method.endswith("_screened"):
+            if method.endswith("_screened") or method == "rankopt_all":
                 cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
             if method.startswith("rankopt_full"):
                 cfg["targets"] = {"allow_full": True}
+            if method in ("rankopt_kd", "rankopt_kd_mf", "rankopt_all"):
+                cfg["strategies"]["finetune"].update(KD)
+            if method in ("rankopt_mf", "rankopt_kd_mf", "rankopt_all"):
+                cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
+                cfg["multi_fidelity"] = {"rounds": 1, "epochs": 2 * setting.finetune_epochs,
+                                         "keep": 0.25}
         elif method == "rankopt_nsgaii":
             cfg["sampler"] = {"name": "nsgaii", "seed": seed,
                               "options": {"population_size": setting.population}}
@@ -244,6 +287,12 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
     elif method == "fraction":
         cfg["selectors"] = {"fixed": {"fraction": {"low": min(FRACTIONS), "high": max(FRACTIONS)}}}
         cfg["enqueue"] = [{"fixed.fraction": f} for f in FRACTIONS]
+    elif method in ("uniform", "uniform_head"):
+        cfg["selectors"] = {"fixed": {"space": {"per_layer": True}}}
+        if method == "uniform_head":
+            space, _ = _hand_space(cfg)
+            cfg["targets"] = {"exclude": [list(space.layer_options)[-1]]}
+        cfg["enqueue"] = uniform_points(cfg)
     else:
         raise ValueError(f"unknown method {method!r}; methods are {list(METHODS)}")
     hand = _hand_decomposers(cfg)
@@ -268,6 +317,9 @@ class MethodFigures:
     best_flops: int | None
     best_flops_trial: int | None
     seconds: float
+    epochs: float = 0.0  # training epochs all its trials ran
+    epochs_to_hv: float | None = None  # epochs until HV (acc, params) was within 1 % of its final
+    repeats: int = 0
 
 
 def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], seconds: float,
@@ -275,14 +327,31 @@ def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], secon
     """Hypervolumes (normalized by the baseline) and the cheapest models within ``tolerance``."""
     from rankopt.results import hypervolume_2d
 
+    spent = sum(getattr(r, "train_epochs", 0.0) for r in records)
+    repeats = sum(getattr(r, "repeat_of", None) is not None for r in records)
+    # each model once, at the highest fidelity it reached (as StudyResult.front does)
+    superseded = {getattr(r, "continued_from", None) for r in records}
+    history = list(records)
+    records = [r for r in records if getattr(r, "repeat_of", None) is None and r.trial not in superseded]
     hv_p = hypervolume_2d([(r.accuracy, r.params) for r in records], float(baseline["params"]))
     hv_f = hypervolume_2d([(r.accuracy, r.flops) for r in records], float(baseline["flops"]))
     ok = [r for r in records if r.accuracy >= baseline["accuracy"] - tolerance]
     bp = min(ok, key=lambda r: (r.params, -r.accuracy)) if ok else None
     bf = min(ok, key=lambda r: (r.flops, -r.accuracy)) if ok else None
-    return MethodFigures(method, len(records), hv_p, hv_f, bp.params if bp else None,
+    to_hv = None
+    epochs = 0.0
+    for i, r in enumerate(history):  # in trial order: the front of the trials so far
+        epochs += getattr(r, "train_epochs", 0.0)
+        done = history[: i + 1]
+        later = {getattr(d, "continued_from", None) for d in done}
+        pts = [(d.accuracy, d.params) for d in done
+               if getattr(d, "repeat_of", None) is None and d.trial not in later]
+        if hypervolume_2d(pts, float(baseline["params"])) >= 0.99 * hv_p:
+            to_hv = epochs
+            break
+    return MethodFigures(method, len(history), hv_p, hv_f, bp.params if bp else None,
                          bp.trial if bp else None, bf.flops if bf else None,
-                         bf.trial if bf else None, seconds)
+                         bf.trial if bf else None, seconds, spent, to_hv, repeats)
 
 
 def run_method(config: dict[str, Any]) -> tuple[Any, float]:

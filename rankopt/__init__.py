@@ -31,6 +31,7 @@ from rankopt.errors import (
     UnknownNameError,
     UnsupportedModuleError,
 )
+from rankopt.distill import Distillation
 from rankopt.hookspecs import hookimpl
 from rankopt.manager import get_registry, register_plugin, reset_registry
 from rankopt.plugins.datasets.base import DatasetSplits
@@ -75,6 +76,7 @@ __all__ = [
     "save_compressed",
     "load_compressed",
     "SpectralCache",
+    "Distillation",
     # studies
     "run_study",
     "Study",

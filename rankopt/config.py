@@ -220,6 +220,9 @@ class TargetsConfig(_Strict):
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     allow_full: bool = False
+    # convs with at most this many input channels stay dense (a first conv on gray or RGB
+    # images: a few hundred params, the most sensitive layer); 0 compresses them too
+    dense_input_channels: int = Field(3, ge=0)
 
 
 class SamplerConfig(_Strict):
@@ -278,6 +281,16 @@ class LatencyConfig(_Strict):
     rounds: int = Field(15, ge=3)  # interleaved timing rounds (medians)
 
 
+class MultiFidelityConfig(_Strict):
+    """Train further only the models near the front (rankopt.search.fidelity): after the
+    search, ``rounds`` times, the share ``keep`` of the previous fidelity's models with the
+    best non-dominated rank get ``epochs`` more training epochs, as new trials."""
+
+    rounds: int = Field(1, ge=1)
+    epochs: float = Field(2.0, gt=0)
+    keep: float = Field(0.25, gt=0, le=1)
+
+
 class StudyConfig(_Strict):
     """A whole study file (see ``studies/quickstart.yaml`` for a commented example)."""
 
@@ -319,10 +332,13 @@ class StudyConfig(_Strict):
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
     rank_multiple: int = Field(1, ge=1)
-    # layers with fewer input channels stay dense (a 3-channel stem saves almost nothing)
-    min_in_channels: int = Field(4, ge=1)
     # try many rank choices without training first; start the search from the best
     screening: ScreeningConfig | None = None
+    # a trial whose resolved ranks and hyperparameters equal a finished trial's reports
+    # that trial's values (marked repeat_of) instead of training the same model again
+    skip_repeats: bool = True
+    # train the models near the front further after the search (multi-fidelity)
+    multi_fidelity: MultiFidelityConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -58,6 +58,8 @@ def front_table_rows(
         values = searched_values(r)
         row.update({k: values.get(k, "") for k in searched})
         row["ranks"] = r.ranks_summary
+        row["fidelity"] = r.fidelity
+        row["train_epochs"] = r.train_epochs
         rows.append(row)
     if any(r.latency_ms is not None for r in records):
         for row, r in zip(rows, records):

@@ -59,9 +59,25 @@ class TrialRecord:
     latency_ratio: float | None = None  # latency / the reference's, timed in the same loop
     # the values the sampler chose for this trial's selector and strategy ("energy.p": 0.8)
     searched: dict[str, Any] = field(default_factory=dict)
+    fidelity: int = 0  # promotions this model had (multi_fidelity); 0 = the first budget
+    train_epochs: float = 0.0  # training epochs it received in all
+    repeat_of: int | None = None  # a repeat reports this earlier trial's model and values
+    continued_from: int | None = None  # the trial whose model this one trained further
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _best(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Optuna's Pareto-optimal trials (feasible ones first, as ``study.best_trials``) among
+    ``trials``."""
+    # Optuna's own routine behind best_trials, on a subset of the trials (private, but
+    # best_trials itself has no way to leave repeats and superseded trials out)
+    from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+    from optuna.study.study import _is_constrained_optimization
+
+    constrained = _is_constrained_optimization(study.get_trials(deepcopy=False))
+    return _get_pareto_front_trials_by_trials(trials, study.directions, consider_constraint=constrained)
 
 
 def reference_path(run_dir: Path) -> Path:
@@ -200,11 +216,16 @@ class StudyResult:
             },
             latency_ms=attrs.get("latency_ms"),
             latency_ratio=attrs.get("latency_ratio"),
-            model_path=str(self.run_dir / "trials" / str(trial.number) / "model.pt"),
+            model_path=str(self.run_dir / "trials" / str(attrs.get("repeat_of", trial.number))
+                           / "model.pt"),
             searched={
                 k: v for k, v in trial.params.items()
                 if k.split(".", 1)[0] in (attrs.get("selector"), attrs.get("strategy")) and "." in k
             },
+            fidelity=int(attrs.get("fidelity", 0)),
+            train_epochs=float(attrs.get("train_epochs", 0.0)),
+            repeat_of=attrs.get("repeat_of"),
+            continued_from=attrs.get("continued_from"),
         )
 
     def _complete(self) -> list[FrozenTrial]:
@@ -218,22 +239,33 @@ class StudyResult:
         """Every completed trial, by number."""
         return [self._record(t) for t in self._complete()]
 
+    def current(self) -> list[FrozenTrial]:
+        """The completed trials that are distinct models at their highest fidelity: no
+        repeats, no trial whose model a later one trained further."""
+        complete = self._complete()
+        superseded = {t.user_attrs.get("continued_from") for t in complete}
+        return [t for t in complete
+                if t.user_attrs.get("repeat_of") is None and t.number not in superseded]
+
     def front(self) -> list[TrialRecord]:
         """The Pareto-optimal completed trials over the study's objectives (feasible ones
         only when the study has constraints), sorted by params.
 
         A trial that compressed no layer (1.0x) is the uncompressed model, not a
         compressed one: it is left off the front (and out of :meth:`pick`'s limits).
+        Each model appears once: repeats (``repeat_of``) are left out, and a model trained
+        further (``multi_fidelity``) is represented by its highest fidelity only.
         """
-        best = {t.number for t in self.study.best_trials}
-        records = [self._record(t) for t in self._complete() if t.number in best]
+        complete = self.current()
+        best = {t.number for t in _best(self.study, complete)}
+        records = [self._record(t) for t in complete if t.number in best]
         records = [r for r in records if compressed(r)]
         return sorted(records, key=lambda r: (r.params, r.flops, -r.accuracy))
 
     def hypervolume(self) -> dict[str, float]:
         """Normalized hypervolume of the (accuracy, params) and (accuracy, FLOPs) fronts."""
         ref = self.reference
-        records = self.trials()
+        records = [self._record(t) for t in self.current()]
         return {
             measure: hypervolume_2d(
                 [(r.accuracy, float(getattr(r, measure))) for r in records], float(ref[measure])
@@ -262,6 +294,11 @@ class StudyResult:
             "trials": counts,
             "trials_wanted": self.config.trials,
             "front_size": len(front),
+            # trials that reported an earlier trial's result instead of training it again
+            "repeats": sum(t.user_attrs.get("repeat_of") is not None for t in self._complete()),
+            # front points per fidelity (0: the first budget; k: promoted k times)
+            "front_fidelity": {str(k): sum(r.fidelity == k for r in front)
+                               for k in sorted({r.fidelity for r in front})},
             "hypervolume": self.hypervolume(),
             "best_accuracy": max((r.accuracy for r in front), default=None),
             "smallest_params": min((r.params for r in front), default=None),
@@ -304,7 +341,7 @@ class StudyResult:
             )
         ok = [
             r
-            for r in records
+            for r in (self._record(t) for t in self.current())  # each model once, latest fidelity
             if compressed(r)
             and (max_params is None or r.params <= max_params)
             and (max_flops is None or r.flops <= max_flops)

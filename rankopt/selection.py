@@ -205,7 +205,7 @@ def select_spec(
             reasons[layer.name] = (
                 f"{layer.in_channels} input channel(s), fewer than min_in_channels={min_in_channels}: "
                 "a stem this thin saves almost nothing and costs an extra op; set "
-                "min_in_channels: 1 in the study to compress it"
+                "targets.dense_input_channels: 0 in the study to compress it"
             )
             continue
         if why is not None:

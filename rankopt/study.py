@@ -167,11 +167,14 @@ class Study:
         targets = find_layers(
             model, input_shape, include=config.targets.include, exclude=config.targets.exclude
         )
+        thin = config.targets.dense_input_channels
+        targets = [t for t in targets if not _thin_conv(model, t.name, thin)]
         if not targets:
             names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
             raise ConfigError(
                 f"targets: include {config.targets.include} / exclude {config.targets.exclude} "
-                f"match no Conv2d or Linear layer; the model's layers are {names}"
+                f"match no Conv2d or Linear layer (convs with <= {thin} input channels stay "
+                f"dense: targets.dense_input_channels); the model's layers are {names}"
             )
         _check_against_model(config, model, targets)
         space = SearchSpace(config, model, targets)
@@ -337,6 +340,12 @@ class Study:
 
                     run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
                             should_stop=too_many_failures)
+                if config.multi_fidelity is not None and not too_many_failures():
+                    from rankopt.search.fidelity import run_promotions
+
+                    progress.message(f"training the models near the front further "
+                                     f"({config.multi_fidelity.epochs:g} epochs each)")
+                    run_promotions(env, study, on_trial_done)
             result = StudyResult(run_dir, config)
             summary = result.status()
             write_json(run_dir / "summary.json", summary)
@@ -435,6 +444,12 @@ def _reseed_later_sessions(study: optuna.Study, config: StudyConfig) -> None:
     if k and config.sampler.seed is not None:
         sampler = config.sampler.model_copy(update={"seed": config.sampler.seed + k})
         study.sampler = make_sampler(config.model_copy(update={"sampler": sampler}))
+
+
+def _thin_conv(model: nn.Module, name: str, max_channels: int) -> bool:
+    """A conv with at most ``max_channels`` input channels (kept dense by default)."""
+    module = model.get_submodule(name)
+    return isinstance(module, nn.Conv2d) and module.in_channels <= max_channels
 
 
 def _check_against_model(config: StudyConfig, model: nn.Module, targets: list[LayerInfo]) -> None:

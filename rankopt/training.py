@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from rankopt.devices import module_device, resolve_device
 from rankopt.errors import ConfigError, TrainingDivergedError
+
+if TYPE_CHECKING:  # annotations only
+    from rankopt.distill import Distillation
 
 __all__ = [
     "TrainResult",
@@ -144,6 +147,7 @@ def train(
     progress: ProgressCallback | None = None,
     max_steps: int | None = None,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    distill: Distillation | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``loader`` with cross-entropy and return what it did.
 
@@ -171,6 +175,8 @@ def train(
         progress: ``f(step, total_steps, loss)`` after every step.
         max_steps: stop after this many steps even if ``epochs`` asks for more.
         criterion: the task loss ``f(logits, labels)``; default cross-entropy.
+        distill: knowledge distillation from a teacher (:class:`rankopt.distill.Distillation`):
+            the task loss becomes the distillation loss built on ``criterion``.
 
     Raises:
         ConfigError: a bad argument, before any work.
@@ -219,6 +225,9 @@ def train(
 
     was_training = model.training
     model.train()
+    if distill is not None:
+        distill.teacher.to(dev)
+        distill.attach(model)
     losses: list[float] = []
     lrs: list[float] = []
     epoch_sum, epoch_n = 0.0, 0
@@ -234,7 +243,9 @@ def train(
                     torch.autocast(device_type="cuda", dtype=amp_dtype) if use_amp else nullcontext()
                 )
                 with autocast:
-                    task = criterion(model(inputs), targets)
+                    outputs = model(inputs)
+                    task = (criterion(outputs, targets) if distill is None
+                            else distill.loss(inputs, outputs, targets, criterion))
                 loss = task.float()
                 extra = None
                 if extra_loss is not None:
@@ -276,6 +287,8 @@ def train(
                     break
     finally:
         model.train(was_training)
+        if distill is not None:
+            distill.detach()
     if epoch_n:
         losses.append(epoch_sum / epoch_n)
     return TrainResult(

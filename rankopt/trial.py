@@ -166,6 +166,8 @@ class LocalTrialContext:
         self.train_results: list[TrainResult] = []
         self.train_seconds = 0.0  # wall time inside train() and evaluate(), for overhead figures
         self.eval_seconds = 0.0
+        self.compressed_layers: list[str] = []
+        self._teacher: nn.Module | None = None
         self._train_loader: Any = None
         self._val_loader: Any = None
 
@@ -196,11 +198,18 @@ class LocalTrialContext:
         step_callback: Callable[[nn.Module, int], None] | None = None,
         **options: Any,
     ) -> TrainResult:
-        """Train ``model`` in place on the training split (see :func:`rankopt.training.train`)."""
+        """Train ``model`` in place on the training split (see :func:`rankopt.training.train`).
+
+        ``distill_weight``, ``distill_temperature``, ``distill_features`` (the fine-tuning
+        strategies' hyperparameters, :data:`rankopt.distill.DISTILL_DEFAULTS`) distill the
+        reference into ``model`` (:class:`rankopt.distill.Distillation`); features match
+        the outputs of the layers the last :meth:`compress` replaced.
+        """
         from rankopt.training import train
 
         start = time.perf_counter()
         loader, _ = self._loaders()
+        distill = self._distillation(options)
         merged = {**self.train_options, **options}
         merged.setdefault("seed", self.seed)
         merged.setdefault("progress", self.progress)
@@ -212,11 +221,34 @@ class LocalTrialContext:
             device=self.device,
             extra_loss=extra_loss,
             step_callback=step_callback,
+            distill=distill,
             **merged,
         )
         self.train_results.append(result)
         self.train_seconds += time.perf_counter() - start
         return result
+
+    def _distillation(self, options: dict[str, Any]) -> Any:
+        """Pop the ``distill_*`` options; a Distillation from the reference when they ask
+        for one (weight or features > 0), matching the layers :meth:`compress` replaced."""
+        from rankopt.distill import DISTILL_DEFAULTS, Distillation, check_distill_params
+
+        params = {k: options.pop(k) for k in list(options) if k in DISTILL_DEFAULTS}
+        params = {**DISTILL_DEFAULTS, **params}
+        check_distill_params("train", params)
+        if params["distill_weight"] == 0 and params["distill_features"] == 0:
+            return None
+        if self._teacher is None:  # one eval-mode copy of the reference per trial
+            self._teacher = copy.deepcopy(self._reference).to(self.device).eval()
+            for p in self._teacher.parameters():
+                p.requires_grad_(False)
+        return Distillation(
+            self._teacher,
+            weight=float(params["distill_weight"]),
+            temperature=float(params["distill_temperature"]),
+            features=float(params["distill_features"]),
+            layers=tuple(self.compressed_layers),
+        )
 
     def evaluate(self, model: nn.Module) -> float:
         """Top-1 accuracy on the validation split, in [0, 1]."""
@@ -262,6 +294,7 @@ class LocalTrialContext:
 
     def compress(self, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> nn.Module:
         """A compressed copy of ``model`` on :attr:`device` (``model`` is left untouched)."""
+        self.compressed_layers = list(spec)  # the layers distillation's features match
         return compress_model(model, spec).to(self.device)
 
     def report(self, **metrics: Any) -> None:

@@ -39,6 +39,7 @@ def tiny_study(**changes: Any) -> dict[str, Any]:
         "data": {"name": "digits", "batch_size": 128},
         "reference": {"epochs": 0.5, "lr": 0.05},
         "decomposers": ["tucker2", "svd"],
+        "targets": {"dense_input_channels": 0},  # the 1-channel first conv is a target too
         "selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}},
         "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
         "sampler": {"name": "random", "seed": 0},

@@ -106,7 +106,7 @@ def test_the_search_space_gives_multiples_of_8() -> None:
         ctx = LocalTrialContext(
             net, rankopt.dataset("digits"), input_shape=INPUT, targets=layers, decomposers=plan.decomposers,
             selector=plan.selector, selector_params=plan.selector_params, device="cpu",
-            rank_multiple=config.rank_multiple, min_in_channels=config.min_in_channels,
+            rank_multiple=config.rank_multiple, min_in_channels=config.targets.dense_input_channels + 1,
         )
         spec = ctx.select_ranks(ctx.model())
         if spec:
@@ -120,14 +120,14 @@ def test_a_3_channel_stem_stays_dense_by_default_and_says_why() -> None:
     net = _net()
     layers = rankopt.find_layers(net, INPUT)
     config = load_config({"name": "s", "trials": 1}, check_plugins=False)
-    assert (config.min_in_channels, config.rank_multiple) == (4, 1)
+    assert (config.targets.dense_input_channels, config.rank_multiple) == (3, 1)
     spec, choices = select_spec(
         net, layers, {"stem": "tucker2", "conv1": "tucker2"}, "fixed", {"fraction": 0.25},
-        min_in_channels=config.min_in_channels,
+        min_in_channels=config.targets.dense_input_channels + 1,
     )
     assert set(spec) == {"conv1"}
     why = next(c for c in choices if c.name == "stem").reason
-    assert "3 input channel(s), fewer than min_in_channels=4" in why and "min_in_channels: 1" in why
+    assert "3 input channel(s), fewer than min_in_channels=4" in why and "targets.dense_input_channels: 0" in why
     # asked for, it is compressed
     spec, _ = select_spec(net, layers, {"stem": "tucker2"}, "fixed", {"fraction": 0.25}, min_in_channels=1)
     assert set(spec) == {"stem"}
@@ -147,8 +147,10 @@ def test_inspect_says_why_the_stem_stays_dense(capsys: pytest.CaptureFixture[str
 
 @pytest.mark.parametrize(("field", "value"), [("rank_multiple", 0), ("min_in_channels", 0), ("rank_multiple", "8x")])
 def test_bad_values_name_the_field(field: str, value: object) -> None:
-    with pytest.raises(ConfigError, match=field):
-        load_config({"name": "s", "trials": 1, field: value}, check_plugins=False)
+    study_field = {"rank_multiple": "rank_multiple", "min_in_channels": "dense_input_channels"}[field]
+    fields = {field: value} if field == "rank_multiple" else {"targets": {"dense_input_channels": -1}}
+    with pytest.raises(ConfigError, match=study_field):
+        load_config({"name": "s", "trials": 1, **fields}, check_plugins=False)
     net = _net()
     layers = rankopt.find_layers(net, INPUT)
     with pytest.raises(ConfigError, match=rf"{field} must be an integer >= 1, got {value!r}"):
@@ -169,7 +171,7 @@ def test_inspect_follows_the_study_files_min_in_channels(tmp_path, capsys: pytes
     study = {"name": "s", "model": {"name": "small_cnn", "kwargs": {"width": 8}}, "trials": 1}
     default, asked = tmp_path / "default.yaml", tmp_path / "asked.yaml"
     default.write_text(yaml.safe_dump(study))
-    asked.write_text(yaml.safe_dump({**study, "min_in_channels": 1}))
+    asked.write_text(yaml.safe_dump({**study, "targets": {"dense_input_channels": 0}}))
     assert dense_layers(str(default)) == ["0"]  # the 1-channel stem
     assert dense_layers(str(asked)) == []
     assert dense_layers(str(asked), "--min-in-channels", "9") == ["0", "3"]  # 1 and 8 input channels

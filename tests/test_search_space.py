@@ -44,7 +44,7 @@ def _allow_full_study(tmp_path: Path, **changes: object) -> dict[str, object]:
         "data": {"name": "digits", "batch_size": 64},
         "reference": {"epochs": 1, "lr": 0.05},
         "decomposers": ["tucker2", "svd"],
-        "targets": {"allow_full": True},
+        "targets": {"allow_full": True, "dense_input_channels": 0},  # conv 0 (1 channel) too
         "selectors": {"fixed": {"fraction": 0.25}},
         "strategies": {"finetune": {"epochs": 0}},
         "sampler": {"name": "random", "seed": 0},

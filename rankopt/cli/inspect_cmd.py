@@ -334,7 +334,8 @@ def inspect_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (without --weights)."),
     min_in_channels: Optional[int] = typer.Option(
         None, "--min-in-channels",
-        help="Layers with fewer input channels are kept dense (default: the study file's, else 4 as in a study).",
+        help="Layers with fewer input channels are kept dense (default: the study file's "
+        "targets.dense_input_channels + 1, else 4 as in a study).",
     ),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
@@ -352,7 +353,7 @@ def inspect_command(
         if model_or_study.endswith(STUDY_SUFFIXES):
             from rankopt.config import load_config
 
-            min_in_channels = load_config(model_or_study, check_paths=False).min_in_channels
+            min_in_channels = load_config(model_or_study, check_paths=False).targets.dense_input_channels + 1
     if min_in_channels < 1:
         raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
     import rankopt

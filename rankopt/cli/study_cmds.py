@@ -39,16 +39,18 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
 
     rows = front_table_rows(records, test or None)
     fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
-             "flops_compression", "strategy", "selector", "ranks", "latency_ms", "speedup"}
+             "flops_compression", "strategy", "selector", "ranks", "latency_ms", "speedup",
+             "fidelity", "train_epochs"}
     searched = [c for c in (rows[0] if rows else {}) if c not in fixed]
     timed = bool(rows) and "latency_ms" in rows[0]  # latency columns only when measured
+    staged = any(row.get("fidelity") for row in rows)  # multi_fidelity promoted some model
     caption = ("accuracy: validation (what the search optimized); test acc: held-out test split"
                if test else "accuracy: validation (what the search optimized); "
                "held-out accuracy: `rankopt evaluate`")
     table = Table(title=title, caption=caption)
     heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
         "params", "FLOPs", "params x", "FLOPs x"] + (["ms", "speed-up"] if timed else []) + [
-        "strategy", "selector"] + searched
+        "strategy", "selector"] + (["fidelity", "epochs"] if staged else []) + searched
     for col in heads:
         table.add_column(col, no_wrap=True, justify="left" if col in ("strategy", "selector") else "right")
     table.add_column("ranks" if ranks else "layers", overflow="fold" if ranks else "ellipsis")
@@ -62,6 +64,8 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
         if timed:
             cells += [f"{row['latency_ms']:.3f}", f"{row['speedup']:.2f}"]
         cells += [row["strategy"], row["selector"]]
+        if staged:
+            cells += [str(row["fidelity"]), f"{row['train_epochs']:g}"]
         cells += [fmt_value(c, row[c]) for c in searched]
         if ranks:
             cells.append(summary)
@@ -136,6 +140,10 @@ def status_command(
                            for k, v in run["params"].items())
         table.add_row(f"running {run['trial']}", values or "(choosing its values)")
     table.add_row("front size", str(status["front_size"]))
+    table.add_row("repeats", f"{status.get('repeats', 0)} (reported an earlier trial's result)")
+    if status.get("front_fidelity"):
+        table.add_row("front fidelity", ", ".join(
+            f"{n} at fidelity {k}" for k, n in status["front_fidelity"].items()))
     hv = status["hypervolume"]
     table.add_row("hypervolume", f"accuracy x params {hv['params']:.4f}, accuracy x FLOPs {hv['flops']:.4f}")
     console.print(table)

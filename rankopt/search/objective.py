@@ -49,6 +49,8 @@ __all__ = [
     "TRIAL_ATTRS",
     "interrupt_guard",
     "INTERRUPTED",
+    "resolved_key",
+    "find_repeat",
 ]
 
 # set by the SIGINT handler of interrupt_guard: a KeyboardInterrupt with it set is the
@@ -98,6 +100,11 @@ TRIAL_ATTRS = (
     "decomposers",
     "reason",
     "reference_key",
+    "resolved_key",
+    "repeat_of",
+    "fidelity",
+    "continued_from",
+    "train_epochs",
 )
 
 
@@ -240,10 +247,61 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
         cache=env.cache,
         keep_faster=config.keep_faster_layers,
         rank_multiple=config.rank_multiple,
-        min_in_channels=config.min_in_channels,
+        min_in_channels=config.targets.dense_input_channels + 1,
         latency=config.latency.model_dump(),
         latency_cache=env.run_dir / "cache" / "latency",
     )
+
+
+def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
+                 hyperparameters: Mapping[str, Any]) -> str:
+    """What a trial trains, once ranks are rounded and the selector resolved: two trials
+    with the same key train the same model (up to the training seed).
+
+    A strategy that selects ranks on the reference (``selects_on_reference``) is keyed
+    by the ranks the selector gives there (different thresholds that round to the same
+    ranks are one model); the others select after their own training, so their key is
+    the selector and its checked parameters.
+    """
+    from rankopt.selection import select_spec
+
+    key: dict[str, Any] = {"strategy": plan.strategy, "hyperparameters": dict(hyperparameters)}
+    if getattr(strategy, "selects_on_reference", False):
+        spec, _ = select_spec(ctx.model(), ctx.targets, ctx.layer_decomposers, ctx.selector,
+                              ctx.selector_params, cache=ctx.cache, input_shape=ctx.input_shape)
+        key["spec"] = {n: {"decomposer": e["decomposer"], "ranks": list(e["ranks"])}
+                       for n, e in sorted(normalize_spec(spec).items())}
+    else:
+        key.update(selector=plan.selector, selector_params=ctx.selector_params,
+                   decomposers=dict(sorted(plan.decomposers.items())))
+    return json.dumps(key, sort_keys=True, default=_jsonable)
+
+
+# what a repeat copies from the trial it repeats (not its timings or its own number)
+_REPEATED = ("accuracy", "params", "flops", "latency_ms", "params_compression",
+             "flops_compression", "ranks", "decomposers", "ranks_summary", "extra", "reported",
+             "fidelity")
+
+
+def find_repeat(run_dir: Path, key: str, number: int) -> dict[str, Any] | None:
+    """The metrics of a finished first-fidelity trial (other than ``number``) with ``key``.
+
+    Read from ``trials/*/metrics.json`` rather than the Optuna storage so that it works
+    the same in a Ray worker, which has no study object; the lowest number wins.
+    """
+    best: tuple[int, dict[str, Any]] | None = None
+    for path in (run_dir / "trials").glob("*/metrics.json"):
+        if not path.parent.name.isdigit() or int(path.parent.name) == number:
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a half-written or unreadable file is not a result
+        if (metrics.get("state") == "COMPLETE" and metrics.get("resolved_key") == key
+                and metrics.get("repeat_of") is None and not metrics.get("continued_from")
+                and (best is None or int(path.parent.name) < best[0])):
+            best = (int(path.parent.name), metrics)
+    return None if best is None else best[1]
 
 
 def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,6 +329,15 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         metrics["hyperparameters"] = hyperparameters
         ctx = trial_context(env, plan, seed=(config.seed + number) % 2**32)
         metrics["selector_params"] = ctx.selector_params
+        key = resolved_key(ctx, plan, strategy, hyperparameters)
+        metrics["resolved_key"] = key
+        earlier = find_repeat(env.run_dir, key, number) if config.skip_repeats else None
+        if earlier is not None:
+            # the Optuna pattern for repeated parameters: report the earlier trial's values
+            metrics.update({k: earlier[k] for k in _REPEATED if k in earlier},
+                           state="COMPLETE", repeat_of=int(earlier["trial"]),
+                           reference_key=env.reference_key)
+            return _finish(env, trial_dir, metrics, start, ctx)
         outcome = strategy.run(ctx, hyperparameters)
         spec = normalize_spec(outcome.spec)
         model = outcome.model.to(ctx.device)
@@ -287,6 +354,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             ranks={name: entry["ranks"] for name, entry in spec.items()},
             decomposers={name: entry["decomposer"] for name, entry in spec.items()},
             ranks_summary=ranks_summary(spec, len(env.targets)),
+            fidelity=0,
             extra=dict(outcome.extra),
             reported=dict(ctx.reported),
             reference_key=env.reference_key,
@@ -321,6 +389,12 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         clean_trial_dir(trial_dir)
         if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the next trial the memory this one held
+    return _finish(env, trial_dir, metrics, start, ctx)
+
+
+def _finish(env: TrialEnv, trial_dir: Path, metrics: dict[str, Any], start: float,
+            ctx: LocalTrialContext | None) -> dict[str, Any]:
+    """Add the timings and write the trial's ``metrics.json``."""
     seconds = time.perf_counter() - start
     train_s = ctx.train_seconds if ctx is not None else 0.0
     eval_s = ctx.eval_seconds if ctx is not None else 0.0
@@ -330,6 +404,8 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         eval_seconds=eval_s,
         overhead_seconds=max(0.0, seconds - train_s - eval_s),
         device=str(ctx.device) if ctx is not None else None,
+        # epochs of training this trial ran (the compute budget fronts are compared by)
+        train_epochs=sum(r.epochs for r in ctx.train_results) if ctx is not None else 0.0,
     )
     write_json(trial_dir / "metrics.json", metrics)
     return metrics

@@ -32,7 +32,7 @@ from optuna.distributions import (
 
 from rankopt.search.space import SearchSpace
 
-__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value", "strategy_point"]
+__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value", "strategy_point", "uniform_rate_point"]
 
 DEFAULT_PROPOSALS = 3
 
@@ -116,3 +116,48 @@ def proposal_points(space: SearchSpace, per_selector: int = DEFAULT_PROPOSALS) -
             if point not in points:
                 points.append(point)
     return points
+
+
+def uniform_rate_point(
+    space: SearchSpace,
+    reference: Any,
+    rate: float,
+    decomposers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``fixed`` selector's per-layer fractions (``per_layer: true``) that cut every
+    target layer's parameters by ``rate`` (the uniform rate sweep users run by hand).
+
+    Per layer, the largest fraction whose ranks (``ceil(fraction * largest)``, as the
+    selector rounds) give at most ``params / rate`` parameters; rank 1 everywhere when
+    even that is above it. ``decomposers``: ``{layer: name}`` (default: each layer's
+    first decomposer in the study's order).
+    """
+    from rankopt.manager import get_registry
+    from rankopt.plugins.selectors.fixed import MIN_FRACTION, PER_LAYER_PREFIX
+
+    if not rate >= 1:
+        raise ValueError(f"rate must be >= 1 (a reduction factor), got {rate!r}")
+    if "fixed" not in space.selectors:
+        raise ValueError("the study has no 'fixed' selector (with space: {per_layer: true})")
+    registry = get_registry()
+    point: dict[str, Any] = {}
+    for layer, options in space.layer_options.items():
+        name = (decomposers or {}).get(layer, options[0])
+        dec = registry.create("decomposers", name)
+        module = reference.get_submodule(layer)
+        largest = dec.max_ranks(module)
+        allowed = sum(p.numel() for p in module.parameters()) / rate
+        # every fraction at which some rank changes, smallest first
+        steps = sorted({k / hi for hi in largest for k in range(1, hi + 1)})
+        best = steps[0]
+        for f in steps:
+            ranks = [max(1, math.ceil(f * hi - 1e-9)) for hi in largest]
+            # params do not depend on the input size; any (H, W) counts them
+            if dec.cost(module, ranks, input_hw=(1, 1)).params <= allowed:
+                best = f
+            else:
+                break
+        point[f"fixed.{PER_LAYER_PREFIX}{layer}"] = min(1.0, max(MIN_FRACTION, best))
+        if f"decomposer.{layer}" in space.distributions():
+            point[f"decomposer.{layer}"] = name
+    return point

@@ -49,7 +49,8 @@ class EnergyRankSelector(SpectralRankSelector):
 
     def search_space(self, layers: Sequence[LayerInfo] = (), **options: Any) -> dict[str, BaseDistribution]:
         self._reject_space_options(options, ())
-        return {"p": FloatDistribution(0.80, 0.995)}
+        # from 0.3: a wide layer keeps only a few ranks there (64x and beyond)
+        return {"p": FloatDistribution(0.3, 0.995)}
 
 
 @hookimpl

@@ -23,6 +23,9 @@ __all__ = ["FixedRankSelector", "FixedParams", "PER_LAYER_PREFIX"]
 # flat parameter names of the per-layer search space: "fraction:layer1.0.conv1"
 # (no "/" or ".": Ray Tune flattens nested configs on those)
 PER_LAYER_PREFIX = "fraction:"
+# the search space's smallest fraction: rank 1 of layers up to 1000 wide (a per-layer
+# reduction of 64x and beyond); log scale, so each factor of 2 gets the same share
+MIN_FRACTION = 0.001
 
 
 class FixedParams(SelectorParams):
@@ -127,8 +130,9 @@ class FixedRankSelector(RankSelector):
     ) -> dict[str, BaseDistribution]:
         self._reject_space_options(options, ("per_layer",))
         if per_layer:
-            return {f"{PER_LAYER_PREFIX}{layer.name}": FloatDistribution(0.05, 1.0) for layer in layers}
-        return {"fraction": FloatDistribution(0.05, 1.0)}
+            return {f"{PER_LAYER_PREFIX}{layer.name}": FloatDistribution(MIN_FRACTION, 1.0, log=True)
+                    for layer in layers}
+        return {"fraction": FloatDistribution(MIN_FRACTION, 1.0, log=True)}
 
 
 @hookimpl

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from rankopt.distill import DISTILL_DEFAULTS, check_distill_params
 from rankopt.errors import ConfigError
 from rankopt.plugins.decomposers.base import Decomposer
 
@@ -25,6 +26,8 @@ __all__ = [
     "channel_unfoldings",
     "spec_layers",
     "TrainingStopped",
+    "distill_params",
+    "DISTILL_DEFAULTS",
 ]
 
 
@@ -135,3 +138,11 @@ class TrainingStopped(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"training stopped at step {step}")
         self.step = step
+
+
+def distill_params(strategy: str, hp: Mapping[str, Any]) -> dict[str, float]:
+    """The checked distillation hyperparameters of ``hp`` (defaults filled in): every
+    fine-tuning strategy passes them to its final ``ctx.train`` (see :mod:`rankopt.distill`)."""
+    out = {k: hp.get(k, v) for k, v in DISTILL_DEFAULTS.items()}
+    check_distill_params(f"strategy {strategy!r}", out)
+    return {k: float(v) for k, v in out.items()}

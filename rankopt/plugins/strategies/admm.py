@@ -27,7 +27,9 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import (
+    DISTILL_DEFAULTS,
     TrainingStopped,
+    distill_params,
     check_int,
     check_number,
     spec_layers,
@@ -137,6 +139,7 @@ class ADMMStrategy(Strategy):
             "tol": 0.01,
             "lr": 0.01,
             "finetune_epochs": 1.0,
+            **DISTILL_DEFAULTS,
         }
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -150,6 +153,7 @@ class ADMMStrategy(Strategy):
             "finetune_epochs": check_number(
                 self.name, "finetune_epochs", hp["finetune_epochs"], low=0.0
             ),
+            **distill_params(self.name, hp),
         }
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
@@ -190,7 +194,7 @@ class ADMMStrategy(Strategy):
         compressed = ctx.compress(model, spec)
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         if hp["finetune_epochs"] > 0:
-            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"])
+            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(
             admm_residual_history=history,
             admm_final_residuals=state.residuals(model),

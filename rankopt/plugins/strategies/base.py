@@ -73,6 +73,9 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # True when run() selects ranks on the reference before any training: two trials
+    # whose selectors give the same ranks there train the same model (see skip_repeats)
+    selects_on_reference: ClassVar[bool] = False
 
     def search_space(self) -> dict[str, BaseDistribution]:
         """The default search space of this strategy's hyperparameters."""

@@ -25,7 +25,14 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 
 from rankopt.errors import ConfigError
 from rankopt.hookspecs import hookimpl
-from rankopt.plugins.strategies._common import check_bool, check_int, check_number, spec_layers
+from rankopt.plugins.strategies._common import (
+    DISTILL_DEFAULTS,
+    check_bool,
+    check_int,
+    check_number,
+    distill_params,
+    spec_layers,
+)
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
@@ -106,6 +113,7 @@ class DeepTwistStrategy(Strategy):
             "lr": 0.01,
             "finetune_epochs": 0.0,
             "reselect": False,
+            **DISTILL_DEFAULTS,
         }
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,6 +126,7 @@ class DeepTwistStrategy(Strategy):
                 self.name, "finetune_epochs", hp["finetune_epochs"], low=0.0
             ),
             "reselect": check_bool(self.name, "reselect", hp["reselect"]),
+            **distill_params(self.name, hp),
         }
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
@@ -156,7 +165,7 @@ class DeepTwistStrategy(Strategy):
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         extra["distortions"] = distortions
         if hp["finetune_epochs"] > 0:
-            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"])
+            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(
             deeptwist_distortions=distortions,
             deeptwist_ranks={name: list(entry["ranks"]) for name, entry in spec.items()},

@@ -16,6 +16,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 
 from rankopt.errors import ConfigError
 from rankopt.hookspecs import hookimpl
+from rankopt.plugins.strategies._common import DISTILL_DEFAULTS, distill_params
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
@@ -35,13 +36,14 @@ class FineTuneStrategy(Strategy):
     """
 
     name = "finetune"
+    selects_on_reference = True
     description = "Select ranks on the reference, decompose, fine-tune for E epochs at lr"
 
     def search_space(self) -> dict[str, BaseDistribution]:
         return {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
     def defaults(self) -> dict[str, Any]:
-        return {"epochs": 1.0, "lr": 0.01, "optimizer": "sgd"}
+        return {"epochs": 1.0, "lr": 0.01, "optimizer": "sgd", **DISTILL_DEFAULTS}
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         out = super().validate_params(params)
@@ -57,6 +59,7 @@ class FineTuneStrategy(Strategy):
                 f"strategy 'finetune': optimizer must be one of {list(OPTIMIZERS)}, "
                 f"got {optimizer!r}"
             )
+        out.update(distill_params(self.name, out))
         return out
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
@@ -68,7 +71,8 @@ class FineTuneStrategy(Strategy):
         if hp["epochs"] > 0:
             extra["accuracy_before_finetune"] = ctx.evaluate(model)
             result = ctx.train(
-                model, epochs=float(hp["epochs"]), lr=float(hp["lr"]), optimizer=hp["optimizer"]
+                model, epochs=float(hp["epochs"]), lr=float(hp["lr"]), optimizer=hp["optimizer"],
+                **distill_params(self.name, hp),
             )
             extra["finetune_steps"] = int(result.steps)
             extra["finetune_final_loss"] = float(result.final_loss)

@@ -37,7 +37,13 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 
 from rankopt.hookspecs import hookimpl
-from rankopt.plugins.strategies._common import channel_unfoldings, check_choice, check_number
+from rankopt.plugins.strategies._common import (
+    DISTILL_DEFAULTS,
+    channel_unfoldings,
+    check_choice,
+    check_number,
+    distill_params,
+)
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.records import StrategyInfo
 
@@ -105,7 +111,7 @@ class NuclearNormStrategy(Strategy):
     def defaults(self) -> dict[str, Any]:
         return {
             "alpha": 1e-2, "epochs": 2.0, "finetune_epochs": 1.0, "lr": 0.01,
-            "ranks_from": "regularized", "init_from": "regularized",
+            "ranks_from": "regularized", "init_from": "regularized", **DISTILL_DEFAULTS,
         }
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,6 +125,7 @@ class NuclearNormStrategy(Strategy):
             "lr": check_number(self.name, "lr", hp["lr"], low=0.0, low_open=True),
             "ranks_from": check_choice(self.name, "ranks_from", hp["ranks_from"], SOURCES),
             "init_from": check_choice(self.name, "init_from", hp["init_from"], SOURCES),
+            **distill_params(self.name, hp),
         }
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
@@ -141,7 +148,7 @@ class NuclearNormStrategy(Strategy):
         compressed = ctx.compress(model if hp["init_from"] == "regularized" else reference, spec)
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         if hp["finetune_epochs"] > 0:
-            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"])
+            ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(nrmf_ranks={name: list(entry["ranks"]) for name, entry in spec.items()})
         return TrialOutcome(model=compressed, spec=spec, extra=extra)
 

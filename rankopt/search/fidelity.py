@@ -1,0 +1,188 @@
+"""Multi-fidelity: train further only the models on or near the front.
+
+With ``multi_fidelity: {rounds: R, epochs: E, keep: q}`` every trial of the search runs
+at the strategy's own (short) budget, fidelity 0. Then, in each of ``R`` rounds, the
+share ``q`` of the models at the previous fidelity with the best non-dominated rank
+(Optuna's fast non-dominated sort over the study's objectives; within the rank that
+does not fit whole, the subset adding the most hypervolume) are loaded from their ``model.pt`` and trained ``E`` more epochs (the
+trial's own learning rate, optimizer and distillation, a fresh cosine schedule: a warm
+restart). Each continuation is a new trial of the same parameters with ``fidelity`` one
+higher and ``continued_from`` naming the trial it trained further; the front
+(:meth:`rankopt.StudyResult.front`) then holds every model at the highest fidelity it
+reached. This is multi-objective successive halving with the promotion step done once
+the rung is full.
+
+The promotion rule is written here because Optuna's pruners (successive halving,
+Hyperband) support single-objective studies only, and Ray Tune's schedulers need a
+single metric too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from rankopt.accounting import count
+from rankopt.artifacts import load_compressed, save_compressed
+from rankopt.search.objective import (
+    TrialEnv,
+    _finish,
+    clean_trial_dir,
+    measure_latency_ms,
+    objective_values,
+    set_constraints,
+    trial_context,
+    user_attrs,
+)
+
+__all__ = ["promotion_order", "promote", "run_promotions"]
+
+TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
+
+
+def promotion_order(values: Sequence[Sequence[float]], directions: Sequence[Any], keep: int) -> list[int]:
+    """Indices of the ``keep`` points to promote: by non-dominated rank (rank 0 is the
+    front), and within the rank that does not fit whole, the subset with the largest
+    hypervolume (SMS-EMOA's reduction step; Optuna's greedy subset selection), against
+    the worst value of each objective among ``values``: the points at either end of the
+    front (an almost uncompressed model, a broken tiny one) add the least and go last."""
+    # Optuna's NSGA-II sort and TPE's hypervolume subset selection (private helpers)
+    from optuna._hypervolume import _solve_hssp
+    from optuna.study._multi_objective import _fast_non_domination_rank
+
+    if not values or keep <= 0:
+        return []
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+    loss = np.asarray([[s * float(v) for s, v in zip(signs, row)] for row in values], dtype=float)
+    ranks = _fast_non_domination_rank(loss)
+    reference = loss.max(axis=0)
+    order: list[int] = []
+    for rank in sorted(set(int(r) for r in ranks)):
+        members = np.flatnonzero(ranks == rank)
+        need = keep - len(order)
+        if need <= 0:
+            break
+        if len(members) > need:
+            members = _solve_hssp(loss[members], members, need, reference)
+        order += [int(i) for i in members]
+    return order
+
+
+def _rung(study: optuna.Study, fidelity: int) -> list[FrozenTrial]:
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if int(t.user_attrs.get("fidelity", 0)) == fidelity and t.user_attrs.get("repeat_of") is None
+        and "accuracy" in t.user_attrs
+    ]
+
+
+def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
+            on_trial_done: TrialDone | None = None) -> list[int]:
+    """One round: continue the best share of the trials at ``fidelity``; returns the new
+    trials' numbers (none for models continued before, e.g. in an earlier run)."""
+    mf = env.config.multi_fidelity
+    assert mf is not None
+    rung = _rung(study, fidelity)
+    continued = {t.user_attrs.get("continued_from") for t in study.get_trials(deepcopy=False)}
+    keep = max(1, math.ceil(mf.keep * len(rung))) if rung else 0
+    picked = [rung[i] for i in promotion_order([t.values for t in rung], study.directions, keep)]
+    numbers = []
+    for source in picked:
+        if source.number in continued:
+            continue
+        trial = _new_trial_like(study, source)
+        values = dict(source.params)
+        metrics = continue_trial(env, trial.number, source, fidelity + 1)
+        for key, value in user_attrs(metrics).items():
+            trial.set_user_attr(key, value)
+        set_constraints(trial, env.config, metrics)
+        if metrics["state"] == "COMPLETE":
+            study.tell(trial, objective_values(metrics, env.config.objectives))
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+        if on_trial_done is not None:
+            on_trial_done(trial.number, values, metrics)
+        numbers.append(trial.number)
+    return numbers
+
+
+def _new_trial_like(study: optuna.Study, source: FrozenTrial) -> optuna.Trial:
+    """A RUNNING trial with ``source``'s parameters (through the storage, not ``ask``:
+    ``ask`` would hand out the oldest waiting ``enqueue`` point instead)."""
+    storage = study._storage
+    trial_id = storage.create_new_trial(study._study_id)
+    for name, value in source.params.items():
+        dist = source.distributions[name]
+        storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
+    return optuna.Trial(study, trial_id)
+
+
+def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
+    """Train the model of trial ``source`` ``multi_fidelity.epochs`` more; trial ``number``."""
+    from rankopt.plugins.strategies._common import distill_params
+
+    mf = env.config.multi_fidelity
+    assert mf is not None
+    start = time.perf_counter()
+    trial_dir = env.trial_dir(number)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    attrs = source.user_attrs
+    hp = dict(attrs.get("hyperparameters", {}))
+    metrics: dict[str, Any] = {
+        "trial": number, "state": "RUNNING", "params_asked": dict(source.params),
+        "strategy": attrs.get("strategy"), "selector": attrs.get("selector"),
+        "hyperparameters": hp, "selector_params": attrs.get("selector_params", {}),
+        "fidelity": fidelity, "continued_from": source.number,
+    }
+    ctx = None
+    try:
+        ctx = trial_context(env, env.space.plan(source.params), seed=(env.config.seed + number) % 2**32)
+        model = load_compressed(env.trial_dir(source.number) / "model.pt",
+                                copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)
+        ctx.compressed_layers = list(attrs.get("ranks", {}))  # what feature distillation matches
+        options = {"optimizer": hp["optimizer"]} if "optimizer" in hp else {}
+        ctx.train(model, epochs=float(mf.epochs), lr=float(hp.get("lr", 0.01)),
+                  **options, **distill_params(str(attrs.get("strategy")), hp))
+        accuracy = ctx.evaluate(model)
+        cost = count(model, env.input_shape, device=ctx.device)
+        spec = {name: {"decomposer": attrs["decomposers"][name], "ranks": list(r)}
+                for name, r in attrs.get("ranks", {}).items()}
+        metrics.update(
+            state="COMPLETE", accuracy=accuracy, params=cost.params, flops=cost.flops,
+            params_compression=env.baseline["params"] / cost.params if cost.params else math.inf,
+            flops_compression=env.baseline["flops"] / cost.flops if cost.flops else math.inf,
+            ranks=attrs.get("ranks", {}), decomposers=attrs.get("decomposers", {}),
+            ranks_summary=attrs.get("ranks_summary", ""), reference_key=env.reference_key,
+            extra={"accuracy_before": float(attrs["accuracy"])},
+        )
+        if "latency" in env.config.objectives:
+            metrics["latency_ms"] = measure_latency_ms(model, env.input_shape, ctx.device)
+        save_compressed(trial_dir / "model.pt", model, spec, base=env.base, input_shape=env.input_shape,
+                        metadata={"study": env.config.name, "trial": number, "accuracy": accuracy,
+                                  "params": cost.params, "flops": cost.flops,
+                                  "strategy": attrs.get("strategy"), "fidelity": fidelity})
+    except Exception as exc:  # a failing continuation must not end the study
+        import traceback
+
+        metrics.update(state="FAIL", reason=f"{type(exc).__name__}: {exc}",
+                       traceback=traceback.format_exc(limit=20))
+        clean_trial_dir(trial_dir)
+    return _finish(env, trial_dir, metrics, start, ctx)
+
+
+def run_promotions(env: TrialEnv, study: optuna.Study, on_trial_done: TrialDone | None = None) -> list[int]:
+    """Every round of ``multi_fidelity`` in turn; returns the new trials' numbers."""
+    mf = env.config.multi_fidelity
+    if mf is None:
+        return []
+    numbers: list[int] = []
+    for fidelity in range(mf.rounds):
+        numbers += promote(env, study, fidelity, on_trial_done)
+    return numbers

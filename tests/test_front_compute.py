@@ -1,0 +1,238 @@
+"""Better fronts for the same compute (issue 18): repeats, distillation, multi-fidelity,
+a search space that reaches 64x and rank 1, and the uniform rate sweep baseline."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from optuna.study import StudyDirection
+from torch.utils.data import TensorDataset
+
+import rankopt
+from rankopt.config import load_config
+from rankopt.distill import Distillation, distillation_loss
+from rankopt.errors import ConfigError
+from rankopt.search.fidelity import promotion_order
+from rankopt.search.seeding import uniform_rate_point
+from rankopt.search.space import SearchSpace
+from rankopt.training import make_loader, train
+
+
+def study(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "name": "compute",
+        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+        "data": {"name": "digits", "batch_size": 64},
+        "reference": {"epochs": 1, "lr": 0.05},
+        "decomposers": ["tucker2"],
+        "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
+        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.01}},
+        "sampler": {"name": "random", "seed": 0},
+        "run_dir": str(tmp_path / "run"),
+    }
+    config.update(changes)
+    return config
+
+
+# -- 1. no repeated work --------------------------------------------------------------------
+
+
+def test_a_trial_whose_ranks_round_like_an_earlier_ones_reports_its_result(tmp_path: Path) -> None:
+    # the layers of small_cnn(width=8) are at most 48 wide, where ceil(0.49 r) == ceil(0.5 r)
+    points = [{"fixed.fraction": 0.5}, {"fixed.fraction": 0.49}, {"fixed.fraction": 0.25}]
+    result = rankopt.run_study(study(tmp_path, trials=3, enqueue=points), progress=False)
+    records = {r.trial: r for r in result.trials()}
+    assert records[0].spec == records[1].spec != records[2].spec
+    assert [records[n].repeat_of for n in range(3)] == [None, 0, None]
+    assert records[1].accuracy == records[0].accuracy and records[1].params == records[0].params
+    assert records[1].train_epochs == 0.0 < records[0].train_epochs  # nothing trained again
+    assert records[1].model_path == records[0].model_path
+    assert result.status()["repeats"] == 1
+    front = [r.trial for r in result.front()]
+    assert 1 not in front and len(front) == len({(r.params, r.accuracy) for r in result.front()})
+
+
+def test_skip_repeats_off_trains_every_trial(tmp_path: Path) -> None:
+    points = [{"fixed.fraction": 0.5}, {"fixed.fraction": 0.49}]
+    result = rankopt.run_study(study(tmp_path, trials=2, enqueue=points, skip_repeats=False),
+                               progress=False)
+    assert [r.repeat_of for r in result.trials()] == [None, None]
+    assert all(r.train_epochs > 0 for r in result.trials())
+    assert result.status()["repeats"] == 0
+
+
+# -- 2. distillation -----------------------------------------------------------------------
+
+
+def test_distillation_loss_is_hintons_formula() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.randint(0, 5, (6,))
+    T, lam = 3.0, 0.7
+    p = F.softmax(teacher / T, dim=1)
+    kl = (p * (p.log() - F.log_softmax(student / T, dim=1))).sum(dim=1).mean()
+    expected = (1 - lam) * F.cross_entropy(student, labels) + lam * T * T * kl
+    got = distillation_loss(student, teacher, labels, temperature=T, weight=lam)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(distillation_loss(student, teacher, labels, temperature=T, weight=0.0)) == \
+        pytest.approx(float(F.cross_entropy(student, labels)))
+    # a student that equals its teacher has no soft loss: only the weighted hard term is left
+    same = distillation_loss(teacher, teacher, labels, temperature=T, weight=lam)
+    assert float(same) == pytest.approx((1 - lam) * float(F.cross_entropy(teacher, labels)), abs=1e-6)
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_train_with_distillation_minimizes_the_formula_with_feature_matching() -> None:
+    torch.manual_seed(0)
+    teacher, student = _net(), _net()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loader = make_loader(TensorDataset(x, y), batch_size=16)
+    distill = Distillation(teacher, weight=0.5, temperature=2.0, features=0.3, layers=("0",))
+    # lr 0: one step reports the loss of the untouched student
+    result = train(student, loader, epochs=1, lr=0.0, distill=distill, device="cpu", seed=0)
+    with torch.no_grad():
+        expected = distillation_loss(student(x), teacher(x), y, temperature=2.0, weight=0.5)
+        expected = expected + 0.3 * F.mse_loss(student[0](x), teacher[0](x))
+    assert result.final_loss == pytest.approx(float(expected), rel=1e-5)
+    assert not distill._handles  # hooks removed after training
+    plain = train(student, loader, epochs=1, lr=0.0, device="cpu", seed=0)
+    with torch.no_grad():
+        assert plain.final_loss == pytest.approx(float(F.cross_entropy(student(x), y)), rel=1e-5)
+
+
+def test_finetune_strategy_takes_distillation_and_checks_it(tmp_path: Path) -> None:
+    strategy = rankopt.strategy("finetune")
+    assert strategy.validate_params({"distill_weight": 0.5})["distill_temperature"] == 4.0
+    for bad in ({"distill_weight": 1.5}, {"distill_temperature": 0}, {"distill_features": -1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            strategy.validate_params(bad)
+    for name in ("nrmf", "admm", "deeptwist"):
+        assert rankopt.strategy(name).validate_params({"distill_weight": 0.3})["distill_weight"] == 0.3
+    # searchable: a range in the study file is a searched parameter
+    result = rankopt.run_study(
+        study(tmp_path, trials=2, strategies={"finetune": {
+            "epochs": 0.2, "lr": 0.01, "distill_weight": {"low": 0.1, "high": 0.9},
+            "distill_temperature": {"low": 1.0, "high": 8.0}}}),
+        progress=False)
+    for record in result.trials():
+        assert 0.1 <= record.hyperparameters["distill_weight"] <= 0.9
+        assert 1.0 <= record.hyperparameters["distill_temperature"] <= 8.0
+
+
+# -- 3. multi-fidelity ------------------------------------------------------------------------
+
+
+def test_promotion_picks_the_non_dominated_first() -> None:
+    directions = [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]  # accuracy, params
+    values = [(0.90, 100), (0.95, 200), (0.85, 150), (0.80, 50), (0.94, 300)]
+    # front: 0, 1, 3 (2 is dominated by 0; 4 by 1); then rank 1: 2 and 4
+    assert sorted(promotion_order(values, directions, 3)) == [0, 1, 3]
+    # two of the front: against the worst point (acc 0.80, 300 params) 0's box is 0.10 x 200,
+    # 1's 0.15 x 100 (5 of it not covered by 0's), 3's 0 x 250: 0, then 1
+    assert promotion_order(values, directions, 2) == [0, 1]
+    # the whole front, then of rank 1 the point with the larger box (2: 0.05 x 150; 4: 0.14 x 0)
+    assert promotion_order(values, directions, 4) == [0, 1, 3, 2]
+    assert promotion_order([], directions, 2) == []
+
+
+def test_multi_fidelity_continues_the_front_from_its_checkpoints(tmp_path: Path) -> None:
+    points = [{"fixed.fraction": f} for f in (0.2, 0.4, 0.6, 0.8)]
+    config = study(tmp_path, trials=4, enqueue=points,
+                   multi_fidelity={"rounds": 1, "epochs": 0.5, "keep": 0.5})
+    result = rankopt.run_study(config, progress=False)
+    records = result.trials()
+    first = [r for r in records if r.fidelity == 0]
+    later = [r for r in records if r.fidelity == 1]
+    assert len(first) == 4 and len(later) == 2  # ceil(0.5 * 4)
+    picked = promotion_order(
+        [(r.accuracy, r.params, r.flops) for r in first],
+        [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE, StudyDirection.MINIMIZE], 2)
+    assert sorted(r.continued_from for r in later) == sorted(first[i].trial for i in picked)
+    by_trial = {r.trial: r for r in records}
+    for r in later:
+        source = by_trial[r.continued_from]  # type: ignore[index]
+        assert (r.spec, r.params, r.flops) == (source.spec, source.params, source.flops)
+        assert r.train_epochs == pytest.approx(0.5, abs=0.1)
+        assert Path(r.model_path).is_file()
+    front = result.front()
+    assert not {r.trial for r in front} & {r.continued_from for r in later}
+    status = result.status()
+    assert sum(status["front_fidelity"].values()) == len(front)
+    # a rerun promotes nothing again
+    again = rankopt.run_study(config, progress=False)
+    assert len(again.trials()) == 6
+
+
+# -- 4. the search space reaches the extremes -----------------------------------------------
+
+
+def _space(config: dict[str, Any]) -> tuple[SearchSpace, nn.Module, list[Any]]:
+    from rankopt.study import Study
+
+    prep = Study(config)._prepare()
+    return prep.space, prep.model, prep.targets
+
+
+def test_thin_first_conv_is_dense_by_default(tmp_path: Path) -> None:
+    _, _, targets = _space(study(tmp_path))
+    assert "0" not in [t.name for t in targets]  # the first conv: 1 input channel
+    _, _, targets = _space(study(tmp_path, targets={"dense_input_channels": 0}))
+    assert "0" in [t.name for t in targets]
+
+
+def test_space_reaches_rank_one_and_64x(tmp_path: Path) -> None:
+    for name, key in (("fixed", "fraction"), ("budget", "target"), ("energy", "p")):
+        dist = rankopt.rank_selector(name).search_space([])[key]
+        assert dist.log or name == "energy"
+        assert {"fixed": dist.low * 1000 <= 1, "budget": dist.low <= 1 / 64,
+                "energy": dist.low <= 0.3}[name]
+    config = study(tmp_path, model={"name": "lenet5"}, decomposers=["tucker2", "svd"],
+                   selectors={"fixed": {"space": {"per_layer": True}}})
+    model = rankopt.model("lenet5", num_classes=10, in_channels=1)  # MNIST-sized: 28 x 28
+    targets = [t for t in rankopt.find_layers(model, (1, 1, 28, 28)) if t.name != "conv1"]
+    space = SearchSpace(load_config(config), model, targets)
+    point = uniform_rate_point(space, model, 64.0)
+    plan = space.plan(point)
+    spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed",
+                                            plan.selector_params, input_shape=(1, 1, 28, 28))
+    for name, entry in spec.items():
+        module = model.get_submodule(name)
+        dec = rankopt.decomposer(entry["decomposer"])
+        got = dec.cost(module, entry["ranks"], input_hw=(1, 1)).params
+        original = sum(p.numel() for p in module.parameters())
+        assert got <= original / 64 or all(r == 1 for r in entry["ranks"]), (name, got, original)
+    # rank 1 everywhere at an absurd rate
+    tiny = space.plan(uniform_rate_point(space, model, 1e6))
+    spec, _ = rankopt.selection.select_spec(model, targets, tiny.decomposers, "fixed",
+                                            tiny.selector_params, input_shape=(1, 1, 28, 28))
+    assert all(set(e["ranks"]) == {1} for e in spec.values())
+
+
+def test_uniform_sweep_baseline_has_one_point_per_rate(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _baselines as b
+
+    weights = tmp_path / "w.pt"
+    torch.save(rankopt.model("lenet5", num_classes=10, in_channels=1).state_dict(), weights)
+    cfg = b.method_config(b.settings(True)["mnist"], "uniform", weights, tmp_path, "cpu")
+    assert cfg["trials"] == len(cfg["enqueue"]) == len(b.UNIFORM_RATES) == 5
+    assert "uniform" in b.HAND_METHODS
+    fc = [p["fixed.fraction:fcs.0"] for p in cfg["enqueue"]]
+    assert fc == sorted(fc, reverse=True) and len(set(fc)) == 5  # deeper cuts, smaller ranks
+    assert all(p["decomposer.conv2"] == "tucker2" for p in cfg["enqueue"])
+    assert not any("conv1" in k for p in cfg["enqueue"] for k in p)  # the first conv dense
+    assert math.isclose(b.UNIFORM_RATES[-1], 64)
+    load_config(cfg)  # a valid study
+    head = b.method_config(b.settings(True)["mnist"], "uniform_head", weights, tmp_path, "cpu")
+    assert head["trials"] == 5 and head["targets"] == {"exclude": ["fc_out"]}
+    assert all("fixed.fraction:fc_out" not in p and "fixed.fraction:fcs.0" in p for p in head["enqueue"])
