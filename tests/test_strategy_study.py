@@ -38,14 +38,15 @@ def test_study_over_three_strategies_records_them(tmp_path: Path) -> None:
     result = rankopt.run_study(config, progress=False)
     records = {r.strategy: r for r in result.trials()}
     assert set(records) == {"finetune", "nrmf", "admm"}
-    assert records["finetune"].hyperparameters == {"epochs": 0.5, "lr": 0.02, "optimizer": "sgd"}
+    off = {"distill_weight": 0.0, "distill_temperature": 4.0, "distill_features": 0.0}  # no distillation
+    assert records["finetune"].hyperparameters == {"epochs": 0.5, "lr": 0.02, "optimizer": "sgd", **off}
     assert records["nrmf"].hyperparameters == {
         "alpha": 0.02, "epochs": 0.5, "finetune_epochs": 0.5, "lr": 0.02,
-        "ranks_from": "regularized", "init_from": "regularized",
+        "ranks_from": "regularized", "init_from": "regularized", **off,
     }
     assert records["admm"].hyperparameters == {
         "rho": 1.0, "update_interval": 3, "epochs": 0.5, "tol": 0.05, "finetune_epochs": 0.5,
-        "lr": 0.02,
+        "lr": 0.02, **off,
     }
     for record in records.values():
         assert record.selector == "energy" and record.selector_params["p"] == 0.7
