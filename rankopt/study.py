@@ -120,11 +120,13 @@ class Study:
 
     # -- preparation (no side effects on disk) ------------------------------------------
     def _prepare(self) -> _Prepared:
-        from rankopt.devices import resolve_device
         from rankopt.manager import get_registry
 
         config = self.config
-        resolve_device(config.device)
+        if config.backend != "ray" or config.reference.on == "driver":
+            # with backend ray the device is resolved where each trial runs (connect()
+            # checks the cluster has GPUs for device: cuda)
+            _resolve_driver_device(config)
         _check_backend(config)
         if self.user_data is not None:
             splits = self.user_data
@@ -224,6 +226,11 @@ class Study:
                     clean_trial_dir(run_dir / "trials" / str(number), reason=STALE_REASON)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
+            store = None
+            if config.artifacts is not None:
+                from rankopt.search.artifact_store import ArtifactStore
+
+                store = ArtifactStore(config.artifacts, config.name)
             show = StudyProgress(None, enabled=self.progress, baseline={})
             show.message(f"study {config.name!r}: reference model ({_describe_reference(config)})")
             reference, baseline = obtain_reference(
@@ -235,7 +242,9 @@ class Study:
                 targets=prep.targets,
                 key=key,
                 run_dir=run_dir,
+                store=store,
             )
+            check_reference_key(study, key, run_dir, baseline.get("weights_sha256"))
             env = TrialEnv(
                 config=config,
                 run_dir=run_dir.resolve(),
@@ -247,6 +256,7 @@ class Study:
                 baseline=baseline,
                 base=prep.base,
                 reference_key=key,
+                store=store,
             )
             if not study.trials:
                 enqueue = list(prep.enqueue)
@@ -294,7 +304,7 @@ class Study:
                     from rankopt.search.ray_backend import run_ray
 
                     run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
-                            should_stop=too_many_failures)
+                            should_stop=too_many_failures, target=config.trials)
             result = StudyResult(run_dir, config)
             summary = result.status()
             write_json(run_dir / "summary.json", summary)
@@ -449,6 +459,20 @@ def torch_threads(cpus: float) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _resolve_driver_device(config: StudyConfig) -> None:
+    from rankopt.devices import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ConfigError as exc:
+        if config.backend != "ray":
+            raise
+        raise ConfigError(
+            f"{exc}; with backend ray, reference: {{on: cluster}} trains the reference on a "
+            "worker, so this machine needs no GPU"
+        ) from None
 
 
 def _check_backend(config: StudyConfig) -> None:

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from rankopt.search.objective import (
     TrialEnv,
+    clean_trial_dir,
     objective_values,
     run_trial,
     set_constraints,
@@ -61,7 +62,16 @@ def run_local(
     workers on one study run exactly ``target`` trials between them. ``should_stop``
     is asked before each new trial (e.g. ``max_failures`` reached).
     """
-    from rankopt.search.storage import WORKER_ATTR, TrialClaim, worker_id
+    from rankopt.search.storage import (
+        STALE_REASON,
+        WITHDRAWN_REASON,
+        WORKER_ATTR,
+        TrialClaim,
+        fail_stale_trials,
+        is_local_sqlite,
+        is_surplus,
+        worker_id,
+    )
 
     finished: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
     claim = TrialClaim(env.run_dir)
@@ -75,6 +85,9 @@ def run_local(
         # the trial is RUNNING now; once it names its process other workers may go on
         trial.set_user_attr(WORKER_ATTR, me)
         claim.release()
+        if target is not None and is_surplus(study, trial.number, target):
+            trial.set_user_attr("reason", WITHDRAWN_REASON)
+            raise optuna.TrialPruned(WITHDRAWN_REASON)
         values = env.space.suggest(trial)
         metrics = run_trial(env, trial.number, values)
         for key, value in user_attrs(metrics).items():
@@ -94,6 +107,13 @@ def run_local(
     def wanted() -> bool:
         if target is None:
             return True
+        # a worker that died mid-trial leaves it RUNNING: fail it here (and so run its
+        # replacement) rather than stop one trial short
+        storage = study._storage
+        url = str(getattr(getattr(storage, "_backend", storage), "url", ""))
+        for number in fail_stale_trials(study, storage, local=is_local_sqlite(url)):
+            log.warning("trial %d failed: %s", number, STALE_REASON)
+            clean_trial_dir(env.trial_dir(number), reason=STALE_REASON)
         claimed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         return len(claimed) < target
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from rankopt.accounting import count
 from rankopt.artifacts import save_compressed
 from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
@@ -63,6 +65,8 @@ TRIAL_ATTRS = (
     "decomposers",
     "reason",
     "reference_key",
+    "reference_weights",
+    "node",
 )
 
 
@@ -80,6 +84,8 @@ class TrialEnv:
     baseline: dict[str, Any]  # accuracy, params, flops (latency_ms when measured)
     base: dict[str, Any]  # how load_compressed rebuilds the architecture
     reference_key: str
+    # where trial folders travel between machines (None: the run directory is the only place)
+    store: ArtifactStore | None = None
     _cache: SpectralCache | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -211,6 +217,8 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     metrics: dict[str, Any] = {"trial": number, "state": "RUNNING", "params_asked": dict(values)}
     ctx: LocalTrialContext | None = None
     try:
+        metrics["node"] = socket.gethostname()
+        _check_where_it_runs(env)
         plan: TrialPlan = env.space.plan(values)
         metrics.update(strategy=plan.strategy, selector=plan.selector)
         strategy = get_registry().create("strategies", plan.strategy)
@@ -236,6 +244,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             extra=dict(outcome.extra),
             reported=dict(ctx.reported),
             reference_key=env.reference_key,
+            reference_weights=env.baseline.get("weights_sha256"),
         )
         if "latency" in config.objectives:
             metrics["latency_ms"] = measure_latency_ms(model, env.input_shape, ctx.device)
@@ -274,7 +283,38 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         device=str(ctx.device) if ctx is not None else None,
     )
     write_json(trial_dir / "metrics.json", metrics)
+    if env.store is not None:
+        try:
+            env.store.put_trial(number, trial_dir)
+        except OSError as exc:  # a trial whose model stays on this node is lost to the study
+            metrics.update(state="FAIL", reason=(
+                f"artifacts: cannot upload the trial folder to {env.store.describe()!r} from "
+                f"node {socket.gethostname()} ({type(exc).__name__}: {exc})"))
+            clean_trial_dir(trial_dir)
+            write_json(trial_dir / "metrics.json", metrics)
     return metrics
+
+
+def _check_where_it_runs(env: TrialEnv) -> None:
+    """Before any work: the GPUs this trial was given are usable, and the reference it
+    compresses is the study's (the content hash in the reference metrics)."""
+    from rankopt.search.reference import fingerprint_module
+
+    gpus = env.config.resources.gpus
+    if gpus > 0 and env.config.backend == "ray" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"resources.gpus: this trial was given {gpus:g} GPU(s) on node "
+            f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={visible!r}), but torch cannot "
+            f"use them (torch {torch.__version__}, CUDA build {torch.version.cuda}); install "
+            "a CUDA build of torch on the workers or fix the node's driver"
+        )
+    expected = env.baseline.get("weights_sha256")
+    if expected is not None and fingerprint_module(env.reference) != expected:
+        raise RuntimeError(
+            f"the reference weights here do not match the study's (sha256 {expected[:12]}); "
+            "the reference was changed or corrupted in transit: rerun to fetch it again"
+        )
 
 
 # Optuna 5 tells samplers the constraints per trial (constraints_func is deprecated there)
