@@ -49,7 +49,7 @@ def layer_rows(result: StudyResult, record: TrialRecord) -> list[dict[str, Any]]
     """
     from rankopt.artifacts import load_compressed
 
-    model = load_compressed(record.model_path)
+    model = load_compressed(result.local_model(record).model_path)
     rows = []
     for layer in result.reference.get("layers", []):
         name = layer["name"]

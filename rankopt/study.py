@@ -113,6 +113,8 @@ class Study:
         self.user_model = model
         self.user_data = data
         self.progress = progress
+        # (number, reason) of the trials that failed in the last run() (CLI exit status)
+        self.failed_trials: list[tuple[int, str]] = []
 
     @property
     def run_dir(self) -> Path:
@@ -271,6 +273,8 @@ class Study:
 
             def on_trial_done(number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
                 outcomes.append(str(metrics.get("state")))
+                if metrics.get("state") != "COMPLETE":
+                    self.failed_trials.append((number, str(metrics.get("reason", "?"))))
                 progress.trial_done(number, values, metrics)
                 _call_trial_hook(run_dir, number, values, metrics)
 

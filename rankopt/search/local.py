@@ -25,6 +25,8 @@ __all__ = ["run_local", "TrialFailed", "quiet_optuna"]
 
 log = logging.getLogger("rankopt.study")
 
+WAIT_S = 2.0  # how often a worker with nothing to start looks again (a trial may fail)
+
 TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
 
 
@@ -104,7 +106,7 @@ def run_local(
             values, metrics = finished.pop(trial.number)
             on_trial_done(trial.number, values, metrics)
 
-    def wanted() -> bool:
+    def wanted() -> str:
         if target is None:
             return True
         # a worker that died mid-trial leaves it RUNNING: fail it here (and so run its
@@ -114,8 +116,12 @@ def run_local(
         for number in fail_stale_trials(study, storage, local=is_local_sqlite(url)):
             log.warning("trial %d failed: %s", number, STALE_REASON)
             clean_trial_dir(env.trial_dir(number), reason=STALE_REASON)
-        claimed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        return len(claimed) < target
+        states = [t.state for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))]
+        if len(states) < target:
+            return "run"
+        # full: done, or wait while running trials (other workers') may yet fail
+        return "done" if states.count(TrialState.COMPLETE) >= target else "wait"
 
     def worker() -> None:
         while not full.is_set():
@@ -129,9 +135,16 @@ def run_local(
                 started[0] += 1
             claim.acquire()
             try:
-                if not wanted():
+                want = wanted()
+                if want == "done":
                     full.set()
                     return
+                if want == "wait":
+                    with counter_lock:
+                        started[0] -= 1
+                    claim.release()
+                    time.sleep(WAIT_S)
+                    continue
                 study.optimize(
                     objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
                     gc_after_trial=False,
