@@ -175,7 +175,7 @@ def test_ray_and_local_drivers_share_a_postgres_study_and_a_dead_driver_is_faile
     a = write(tmp_path / "a.yaml", study(name, run_a, max_concurrent=1,
                                          strategies={"finetune": {"epochs": 4, "lr": 0.02}}, **common))
     b = write(tmp_path / "b.yaml", study(name, run_b, backend="local", max_concurrent=1, **common))
-    beat = machine_env(RANKOPT_HEARTBEAT_INTERVAL="1", RANKOPT_GRACE_PERIOD="4")
+    beat = machine_env(RANKOPT_HEARTBEAT_INTERVAL="1", RANKOPT_GRACE_PERIOD="10")
     try:
         # machine A (the ray backend) runs until a trial is done and the next is running
         driver = subprocess.Popen(on_machine("machineA", rankopt_cli("run", str(a), "-q")),
@@ -203,8 +203,15 @@ def test_ray_and_local_drivers_share_a_postgres_study_and_a_dead_driver_is_faile
         assert running
         # machine B (the local backend, another host name: no PID check applies) fails
         # A's trial once its heartbeat is over the grace period, and finishes the count
-        rerun = subprocess.run(on_machine("machineB", rankopt_cli("run", str(b), "-q")),
-                               env=beat, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        try:
+            rerun = subprocess.run(on_machine("machineB", rankopt_cli("run", str(b), "-q")),
+                                   env=beat, cwd=tmp_path, capture_output=True, text=True,
+                                   timeout=240)
+        except subprocess.TimeoutExpired as exc:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+            raise AssertionError(
+                f"machine B did not finish: {[(t.number, t.state.name, t.user_attrs.get('worker')) for t in trials]}"
+                f"\n{exc.stdout!r}\n{exc.stderr!r}") from None
         assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
         trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         by_state = {s: [t for t in trials if t.state.name == s] for s in ("COMPLETE", "FAIL", "RUNNING")}
@@ -224,3 +231,85 @@ def test_ray_and_local_drivers_share_a_postgres_study_and_a_dead_driver_is_faile
             optuna.delete_study(study_name=name, storage=url)
         except KeyError:
             pass
+
+
+# -- fast checks --------------------------------------------------------------------------------
+
+
+def test_a_stale_trial_whose_pid_now_belongs_to_a_live_process_is_detected(tmp_path: Path) -> None:
+    import socket
+
+    import optuna
+
+    from rankopt.search.storage import (
+        STALE_REASON,
+        WORKER_ATTR,
+        _start_time,
+        default_storage_url,
+        fail_stale_trials,
+        open_storage,
+        worker_id,
+    )
+
+    storage = open_storage(default_storage_url(tmp_path))
+    study_ = optuna.create_study(study_name="pids", storage=storage)
+    host = socket.gethostname()
+    live = subprocess.Popen(["sleep", "60"])  # an unrelated live process
+    try:
+        start = _start_time(live.pid)
+        assert start is not None
+        workers = {
+            "reused": f"{host}:{live.pid}:{start - 1}",  # its PID, another start time
+            "pid1": f"{host}:1:{_start_time(1) + 1}",  # a restarted container's PID 1
+            "alive": f"{host}:{live.pid}:{start}",  # that very process
+            "me": worker_id(),
+            "elsewhere": f"another-host:{live.pid}:{start - 1}",  # not ours to judge
+        }
+        numbers = {}
+        for label, worker in workers.items():
+            trial = study_.ask()
+            trial.set_user_attr(WORKER_ATTR, worker)
+            numbers[trial.number] = label
+        failed = fail_stale_trials(study_, storage, local=True)
+        assert sorted(numbers[n] for n in failed) == ["pid1", "reused"]
+        for t in study_.get_trials():
+            expected = "FAIL" if numbers[t.number] in ("pid1", "reused") else "RUNNING"
+            assert t.state.name == expected, numbers[t.number]
+            if expected == "FAIL":
+                assert t.user_attrs["reason"] == STALE_REASON
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_worker_id_names_host_pid_and_start_time() -> None:
+    import socket
+
+    from rankopt.search.storage import _start_time, worker_id
+
+    host, pid, start = worker_id().split(":")
+    assert host == socket.gethostname() and int(pid) == os.getpid()
+    assert int(start) == _start_time(os.getpid()) > 0
+
+
+def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:
+    from rankopt.config import load_config
+    from rankopt.errors import ConfigError
+    from rankopt.search.artifact_store import ArtifactStore
+
+    store = ArtifactStore(str(tmp_path / "store"), "s")
+    assert not store.fetch_trial(0, tmp_path / "here" / "0")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"\x00weights" * 100)
+    (src / "metrics.json").write_text('{"state": "COMPLETE"}')
+    import pickle
+
+    pickle.loads(pickle.dumps(store)).put_trial(7, src)  # as a Ray worker would
+    assert store.fetch_trial(7, tmp_path / "here" / "7")
+    assert (tmp_path / "here" / "7" / "model.pt").read_bytes() == b"\x00weights" * 100
+    assert not list((tmp_path / "store" / "s" / "trials" / "7").glob(".*"))  # no temporaries
+    with pytest.raises(ConfigError, match=r"artifacts.*'nope'.*fsspec"):
+        load_config(study("x", tmp_path / "run", artifacts="nope://bucket/x"))
+    config = load_config(study("x", tmp_path / "run", artifacts="relative/store"))
+    assert config.artifacts == os.path.abspath("relative/store")

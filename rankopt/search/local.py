@@ -61,7 +61,11 @@ def run_local(
     ``target``: the number of completed trials the study wants in all. A trial starts
     only while fewer than ``target`` trials are COMPLETE or RUNNING (by any process on
     this machine, under :class:`~rankopt.search.storage.TrialClaim`), so concurrent
-    workers on one study run exactly ``target`` trials between them. ``should_stop``
+    workers on one study run exactly ``target`` trials between them; a trial another
+    machine's worker started past the count is withdrawn (PRUNED). When the count is
+    full but not all COMPLETE, the worker fails trials of dead processes (PID and start
+    time here, heartbeats on a shared RDB) and waits: a surviving worker finishes the
+    count. ``should_stop``
     is asked before each new trial (e.g. ``max_failures`` reached).
     """
     from rankopt.search.storage import (

@@ -67,6 +67,7 @@ TRIAL_ATTRS = (
     "reference_key",
     "reference_weights",
     "node",
+    "artifact_seconds",
 )
 
 
@@ -285,7 +286,9 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     write_json(trial_dir / "metrics.json", metrics)
     if env.store is not None:
         try:
+            upload = time.perf_counter()
             env.store.put_trial(number, trial_dir)
+            metrics["artifact_seconds"] = time.perf_counter() - upload
         except OSError as exc:  # a trial whose model stays on this node is lost to the study
             metrics.update(state="FAIL", reason=(
                 f"artifacts: cannot upload the trial folder to {env.store.describe()!r} from "

@@ -300,7 +300,11 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         if metrics.get("state") == "COMPLETE":
             if not _same_run(folder, metrics) and self.store is not None:
                 try:
+                    fetch = time.perf_counter()
                     self.store.fetch_trial(number, folder)
+                    # upload from the worker plus fetch here: the trip of the trial's files
+                    metrics["artifact_seconds"] = (
+                        float(metrics.get("artifact_seconds", 0.0)) + time.perf_counter() - fetch)
                 except Exception as exc:  # noqa: BLE001 - reported as the trial's failure
                     metrics = {**metrics, "state": "FAIL", "reason": str(exc)}
             if metrics.get("state") == "COMPLETE" and not _same_run(folder, metrics):
@@ -366,9 +370,13 @@ class DefineByRun:
         self.space = space
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from rankopt.search.storage import WORKER_ATTR, worker_id
+        from rankopt.search.storage import WORKER_ATTR, _heartbeat_on, worker_id
 
-        # the driver owns the trial: if it dies, a rerun finds the trial stale
+        # the driver owns the trial: if it dies, a rerun finds the trial stale; its first
+        # heartbeat at once (shared RDBs), so that other machines can tell when it stops
+        storage = trial.study._storage
+        if _heartbeat_on(storage):
+            storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr(WORKER_ATTR, worker_id())
         self.space.suggest(trial)
         return {TRIAL_NUMBER_KEY: trial.number}

@@ -173,6 +173,30 @@ def _heartbeat_on(storage: object) -> bool:
     return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
 
 
+def _never_beat(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """RUNNING trials older than the grace period that never sent a heartbeat (their
+    process died between asking for the trial and its first beat); Optuna's own rule
+    skips trials without a heartbeat, which would leave them RUNNING for ever."""
+    from datetime import datetime, timedelta
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    cutoff = datetime.now() - timedelta(seconds=GRACE_PERIOD)
+    old = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and t.datetime_start < cutoff}
+    backend = getattr(storage, "_backend", storage)
+    if not old or not hasattr(backend, "scoped_session"):
+        return []
+    with _create_scoped_session(backend.scoped_session) as session:
+        beating = {
+            row.trial_id
+            for row in session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(old))
+        }
+    return sorted(old - beating)
+
+
 def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
     """True when trials numbered below ``number`` that are COMPLETE or RUNNING already
     make ``target``: the trial was asked by a worker that raced another one (on another
@@ -212,7 +236,7 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, local: bool)
         # Optuna's own rule (optuna.storages.fail_stale_trials), with the reason recorded
         # first: a finished trial's attrs cannot be set any more
         numbers = {t._trial_id: t.number for t in study.get_trials(deepcopy=False)}
-        for trial_id in storage._get_stale_trial_ids(study_id):
+        for trial_id in [*storage._get_stale_trial_ids(study_id), *_never_beat(study, storage)]:
             try:
                 storage.set_trial_user_attr(trial_id, "reason", HEARTBEAT_REASON)
                 if storage.set_trial_state_values(trial_id, TrialState.FAIL):
