@@ -65,7 +65,7 @@ def run_local(
     machine's worker started past the count is withdrawn (PRUNED). When the count is
     full but not all COMPLETE, the worker fails trials of dead processes (PID and start
     time here, heartbeats on a shared RDB) and waits: a surviving worker finishes the
-    count. ``should_stop``
+    count, or leaves it to live workers elsewhere. ``should_stop``
     is asked before each new trial (e.g. ``max_failures`` reached).
     """
     from rankopt.search.storage import (
@@ -77,6 +77,7 @@ def run_local(
         is_local_sqlite,
         is_surplus,
         worker_id,
+        worth_waiting,
     )
 
     finished: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -84,18 +85,25 @@ def run_local(
     me = worker_id()
     counter_lock = threading.Lock()
     started = [0]
+    mine: set[int] = set()  # trials this process's threads are running
     full = threading.Event()
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def objective(trial: optuna.Trial) -> list[float]:
         # the trial is RUNNING now; once it names its process other workers may go on
         trial.set_user_attr(WORKER_ATTR, me)
+        with counter_lock:
+            mine.add(trial.number)
         claim.release()
         if target is not None and is_surplus(study, trial.number, target):
             trial.set_user_attr("reason", WITHDRAWN_REASON)
             raise optuna.TrialPruned(WITHDRAWN_REASON)
         values = env.space.suggest(trial)
-        metrics = run_trial(env, trial.number, values)
+        try:
+            metrics = run_trial(env, trial.number, values)
+        finally:
+            with counter_lock:
+                mine.discard(trial.number)
         for key, value in user_attrs(metrics).items():
             trial.set_user_attr(key, value)
         set_constraints(trial, env.config, metrics)
@@ -124,8 +132,12 @@ def run_local(
             deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))]
         if len(states) < target:
             return "run"
-        # full: done, or wait while running trials (other workers') may yet fail
-        return "done" if states.count(TrialState.COMPLETE) >= target else "wait"
+        # full: done, or wait while a running trial may yet fail (see worth_waiting)
+        if states.count(TrialState.COMPLETE) >= target:
+            return "done"
+        with counter_lock:
+            own = set(mine)
+        return "wait" if worth_waiting(study, storage, own) else "done"
 
     def worker() -> None:
         while not full.is_set():

@@ -44,6 +44,7 @@ __all__ = [
     "worker_id",
     "WORKER_ATTR",
     "is_surplus",
+    "worth_waiting",
     "WITHDRAWN_REASON",
 ]
 
@@ -173,6 +174,51 @@ def _heartbeat_on(storage: object) -> bool:
     return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
 
 
+def worth_waiting(study: optuna.Study, storage: BaseStorage, own: set[int]) -> bool:
+    """With the count full but not all COMPLETE: True while a running trial may yet fail
+    and need a replacement that this worker should run: one of its ``own`` (trial
+    numbers), or, on a shared RDB, another process's trial whose heartbeat is late (over
+    two intervals: its process may be dead, and is failed once past the grace period).
+    Trials of live workers elsewhere are theirs to finish."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if any(t.number in own for t in running):
+        return True
+    if not _heartbeat_on(storage):
+        return False
+    from datetime import datetime, timedelta
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = getattr(storage, "_backend", storage)
+    ids = {t._trial_id: t for t in running}
+    if not ids or not hasattr(backend, "scoped_session"):
+        return False
+    with _create_scoped_session(backend.scoped_session) as session:
+        now = session.execute(sqlalchemy_now()).scalar().replace(tzinfo=None)
+        beats = {
+            row.trial_id: row.heartbeat
+            for row in session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(list(ids)))
+        }
+    late = timedelta(seconds=2 * HEARTBEAT_INTERVAL)
+    for trial_id, trial in ids.items():
+        beat = beats.get(trial_id)
+        if beat is None:
+            start = trial.datetime_start
+            if start is None or start < datetime.now() - late:
+                return True
+        elif now - beat > late:
+            return True
+    return False
+
+
+def sqlalchemy_now() -> object:
+    import sqlalchemy
+
+    return sqlalchemy.func.now()
+
+
 def _never_beat(study: optuna.Study, storage: BaseStorage) -> list[int]:
     """RUNNING trials older than the grace period that never sent a heartbeat (their
     process died between asking for the trial and its first beat); Optuna's own rule
@@ -215,10 +261,11 @@ WITHDRAWN_REASON = "withdrawn: other workers on this study had already started t
 def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, local: bool) -> list[int]:
     """Mark trials a dead process left RUNNING as FAIL; returns their numbers.
 
-    A RUNNING trial is stale when its ``worker`` (``host:pid``) is a dead process on this
-    machine. With the embedded SQLite file (``local``) a RUNNING trial that names no
-    worker is stale too (only rankopt processes on this machine use that file); with a
-    shared RDB, Optuna's heartbeat rule also fails trials of dead processes elsewhere.
+    A RUNNING trial is stale when its ``worker`` (``host:pid:start``) is a dead process on
+    this machine, or its PID now runs another process (another start time). With the
+    embedded SQLite file (``local``) a RUNNING trial that names no worker is stale too (only rankopt processes on this machine use that
+    file); with a shared RDB, Optuna's heartbeat rule (``HEARTBEAT_REASON``) also fails
+    trials of dead processes elsewhere, and trials that never sent a heartbeat.
     Live workers' trials are never touched, so several processes can share a study.
     """
     failed = []
