@@ -105,7 +105,8 @@ def two_node_rows(setting: Any, weights: Path, out: Path, device: str, trials: i
         else:
             config["artifacts"] = str(root / "store")
             (root / "config.json").write_text(json.dumps(config, default=str))
-            script = (f"{sys.executable} -c 'import json, rankopt; rankopt.run_study("
+            # relative data and weights paths: run from here, not from the cluster's folder
+            script = (f"cd {Path.cwd()} && {sys.executable} -c 'import json, rankopt; rankopt.run_study("
                       f"json.load(open(\"{root / 'config.json'}\")), progress=False)'\n")
             proc = run_in_cluster(script, tmp=root, hide=machine, cpus=2, timeout=3000)
             if proc.returncode != 0:
@@ -116,7 +117,7 @@ def two_node_rows(setting: Any, weights: Path, out: Path, device: str, trials: i
                  if t.state.name == "COMPLETE"]
         rows.append([str(nodes), "2" if nodes == 1 else "0 + 2", str(f["trials"]), f"{f['span_s']:.1f}",
                      f"{f['trial_s']:.2f}", f"{f['in_trial_overhead_s']:.3f}",
-                     f"{f['backend_overhead_s']:.2f}", f"{f['trials_per_hour']:.0f}",
+                     f"{f['span_s'] * 2 / f['trials'] - f['trial_s']:.2f}", f"{f['trials_per_hour']:.0f}",
                      f"{statistics.median(trips) * 1000:.0f}" if nodes == 2 and trips else "-"])
         print(rows[-1], flush=True)
     return rows
@@ -328,7 +329,7 @@ def two_node(args: Any, setting: Any, trials: int) -> None:
     weights = reference_weights(setting, args.out, args.device)
     table = markdown_table(
         ["Ray nodes", "CPUs (head + node 2)", "trials", "search s", "trial s (mean)",
-         "in-trial overhead s", "backend overhead s per trial", "trials per hour",
+         "in-trial overhead s", "slot overhead s per trial", "trials per hour",
          "artifact trip ms (median: upload + fetch)"],
         two_node_rows(setting, weights, args.out, args.device, trials))
     load_after = os.getloadavg()
@@ -339,6 +340,9 @@ def two_node(args: Any, setting: Any, trials: int) -> None:
         "namespace (an empty tmpfs over the driver's folder), inside a private network/PID "
         "namespace; every trial ran on the second node, and its folder came back through an "
         "`artifacts:` folder (upload from the worker + fetch by the driver = artifact trip). "
+        "Slot overhead = search span x 2 slots / trials - mean trial time: what a trial slot "
+        "spends outside trials (Tune, Optuna, scheduling, the artifact trip). The artifact "
+        "store here is a local folder: the trip is what rankopt adds, not a network's. "
         "The two runs are sequential, not interleaved; other engineers were loading the "
         f"machine: load average (1/5/15 min) {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} before, "
         f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after.\n\n{table}"
