@@ -313,3 +313,62 @@ def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:
         load_config(study("x", tmp_path / "run", artifacts="nope://bucket/x"))
     config = load_config(study("x", tmp_path / "run", artifacts="relative/store"))
     assert config.artifacts == os.path.abspath("relative/store")
+
+
+@pytest.mark.slow
+def test_ray_and_local_drivers_at_once_finish_exactly_the_count(tmp_path: Path) -> None:
+    import optuna
+
+    require_namespaces()
+    url = postgres_url()
+    name = f"both-{uuid.uuid4().hex[:8]}"
+    store = tmp_path / "store"
+    run_a, run_b = tmp_path / "machineA" / "run", tmp_path / "machineB" / "run"
+    common = dict(storage=url, artifacts=str(store), trials=8)
+    a = write(tmp_path / "a.yaml", study(name, run_a, max_concurrent=2,
+                                         strategies={"finetune": {"epochs": 4, "lr": 0.02}}, **common))
+    b = write(tmp_path / "b.yaml", study(name, run_b, backend="local", max_concurrent=1, **common))
+    from rankopt.search.storage import WITHDRAWN_REASON, open_storage
+
+    storage = open_storage(url)
+
+    def running() -> bool:
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:
+            return False
+        return any(t.state.name == "RUNNING" for t in trials)
+
+    def start(host: str, path: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(on_machine(host, rankopt_cli("run", str(path), "-q")),
+                                env=machine_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+
+    try:
+        # machine B joins once machine A (the ray backend, slower trials) is running
+        procs = [start("machineA", a)]
+        end = time.monotonic() + 240
+        while not running():
+            assert procs[0].poll() is None and time.monotonic() < end
+            time.sleep(0.2)
+        procs.append(start("machineB", b))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        assert len(complete) == 8, [(t.number, t.state.name) for t in trials]
+        assert not [t for t in trials if t.state.name in ("RUNNING", "FAIL")]
+        # a trial that raced past the count on the other machine was withdrawn, not run
+        assert all(t.user_attrs.get("reason") == WITHDRAWN_REASON
+                   for t in trials if t.state.name == "PRUNED")
+        assert {t.user_attrs["worker"].split(":")[0] for t in complete} == {"machineA", "machineB"}
+        for run_dir in (run_a, run_b):
+            result = StudyResult(run_dir)
+            for t in complete:
+                assert result.load_model(t.number) is not None
+    finally:
+        try:
+            optuna.delete_study(study_name=name, storage=url)
+        except KeyError:
+            pass
