@@ -143,6 +143,13 @@ def obtain_reference(
     else:
         state, metrics = train_reference(config, model, splits, input_shape)
     model = model.cpu().eval()
+    if store is not None and store.fetch_reference(ref_dir):
+        # another machine put its reference while this one trained: use that one, so every
+        # trial of the study compresses the same weights
+        cached = json.loads(metrics_file.read_text())
+        if cached.get("key") == key and weights_file.is_file():
+            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            return model.cpu().eval(), cached
     metrics = {
         "key": key,
         **metrics,
