@@ -195,6 +195,9 @@ class ReferenceConfig(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     weight_decay: float = Field(5e-4, ge=0)
+    # where it is trained with backend: ray: "driver" (this process) or "cluster" (a Ray
+    # task with the trials' resources, so a CPU-only driver can drive GPU workers)
+    on: Literal["driver", "cluster"] = "driver"
 
     @model_validator(mode="before")
     @classmethod
@@ -318,6 +321,9 @@ class StudyConfig(_Strict):
     # stop a run once this many of its trials failed (None: never; see Study.run)
     max_failures: StrictInt | None = Field(None, ge=1)
     storage: str | None = None
+    # an fsspec URL every machine reaches: trial folders and the reference travel through
+    # it (see rankopt.search.artifact_store)
+    artifacts: str | None = None
     run_dir: str | None = None
     device: str = "auto"
     seed: StrictInt = Field(0, ge=0, lt=2**32)
@@ -408,6 +414,18 @@ class StudyConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"objectives must not repeat, got {v}")
         return v
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from rankopt.search.artifact_store import check_artifacts_url
+
+        try:
+            return check_artifacts_url(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("artifacts: ")) from None
 
     @field_validator("device")
     @classmethod

@@ -77,7 +77,7 @@ def layer_rows(result: StudyResult, record: TrialRecord) -> list[dict[str, Any]]
 
     # counted from the saved tensors: no model is rebuilt, so a run on a module passed
     # from Python reports without it
-    state = read_compressed(record.model_path)["state_dict"]
+    state = read_compressed(result.local_model(record).model_path)["state_dict"]
     rows = []
     for layer in result.reference.get("layers", []):
         name = layer["name"]

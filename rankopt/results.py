@@ -325,7 +325,7 @@ class StudyResult:
                 raise ConfigError("give either a trial number or limits (max params/flops, min accuracy), not both")
             for rec in records:
                 if rec.trial == trial:
-                    return rec
+                    return self.local_model(rec)
             done = [r.trial for r in records]
             raise ConfigError(
                 f"trial {trial} is not a completed trial of study {self.config.name!r}; "
@@ -363,8 +363,24 @@ class StudyResult:
                 f"{self._span('accuracy')}"
             )
         if min_accuracy is not None:
-            return min(ok, key=lambda r: (r.params, r.flops, -r.accuracy))
-        return max(ok, key=lambda r: (r.accuracy, -r.params, -r.flops))
+            return self.local_model(min(ok, key=lambda r: (r.params, r.flops, -r.accuracy)))
+        return self.local_model(max(ok, key=lambda r: (r.accuracy, -r.params, -r.flops)))
+
+    def local_model(self, record: TrialRecord) -> TrialRecord:
+        """``record``, its folder fetched from the study's artifact store (``artifacts:``)
+        when this run directory lacks it: a trial that ran on another machine or driver."""
+        path = Path(record.model_path)
+        if path.is_file() or self.config.artifacts is None:
+            return record
+        from rankopt.search.artifact_store import ArtifactStore
+
+        store = ArtifactStore(self.config.artifacts, self.config.name)
+        if not store.fetch_trial(record.trial, path.parent) or not path.is_file():
+            raise ArtifactError(
+                f"trial {record.trial}'s model file {str(path)!r} is missing here and in the "
+                f"artifact store {store.describe('trials', str(record.trial))!r}"
+            )
+        return record
 
     def _span(self, measure: str) -> str:
         values = [getattr(r, measure) for r in self.front()]

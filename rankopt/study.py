@@ -126,6 +126,8 @@ class Study:
         self.user_model = model
         self.user_data = data
         self.progress = progress
+        # (number, reason) of the trials that failed in the last run() (CLI exit status)
+        self.failed_trials: list[tuple[int, str]] = []
 
     @property
     def run_dir(self) -> Path:
@@ -133,11 +135,13 @@ class Study:
 
     # -- preparation (no side effects on disk) ------------------------------------------
     def _prepare(self) -> _Prepared:
-        from rankopt.devices import resolve_device
         from rankopt.manager import get_registry
 
         config = self.config
-        resolve_device(config.device)
+        if config.backend != "ray" or config.reference.on == "driver":
+            # with backend ray the device is resolved where each trial runs (connect()
+            # checks the cluster has GPUs for device: cuda)
+            _resolve_driver_device(config)
         _check_backend(config)
         if self.user_data is not None:
             splits = self.user_data
@@ -261,6 +265,11 @@ class Study:
                 log.warning("trials %s: their folders disagreed with the storage; now FAIL", fixed)
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
+            store = None
+            if config.artifacts is not None:
+                from rankopt.search.artifact_store import ArtifactStore
+
+                store = ArtifactStore(config.artifacts, config.name)
             show = StudyProgress(None, enabled=self.progress, baseline={})
             show.message(f"study {config.name!r}: reference model ({_describe_reference(config)})")
             reference, baseline = obtain_reference(
@@ -273,7 +282,9 @@ class Study:
                 key=key,
                 run_dir=run_dir,
                 report=show.message if show.enabled else None,
+                store=store,
             )
+            check_reference_key(study, key, run_dir, baseline.get("weights_sha256"))
             _warn_weak_reference(baseline, prep.splits.num_classes)
             env = TrialEnv(
                 config=config,
@@ -286,6 +297,7 @@ class Study:
                 baseline=baseline,
                 base=prep.base,
                 reference_key=key,
+                store=store,
             )
             if not study.trials:
                 enqueue = list(prep.enqueue)
@@ -300,6 +312,8 @@ class Study:
 
             def on_trial_done(number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
                 outcomes.append(str(metrics.get("state")))
+                if metrics.get("state") != "COMPLETE":
+                    self.failed_trials.append((number, str(metrics.get("reason", "?"))))
                 progress.trial_done(number, values, metrics)
                 _call_trial_hook(run_dir, number, values, metrics)
 
@@ -339,7 +353,7 @@ class Study:
                     from rankopt.search.ray_backend import run_ray
 
                     run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
-                            should_stop=too_many_failures)
+                            should_stop=too_many_failures, target=config.trials)
                 if config.multi_fidelity is not None and not too_many_failures():
                     from rankopt.search.fidelity import run_promotions
 
@@ -541,6 +555,20 @@ def torch_threads(cpus: float) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _resolve_driver_device(config: StudyConfig) -> None:
+    from rankopt.devices import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ConfigError as exc:
+        if config.backend != "ray":
+            raise
+        raise ConfigError(
+            f"{exc}; with backend ray, reference: {{on: cluster}} trains the reference on a "
+            "worker, so this machine needs no GPU"
+        ) from None
 
 
 def _check_backend(config: StudyConfig) -> None:

@@ -98,3 +98,26 @@ def test_quickstart_study_on_cuda(tmp_path: Path) -> None:
     assert next(model.parameters()).device.type == "cuda"
     out = model(torch.zeros(3, 1, 8, 8, device="cuda"))
     assert out.shape == (3, 10)
+
+
+def test_ray_study_with_one_gpu_per_trial(tmp_path: Path) -> None:
+    """The ray backend with ``gpus: 1``: the device is resolved in each worker, the
+    reference trains as a Ray task on a GPU, and every trial ran on CUDA."""
+    import json
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        result = rankopt.run_study(
+            ROOT / "studies" / "quickstart.yaml", trials=3, run_dir=str(tmp_path / "run"),
+            device="cuda", backend="ray", resources={"cpus": 1, "gpus": 1}, max_concurrent=1,
+            reference={"epochs": 1, "on": "cluster"},
+        )
+    finally:
+        ray.shutdown()
+    trials = result.study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    for t in trials:
+        metrics = json.loads((result.run_dir / "trials" / str(t.number) / "metrics.json").read_text())
+        assert metrics["device"].startswith("cuda")
+    assert result.reference["device"].startswith("cuda")

@@ -115,6 +115,35 @@ def test_failing_trials_on_ray_are_stored_as_failed(local_ray: Any, tmp_path: Pa
     with pytest.raises(RankoptError, match="failed"):
         rankopt.run_study(config)
     trials = StudyResult(run_dir).study.trials
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    # each failed trial is replaced, up to as many replacements as trials asked
+    # (max_failures unset), and then the run gives up
+    assert [t.state.name for t in trials] == ["FAIL"] * 4
     assert all("diverged" in str(t.user_attrs.get("reason", "")) for t in trials), \
         [t.user_attrs for t in trials]
+
+
+def test_cuda_on_a_cpu_only_driver_and_a_gpu_less_cluster_is_one_line(
+    local_ray: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from rankopt.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    run_dir = tmp_path / "run"
+    changes = {"device": "cuda", "reference": {"epochs": 1, "lr": 0.05, "on": "cluster"}}
+    # the driver's own CUDA is not asked for: the cluster's GPUs are what count
+    with pytest.raises(ConfigError, match=r"device: 'cuda' with backend ray needs GPUs in the Ray cluster"):
+        rankopt.run_study(tiny(run_dir, **changes))
+    assert not run_dir.exists()
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump(tiny(run_dir, **changes)))
+    assert main(["run", str(study_file), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "has none" in err and "device" in err
+    # training the reference on this (CPU-only) driver is refused, pointing at on: cluster
+    with pytest.raises(ConfigError, match=r"CUDA is not available.*reference: \{on: cluster\}"):
+        rankopt.run_study(tiny(run_dir, device="cuda"))
+    assert not run_dir.exists()

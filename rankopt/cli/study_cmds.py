@@ -15,6 +15,7 @@ from rich.table import Table
 
 from rankopt.cli.app import app, console
 
+FAILED_TRIALS_EXIT = 3  # `rankopt run` finished, but some of its trials failed
 RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart)."
 
 
@@ -117,6 +118,15 @@ def run_command(
             f"flops {status['hypervolume']['flops']:.4f}; results in {result.run_dir}",
             highlight=False,
         )
+    if study.failed_trials:
+        # the study went on, but say so in the exit status (3: finished with failed trials)
+        number, reason = study.failed_trials[-1]
+        Console(stderr=True).print(
+            f"warning: {len(study.failed_trials)} trial(s) failed in this run (replaced where "
+            f"the count allowed); the last, trial {number}: {reason}",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(FAILED_TRIALS_EXIT)
 
 
 @app.command("status")

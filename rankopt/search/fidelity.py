@@ -35,7 +35,7 @@ from rankopt.search.objective import (
     TrialEnv,
     _finish,
     clean_trial_dir,
-    measure_latency_ms,
+    trial_latency,
     objective_values,
     set_constraints,
     trial_context,
@@ -163,7 +163,7 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
             extra={"accuracy_before": float(attrs["accuracy"])},
         )
         if "latency" in env.config.objectives:
-            metrics["latency_ms"] = measure_latency_ms(model, env.input_shape, ctx.device)
+            metrics.update(trial_latency(model, env, ctx.device))
         save_compressed(trial_dir / "model.pt", model, spec, base=env.base, input_shape=env.input_shape,
                         metadata={"study": env.config.name, "trial": number, "accuracy": accuracy,
                                   "params": cost.params, "flops": cost.flops,

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from rankopt.search.objective import (
     TrialEnv,
+    clean_trial_dir,
     objective_values,
     run_trial,
     set_constraints,
@@ -25,6 +26,8 @@ from rankopt.search.objective import (
 __all__ = ["run_local", "TrialFailed", "quiet_optuna"]
 
 log = logging.getLogger("rankopt.study")
+
+WAIT_S = 2.0  # how often a worker with nothing to start looks again (a trial may fail)
 
 TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
 
@@ -60,27 +63,51 @@ def run_local(
     ``target``: the number of completed trials the study wants in all. A trial starts
     only while fewer than ``target`` trials are COMPLETE or RUNNING (by any process on
     this machine, under :class:`~rankopt.search.storage.TrialClaim`), so concurrent
-    workers on one study run exactly ``target`` trials between them. ``should_stop``
+    workers on one study run exactly ``target`` trials between them; a trial another
+    machine's worker started past the count is withdrawn (PRUNED). When the count is
+    full but not all COMPLETE, the worker fails trials of dead processes (PID and start
+    time here, heartbeats on a shared RDB) and waits: a surviving worker finishes the
+    count, or leaves it to live workers elsewhere. ``should_stop``
     is asked before each new trial (e.g. ``max_failures`` reached).
     """
     from rankopt.search.rundir import INTERRUPTED_REASON
-    from rankopt.search.storage import WORKER_ATTR, TrialClaim, worker_id
+    from rankopt.search.storage import (
+        STALE_REASON,
+        WITHDRAWN_REASON,
+        WORKER_ATTR,
+        TrialClaim,
+        fail_stale_trials,
+        is_local_sqlite,
+        is_surplus,
+        worker_id,
+        worth_waiting,
+    )
 
     finished: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
     claim = TrialClaim(env.run_dir)
     me = worker_id()
     counter_lock = threading.Lock()
     started = [0]
+    mine: set[int] = set()  # trials this process's threads are running
     full = threading.Event()
     deadline = None if timeout is None else time.monotonic() + timeout
 
     def objective(trial: optuna.Trial) -> list[float]:
         # the trial is RUNNING now; once it names its process other workers may go on
         trial.set_user_attr(WORKER_ATTR, me)
+        with counter_lock:
+            mine.add(trial.number)
         claim.release()
+        if target is not None and is_surplus(study, trial.number, target):
+            trial.set_user_attr("reason", WITHDRAWN_REASON)
+            raise optuna.TrialPruned(WITHDRAWN_REASON)
         try:
             values = env.space.suggest(trial)
-            metrics = run_trial(env, trial.number, values)
+            try:
+                metrics = run_trial(env, trial.number, values)
+            finally:
+                with counter_lock:
+                    mine.discard(trial.number)
             for key, value in user_attrs(metrics).items():
                 trial.set_user_attr(key, value)
             set_constraints(trial, env.config, metrics)
@@ -102,11 +129,26 @@ def run_local(
             values, metrics = finished.pop(trial.number)
             on_trial_done(trial.number, values, metrics)
 
-    def wanted() -> bool:
+    def wanted() -> str:
         if target is None:
             return True
-        claimed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        return len(claimed) < target
+        # a worker that died mid-trial leaves it RUNNING: fail it here (and so run its
+        # replacement) rather than stop one trial short
+        storage = study._storage
+        url = str(getattr(getattr(storage, "_backend", storage), "url", ""))
+        for number in fail_stale_trials(study, storage, local=is_local_sqlite(url)):
+            log.warning("trial %d failed: %s", number, STALE_REASON)
+            clean_trial_dir(env.trial_dir(number), reason=STALE_REASON)
+        states = [t.state for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))]
+        if len(states) < target:
+            return "run"
+        # full: done, or wait while a running trial may yet fail (see worth_waiting)
+        if states.count(TrialState.COMPLETE) >= target:
+            return "done"
+        with counter_lock:
+            own = set(mine)
+        return "wait" if worth_waiting(study, storage, own) else "done"
 
     def worker() -> None:
         while not full.is_set():
@@ -120,9 +162,16 @@ def run_local(
                 started[0] += 1
             claim.acquire()
             try:
-                if not wanted():
+                want = wanted()
+                if want == "done":
                     full.set()
                     return
+                if want == "wait":
+                    with counter_lock:
+                        started[0] -= 1
+                    claim.release()
+                    time.sleep(WAIT_S)
+                    continue
                 study.optimize(
                     objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
                     gc_after_trial=False,

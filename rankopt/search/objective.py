@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import threading
+import socket
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from rankopt.accounting import count
 from rankopt.artifacts import save_compressed
 from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
@@ -42,7 +44,6 @@ __all__ = [
     "run_trial",
     "trial_context",
     "objective_values",
-    "measure_latency_ms",
     "ranks_summary",
     "write_json",
     "clean_trial_dir",
@@ -105,6 +106,9 @@ TRIAL_ATTRS = (
     "fidelity",
     "continued_from",
     "train_epochs",
+    "reference_weights",
+    "node",
+    "artifact_seconds",
 )
 
 
@@ -122,6 +126,8 @@ class TrialEnv:
     baseline: dict[str, Any]  # accuracy, params, flops (latency_ms when measured)
     base: dict[str, Any]  # how load_compressed rebuilds the architecture
     reference_key: str
+    # where trial folders travel between machines (None: the run directory is the only place)
+    store: ArtifactStore | None = None
     _cache: SpectralCache | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -179,25 +185,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], device: torch.device) -> float:
-    """Median wall time of one forward pass at ``input_shape``, in milliseconds.
-
-    ``torch.utils.benchmark.Timer`` does the warm-up, the CUDA synchronization and the
-    repetition; single-threaded so that concurrent trials do not skew each other.
-    """
-    from torch.utils.benchmark import Timer
-
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.zeros(tuple(input_shape), device=device)
-        with torch.no_grad():
-            timer = Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=1)
-            return float(timer.blocked_autorange(min_run_time=0.2).median * 1000.0)
-    finally:
-        model.train(was_training)
 
 
 def trial_latency(model: nn.Module, env: TrialEnv, device: torch.device) -> dict[str, Any]:
@@ -322,6 +309,8 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     metrics: dict[str, Any] = {"trial": number, "state": "RUNNING", "params_asked": dict(values)}
     ctx: LocalTrialContext | None = None
     try:
+        metrics["node"] = socket.gethostname()
+        _check_where_it_runs(env)
         plan: TrialPlan = env.space.plan(values)
         metrics.update(strategy=plan.strategy, selector=plan.selector)
         strategy = get_registry().create("strategies", plan.strategy)
@@ -358,6 +347,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             extra=dict(outcome.extra),
             reported=dict(ctx.reported),
             reference_key=env.reference_key,
+            reference_weights=env.baseline.get("weights_sha256"),
         )
         if "latency" in config.objectives:
             metrics.update(trial_latency(model, env, ctx.device))
@@ -408,6 +398,17 @@ def _finish(env: TrialEnv, trial_dir: Path, metrics: dict[str, Any], start: floa
         train_epochs=sum(r.epochs for r in ctx.train_results) if ctx is not None else 0.0,
     )
     write_json(trial_dir / "metrics.json", metrics)
+    if env.store is not None:
+        try:
+            upload = time.perf_counter()
+            env.store.put_trial(number, trial_dir)
+            metrics["artifact_seconds"] = time.perf_counter() - upload
+        except OSError as exc:  # a trial whose model stays on this node is lost to the study
+            metrics.update(state="FAIL", reason=(
+                f"artifacts: cannot upload the trial folder to {env.store.describe()!r} from "
+                f"node {socket.gethostname()} ({type(exc).__name__}: {exc})"))
+            clean_trial_dir(trial_dir)
+            write_json(trial_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -447,6 +448,28 @@ def check_outcome(env: TrialEnv, model: nn.Module, spec: Mapping[str, Any], ctx:
         raise ArithmeticError(
             "the compressed model gives non-finite logits (inf/NaN) on a validation batch; "
             "it is not a usable model"
+        )
+
+
+def _check_where_it_runs(env: TrialEnv) -> None:
+    """Before any work: the GPUs this trial was given are usable, and the reference it
+    compresses is the study's (the content hash in the reference metrics)."""
+    from rankopt.search.reference import fingerprint_module
+
+    gpus = env.config.resources.gpus
+    if gpus > 0 and env.config.backend == "ray" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"resources.gpus: this trial was given {gpus:g} GPU(s) on node "
+            f"{socket.gethostname()} (CUDA_VISIBLE_DEVICES={visible!r}), but torch cannot "
+            f"use them (torch {torch.__version__}, CUDA build {torch.version.cuda}); install "
+            "a CUDA build of torch on the workers or fix the node's driver"
+        )
+    expected = env.baseline.get("weights_sha256")
+    if expected is not None and fingerprint_module(env.reference) != expected:
+        raise RuntimeError(
+            f"the reference weights here do not match the study's (sha256 {expected[:12]}); "
+            "the reference was changed or corrupted in transit: rerun to fetch it again"
         )
 
 

@@ -17,27 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import optuna
-from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.search.local import quiet_optuna
-from rankopt.search.objective import TrialEnv, run_trial, set_constraints, user_attrs
+from rankopt.search.objective import TrialEnv, run_trial
+from rankopt.search.ray_searcher import METRICS_KEY, RankoptOptunaSearch, RecordErrors, TrialDone
 from rankopt.search.space import SearchSpace
 
 __all__ = ["connect", "run_ray", "TRIAL_NUMBER_KEY", "METRICS_KEY"]
 
 TRIAL_NUMBER_KEY = "_rankopt_trial_number"
-METRICS_KEY = "rankopt_metrics"
 METRIC_NAMES = {"accuracy": "accuracy", "params": "params", "flops": "flops", "latency": "latency_ratio"}
 
-TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
+RAY_LOG = "ray.log"
 
 
 def connect(config: StudyConfig) -> bool:
@@ -75,6 +76,16 @@ def connect(config: StudyConfig) -> bool:
             f"resources.gpus: {want.gpus:g} GPU(s) per trial requested, but the Ray cluster "
             f"has {have_gpus:g}; set resources.gpus: 0 or run on a GPU cluster (--address)"
         )
+    elif _names_cuda(config.device) and have_gpus == 0:
+        problem = (
+            f"device: {config.device!r} with backend ray needs GPUs in the Ray cluster, which "
+            f"has none ({have_cpus:g} CPUs); use device: auto or cpu, or add GPU nodes"
+        )
+    elif _names_cuda(config.device) and want.gpus == 0:
+        problem = (
+            f"resources.gpus: 0 with device {config.device!r}: Ray hides the GPUs from a "
+            "trial that asks for none; set resources.gpus: 1 (one trial per GPU)"
+        )
     elif want.cpus > have_cpus:
         problem = (
             f"resources.cpus: {want.cpus:g} CPU(s) per trial requested, but the Ray cluster "
@@ -85,6 +96,10 @@ def connect(config: StudyConfig) -> bool:
             ray.shutdown()
         raise ConfigError(problem)
     return started
+
+
+def _names_cuda(device: str) -> bool:
+    return device.strip().lower().startswith("cuda")
 
 
 def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
@@ -104,30 +119,6 @@ def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
     tune.report(report)
 
 
-class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
-    """OptunaSearch that stores each trial's metrics as user attrs before telling Optuna,
-    and tells a trial that failed inside rankopt as FAIL (not as a trial without values)."""
-
-    def __init__(self, *args: Any, study_config: StudyConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.study_config = study_config
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
-    ) -> None:
-        # `_ot_trials` (Tune trial id -> Optuna trial) is where OptunaSearch keeps them
-        ot_trial = self._ot_trials.get(trial_id)
-        raw = (result or {}).get(METRICS_KEY)
-        if ot_trial is not None and raw:
-            metrics = json.loads(raw)
-            for key, value in user_attrs(metrics).items():
-                ot_trial.set_user_attr(key, value)
-            set_constraints(ot_trial, self.study_config, metrics)
-            if metrics.get("state") != "COMPLETE":
-                result, error = None, True
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-
 class DefineByRun:
     """The define-by-run space OptunaSearch calls: the study's space, plus the trial number.
 
@@ -138,9 +129,13 @@ class DefineByRun:
         self.space = space
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from rankopt.search.storage import WORKER_ATTR, worker_id
+        from rankopt.search.storage import WORKER_ATTR, _heartbeat_on, worker_id
 
-        # the driver owns the trial: if it dies, a rerun finds the trial stale
+        # the driver owns the trial: if it dies, a rerun finds the trial stale; its first
+        # heartbeat at once (shared RDBs), so that other machines can tell when it stops
+        storage = trial.study._storage
+        if _heartbeat_on(storage):
+            storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr(WORKER_ATTR, worker_id())
         self.space.suggest(trial)
         return {TRIAL_NUMBER_KEY: trial.number}
@@ -154,13 +149,36 @@ def run_ray(
     n_trials: int | None,
     on_trial_done: TrialDone | None = None,
     should_stop: Callable[[], bool] | None = None,
+    target: int | None = None,
 ) -> None:
     """Run up to ``n_trials`` new trials (and/or until ``timeout``) through Ray Tune;
-    ``should_stop`` (asked by Tune in the driver) ends the run early."""
+    ``target``: the COMPLETE trials the study wants in all (checked in the shared storage
+    before each trial); ``should_stop`` (asked by Tune in the driver) ends the run early.
+    Ray's own log lines and tracebacks go to ``RUN_DIR/ray.log``."""
 
-    with quiet_optuna(), _quiet_tune():
+    with quiet_optuna(), _quiet_tune(), _ray_log(env.run_dir):
         _fit(env, study, storage, n_trials=n_trials, on_trial_done=on_trial_done,
-             should_stop=should_stop)
+             should_stop=should_stop, target=target)
+
+
+@contextlib.contextmanager
+def _ray_log(run_dir: Path) -> Iterator[None]:
+    """Ray's and Tune's loggers write to ``RUN_DIR/ray.log`` instead of the terminal."""
+    handler = logging.FileHandler(Path(run_dir) / RAY_LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in ("ray", "rankopt.ray"):
+        logger = logging.getLogger(name)
+        saved.append((logger, list(logger.handlers), logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+        handler.close()
 
 
 class _StopWhen(Stopper):  # type: ignore[misc]
@@ -201,14 +219,22 @@ def _fit(
     n_trials: int | None,
     on_trial_done: TrialDone | None,
     should_stop: Callable[[], bool] | None = None,
+    target: int | None = None,
 ) -> None:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     config = env.config
     objectives = config.objectives
+    errors: dict[str, BaseException] = {}
+    # failed trials are replaced: up to max_failures of them (as many as asked otherwise)
+    budget = None if n_trials is None else n_trials + (config.max_failures or n_trials)
     searcher = RankoptOptunaSearch(
-        study_config=config,
+        env=env,
+        target=target,
+        budget=budget,
+        on_done=on_trial_done,
+        errors=errors,
         space=DefineByRun(env.space),
         metric=[METRIC_NAMES[o] for o in objectives],
         mode=["max" if d == "maximize" else "min" for d in config.directions],
@@ -219,35 +245,14 @@ def _fit(
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(_trainable, env=env), resources)
-
-    class TrialDoneCallback(tune.Callback):  # type: ignore[misc]
-        def __init__(self, done: TrialDone | None) -> None:
-            self.done = done
-
-        def __getstate__(self) -> dict[str, Any]:
-            # Tune pickles its callbacks into the experiment state; the live display is
-            # only meaningful in this process
-            return {"done": None}
-
-        def _done(self, trial: Any) -> None:
-            raw = (trial.last_result or {}).get(METRICS_KEY)
-            if raw is None or self.done is None:
-                return
-            metrics = json.loads(raw)
-            values = {k: v for k, v in trial.config.items() if k != TRIAL_NUMBER_KEY}
-            self.done(int(metrics["trial"]), values, metrics)
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._done(trial)
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            self._done(trial)
-
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
-            num_samples=n_trials if n_trials is not None else -1,
+            scheduler=RecordErrors(errors),
+            # with a target the searcher ends the run once the count is met (failed
+            # trials replaced); without one, n_trials or the timeout does
+            num_samples=-1 if target is not None or n_trials is None else n_trials,
             time_budget_s=config.timeout,
             reuse_actors=True,
         ),
@@ -256,8 +261,11 @@ def _fit(
             storage_path=str((env.run_dir / "ray").resolve()),
             verbose=0,
             stop=_StopWhen(should_stop),
-            callbacks=[TrialDoneCallback(on_trial_done)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    tuner.fit()
+    searcher.start_heartbeats()
+    try:
+        tuner.fit()
+    finally:
+        searcher.stop_heartbeats()

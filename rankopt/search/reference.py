@@ -26,6 +26,7 @@ from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import reference_path
+from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.objective import write_json
 from rankopt.surgery import LayerInfo
 
@@ -73,12 +74,23 @@ def reference_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_reference_key(study: optuna.Study, key: str, run_dir: Path) -> None:
-    """Refuse a run directory whose completed trials used another reference model."""
-    others = {
-        t.user_attrs.get("reference_key")
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    } - {key, None}
+def check_reference_key(
+    study: optuna.Study, key: str, run_dir: Path, weights_sha256: str | None = None
+) -> None:
+    """Refuse a run directory whose completed trials used another reference model: another
+    config (``key``) or, given ``weights_sha256``, other weights (e.g. a reference that
+    another machine trained separately)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    others = {t.user_attrs.get("reference_key") for t in complete} - {key, None}
+    if weights_sha256 is not None:
+        weights = {t.user_attrs.get("reference_weights") for t in complete} - {weights_sha256, None}
+        if weights:
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} holds trials that compressed other reference "
+                f"weights (sha256 {sorted(w[:12] for w in weights)}, now {weights_sha256[:12]}): "
+                "another machine trained its own reference; share one through artifacts: "
+                "(an fsspec URL every machine reaches), or start a new study"
+            )
     if others:
         raise ConfigError(
             f"run directory {str(run_dir)!r} holds trials of a different model, data or "
@@ -127,22 +139,88 @@ def obtain_reference(
     key: str,
     run_dir: Path,
     report: Callable[[str], None] | None = None,
+    store: ArtifactStore | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The reference model (on CPU, eval mode) and its metrics: loaded from ``reference/``
-    when cached under ``key``, else trained (or loaded from ``reference.weights``),
-    measured and cached there."""
+    when cached under ``key`` (or fetched from the artifact ``store``, where another
+    machine put it), else trained (or loaded from ``reference.weights``), measured, cached
+    there and put in the store. With ``backend: ray`` and ``reference.on: cluster`` the
+    training runs as a Ray task with one trial's resources, so the driver needs no GPU.
+
+    The metrics carry ``weights_sha256`` (:func:`fingerprint_module` of the weights): every
+    trial checks it, and trials that compressed other weights are refused as not
+    comparable (:func:`check_reference_key`)."""
+    ref_dir = run_dir / "reference"
+    weights_file = ref_dir / "model.pt"
+    metrics_file = reference_path(run_dir)
+    for source in ("cache", "store"):
+        if source == "store" and (store is None or not store.fetch_reference(ref_dir)):
+            continue
+        if metrics_file.is_file() and weights_file.is_file():
+            cached = json.loads(metrics_file.read_text())
+            if cached.get("key") == key:
+                model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+                model = model.cpu().eval()
+                if "weights_sha256" not in cached:  # cached before content hashes
+                    cached["weights_sha256"] = fingerprint_module(model)
+                if store is not None and source == "cache":
+                    store.put_reference(ref_dir)
+                return model, cached
+    if config.backend == "ray" and config.reference.on == "cluster":
+        import ray
+
+        resources = config.resources
+        task = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus, max_retries=0)(
+            train_reference
+        )
+        state, metrics = ray.get(task.remote(config, model, splits, input_shape))
+        model.load_state_dict(state)
+    else:
+        state, metrics = train_reference(config, model, splits, input_shape, report=report)
+    model = model.cpu().eval()
+    if store is not None and store.fetch_reference(ref_dir):
+        # another machine put its reference while this one trained: use that one, so every
+        # trial of the study compresses the same weights
+        cached = json.loads(metrics_file.read_text())
+        if cached.get("key") == key and weights_file.is_file():
+            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            return model.cpu().eval(), cached
+    metrics = {
+        "key": key,
+        **metrics,
+        "base": dict(base),
+        "layers": [
+            {"name": t.name, "kind": t.kind, "in_channels": t.in_channels,
+             "out_channels": t.out_channels, "kernel_size": list(t.kernel_size),
+             "params": t.cost.params, "flops": t.cost.flops}
+            for t in targets
+        ],
+        "weights_sha256": fingerprint_module(model),
+    }
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    tmp = weights_file.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(weights_file)
+    write_json(metrics_file, metrics)
+    if store is not None:
+        store.put_reference(ref_dir)
+    return model, metrics
+
+
+def train_reference(
+    config: StudyConfig,
+    model: nn.Module,
+    splits: DatasetSplits,
+    input_shape: tuple[int, ...],
+    report: Callable[[str], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train (or load) and measure the reference where this runs; returns its CPU
+    state_dict and metrics. The device is resolved here (a Ray task resolves its own).
+    ``report`` gets a line per epoch (loss, validation accuracy, ETA)."""
     from rankopt.devices import resolve_device
     from rankopt.training import evaluate, train
     from rankopt.trial import loader_for
 
-    ref_dir = run_dir / "reference"
-    weights_file = ref_dir / "model.pt"
-    metrics_file = reference_path(run_dir)
-    if metrics_file.is_file() and weights_file.is_file():
-        cached = json.loads(metrics_file.read_text())
-        if cached.get("key") == key:
-            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-            return model.cpu().eval(), cached
     device = resolve_device(config.device)
     start = time.perf_counter()
     ref = config.reference
@@ -180,18 +258,10 @@ def obtain_reference(
     accuracy = evaluate(model, val_loader, device=device)
     cost = count(model, input_shape, device=device)
     metrics: dict[str, Any] = {
-        "key": key,
         "accuracy": accuracy,
         "params": cost.params,
         "flops": cost.flops,
         "input_shape": list(input_shape),
-        "base": dict(base),
-        "layers": [
-            {"name": t.name, "kind": t.kind, "in_channels": t.in_channels,
-             "out_channels": t.out_channels, "kernel_size": list(t.kernel_size),
-             "params": t.cost.params, "flops": t.cost.flops}
-            for t in targets
-        ],
         "obtained": f"weights {ref.weights}" if ref.weights else f"trained {ref.epochs:g} epochs",
         "seconds": time.perf_counter() - start,
         "device": str(device),
@@ -207,10 +277,5 @@ def obtain_reference(
         metrics.update(
             latency_ms=timed["latency_reference_ms"], latency_runtime=lat.runtime, latency_batch=lat.batch
         )
-    model = model.cpu().eval()
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights_file.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(weights_file)
-    write_json(metrics_file, metrics)
-    return model, metrics
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return state_dict, metrics

@@ -43,11 +43,28 @@ __all__ = [
     "TrialClaim",
     "worker_id",
     "WORKER_ATTR",
+    "is_surplus",
+    "worth_waiting",
+    "WITHDRAWN_REASON",
 ]
 
 DB_FILE = "optuna.db"
-HEARTBEAT_INTERVAL = 60
-GRACE_PERIOD = 180
+
+
+def _seconds_from_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{name}: {raw!r} is not a whole number of seconds >= 1; unset it "
+                          f"or give e.g. {name}={default}")
+    return int(raw)
+
+
+# Optuna's heartbeat on shared RDB storages: a running trial whose process (or Ray driver)
+# has not beaten for GRACE_PERIOD seconds is failed by any other process on the study
+HEARTBEAT_INTERVAL = _seconds_from_env("RANKOPT_HEARTBEAT_INTERVAL", 60)
+GRACE_PERIOD = _seconds_from_env("RANKOPT_GRACE_PERIOD", 180)
 
 
 def default_storage_url(run_dir: Path) -> str:
@@ -113,28 +130,148 @@ def _redact(url: str) -> str:
 
 WORKER_ATTR = "worker"
 STALE_REASON = "left running by a process that died"
+HEARTBEAT_REASON = (
+    f"worker died: no heartbeat from its process for over {GRACE_PERIOD} s (the process or "
+    "its machine stopped)"
+)
 
 
 def worker_id() -> str:
-    """``host:pid`` of this process: stored on every trial it runs (user attr ``worker``)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid:start`` of this process (``start``: its start time in clock ticks since
+    boot): stored on every trial it runs (user attr ``worker``). The start time tells a
+    process from a later one that reuses its PID (a restarted container is PID 1 again)."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or 0}"
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time (``/proc/<pid>/stat`` field 22); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
 def _dead_here(worker: object) -> bool:
-    """True when ``worker`` names a process on this machine that no longer exists."""
+    """True when ``worker`` names a process on this machine that no longer exists, or
+    whose PID now belongs to another process (a different start time)."""
     if not isinstance(worker, str) or ":" not in worker:
         return False
-    host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+    parts = worker.split(":")
+    host, pid = parts[0], parts[1] if len(parts) > 1 else ""
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if not _alive(int(pid)):
+        return True
+    if len(parts) > 2 and parts[2].isdigit() and int(parts[2]):
+        now = _start_time(int(pid))
+        return now is not None and now != int(parts[2])
+    return False
+
+
+def _heartbeat_on(storage: object) -> bool:
+    """True for a storage that keeps Optuna heartbeats (a shared RDB, see open_storage)."""
+    # optuna exports neither name publicly; fail_stale_trials itself uses them
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
+
+def worth_waiting(study: optuna.Study, storage: BaseStorage, own: set[int]) -> bool:
+    """With the count full but not all COMPLETE: True while a running trial may yet fail
+    and need a replacement that this worker should run: one of its ``own`` (trial
+    numbers), or, on a shared RDB, another process's trial whose heartbeat is late (over
+    two intervals: its process may be dead, and is failed once past the grace period).
+    Trials of live workers elsewhere are theirs to finish."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if any(t.number in own for t in running):
+        return True
+    if not _heartbeat_on(storage):
+        return False
+    from datetime import datetime, timedelta
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    backend = getattr(storage, "_backend", storage)
+    ids = {t._trial_id: t for t in running}
+    if not ids or not hasattr(backend, "scoped_session"):
+        return False
+    with _create_scoped_session(backend.scoped_session) as session:
+        now = session.execute(sqlalchemy_now()).scalar().replace(tzinfo=None)
+        beats = {
+            row.trial_id: row.heartbeat
+            for row in session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(list(ids)))
+        }
+    late = timedelta(seconds=2 * HEARTBEAT_INTERVAL)
+    for trial_id, trial in ids.items():
+        beat = beats.get(trial_id)
+        if beat is None:
+            start = trial.datetime_start
+            if start is None or start < datetime.now() - late:
+                return True
+        elif now - beat > late:
+            return True
+    return False
+
+
+def sqlalchemy_now() -> object:
+    import sqlalchemy
+
+    return sqlalchemy.func.now()
+
+
+def _never_beat(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """RUNNING trials older than the grace period that never sent a heartbeat (their
+    process died between asking for the trial and its first beat); Optuna's own rule
+    skips trials without a heartbeat, which would leave them RUNNING for ever."""
+    from datetime import datetime, timedelta
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    cutoff = datetime.now() - timedelta(seconds=GRACE_PERIOD)
+    old = {t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and t.datetime_start < cutoff}
+    backend = getattr(storage, "_backend", storage)
+    if not old or not hasattr(backend, "scoped_session"):
+        return []
+    with _create_scoped_session(backend.scoped_session) as session:
+        beating = {
+            row.trial_id
+            for row in session.query(models.TrialHeartbeatModel).filter(
+                models.TrialHeartbeatModel.trial_id.in_(old))
+        }
+    return sorted(old - beating)
+
+
+def is_surplus(study: optuna.Study, number: int, target: int) -> bool:
+    """True when trials numbered below ``number`` that are COMPLETE or RUNNING already
+    make ``target``: the trial was asked by a worker that raced another one (on another
+    machine) past the count. Trial numbers come from the storage, so every worker agrees
+    which trial is the surplus one; it is withdrawn (PRUNED) instead of run."""
+    earlier = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if t.number < number
+    ]
+    return len(earlier) >= target
+
+
+WITHDRAWN_REASON = "withdrawn: other workers on this study had already started the trials wanted"
 
 
 def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, local: bool) -> list[int]:
     """Mark trials a dead process left RUNNING as FAIL; returns their numbers.
 
-    A RUNNING trial is stale when its ``worker`` (``host:pid``) is a dead process on this
-    machine. With the embedded SQLite file (``local``) a RUNNING trial that names no
-    worker is stale too (only rankopt processes on this machine use that file); with a
-    shared RDB, Optuna's heartbeat rule also fails trials of dead processes elsewhere.
+    A RUNNING trial is stale when its ``worker`` (``host:pid:start``) is a dead process on
+    this machine, or its PID now runs another process (another start time). With the
+    embedded SQLite file (``local``) a RUNNING trial that names no worker is stale too (only rankopt processes on this machine use that
+    file); with a shared RDB, Optuna's heartbeat rule (``HEARTBEAT_REASON``) also fails
+    trials of dead processes elsewhere, and trials that never sent a heartbeat.
     Live workers' trials are never touched, so several processes can share a study.
     """
     failed = []
@@ -148,12 +285,18 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage, *, local: bool)
         storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
             failed.append(trial.number)
-    if not local:
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        failed += sorted(before - after)
-    return sorted(failed)
+    if not local and _heartbeat_on(storage):
+        # Optuna's own rule (optuna.storages.fail_stale_trials), with the reason recorded
+        # first: a finished trial's attrs cannot be set any more
+        numbers = {t._trial_id: t.number for t in study.get_trials(deepcopy=False)}
+        for trial_id in [*storage._get_stale_trial_ids(study_id), *_never_beat(study, storage)]:
+            try:
+                storage.set_trial_user_attr(trial_id, "reason", HEARTBEAT_REASON)
+                if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    failed.append(numbers.get(trial_id, -1))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another process failed it first
+    return sorted(n for n in failed if n >= 0)
 
 
 class _FileLock:

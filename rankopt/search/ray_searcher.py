@@ -1,0 +1,269 @@
+"""The driver's side of a Ray study: the Optuna searcher that keeps the shared count, the
+leases (heartbeats) and the trial folders, and the reasons of trials whose worker died.
+
+Split from :mod:`rankopt.search.ray_backend`, which builds the Tune run around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from rankopt.search.objective import TrialEnv, set_constraints, user_attrs
+
+__all__ = ["RankoptOptunaSearch", "RecordErrors", "worker_failure", "METRICS_KEY", "TrialDone"]
+
+METRICS_KEY = "rankopt_metrics"
+STALE_CHECK_S = 5.0  # how often a waiting driver looks for trials of dead processes
+log = logging.getLogger("rankopt.ray")
+
+TrialDone = Callable[[int, Mapping[str, Any], Mapping[str, Any]], None]
+
+
+class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
+    """OptunaSearch that keeps the study's count, leases and artifacts from the driver.
+
+    * ``suggest`` starts a trial only while fewer than ``target`` trials are COMPLETE or
+      RUNNING in the shared storage (any driver, any backend), first failing trials whose
+      process died; a trial that raced another driver past the count is withdrawn
+      (:func:`~rankopt.search.storage.is_surplus`). Failed trials are replaced, up to
+      ``budget`` trials started by this run.
+    * The driver beats Optuna's heartbeat for the trials its workers run (shared RDBs), so
+      another process fails them when this driver dies.
+    * ``on_trial_complete`` brings the trial's folder to ``RUN_DIR/trials/<n>/`` (from the
+      artifact store when the trial ran on another node), stores the metrics as user attrs
+      before telling Optuna, and tells a trial that failed inside rankopt, or whose worker
+      died (``worker died: ...``), as FAIL with its reason.
+    """
+
+    # live objects of this process: left out of the searcher state Tune pickles
+    _LIVE = ("on_done", "errors", "_beat_stop", "_beat_thread", "_lock")
+
+    def __init__(
+        self,
+        *args: Any,
+        env: TrialEnv,
+        target: int | None = None,
+        budget: int | None = None,
+        on_done: TrialDone | None = None,
+        errors: dict[str, BaseException] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.study_config = env.config
+        self.run_dir = env.run_dir
+        self.store = env.store
+        self.target = target
+        self.budget = budget
+        self.on_done = on_done
+        self.errors = errors if errors is not None else {}
+        self.started = 0
+        self._last_stale_check = 0.0
+        self._running: dict[str, int] = {}  # Tune trial id -> Optuna trial id
+        self._lock = threading.Lock()
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.on_done, self.errors, self._beat_thread = None, {}, None
+        self._lock, self._beat_stop = threading.Lock(), threading.Event()
+
+    def save(self, checkpoint_path: str) -> None:
+        hidden = {k: self.__dict__.pop(k) for k in self._LIVE if k in self.__dict__}
+        try:
+            super().save(checkpoint_path)
+        finally:
+            self.__dict__.update(hidden)
+
+    # -- leases ---------------------------------------------------------------------------
+    def _heartbeats(self) -> bool:
+        from rankopt.search.storage import _heartbeat_on
+
+        return _heartbeat_on(self._ot_study._storage)
+
+    def _beat(self, trial_ids: list[int]) -> None:
+        storage = self._ot_study._storage
+        for trial_id in trial_ids:
+            with contextlib.suppress(Exception):  # a trial finished meanwhile
+                storage.record_heartbeat(trial_id)
+
+    def start_heartbeats(self) -> None:
+        if not self._heartbeats() or self._beat_thread is not None:
+            return
+        from rankopt.search.storage import HEARTBEAT_INTERVAL
+
+        def loop() -> None:
+            while not self._beat_stop.wait(HEARTBEAT_INTERVAL):
+                with self._lock:
+                    ids = list(self._running.values())
+                self._beat(ids)
+
+        self._beat_thread = threading.Thread(target=loop, name="rankopt-heartbeat", daemon=True)
+        self._beat_thread.start()
+
+    def stop_heartbeats(self) -> None:
+        self._beat_stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=5)
+
+    # -- the count ------------------------------------------------------------------------
+    def _fail_stale(self) -> None:
+        from rankopt.search.objective import clean_trial_dir
+        from rankopt.search.storage import STALE_REASON, fail_stale_trials, is_local_sqlite
+
+        if time.monotonic() - self._last_stale_check < STALE_CHECK_S:
+            return
+        self._last_stale_check = time.monotonic()
+        storage = self._ot_study._storage
+        url = str(getattr(getattr(storage, "_backend", storage), "url", ""))
+        for number in fail_stale_trials(self._ot_study, storage, local=is_local_sqlite(url)):
+            clean_trial_dir(self.run_dir / "trials" / str(number), reason=STALE_REASON)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        from rankopt.search.storage import WITHDRAWN_REASON, is_surplus
+
+        if self.budget is not None and self.started >= self.budget:
+            return Searcher.FINISHED
+        if self.target is not None:
+            self._fail_stale()
+            states = [t.state for t in self._ot_study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))]
+            if states.count(TrialState.COMPLETE) >= self.target:
+                return Searcher.FINISHED
+            if len(states) >= self.target:
+                from rankopt.search.storage import worth_waiting
+
+                with self._lock:
+                    own = {t.number for tid, t in self._ot_trials.items() if tid in self._running}
+                if worth_waiting(self._ot_study, self._ot_study._storage, own):
+                    return None  # asked again soon: a running trial may yet fail
+                return Searcher.FINISHED  # live workers elsewhere finish the count
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        ot_trial = self._ot_trials[trial_id]
+        if self.target is not None and is_surplus(self._ot_study, ot_trial.number, self.target):
+            ot_trial.set_user_attr("reason", WITHDRAWN_REASON)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            del self._ot_trials[trial_id]
+            return None
+        self.started += 1
+        with self._lock:
+            self._running[trial_id] = ot_trial._trial_id
+        if self._heartbeats():
+            self._beat([ot_trial._trial_id])
+        return config
+
+    # -- results --------------------------------------------------------------------------
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        with self._lock:
+            self._running.pop(trial_id, None)
+        # `_ot_trials` (Tune trial id -> Optuna trial) is where OptunaSearch keeps them
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return
+        raw = (result or {}).get(METRICS_KEY)
+        number = ot_trial.number
+        if raw:
+            metrics = json.loads(raw)
+        else:
+            metrics = {"trial": number, "state": "FAIL",
+                       "reason": worker_failure(self.errors.pop(trial_id, None))}
+        metrics = self._materialize(number, metrics)
+        for key, value in user_attrs(metrics).items():
+            ot_trial.set_user_attr(key, value)
+        set_constraints(ot_trial, self.study_config, metrics)
+        if metrics.get("state") != "COMPLETE":
+            result, error = None, True
+        values = dict(ot_trial.params)
+        super().on_trial_complete(trial_id, result=result, error=error)
+        if self.on_done is not None:
+            self.on_done(number, values, metrics)
+
+    def _materialize(self, number: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The trial's folder under ``RUN_DIR/trials/<n>/`` as the worker left it (a
+        failed trial's folder holds only its metrics)."""
+        from rankopt.search.objective import clean_trial_dir, write_json
+
+        folder = self.run_dir / "trials" / str(number)
+        if metrics.get("state") == "COMPLETE":
+            if not _same_run(folder, metrics) and self.store is not None:
+                try:
+                    fetch = time.perf_counter()
+                    self.store.fetch_trial(number, folder)
+                    # upload from the worker plus fetch here: the trip of the trial's files
+                    metrics["artifact_seconds"] = (
+                        float(metrics.get("artifact_seconds", 0.0)) + time.perf_counter() - fetch)
+                except Exception as exc:  # noqa: BLE001 - reported as the trial's failure
+                    metrics = {**metrics, "state": "FAIL", "reason": str(exc)}
+            if metrics.get("state") == "COMPLETE" and not _same_run(folder, metrics):
+                where = "the artifact store" if self.store is not None else "this machine"
+                metrics = {**metrics, "state": "FAIL", "reason": (
+                    f"artifacts: trial {number} ran on node {metrics.get('node', '?')} and its "
+                    f"model did not reach {where}; set artifacts: to an fsspec URL (or shared "
+                    "folder) that every node reaches")}
+        if metrics.get("state") != "COMPLETE":
+            clean_trial_dir(folder)
+            write_json(folder / "metrics.json", {
+                k: v for k, v in metrics.items() if k != "traceback"} | {"trial": number})
+        return metrics
+
+
+def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds this trial's model and its metrics (not an older copy)."""
+    try:
+        local = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "model.pt").is_file() and local.get("seconds") == metrics.get("seconds")
+
+
+def worker_failure(exc: BaseException | None) -> str:
+    """``worker died: ...`` for a Ray worker (or its node) that ended without a result."""
+    if exc is None:
+        return "worker died: the Ray worker ended without reporting a result"
+    text = str(exc).strip().splitlines()
+    first = next((line for line in text if line.strip()), type(exc).__name__)
+    return f"worker died: {type(exc).__name__}: {first.strip()}"[:500]
+
+
+class RecordErrors(FIFOScheduler):  # type: ignore[misc]
+    """Tune tells the scheduler of a trial error before the searcher: keep the exception
+    for the searcher's reason, and Ray's traceback for the log file."""
+
+    def __init__(self, errors: dict[str, BaseException]) -> None:
+        super().__init__()
+        self.errors = errors
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "errors": {}}
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        exc: BaseException | None = None
+        with contextlib.suppress(Exception):
+            exc = trial.get_pickled_error() or trial.get_error()
+        if exc is not None:
+            self.errors[trial.trial_id] = exc
+            log.error("trial %s failed in Ray:\n%s", trial.trial_id,
+                      "".join(traceback.format_exception(exc)))
+        super().on_trial_error(tune_controller, trial)
