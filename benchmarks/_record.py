@@ -1,10 +1,11 @@
-"""Append a benchmark's table to ``benchmarks/RESULTS.md`` with the date, the machine and the command."""
+"""Write a benchmark's section of ``benchmarks/RESULTS.md`` (date, machine, command, table), in place."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import platform
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def record(title: str, table_markdown: str, command: str) -> None:
-    """Append one section: title, date, machine (platform, CPU count, torch version), command, table."""
+    """Write one section (title, date, machine, command, table) to RESULTS.md: it replaces
+    the section of the same title in place, and drops stale copies of it, so the file holds
+    the latest run of each benchmark once (git keeps the history); a new title is appended."""
     import torch
 
     machine = (
@@ -30,11 +33,19 @@ def record(title: str, table_markdown: str, command: str) -> None:
         machine += f", GPU {torch.cuda.get_device_name(0)}"
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     section = (
-        f"\n## {title}\n\n"
+        f"## {title}\n\n"
         f"- date: {when}\n- machine: {machine}\n- command: `{command}`\n\n"
         f"{table_markdown.rstrip()}\n"
     )
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nEvery section below comes from a real run of its command.\n")
-    with RESULTS.open("a", encoding="utf-8") as fh:
-        fh.write(section)
+    text = RESULTS.read_text(encoding="utf-8")
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    found = list(pattern.finditer(text))
+    if not found:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        for m in reversed(found[1:]):
+            text = text[: m.start()] + text[m.end():]
+        text = text[: found[0].start()] + section + "\n" + text[found[0].end():]
+    RESULTS.write_text(text.rstrip("\n") + "\n", encoding="utf-8")

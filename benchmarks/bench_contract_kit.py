@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _record import markdown_table  # noqa: E402
+from _record import markdown_table, record  # noqa: E402
 
 import rankopt  # noqa: E402
 import rankopt.testing.samples as samples  # noqa: E402
@@ -38,7 +37,6 @@ from rankopt.testing import check_decomposer, check_rank_selector, check_strateg
 from rankopt.testing.installed import _selector_checks  # noqa: E402
 
 TITLE = "rankopt.testing: contract-check time per installed plugin (1 thread)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # the default sample layers before the geometry layers were added
 OLD_NAMES = ("conv3x3", "conv3x3_stride2_nobias", "conv1x1", "conv1x3", "linear")
 
@@ -110,20 +108,6 @@ def measure(rounds: int) -> tuple[list[list[str]], str]:
     return rows, table
 
 
-def write_section(body: str) -> None:
-    """Replace this benchmark's section of RESULTS.md in place (and drop stale copies of it)."""
-    text = RESULTS.read_text(encoding="utf-8")
-    pattern = re.compile(rf"^## {re.escape(TITLE)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    found = list(pattern.finditer(text))
-    if not found:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        for m in reversed(found[1:]):
-            text = text[: m.start()] + text[m.end():]
-        text = text[: found[0].start()] + body.rstrip("\n") + "\n\n" + text[found[0].end():]
-    RESULTS.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -142,23 +126,16 @@ def main() -> None:
     command = "PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_contract_kit.py" + (
         " --quick" if args.quick else f" --rounds {rounds}"
     ) + " --record"
-    import datetime as dt
-    import platform
-
-    body = (
-        f"## {TITLE}\n\n"
-        f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}\n"
-        f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"torch {torch.__version__}; shared with six other engineers' jobs: {before} (start), {after} (end)\n"
-        f"- command: `{command}`\n"
-        f"- CPU seconds (process time, one thread), median of {rounds} rounds; all plugins together "
+    text = (
+        f"Shared with six other engineers' jobs: {before} (start), {after} (end). "
+        f"CPU seconds (process time, one thread), median of {rounds} rounds; all plugins together "
         f"{total:.1f} s. 'x previous': the same check's CPU time against its form before issue 16 "
         "(decomposers: the previous 5 default sample layers; rank selectors: tucker2 only), "
         "interleaved per round, median ratio.\n\n"
         f"{table}\n"
     )
     if args.record:
-        write_section(body)
+        record(TITLE, text, command)
 
 
 if __name__ == "__main__":

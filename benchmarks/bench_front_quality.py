@@ -192,7 +192,7 @@ def main() -> None:
         if args.methods:
             continue
         print(text, flush=True)
-        sections.append(text)
+        sections.append((key, text))
     if args.record and sections and not args.methods:
         from _record import record
 
@@ -224,8 +224,9 @@ def main() -> None:
             "Only the sampler seed varies between seeds. Hand methods use Tucker-2 on convs, SVD on linears. "
             "HV = hypervolume against (accuracy 0, baseline cost), cost divided by the baseline's."
         )
-        record("Front quality: rankopt's search vs one-shot and swept rank choices",
-               note + "\n\n" + "\n\n".join(sections), command)
+        for key, text in sections:  # one section per setting, each replaced by its next run
+            record(f"Front quality ({key}): rankopt's search vs one-shot and swept rank choices",
+                   note + "\n\n" + text, command)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,7 @@ def main() -> None:
             continue
         text = measure_setting(setting, args.out, device, args.threads)
         print(text, flush=True)
-        sections.append(text)
+        sections.append((key, text))
     if args.record and sections:
         from _record import record
 
@@ -310,7 +310,8 @@ def main() -> None:
         note = ("Models: for each method of the front-quality run, its fewest-params and "
                 "fewest-FLOPs models within 1 point of the reference accuracy. A ratio "
                 "speed-up / FLOP reduction of 1.00 means the FLOP saving is fully realized.")
-        record("Realized speed of the picked models", note + "\n\n" + "\n\n".join(sections), command)
+        for key, text in sections:  # one section per setting, each replaced by its next run
+            record(f"Realized speed of the picked models ({key})", note + "\n\n" + text, command)
 
 
 if __name__ == "__main__":

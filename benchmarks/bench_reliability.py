@@ -404,27 +404,6 @@ def tampering() -> list[tuple[str, int, int, str]]:
     return rows
 
 
-def _replace_section(title: str, body: str, command: str) -> None:
-    """Replace this benchmark's section of RESULTS.md in place (append when absent)."""
-    import datetime as dt
-    import platform
-
-    from _record import RESULTS
-
-    section = (f"## {title}\n\n- date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"
-               f"- machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}\n"
-               f"- command: `{command}`\n\n{body.rstrip()}\n")
-    text = RESULTS.read_text()
-    head = f"## {title}\n"
-    if head in text:
-        start = text.index(head)
-        end = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-
-
 def main_cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=3)
@@ -494,7 +473,9 @@ def main_cli() -> None:
         from rankopt.search.storage import _redact
 
         command = f"RANKOPT_TEST_POSTGRES_URL={_redact(pg)} {command}"
-    _replace_section("Reliability: bad input, failing trials, kills, concurrent workers", text, command.strip())
+    from _record import record
+
+    record("Reliability: bad input, failing trials, kills, concurrent workers", text, command.strip())
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from rankopt import hookspecs
-from rankopt.errors import DuplicateNameError, PluginError, UnknownNameError
+from rankopt.errors import DuplicateNameError, UnknownNameError
 from rankopt.records import (
     DatasetInfo,
     DecomposerInfo,

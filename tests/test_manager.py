@@ -132,6 +132,7 @@ def test_two_plugins_claiming_one_name_fail_naming_both(plugin_env, capsys, monk
     main(["plugins"])
     text = capsys.readouterr().out
     assert "conflict: decomposer 'fixture_lowrank' is claimed by" in " ".join(text.split())
+    assert "uninstall one of them; if you wrote one, rename your decomposer" in " ".join(text.split())
 
 
 def test_an_in_process_plugin_shadowing_a_builtin_is_a_conflict_too():

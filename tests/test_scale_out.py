@@ -225,7 +225,8 @@ def test_ray_and_local_drivers_share_a_postgres_study_and_a_dead_driver_is_faile
             for t in by_state["COMPLETE"]:
                 model = result.load_model(t.number)
                 assert rankopt.count(model, (1, 1, 8, 8)).params == t.user_attrs["params"]
-                assert (run_dir / "trials" / str(t.number) / "model.pt").is_file()
+                # fetched here (a repeat's model is its original's: repeat_of)
+                assert Path(result.pick(trial=t.number).model_path).is_file()
     finally:
         try:
             optuna.delete_study(study_name=name, storage=url)

@@ -103,7 +103,8 @@ def plugins_command(
         for c in conflicts:
             console.print(
                 f"[red]conflict:[/red] {c['family']} {escape(repr(c['name']))} is claimed by "
-                + escape(" and ".join(c["providers"])),
+                + escape(" and ".join(c["providers"]))
+                + f"; uninstall one of them; if you wrote one, rename your {c['family']}",
                 soft_wrap=True,
             )
         for f in reg.failures:

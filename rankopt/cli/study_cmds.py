@@ -13,7 +13,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from rankopt.cli.app import app, console
+from rankopt.cli.app import app, console, err_console
 
 FAILED_TRIALS_EXIT = 3  # `rankopt run` finished, but some of its trials failed
 RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart)."
@@ -121,7 +121,7 @@ def run_command(
     if study.failed_trials:
         # the study went on, but say so in the exit status (3: finished with failed trials)
         number, reason = study.failed_trials[-1]
-        Console(stderr=True).print(
+        err_console.print(
             f"warning: {len(study.failed_trials)} trial(s) failed in this run (replaced where "
             f"the count allowed); the last, trial {number}: {reason}",
             highlight=False, soft_wrap=True,

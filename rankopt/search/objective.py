@@ -401,7 +401,7 @@ def _finish(env: TrialEnv, trial_dir: Path, metrics: dict[str, Any], start: floa
     if env.store is not None:
         try:
             upload = time.perf_counter()
-            env.store.put_trial(number, trial_dir)
+            env.store.put_trial(int(trial_dir.name), trial_dir)
             metrics["artifact_seconds"] = time.perf_counter() - upload
         except OSError as exc:  # a trial whose model stays on this node is lost to the study
             metrics.update(state="FAIL", reason=(

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
