@@ -13,7 +13,6 @@ and run again.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -601,7 +600,9 @@ def _build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module,
         factory = import_model_factory(name, "model.name")
     else:
         factory = get_registry().record("models", name).factory
-    accepts = _accepted(factory)
+    from rankopt.config import _signature_names
+
+    accepts = _signature_names(factory)
     for key, value in (("num_classes", splits.num_classes), ("in_channels", splits.input_shape[0])):
         if key not in kwargs and (accepts is None or key in accepts):
             kwargs[key] = int(value)
@@ -610,17 +611,6 @@ def _build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module,
         raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not an nn.Module")
     base = {"callable": name, "kwargs": kwargs} if ":" in name else {"model": name, "kwargs": kwargs}
     return model, base
-
-
-def _accepted(fn: Any) -> set[str] | None:
-    """Keyword names ``fn`` accepts (None when it takes ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
 
 
 def _call_trial_hook(run_dir: Path, number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
