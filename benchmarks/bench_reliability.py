@@ -463,8 +463,8 @@ def main_cli() -> None:
         table += ["", header, "| --- | ---: | ---: | --- |"]
         table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in found]
     load = os.getloadavg()
-    table.append(f"\nLoad average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on 2 cores: six "
-                 "other engineers were running their tests and benchmarks on the same machine.")
+    table.append(f"\nLoad average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                 f"({os.cpu_count()} cores; the machine may be shared with other jobs).")
     text = "\n".join(table)
     print(text)
 
