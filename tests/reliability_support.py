@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from optuna.distributions import CategoricalDistribution
 
@@ -258,3 +259,20 @@ def sqlite_states(run_dir: Path) -> dict[int, str]:
             return {int(n): str(s) for n, s in db.execute("SELECT number, state FROM trials")}
     except sqlite3.Error:  # tables not created yet
         return {}
+
+
+POSTGRES_ENV = "RANKOPT_TEST_POSTGRES_URL"
+
+
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (.ci/run installs and starts one)")
+    import sqlalchemy
+
+    try:
+        with sqlalchemy.create_engine(url).connect():
+            pass
+    except Exception as exc:  # any driver or connection failure: say which
+        pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {type(exc).__name__}: {exc}")
+    return url

@@ -13,13 +13,18 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import pytest
 import yaml
 
 import rankopt
-from reliability_support import cli_command, sqlite_integrity, storage_trials, tiny_study, trial_metrics
+from reliability_support import (
+    cli_command,
+    postgres_url,
+    sqlite_integrity,
+    storage_trials,
+    tiny_study,
+    trial_metrics,
+)
 
-POSTGRES_ENV = "RANKOPT_TEST_POSTGRES_URL"
 
 
 def run_two_workers(tmp_path: Path, study: dict) -> list[str]:
@@ -66,20 +71,6 @@ def test_two_workers_share_the_embedded_storage(tmp_path: Path) -> None:
     # the reference was trained once, and both used it
     assert len(list((run_dir / "reference").glob("model.pt"))) == 1
     assert not (run_dir / "run.lock").exists()
-
-
-def postgres_url() -> str:
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (.ci/run installs and starts one)")
-    import sqlalchemy
-
-    try:
-        with sqlalchemy.create_engine(url).connect():
-            pass
-    except Exception as exc:  # any driver or connection failure: say which
-        pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {type(exc).__name__}: {exc}")
-    return url
 
 
 def test_two_workers_share_a_postgres_storage(tmp_path: Path) -> None:

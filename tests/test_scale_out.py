@@ -23,10 +23,10 @@ import yaml
 import rankopt
 from rankopt.results import StudyResult
 from ray_cluster_support import require_namespaces, run_in_cluster
+from reliability_support import postgres_url
 
 ray = pytest.importorskip("ray")
 
-POSTGRES_ENV = "RANKOPT_TEST_POSTGRES_URL"
 
 
 def study(name: str, run_dir: Path, **changes: Any) -> dict[str, Any]:
@@ -126,20 +126,6 @@ wait $driver; echo $? > b.rc
 
 
 # -- several drivers on one PostgreSQL study ---------------------------------------------------
-
-
-def postgres_url() -> str:
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (.ci/run installs and starts one)")
-    import sqlalchemy
-
-    try:
-        with sqlalchemy.create_engine(url).connect():
-            pass
-    except Exception as exc:  # any driver or connection failure: say which
-        pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {type(exc).__name__}: {exc}")
-    return url
 
 
 def rankopt_cli(*args: str) -> list[str]:
