@@ -183,10 +183,11 @@ class Study:
         space = SearchSpace(config, model, targets)
         enqueue = [space.check_point(p, f"enqueue[{i}]") for i, p in enumerate(config.enqueue)]
         if config.seed_proposals is not False:
-            from rankopt.search.seeding import DEFAULT_PROPOSALS, proposal_points
+            from rankopt.search.seeding import DEFAULT_PROPOSALS, proposal_points, uniform_proposals
 
             k = DEFAULT_PROPOSALS if config.seed_proposals is True else int(config.seed_proposals)
-            enqueue += [p for p in proposal_points(space, k) if p not in enqueue]
+            points = proposal_points(space, k) + uniform_proposals(space, model)
+            enqueue += [p for p in points if p not in enqueue]
         run_dir = self.run_dir
         storage_url = config.storage or ""
         return _Prepared(config, run_dir, splits, model, base, input_shape, targets, space,

@@ -20,7 +20,7 @@ from rankopt.config import load_config
 from rankopt.distill import Distillation, distillation_loss
 from rankopt.errors import ConfigError
 from rankopt.search.fidelity import promotion_order
-from rankopt.search.seeding import uniform_rate_point
+from rankopt.search.seeding import UNIFORM_RATES, uniform_proposals, uniform_rate_point
 from rankopt.search.space import SearchSpace
 from rankopt.training import make_loader, train
 
@@ -216,6 +216,38 @@ def test_space_reaches_rank_one_and_64x(tmp_path: Path) -> None:
     spec, _ = rankopt.selection.select_spec(model, targets, tiny.decomposers, "fixed",
                                             tiny.selector_params, input_shape=(1, 1, 28, 28))
     assert all(set(e["ranks"]) == {1} for e in spec.values())
+
+
+def test_seed_proposals_include_the_uniform_sweep_with_the_classifier_full(tmp_path: Path) -> None:
+    config = study(tmp_path, model={"name": "lenet5"}, decomposers=["tucker2", "svd"],
+                   selectors={"fixed": {"space": {"per_layer": True}}, "vbmf": {}}, seed_proposals=1)
+    model = rankopt.model("lenet5", num_classes=10, in_channels=1)
+    targets = [t for t in rankopt.find_layers(model, (1, 1, 28, 28)) if t.name != "conv1"]
+    space = SearchSpace(load_config(config), model, targets)
+    points = uniform_proposals(space, model)
+    assert len(points) == len(UNIFORM_RATES) == 5
+    for rate, point in zip(UNIFORM_RATES, points):
+        assert point["selector"] == "fixed" and point["fixed.fraction:fc_out"] == 1.0
+        plan = space.plan(space.check_point(point, "proposal"))
+        spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed",
+                                                plan.selector_params, input_shape=(1, 1, 28, 28))
+        assert "fc_out" not in spec  # full rank saves nothing: the classifier stays dense
+        for name in ("conv2", "fcs.0"):
+            module = model.get_submodule(name)
+            got = rankopt.decomposer(spec[name]["decomposer"]).cost(module, spec[name]["ranks"],
+                                                                    input_hw=(1, 1)).params
+            assert got <= sum(p.numel() for p in module.parameters()) / rate
+    # a study enqueues them after the selectors' proposals
+    small = study(tmp_path, selectors={"fixed": {"space": {"per_layer": True}}, "vbmf": {}},
+                  seed_proposals=1)
+    prepared = rankopt.Study(small)._prepare()
+    sweep = uniform_proposals(prepared.space, prepared.model)
+    # small_cnn's narrow layers round two rates to the same ranks: one point each
+    assert 3 <= len(sweep) <= 5 and prepared.enqueue[-len(sweep):] == sweep
+    assert len(prepared.enqueue) > len(sweep)
+    # without the per-layer fixed selector there is no sweep
+    plain = study(tmp_path, model={"name": "lenet5"}, selectors={"vbmf": {}})
+    assert uniform_proposals(SearchSpace(load_config(plain), model, targets), model) == []
 
 
 def test_uniform_sweep_baseline_has_one_point_per_rate(tmp_path: Path) -> None:

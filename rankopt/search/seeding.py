@@ -10,6 +10,11 @@ enqueues, before the sampler proposes anything, for every rank selector of the s
   ranges): an energy-threshold sweep, one rank fraction for all layers (with
   ``per_layer: true`` every layer gets the same fraction), a budget sweep.
 
+With the ``fixed`` selector searched per layer (``space: {per_layer: true}``), a
+uniform rate sweep follows (:data:`UNIFORM_RATES`: every layer's parameters cut by
+4, 8, ..., 64x, the classifier left full), the points users sweep by hand and the
+extremes that spread points inside a log range never reach.
+
 The rest of each point is the same for all of them: the first strategy of the study
 with its default hyperparameters (a searched one outside its range takes the middle
 of the range), and every layer's first decomposer in the study's ``decomposers``
@@ -32,9 +37,12 @@ from optuna.distributions import (
 
 from rankopt.search.space import SearchSpace
 
-__all__ = ["DEFAULT_PROPOSALS", "proposal_points", "spread_value", "strategy_point", "uniform_rate_point"]
+__all__ = ["DEFAULT_PROPOSALS", "UNIFORM_RATES", "proposal_points", "spread_value", "strategy_point",
+           "uniform_proposals", "uniform_rate_point"]
 
 DEFAULT_PROPOSALS = 3
+# the uniform sweep's per-layer parameter-reduction rates (issue 18: down to 64x)
+UNIFORM_RATES = (4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 def spread_value(dist: BaseDistribution, position: float) -> Any:
@@ -115,6 +123,40 @@ def proposal_points(space: SearchSpace, per_selector: int = DEFAULT_PROPOSALS) -
             point = {**head, **candidate, **common}
             if point not in points:
                 points.append(point)
+    return points
+
+
+def uniform_proposals(
+    space: SearchSpace, reference: Any, rates: Any = UNIFORM_RATES
+) -> list[dict[str, Any]]:
+    """The uniform rate sweep as seed points (flat names, as ``enqueue`` takes them), or
+    ``[]`` when the study does not search the ``fixed`` selector per layer.
+
+    The last target layer stays full when it is a ``Linear`` (the classifier): at 8x and
+    beyond a 10-class classifier would be cut to rank 1, which no fine-tuning recovers
+    (``benchmarks/RESULTS.md``, "Front quality (mnist)": ``uniform`` vs ``uniform_head``).
+    Each point carries the study's first strategy with its defaults (:func:`strategy_point`).
+    """
+    import torch.nn as nn
+
+    from rankopt.plugins.selectors.fixed import PER_LAYER_PREFIX
+
+    fixed = space.selectors.get("fixed")
+    layers = list(space.layer_options)
+    if fixed is None or not layers or not any(k.startswith(PER_LAYER_PREFIX) for k in fixed.searched):
+        return []
+    head = {"selector": "fixed"} if "selector" in space.distributions() else {}
+    common = strategy_point(space)
+    last = layers[-1]
+    keep_head = isinstance(reference.get_submodule(last), nn.Linear)
+    points = []
+    for rate in rates:
+        point = uniform_rate_point(space, reference, float(rate))
+        if keep_head:
+            point[f"fixed.{PER_LAYER_PREFIX}{last}"] = 1.0
+        point = {**head, **point, **common}
+        if point not in points:
+            points.append(point)
     return points
 
 
