@@ -21,7 +21,7 @@ import pytest
 import torch
 from optuna.distributions import CategoricalDistribution
 
-from rankopt.errors import DecompositionError, PluginError, TrainingDivergedError
+from rankopt.errors import DecompositionError, PluginError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome

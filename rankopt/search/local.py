@@ -5,13 +5,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from rankopt.search.objective import (
@@ -23,7 +25,7 @@ from rankopt.search.objective import (
     user_attrs,
 )
 
-__all__ = ["run_local", "TrialFailed", "quiet_optuna"]
+__all__ = ["run_local", "TrialFailed", "quiet_optuna", "torch_threads"]
 
 log = logging.getLogger("rankopt.study")
 
@@ -186,3 +188,18 @@ def run_local(
             with concurrent.futures.ThreadPoolExecutor(n_jobs) as pool:
                 for future in [pool.submit(worker) for _ in range(n_jobs)]:
                     future.result()
+
+
+@contextlib.contextmanager
+def torch_threads(cpus: float) -> Iterator[None]:
+    """Run with torch's intra-op threads set to a trial's CPUs (restored afterwards).
+
+    Small models train several times faster on one thread than on an oversubscribed
+    pool; Ray workers get the same from Ray's OMP_NUM_THREADS.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, math.ceil(cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +31,17 @@ from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.objective import write_json
 from rankopt.surgery import LayerInfo
 
-__all__ = ["fingerprint_module", "reference_key", "check_reference_key", "obtain_reference"]
+__all__ = [
+    "fingerprint_module",
+    "reference_key",
+    "check_reference_key",
+    "obtain_reference",
+    "describe_reference",
+    "warn_weak_reference",
+]
+
+# the study's logger: its warnings read as the study's (and tests listen to it)
+log = logging.getLogger("rankopt.study")
 
 
 def fingerprint_module(model: nn.Module) -> str:
@@ -279,3 +290,26 @@ def train_reference(
         )
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state_dict, metrics
+
+
+def describe_reference(config: StudyConfig) -> str:
+    """How the run obtains the reference, for the progress display."""
+    ref = config.reference
+    if ref.weights:
+        return f"loading {ref.weights}"
+    if ref.epochs == 0:
+        return "the model as given"
+    return f"training {ref.epochs:g} epochs, or the cached one"
+
+
+def warn_weak_reference(baseline: Mapping[str, Any], num_classes: int) -> None:
+    """A reference below twice chance accuracy has little to lose: its compressed trials
+    say nothing about a trained model's."""
+    chance = 1.0 / max(1, int(num_classes))
+    if baseline["accuracy"] < min(2 * chance, 0.99):
+        log.warning(
+            "the reference model is weak: validation accuracy %.4f is below twice chance "
+            "(%.4f for %d classes); train it longer (reference.epochs, reference.lr) or give "
+            "trained reference.weights before trusting the front", baseline["accuracy"],
+            2 * chance, num_classes,
+        )

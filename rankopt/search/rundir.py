@@ -1,5 +1,6 @@
-"""Checks of an existing run directory before a run writes anything, and reconciliation of
-``trials/<n>/`` with the storage after an interruption (the storage is the truth).
+"""Checks of a run directory before a run writes anything (a writable folder; an existing
+one's study), and reconciliation of ``trials/<n>/`` with the storage after an
+interruption (the storage is the truth).
 
 A run directory belongs to one study: its name, model, seed and objectives. A run that
 differs in any of them is refused before a single byte changes, since its trials would
@@ -9,6 +10,7 @@ mix with (or overwrite) the first study's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.results import LEGACY_STUDY_FILE, STUDY_FILE
 
-__all__ = ["check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
+__all__ = ["check_run_dir", "check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
 
 INTERRUPTED_REASON = "interrupted"
 # what makes two runs one study: a difference in any of them makes trials incomparable
@@ -139,3 +141,30 @@ def reconcile_trial_dirs(study: optuna.Study, run_dir: Path) -> list[int]:
                               "reconciled": f"metrics.json said {state}; the storage has FAIL"})
         fixed.append(int(folder.name))
     return fixed
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must be a directory, or creatable, and writable (checked before any
+    work, so that a typo in ``--run-dir`` fails at once and creates nothing)."""
+    run_dir = Path(run_dir)
+    probe = run_dir
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == run_dir else f"lies under {str(probe)!r}, which is"
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} {what} a file, not a directory; give another "
+            "--run-dir (or run_dir in the study file)"
+        )
+    # root passes os.access on a read-only file system's folders: ask the mount itself
+    read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    if read_only:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is on a read-only file system ({str(probe)!r}); "
+            "give a --run-dir on a writable one"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is not writable ({str(probe)!r} does not let this "
+            f"user create files); give a writable --run-dir"
+        )

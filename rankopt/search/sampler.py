@@ -12,7 +12,14 @@ from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.search.objective import SET_CONSTRAINT
 
-__all__ = ["ConstraintsFunc", "TPE_DEFAULTS", "make_sampler", "create_study"]
+__all__ = [
+    "ConstraintsFunc",
+    "TPE_DEFAULTS",
+    "SESSIONS_ATTR",
+    "make_sampler",
+    "create_study",
+    "reseed_later_sessions",
+]
 
 # TPE options rankopt sets unless sampler.options names them (see SamplerConfig)
 TPE_DEFAULTS: dict[str, Any] = {"multivariate": True, "group": True}
@@ -88,3 +95,18 @@ def create_study(config: StudyConfig, storage: Any, sampler: optuna.samplers.Bas
             f"objectives: the storage already holds study {config.name!r} with other "
             f"objectives ({exc}); use another name or run directory"
         ) from None
+
+
+SESSIONS_ATTR = "rankopt_sessions"
+
+
+def reseed_later_sessions(study: optuna.Study, config: StudyConfig) -> None:
+    """Give every later session on a study (a rerun, or a second worker) its own sampler
+    seed, ``sampler.seed + k`` for the k-th: with one seed, two workers (or a rerun) would
+    propose the same random points again. The first session keeps the seed as given, so
+    a study file and seed still give the same trials."""
+    k = int(study.user_attrs.get(SESSIONS_ATTR, 0))
+    study.set_user_attr(SESSIONS_ATTR, k + 1)
+    if k and config.sampler.seed is not None:
+        sampler = config.sampler.model_copy(update={"seed": config.sampler.seed + k})
+        study.sampler = make_sampler(config.model_copy(update={"sampler": sampler}))

@@ -38,7 +38,7 @@ from rankopt.results import pareto_front_2d
 from rankopt.search.objective import TrialEnv, trial_context, write_json
 from rankopt.search.seeding import strategy_point
 
-__all__ = ["ScreenedCandidate", "ScreeningResult", "screen", "spread_along_front"]
+__all__ = ["ScreenedCandidate", "ScreeningResult", "screen", "screen_study", "spread_along_front"]
 
 SCREENING_FILE = "screening.json"
 
@@ -162,3 +162,27 @@ def screen(
 
 def _is_strategy_key(key: str, env: TrialEnv) -> bool:
     return key == "strategy" or key.split(".", 1)[0] in env.space.strategies
+
+
+def screen_study(env: Any, show: Any) -> list[dict[str, Any]]:
+    """Run the study's screening (the no-fine-tune proxy) and return the points it keeps."""
+    screening = env.config.screening
+    show.message(
+        f"screening {screening.candidates} rank choices without training (keeping "
+        f"{screening.keep} to start the search)"
+    )
+    step = max(1, screening.candidates // 10)
+
+    def tick(candidate: Any) -> None:
+        if (candidate.number + 1) % step == 0:
+            show.message(f"  screened {candidate.number + 1}/{screening.candidates}")
+
+    # `screen` is this module's, looked up at call time (a test replaces it)
+    result = screen(env, screening.candidates, screening.keep, on_candidate=tick)
+    failed = sum(c.accuracy is None for c in result.candidates)
+    show.message(
+        f"screening done in {result.seconds:.0f} s: {len(result.kept)} points kept"
+        + (f", {failed} candidates failed" if failed else "")
+        + f" (see {env.run_dir / 'screening.json'})"
+    )
+    return result.kept

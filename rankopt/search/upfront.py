@@ -1,9 +1,13 @@
-"""Checks of a study's model against its data and reference weights, made before anything
-is written: a mismatch found here is one clear line instead of a torch traceback after
-the run directory was created (or after a reference was trained)."""
+"""Checks of a study's model against its data and reference weights, of the settings only
+the built model can refute, and of the backend and device, made before anything is
+written: a mismatch found here is one clear line instead of a torch traceback after the
+run directory was created (or after a reference was trained)."""
 
 from __future__ import annotations
 
+import importlib
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,15 @@ import torch.nn as nn
 from rankopt.config import StudyConfig
 from rankopt.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.surgery import LayerInfo
 
-__all__ = ["check_model_on_data", "check_reference_weights"]
+__all__ = [
+    "check_model_on_data",
+    "check_reference_weights",
+    "check_against_model",
+    "check_backend",
+    "resolve_driver_device",
+]
 
 
 def _first_batch(data: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +116,79 @@ def check_reference_weights(config: StudyConfig, model: nn.Module) -> None:
                 f"{where} does not fit the model: {key!r} {what}; give the weights of this "
                 "architecture (same model.kwargs)"
             )
+
+
+def check_against_model(config: StudyConfig, model: nn.Module, targets: list[LayerInfo]) -> None:
+    """Settings that only the built model can refute: explicit ranks above a layer's largest,
+    and a params limit below what no decomposition of the targets can remove."""
+    import fnmatch
+
+    from rankopt.manager import get_registry
+
+    fixed_ranks = config.selectors.get("fixed", {}).get("ranks")
+    if isinstance(fixed_ranks, Mapping):
+        decomposers = [get_registry().create("decomposers", n) for n in config.decomposers]
+        for pattern, ranks in fixed_ranks.items():
+            if not isinstance(ranks, list) or not all(isinstance(r, int) for r in ranks):
+                continue  # the selector's own validation names the problem
+            for target in targets:
+                if not fnmatch.fnmatchcase(target.name, str(pattern)):
+                    continue
+                module = model.get_submodule(target.name)
+                for dec in decomposers:
+                    if not dec.supports(module):
+                        continue
+                    largest = dec.max_ranks(module)
+                    if len(largest) == len(ranks) and any(r > m for r, m in zip(ranks, largest)):
+                        raise ConfigError(
+                            f"selectors.fixed.ranks[{pattern!r}]: {ranks} is above the largest "
+                            f"ranks {list(largest)} of layer {target.name!r} for decomposer "
+                            f"{dec.name!r}; allowed ranks are 1..largest per entry"
+                        )
+    limit = config.constraints.max_params
+    if limit is not None:
+        total = sum(p.numel() for p in model.parameters())
+        floor = total - sum(t.cost.params for t in targets)
+        if limit < floor:
+            raise ConfigError(
+                f"constraints.max_params: {limit:g} is below the {floor:,} parameters that "
+                "compressing the target layers cannot remove (the other layers, norms and "
+                f"biases; the model has {total:,}); no trial could meet it: raise the limit "
+                "or widen targets"
+            )
+
+
+def resolve_driver_device(config: StudyConfig) -> None:
+    """The study's device exists on this machine (with backend ray, a hint at reference.on)."""
+    from rankopt.devices import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ConfigError as exc:
+        if config.backend != "ray":
+            raise
+        raise ConfigError(
+            f"{exc}; with backend ray, reference: {{on: cluster}} trains the reference on a "
+            "worker, so this machine needs no GPU"
+        ) from None
+
+
+def check_backend(config: StudyConfig) -> None:
+    """Ray installed when asked for; GPUs per trial that this machine has (a Ray cluster
+    named by an address is checked once connected, see ``ray_backend.connect``)."""
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if config.backend == "ray":
+        try:
+            importlib.import_module("ray.tune.search.optuna")  # raises unless ray[tune] is installed
+        except ImportError as exc:
+            raise ConfigError(
+                f"backend: 'ray' needs ray[tune] installed ({exc}); pip install 'ray[tune]'"
+            ) from None
+    gpus = config.resources.gpus
+    remote = config.backend == "ray" and bool(address)
+    if gpus > 0 and not remote and torch.cuda.device_count() < math.ceil(gpus):
+        raise ConfigError(
+            f"resources.gpus: {gpus:g} GPU(s) per trial requested, but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); set resources.gpus: 0, or run on a "
+            "GPU machine" + (" or Ray cluster (--address)" if config.backend == "ray" else "")
+        )
