@@ -149,8 +149,9 @@ class StudyConfig(_Strict):
     train: dict[str, Any] = Field(default_factory=dict)
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     # enqueue the selectors' one-shot proposals first (see rankopt.search.seeding):
-    # true = 3 spread points per selector plus its defaults, N = N points
-    seed_proposals: bool | int = False
+    # true (default) = 3 spread points per selector plus its defaults, N = N points, and
+    # the uniform rate sweep with the fixed selector searched per layer; false = none
+    seed_proposals: bool | int = True
     # measure each decomposed layer against the original and keep the faster form
     keep_faster_layers: bool = False
     # the serving runtime the latency objective and keep_faster_layers measure in

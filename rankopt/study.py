@@ -318,6 +318,10 @@ class Study:
                     from rankopt.search.screening import screen_study
 
                     enqueue += [p for p in screen_study(env, show) if p not in enqueue]
+                if config.trials is not None:
+                    # proposals and screened points beyond the trial budget would stay
+                    # WAITING in the storage forever; the user's own enqueue is kept whole
+                    enqueue = enqueue[: max(len(config.enqueue), config.trials)]
                 for point in enqueue:
                     study.enqueue_trial(point, skip_if_exists=True)
             done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

@@ -250,6 +250,18 @@ def test_seed_proposals_include_the_uniform_sweep_with_the_classifier_full(tmp_p
     assert uniform_proposals(SearchSpace(load_config(plain), model, targets), model) == []
 
 
+def test_proposals_beyond_the_trial_budget_are_not_left_waiting(tmp_path: Path) -> None:
+    import optuna
+
+    config = study(tmp_path, selectors={"fixed": {"space": {"per_layer": True}}, "vbmf": {}},
+                   trials=2)
+    assert load_config(config).seed_proposals is True  # on by default
+    assert len(rankopt.Study(config)._prepare().enqueue) > 2
+    result = rankopt.run_study(config, progress=False)
+    states = [t.state for t in result.study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2  # no WAITING leftovers
+
+
 def test_uniform_sweep_baseline_has_one_point_per_rate(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import _baselines as b

@@ -26,6 +26,7 @@ def study_dict(tmp_path: Any, **changes: Any) -> dict[str, Any]:
         # 0 epochs: a trial's accuracy is then exactly the proxy's (nothing is trained)
         "strategies": {"finetune": {"epochs": 0}},
         "screening": {"candidates": 12, "keep": 3},
+        "seed_proposals": False,  # the screened points are then the first trials
         "sampler": {"name": "random", "seed": 0},
         "trials": 3,
         "run_dir": str(tmp_path / "run"),

@@ -105,7 +105,8 @@ def test_failed_trials_are_recorded_and_do_not_count(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # lr 1e6 makes the loss blow up: every trial fails, and the run says so (exit 1)
     with pytest.raises(rankopt.RankoptError, match="all 2 trials of study 'resume' failed"):
-        rankopt.run_study(tiny(run_dir, strategies={"finetune": {"epochs": 0.3, "lr": 1e6}}))
+        rankopt.run_study(tiny(run_dir, strategies={"finetune": {"epochs": 0.3, "lr": 1e6}},
+                               seed_proposals=False))
     assert states(run_dir) == ["FAIL", "FAIL"]
     metrics = json.loads((run_dir / "trials" / "0" / "metrics.json").read_text())
     assert metrics["state"] == "FAIL" and "TrainingDivergedError" in metrics["reason"]

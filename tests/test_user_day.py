@@ -173,7 +173,7 @@ def test_no_test_split_says_validation(tmp_path: Path, capsys: pytest.CaptureFix
     rankopt.run_study(cfg)
     code, out, _ = run_cli(capsys, "pick", str(tmp_path / "run"), "--trial", "0", "--out", str(tmp_path / "m.pt"))
     assert code == 0 and "validation number" in out and "data.test_fraction" in out
-    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "run"))
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "run"), "--trial", "0")
     assert code == 2 and "no test split" in err
 
 

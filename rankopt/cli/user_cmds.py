@@ -36,6 +36,11 @@ def evaluate_command(
     result = StudyResult(run_dir)
     records = {r.trial: r for r in result.trials()}
     numbers = [trial] if trial is not None else [r.trial for r in result.front()]
+    if not numbers:
+        raise ConfigError(
+            f"study {result.config.name!r} has no compressed model on its front yet (every "
+            "completed trial left all layers full); give --trial N to evaluate one anyway"
+        )
     if trial is not None:
         result.pick(trial=trial)  # a clear error for a trial that is not a completed one
     accuracies = result.evaluate(numbers, split=split)

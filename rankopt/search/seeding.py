@@ -1,6 +1,6 @@
 """Seeding a search with the one-shot proposals users run by hand today.
 
-With ``seed_proposals: K`` (or ``true``, meaning :data:`DEFAULT_PROPOSALS`) a study
+With ``seed_proposals: K`` (or ``true``, the default, meaning :data:`DEFAULT_PROPOSALS`) a study
 enqueues, before the sampler proposes anything, for every rank selector of the study:
 
 - its default parameters (``vbmf``: plain VBMF; ``energy``: p = 0.95; ``budget``:
