@@ -78,6 +78,13 @@ def verdict(rows: list[MethodFigures], ours_name: str = "rankopt") -> tuple[list
     return wins, ratio
 
 
+def _fewer(rows: list[MethodFigures], name: str, baseline: dict) -> float:
+    """How many times fewer params than the reference ``name``'s smallest model within 1
+    point has (0 when it has none)."""
+    best = next(f for f in rows if f.method == name).best_params
+    return baseline["params"] / best if best else 0.0
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -86,8 +93,10 @@ def _mean_sd(values: list[float]) -> str:
 
 def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: ignore[no-untyped-def]
                 methods: list[str] | None = None,
-                searches: list[str] | None = None) -> tuple[str, dict]:
-    searched = [m for m in SEARCH_METHODS if searches is None or m in searches]
+                searches: list[str] | None = None,
+                first_seed_only: list[str] | None = None) -> tuple[str, dict]:
+    once = set(first_seed_only or ())
+    searched = [m for m in SEARCH_METHODS if searches is None or m in searches or m in once]
     checked = [m for m in AIM_CHECKED if m in searched]
     weights = reference_weights(setting, out, device)
     hand: list[MethodFigures] = []
@@ -120,7 +129,7 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
         return "", picked
     hand = [run(m, seeds[0]) for m in HAND_METHODS]
     for seed in seeds:
-        per_seed[seed] = [run(m, seed) for m in searched] + hand
+        per_seed[seed] = [run(m, seed) for m in searched if seed == seeds[0] or m not in once] + hand
     picked["baseline"] = {k: baseline[k] for k in ("accuracy", "params", "flops")}
     picked["reference_weights"] = str(weights)
     (out / setting.key / "picked.json").write_text(json.dumps(picked, indent=2))
@@ -131,6 +140,8 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
     for seed, rows in per_seed.items():
         lines = []
         for name in checked:
+            if not any(f.method == name for f in rows):
+                continue
             wins, ratio = verdict(rows, name)
             ok = len(wins) == 2 and ratio is not None and ratio <= 0.70
             met[name] += ok
@@ -139,13 +150,17 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
                 f"{', '.join(wins) or 'neither front'}; fewest params within 1 point "
                 + (f"{ratio:.2f}x the best other method's (aim: <= 0.70x)" if ratio is not None
                    else "not comparable (a method has no model within 1 point)")
-                + f"; both aims met: {'yes' if ok else 'no'}."
+                + f"; both aims met: {'yes' if ok else 'no'}"
+                + ("; cifar aim (a model within 1 point with >= 2x fewer params): "
+                   + ("yes" if _fewer(rows, name, baseline) >= 2 else "no")
+                   + f" ({_fewer(rows, name, baseline):.2f}x)" if setting.key == "cifar" else "")
+                + "."
             )
         parts.append(f"Sampler seed {seed}:\n\n{_table(rows, baseline)}\n\n" + "\n".join(
             f"- {line}" for line in lines))
     if len(seeds) > 1:
         summary = []
-        for method in searched + list(HAND_METHODS):
+        for method in [m for m in searched if m not in once] + list(HAND_METHODS):
             figs = [next(f for f in per_seed[s] if f.method == method) for s in seeds]
             summary.append([
                 method, _mean_sd([f.hv_params for f in figs]), _mean_sd([f.hv_flops for f in figs]),
@@ -159,7 +174,8 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
                              summary)
             + "\n\nBoth aims (hypervolumes above every other method's, fewest params within 1 point "
             "<= 0.70x the best other method's) met for: "
-            + ", ".join(f"{name} {met[name]} of {len(seeds)} seeds" for name in checked) + "."
+            + ", ".join(f"{name} {met[name]} of {len(seeds)} seeds" for name in checked if name not in once)
+            + "." + (f" Run on seed {seeds[0]} only (ablations): {', '.join(sorted(once))}." if once else "")
         )
     return "\n\n".join(parts), picked
 
@@ -177,6 +193,8 @@ def main() -> None:
                              "picked.json: a run without --methods reuses them and reports")
     parser.add_argument("--searches", nargs="+", choices=list(SEARCH_METHODS),
                         help="the searches in the table (default: all); the hand methods always")
+    parser.add_argument("--first-seed-only", nargs="+", default=[], choices=list(SEARCH_METHODS),
+                        help="searches run on the first of --seeds only (ablation rows)")
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -188,7 +206,8 @@ def main() -> None:
         if absent:
             print(f"skipping {key}: {absent} not found in ../shared/data (see its README)", file=sys.stderr)
             continue
-        text, _ = run_setting(setting, args.out, args.device, args.seeds, args.methods, args.searches)
+        text, _ = run_setting(setting, args.out, args.device, args.seeds, args.methods, args.searches,
+                              args.first_seed_only)
         if args.methods:
             continue
         print(text, flush=True)

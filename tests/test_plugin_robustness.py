@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 from fixtures.plugin_env import plugin_env  # noqa: F401  (pytest fixture)
