@@ -256,8 +256,8 @@ def runtimes_main(args: argparse.Namespace) -> None:
     text = (
         f"One thread, process CPU time, reference and model in eager and in ONNX Runtime timed "
         f"interleaved in one loop (medians of {args.rounds} rounds; ResNet-18 at batch 32: a third). "
-        f"Shared 2-core machine with six other engineers' jobs running: {load} before, "
-        f"{load_after} after. Structure-only models: tucker2 at a fixed fraction of every 3x3 "
+        f"2-core machine, {load} before, "
+        f"{load_after} after (1/5/15 min). Structure-only models: tucker2 at a fixed fraction of every 3x3 "
         "conv's ranks, the stem (<= 3 input channels) dense (speed does not depend on weight values).\n\n"
         + speeds + "\n\nLatency-objective study on ResNet-20 (objectives accuracy, latency; "
         "runtime onnxruntime, batch 1; rank_multiple 8; keep_faster_layers in ORT):\n\n" + study

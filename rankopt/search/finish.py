@@ -37,27 +37,25 @@ def call_study_hook(run_dir: Path, summary: Mapping[str, Any]) -> None:
 def check_failures(study: optuna.Study, config: StudyConfig, outcomes: Sequence[str], run_dir: Path) -> None:
     """Raise when this run's trials (their states, ``outcomes``) reached ``max_failures``, or
     when none of them completed; the message names the last failure's reason."""
-    if config.max_failures is not None and outcomes.count("FAIL") >= config.max_failures:
-        reasons = [
-            t.user_attrs.get("reason", "?")
-            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        ]
+    failed = outcomes.count("FAIL")
+    too_many = config.max_failures is not None and failed >= config.max_failures
+    if not too_many and not (outcomes and all(s != "COMPLETE" for s in outcomes)):
+        return
+    reasons = [t.user_attrs.get("reason", "?")
+               for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    last = reasons[-1] if reasons else "?"
+    if too_many:
         raise RankoptError(
-            f"study {config.name!r} stopped: {outcomes.count('FAIL')} of its "
+            f"study {config.name!r} stopped: {failed} of its "
             f"{len(outcomes)} trials in this run failed (max_failures: "
-            f"{config.max_failures}); the last reason: {reasons[-1] if reasons else '?'}. "
+            f"{config.max_failures}); the last reason: {last}. "
             f"Completed trials are kept; fix the cause and rerun to continue (see "
             f"{run_dir}/trials/*/metrics.json)"
         )
-    if outcomes and all(s != "COMPLETE" for s in outcomes):
-        reasons = [
-            t.user_attrs.get("reason", "?")
-            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        ]
-        raise RankoptError(
-            f"all {len(outcomes)} trials of study {config.name!r} failed; the last reason: "
-            f"{reasons[-1] if reasons else '?'} (see {run_dir}/trials/*/metrics.json)"
-        )
+    raise RankoptError(
+        f"all {len(outcomes)} trials of study {config.name!r} failed; the last reason: "
+        f"{last} (see {run_dir}/trials/*/metrics.json)"
+    )
 
 
 def interrupted_message(config: StudyConfig, run_dir: Path) -> str:
