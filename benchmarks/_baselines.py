@@ -209,7 +209,7 @@ def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
     import rankopt
     from rankopt.config import load_config
     from rankopt.search.space import SearchSpace
-    from rankopt.study import _thin_conv
+    from rankopt.search.building import thin_conv
 
     cfg = load_config(config)
     in_ch = 1 if cfg.model and cfg.model.name == "lenet5" else 3
@@ -217,7 +217,7 @@ def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
     model = rankopt.model(cfg.model.name, num_classes=10, in_channels=in_ch)  # type: ignore[union-attr]
     targets = [t for t in rankopt.find_layers(model, (1, in_ch, side, side), include=cfg.targets.include,
                                               exclude=cfg.targets.exclude)
-               if not _thin_conv(model, t.name, cfg.targets.dense_input_channels)]
+               if not thin_conv(model, t.name, cfg.targets.dense_input_channels)]
     return SearchSpace(cfg, model, targets), model
 
 

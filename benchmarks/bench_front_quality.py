@@ -143,6 +143,7 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
             if not any(f.method == name for f in rows):
                 continue
             wins, ratio = verdict(rows, name)
+            fewer = _fewer(rows, name, baseline)
             ok = len(wins) == 2 and ratio is not None and ratio <= 0.70
             met[name] += ok
             lines.append(
@@ -152,8 +153,7 @@ def run_setting(setting, out: Path, device: str, seeds: list[int],  # type: igno
                    else "not comparable (a method has no model within 1 point)")
                 + f"; both aims met: {'yes' if ok else 'no'}"
                 + ("; cifar aim (a model within 1 point with >= 2x fewer params): "
-                   + ("yes" if _fewer(rows, name, baseline) >= 2 else "no")
-                   + f" ({_fewer(rows, name, baseline):.2f}x)" if setting.key == "cifar" else "")
+                   + ("yes" if fewer >= 2 else "no") + f" ({fewer:.2f}x)" if setting.key == "cifar" else "")
                 + "."
             )
         parts.append(f"Sampler seed {seed}:\n\n{_table(rows, baseline)}\n\n" + "\n".join(

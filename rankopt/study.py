@@ -28,7 +28,6 @@ from rankopt.config import StudyConfig, config_to_yaml, load_config
 from rankopt.errors import ConfigError, StudyInterrupted
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
-from rankopt.search import building
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message
 from rankopt.search.local import quiet_optuna, torch_threads
@@ -64,8 +63,6 @@ __all__ = [
     "torch_threads",
 ]
 
-# benchmarks/_baselines.py imports it from here (it moved to rankopt.search.building)
-_thin_conv = building.thin_conv
 
 log = logging.getLogger("rankopt.study")
 
