@@ -59,6 +59,17 @@ def test_a_trial_whose_ranks_round_like_an_earlier_ones_reports_its_result(tmp_p
     assert 1 not in front and len(front) == len({(r.params, r.accuracy) for r in result.front()})
 
 
+def test_hyperparameters_one_rounding_step_apart_have_one_repeat_key() -> None:
+    # NSGA-II's crossover on a log scale turned the lr 0.05 of a trial into 0.05000000000000001
+    # (the quickstart front listed both); Optuna's enqueue already treats them as equal
+    from rankopt.search.objective import _rounded
+
+    a = {"hyperparameters": {"lr": 0.05, "epochs": 4}, "selector_params": {"p": [0.6]}}
+    b = {"hyperparameters": {"lr": 0.05000000000000001, "epochs": 4}, "selector_params": {"p": [0.6]}}
+    assert a != b and _rounded(a) == _rounded(b)
+    assert _rounded({"lr": 0.051}) != _rounded({"lr": 0.05})
+
+
 def test_skip_repeats_off_trains_every_trial(tmp_path: Path) -> None:
     points = [{"fixed.fraction": 0.5}, {"fixed.fraction": 0.49}]
     result = rankopt.run_study(study(tmp_path, trials=2, enqueue=points, skip_repeats=False),

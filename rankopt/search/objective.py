@@ -261,7 +261,19 @@ def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
     else:
         key.update(selector=plan.selector, selector_params=ctx.selector_params,
                    decomposers=dict(sorted(plan.decomposers.items())))
-    return json.dumps(key, sort_keys=True, default=_jsonable)
+    return json.dumps(_rounded(key), sort_keys=True, default=_jsonable)
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float at 12 significant digits: a sampler's log-scale
+    arithmetic gives 0.05000000000000001 for the 0.05 of an earlier trial."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
 
 
 # what a repeat copies from the trial it repeats (not its timings or its own number)
