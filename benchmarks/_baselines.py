@@ -38,6 +38,7 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt_all``: ``rankopt_screened`` with distillation and multi-fidelity;
 - ``rankopt_all_wide``: ``rankopt_all`` whose multi-fidelity continues half the models
   (not a quarter) by the setting's epochs (not twice them): the same epochs in all;
+- ``rankopt_kd_mf_wide``: ``rankopt_all_wide`` without screening;
 - ``rankopt_fast``: ``rankopt`` with ``keep_faster_layers`` (a decomposed layer that
   measures slower than its original on this machine stays full), for the realized-speed
   benchmark.
@@ -65,13 +66,13 @@ UNIFORM_RATES = (4, 8, 16, 32, 64)
 # the searches (run once per --seeds value) and the hand methods (deterministic, run once)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
                   "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf",
-                  "rankopt_all", "rankopt_all_wide")
+                  "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide")
 HAND_METHODS = ("vbmf", "energy", "fraction", "uniform", "uniform_head")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
                     "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf", "rankopt_all",
-                    "rankopt_all_wide")
+                    "rankopt_all_wide", "rankopt_kd_mf_wide")
 # distillation of the issue-18 variants: lambda 0.5 at T = 4 (Hinton et al.'s range)
 KD = {"distill_weight": 0.5, "distill_temperature": 4.0}
 
@@ -269,13 +270,13 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
                 cfg["screening"] = {"candidates": setting.screening, "keep": setting.population}
             if method.startswith("rankopt_full"):
                 cfg["targets"] = {"allow_full": True}
-            if method in ("rankopt_kd", "rankopt_kd_mf", "rankopt_all", "rankopt_all_wide"):
+            if method in ("rankopt_kd", "rankopt_kd_mf", "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide"):
                 cfg["strategies"]["finetune"].update(KD)
             if method in ("rankopt_mf", "rankopt_kd_mf", "rankopt_all"):
                 cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
                 cfg["multi_fidelity"] = {"rounds": 1, "epochs": 2 * setting.finetune_epochs,
                                          "keep": 0.25}
-            if method == "rankopt_all_wide":  # the same epochs, spread over twice the models
+            if method in ("rankopt_all_wide", "rankopt_kd_mf_wide"):  # the same epochs, twice the models
                 cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
                 cfg["multi_fidelity"] = {"rounds": 1, "epochs": setting.finetune_epochs, "keep": 0.5}
         elif method == "rankopt_nsgaii":

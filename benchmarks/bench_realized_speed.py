@@ -149,6 +149,29 @@ def fixed_fraction_model(reference: nn.Module, shape: tuple[int, ...], fraction:
     return model, rankopt.count(model, shape).flops
 
 
+MIN_SAVING = 0.1  # targets.min_saving's default
+
+
+def min_saving_spec(reference: nn.Module, spec: dict[str, Any], shape: tuple[int, ...],
+                    min_saving: float = MIN_SAVING) -> tuple[dict[str, Any], list[str]]:
+    """``spec`` without the layers whose factorized form saves less than ``min_saving`` of
+    their params or FLOPs (a study's rule, :func:`rankopt.selection.cost_increase_reason`),
+    and those layers' names."""
+    from rankopt.selection import cost_increase_reason, layer_costs
+
+    hw = {la.name: la.input_hw for la in rankopt.find_layers(reference, shape)}
+    kept, dense = {}, []
+    for name, entry in spec.items():
+        dec = rankopt.decomposer(entry["decomposer"])
+        module = reference.get_submodule(name)
+        new, original, known = layer_costs(dec, module, entry["ranks"], hw.get(name), entry.get("options"))
+        if cost_increase_reason(dec.name, entry["ranks"], new, original, known, min_saving) is None:
+            kept[name] = entry
+        else:
+            dense.append(name)
+    return kept, dense
+
+
 def runtime_rows(args: argparse.Namespace) -> str:
     """Eager vs ONNX Runtime speed-ups: the front-quality picks where present, and
     structure-only tucker2 models (speed does not depend on the weights' values)."""
@@ -163,8 +186,13 @@ def runtime_rows(args: argparse.Namespace) -> str:
             for method, picks in picked["methods"].items():
                 for label, pick in picks.items():
                     model = load_compressed(pick["model_path"]).eval()
-                    cases.append((setting.title, f"{method} {label} pick (trial {pick['trial']})", ref, model,
-                                  (1, in_ch, side, side)))
+                    shape = (1, in_ch, side, side)
+                    cases.append((setting.title, f"{method} {label} pick (trial {pick['trial']})", ref, model, shape))
+                    kept, dense = min_saving_spec(ref, pick["spec"], shape)
+                    if dense:  # what targets.min_saving (a study's default since) makes of it
+                        cases.append((setting.title, f"{method} {label} pick (trial {pick['trial']}), structure "
+                                      f"under min_saving {MIN_SAVING:g}: {len(dense)} layer(s) dense",
+                                      ref, rankopt.compress(ref, kept).eval(), shape))
     zoo = [("LeNet-5 (MNIST 28x28)", "lenet5", (1, 1, 28, 28)),
            ("ResNet-20 (CIFAR)", "resnet20_cifar", (1, 3, 32, 32)),
            ("ResNet-18 (CIFAR)", "resnet18_cifar", (1, 3, 32, 32))]

@@ -150,7 +150,8 @@ class StudyConfig(_Strict):
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     # enqueue the selectors' one-shot proposals first (see rankopt.search.seeding):
     # true (default) = 3 spread points per selector plus its defaults, N = N points, and
-    # the uniform rate sweep with the fixed selector searched per layer; false = none
+    # with the fixed selector searched per layer the uniform rate sweep and (with vbmf)
+    # the VBMF sweep; false = none
     seed_proposals: bool | int = True
     # measure each decomposed layer against the original and keep the faster form
     keep_faster_layers: bool = False

@@ -98,11 +98,16 @@ def layer_costs(
 
 
 def cost_increase_reason(
-    decomposer: str, ranks: Sequence[int], new: Cost, original: Cost, flops_known: bool
+    decomposer: str, ranks: Sequence[int], new: Cost, original: Cost, flops_known: bool,
+    min_saving: float = 0.0,
 ) -> str | None:
     """Why a factorized layer is not worth it (None when it is smaller).
 
-    Compressed means strictly fewer parameters and, where FLOPs are known, no more FLOPs.
+    Compressed means strictly fewer parameters and, where FLOPs are known, no more FLOPs;
+    with ``min_saving`` s > 0, at most ``(1 - s)`` of the original's parameters and (where
+    known) FLOPs: a factorization that saves a few percent still runs two or three ops
+    instead of one, and measured slower than the dense layer in every runtime
+    (``benchmarks/RESULTS.md``, realized speed).
     """
     if new.params >= original.params:
         return (
@@ -114,6 +119,16 @@ def cost_increase_reason(
             f"{decomposer} at ranks {tuple(ranks)} would need {new.flops:,} FLOPs, more than the "
             f"original {original.flops:,}; the layer stays uncompressed"
         )
+    if min_saving > 0:
+        for what, a, b in (("parameters", new.params, original.params),
+                           ("FLOPs", new.flops, original.flops if flops_known else 0)):
+            if b and a > (1.0 - min_saving) * b:
+                return (
+                    f"{decomposer} at ranks {tuple(ranks)} would save {1 - a / b:.1%} of the layer's "
+                    f"{what} ({a:,} of {b:,}), less than targets.min_saving={min_saving:g}; the "
+                    "layer stays uncompressed (an extra op for almost nothing; set "
+                    "targets.min_saving: 0 to compress it anyway)"
+                )
     return None
 
 
@@ -161,6 +176,7 @@ def select_spec(
     input_shape: Sequence[int] | None = None,
     rank_multiple: int = 1,
     min_in_channels: int = 1,
+    min_saving: float = 0.0,
 ) -> tuple[Spec, list[LayerChoice]]:
     """A compression spec for ``model`` and the decision for every considered layer.
 
@@ -180,6 +196,9 @@ def select_spec(
         min_in_channels: layers with fewer input channels stay full (a 3-channel stem
             saves almost nothing and costs an extra op); 1 considers every layer.
             Studies default to 4.
+        min_saving: a layer whose factorized form keeps more than ``1 - min_saving`` of
+            its parameters or FLOPs stays full (see :func:`cost_increase_reason`);
+            studies default to 0.1 (``targets.min_saving``), this function to 0.
 
     Returns:
         ``(spec, choices)``: the spec ``{name: {"decomposer", "ranks", ["options"]}}`` of
@@ -190,6 +209,8 @@ def select_spec(
     for what, value in (("rank_multiple", rank_multiple), ("min_in_channels", min_in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+    if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0 <= min_saving < 1:
+        raise ConfigError(f"min_saving must be a number in [0, 1), got {min_saving!r}")
     sel = resolve_selector(selector)
     checked = sel.validate_params(params if params is not None else {})
     considered, per_layer = _resolve_decomposers(model, layers, decomposers)
@@ -244,7 +265,7 @@ def select_spec(
             ranks = round_ranks(ranks, dec.max_ranks(module, opts or None), rank_multiple)
         ranks = dec.check_ranks(module, ranks, name=layer.name, options=opts or None)
         new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, opts)
-        why = cost_increase_reason(dec.name, ranks, new, original, flops_known)
+        why = cost_increase_reason(dec.name, ranks, new, original, flops_known, min_saving)
         if why is not None:
             choices.append(LayerChoice(layer.name, dec.name, None, why, opts, new, original))
             continue

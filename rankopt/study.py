@@ -311,6 +311,13 @@ class Study:
             )
             if not study.trials:
                 enqueue = list(prep.enqueue)
+                if config.seed_proposals is not False:  # the VBMF sweep needs the trained reference
+                    from rankopt.search.seeding import anchored_proposals
+
+                    enqueue += [p for p in anchored_proposals(
+                        prep.space, reference, prep.targets, cache=env.cache,
+                        min_in_channels=config.targets.dense_input_channels + 1,
+                        min_saving=config.targets.min_saving) if p not in enqueue]
                 if config.screening is not None:
                     from rankopt.search.screening import screen_study
 

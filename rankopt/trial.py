@@ -105,7 +105,7 @@ class LocalTrialContext:
             on ``device`` and keep the original where it is faster
             (:func:`rankopt.latency.keep_faster_layers`); dropped layers are reported
             under ``kept_full_for_speed``.
-        rank_multiple, min_in_channels: see :func:`rankopt.selection.select_spec`.
+        rank_multiple, min_in_channels, min_saving: see :func:`rankopt.selection.select_spec`.
         latency: where ``keep_faster`` measures: ``runtime``, ``batch``, ``threads``,
             ``rounds`` (see :class:`rankopt.config.LatencyConfig`; default eager, 1, 1, 15).
         latency_cache: a directory caching the per-layer measurements across trials.
@@ -130,6 +130,7 @@ class LocalTrialContext:
         keep_faster: bool = False,
         rank_multiple: int = 1,
         min_in_channels: int = 1,
+        min_saving: float = 0.0,
         latency: Mapping[str, Any] | None = None,
         latency_cache: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -151,6 +152,7 @@ class LocalTrialContext:
         self.keep_faster = bool(keep_faster)
         self.rank_multiple = rank_multiple
         self.min_in_channels = min_in_channels
+        self.min_saving = min_saving
         self.latency: dict[str, Any] = dict(latency or {})
         self.latency_cache = latency_cache
         self._reference = reference
@@ -278,6 +280,7 @@ class LocalTrialContext:
             input_shape=self.input_shape,
             rank_multiple=self.rank_multiple,
             min_in_channels=self.min_in_channels,
+            min_saving=self.min_saving,
         )
         self.choices = list(choices)
         if self.keep_faster and spec:

@@ -184,6 +184,36 @@ def test_multi_fidelity_continues_the_front_from_its_checkpoints(tmp_path: Path)
     assert len(again.trials()) == 6
 
 
+def test_a_running_continuation_is_not_failed_as_stale_by_another_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two processes on one study: the other's stale-trial check runs while this one trains
+    # a continuation; a continuation that named no process was failed under it
+    import optuna
+
+    import rankopt.search.fidelity as fidelity
+    from rankopt.search.storage import fail_stale_trials, worker_id
+
+    real = fidelity.continue_trial
+    failed: list[list[int]] = []
+    workers: list[Any] = []
+
+    def continue_and_check(env: Any, number: int, source: Any, level: int) -> dict[str, Any]:
+        url = f"sqlite:///{env.run_dir / 'optuna.db'}"
+        other = optuna.load_study(study_name=env.config.name, storage=url)
+        failed.append(fail_stale_trials(other, other._storage, local=True))
+        workers.append(other.trials[number].user_attrs.get("worker"))
+        return real(env, number, source, level)
+
+    monkeypatch.setattr(fidelity, "continue_trial", continue_and_check)
+    points = [{"fixed.fraction": f} for f in (0.2, 0.6)]
+    config = study(tmp_path, trials=2, enqueue=points,
+                   multi_fidelity={"rounds": 1, "epochs": 0.2, "keep": 1.0})
+    result = rankopt.run_study(config, progress=False)
+    assert failed == [[], []] and workers == [worker_id()] * 2
+    assert [r.fidelity for r in result.trials()] == [0, 0, 1, 1]
+
+
 # -- 4. the search space reaches the extremes -----------------------------------------------
 
 
@@ -259,6 +289,82 @@ def test_seed_proposals_include_the_uniform_sweep_with_the_classifier_full(tmp_p
     # without the per-layer fixed selector there is no sweep
     plain = study(tmp_path, model={"name": "lenet5"}, selectors={"vbmf": {}})
     assert uniform_proposals(SearchSpace(load_config(plain), model, targets), model) == []
+
+
+def _low_rank_lenet() -> nn.Module:
+    """LeNet-5 whose conv2 and fcs.0 weights are rank 10 and 30 plus faint noise, so VBMF
+    finds ranks well above 1 (it finds pure noise, a random init, to be rank 0)."""
+    torch.manual_seed(0)
+    model = rankopt.model("lenet5", num_classes=10, in_channels=1)
+    with torch.no_grad():
+        for name, rank in (("conv2", 10), ("fcs.0", 30)):
+            w = model.get_submodule(name).weight
+            mat = w.reshape(w.shape[0], -1)
+            low = torch.randn(mat.shape[0], rank) @ torch.randn(rank, mat.shape[1])
+            w.copy_((low + 0.01 * torch.randn_like(mat)).reshape(w.shape) / mat.shape[1] ** 0.5)
+    return model
+
+
+def test_the_vbmf_sweep_cuts_vbmfs_allocation_further_with_the_classifier_kept(tmp_path: Path) -> None:
+    from rankopt.search.seeding import SHRINK_RATES, anchored_proposals
+
+    config = study(tmp_path, model={"name": "lenet5"}, decomposers=["tucker2", "svd"],
+                   selectors={"fixed": {"space": {"per_layer": True}}, "vbmf": {}})
+    model = _low_rank_lenet()
+    targets = [t for t in rankopt.find_layers(model, (1, 1, 28, 28)) if t.name != "conv1"]
+    space = SearchSpace(load_config(config), model, targets)
+    first = {layer: options[0] for layer, options in space.layer_options.items()}
+    vbmf, _ = rankopt.selection.select_spec(model, targets, first, "vbmf", {})
+    assert vbmf["conv2"]["ranks"][0] > 3 and vbmf["fcs.0"]["ranks"][0] > 10
+
+    def params(name: str, entry: dict[str, Any] | None) -> int:
+        module = model.get_submodule(name)
+        if entry is None:
+            return sum(p.numel() for p in module.parameters())
+        return rankopt.decomposer(entry["decomposer"]).cost(module, entry["ranks"], input_hw=(1, 1)).params
+
+    points = anchored_proposals(space, model, targets)
+    assert len(points) == len(SHRINK_RATES) == 3
+    sizes = []
+    for rate, point in zip(SHRINK_RATES, points):
+        assert point["selector"] == "fixed"
+        plan = space.plan(space.check_point(point, "proposal"))
+        spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed", plan.selector_params)
+        for name in ("conv2", "fcs.0"):
+            assert params(name, spec.get(name)) <= params(name, vbmf.get(name)) / rate, (rate, name)
+        assert spec.get("fc_out") == vbmf.get("fc_out")  # the classifier keeps VBMF's ranks
+        sizes.append(sum(params(n, spec.get(n)) for n in first))
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+    # only with both vbmf and the per-layer fixed selector
+    for selectors in ({"fixed": {"space": {"per_layer": True}}}, {"fixed": {}, "vbmf": {}}):
+        other = SearchSpace(load_config(study(tmp_path, model={"name": "lenet5"}, selectors=selectors)),
+                            model, targets)
+        assert anchored_proposals(other, model, targets) == []
+
+
+def test_a_study_enqueues_the_vbmf_sweep_after_the_other_proposals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rankopt.search.seeding as seeding
+
+    config = study(tmp_path, selectors={"fixed": {"space": {"per_layer": True}}, "vbmf": {}})
+    prepared = rankopt.Study(config)._prepare()
+    n = len(prepared.enqueue)  # the selectors' proposals and the uniform sweep
+    seen: list[dict[str, torch.Tensor]] = []
+    sweep = [{"selector": "fixed", "fixed.fraction:3": 0.3, "fixed.fraction:7": f} for f in (0.7, 0.5)]
+
+    def fake(space: Any, reference: nn.Module, targets: Any, **options: Any) -> list[dict[str, Any]]:
+        seen.append({k: v.clone() for k, v in reference.state_dict().items()})
+        assert options["min_saving"] == 0.1 and options["min_in_channels"] == 4
+        return [*sweep, prepared.enqueue[0]]  # a point already enqueued runs once
+
+    monkeypatch.setattr(seeding, "anchored_proposals", fake)
+    result = rankopt.run_study({**config, "trials": n + 3}, progress=False)
+    trials = sorted(result.study.trials, key=lambda t: t.number)
+    assert [{k: t.params[k] for k in sweep[0]} for t in trials[n:n + 2]] == sweep
+    assert trials[n + 2].params != prepared.enqueue[0]
+    saved = torch.load(tmp_path / "run" / "reference" / "model.pt", weights_only=True)
+    assert len(seen) == 1 and all(torch.equal(seen[0][k], saved[k]) for k in saved)  # the trained one
 
 
 def test_proposals_beyond_the_trial_budget_are_not_left_waiting(tmp_path: Path) -> None:

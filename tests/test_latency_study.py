@@ -30,7 +30,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "data": {"name": "digits", "batch_size": 128},
                 "reference": {"epochs": 1, "lr": 0.05},
                 "decomposers": ["tucker2"],
-                "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.9}}},
+                "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.6}}},
                 "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
                 "objectives": ["accuracy", "latency"],
                 "latency": {"runtime": "onnxruntime", "batch": 4, "threads": 1, "rounds": 5},

@@ -146,12 +146,15 @@ def inspect_rows(
     thresholds: Sequence[float] = (0.92, 0.95, 0.98),
     cache: Any = None,
     min_in_channels: int = 4,
+    min_saving: float = 0.1,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """(method names, one row per compressible layer) of the inspect table.
 
     A layer with fewer than ``min_in_channels`` input channels (a study's default 4)
     gets ``dense: true`` and a note saying why a study leaves it full; its ranks are
-    still shown, and the model totals leave it uncompressed.
+    still shown, and the model totals leave it uncompressed. A method's ranks that save
+    less than ``min_saving`` (a study's ``targets.min_saving``, default 0.1) are
+    ``compressed: false`` with the ``reason``.
     """
     import rankopt
     from rankopt.selection import cost_increase_reason, layer_costs
@@ -187,12 +190,14 @@ def inspect_rows(
             for label, selector, params in methods:
                 ranks = selector.select(module, dec, cache=cache, name=layer.name, options=options, **params)
                 new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, options)
+                reason = cost_increase_reason(dec.name, ranks, new, original, flops_known, min_saving)
                 row["methods"][label] = {
                     "ranks": list(ranks),
                     "params": new.params,
                     "flops": new.flops,
                     "ratio": original.params / new.params if new.params else float("inf"),
-                    "compressed": cost_increase_reason(dec.name, ranks, new, original, flops_known) is None,
+                    "compressed": reason is None,
+                    **({"reason": reason} if reason is not None else {}),
                 }
         rows.append(row)
     return [m[0] for m in methods], rows
@@ -337,6 +342,11 @@ def inspect_command(
         help="Layers with fewer input channels are kept dense (default: the study file's "
         "targets.dense_input_channels + 1, else 4 as in a study).",
     ),
+    min_saving: Optional[float] = typer.Option(
+        None, "--min-saving",
+        help="Ranks saving less than this share of a layer's params or FLOPs leave it dense "
+        "(default: the study file's targets.min_saving, else 0.1 as in a study).",
+    ),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
     from rankopt.errors import ConfigError
@@ -348,14 +358,20 @@ def inspect_command(
         raise ConfigError(f"--num-classes must be a positive integer, got {num_classes}")
     ps = _parse_floats(thresholds, "--thresholds")
     shape = _parse_shape(input_shape) if input_shape is not None else None
-    if min_in_channels is None:
-        min_in_channels = 4
-        if model_or_study.endswith(STUDY_SUFFIXES):
-            from rankopt.config import load_config
+    if model_or_study.endswith(STUDY_SUFFIXES) and (min_in_channels is None or min_saving is None):
+        from rankopt.config import load_config
 
-            min_in_channels = load_config(model_or_study, check_paths=False).targets.dense_input_channels + 1
+        study_targets = load_config(model_or_study, check_paths=False).targets
+        if min_in_channels is None:
+            min_in_channels = study_targets.dense_input_channels + 1
+        if min_saving is None:
+            min_saving = study_targets.min_saving
+    min_in_channels = 4 if min_in_channels is None else min_in_channels
+    min_saving = 0.1 if min_saving is None else min_saving
     if min_in_channels < 1:
         raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
+    if not 0 <= min_saving < 1:
+        raise ConfigError(f"--min-saving must be a number in [0, 1), got {min_saving}")
     import rankopt
 
     rankopt.decomposer(decomposer)  # an unknown name fails before any work
@@ -378,7 +394,8 @@ def inspect_command(
         )
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
     methods, rows = inspect_rows(
-        model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels
+        model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels,
+        min_saving=min_saving,
     )
     totals = _totals(model, methods, rows)
     if format == "json":

@@ -116,8 +116,15 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
 def _new_trial_like(study: optuna.Study, source: FrozenTrial) -> optuna.Trial:
     """A RUNNING trial with ``source``'s parameters (through the storage, not ``ask``:
     ``ask`` would hand out the oldest waiting ``enqueue`` point instead)."""
+    from rankopt.search.storage import WORKER_ATTR, _heartbeat_on, worker_id
+
     storage = study._storage
     trial_id = storage.create_new_trial(study._study_id)
+    # named for this process at once, as every trial is: a worker thread still checking
+    # for stale trials otherwise fails a RUNNING trial that names no process
+    storage.set_trial_user_attr(trial_id, WORKER_ATTR, worker_id())
+    if _heartbeat_on(storage):
+        storage.record_heartbeat(trial_id)
     for name, value in source.params.items():
         dist = source.distributions[name]
         storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)

@@ -235,6 +235,7 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
         keep_faster=config.keep_faster_layers,
         rank_multiple=config.rank_multiple,
         min_in_channels=config.targets.dense_input_channels + 1,
+        min_saving=config.targets.min_saving,
         latency=config.latency.model_dump(),
         latency_cache=env.run_dir / "cache" / "latency",
     )
@@ -255,7 +256,9 @@ def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
     key: dict[str, Any] = {"strategy": plan.strategy, "hyperparameters": dict(hyperparameters)}
     if getattr(strategy, "selects_on_reference", False):
         spec, _ = select_spec(ctx.model(), ctx.targets, ctx.layer_decomposers, ctx.selector,
-                              ctx.selector_params, cache=ctx.cache, input_shape=ctx.input_shape)
+                              ctx.selector_params, cache=ctx.cache, input_shape=ctx.input_shape,
+                              rank_multiple=ctx.rank_multiple, min_in_channels=ctx.min_in_channels,
+                              min_saving=ctx.min_saving)
         key["spec"] = {n: {"decomposer": e["decomposer"], "ranks": list(e["ranks"])}
                        for n, e in sorted(normalize_spec(spec).items())}
     else:
