@@ -45,7 +45,8 @@ from _baselines import (  # noqa: E402
 DEFAULT_OUT = Path("runs") / "bench_front_quality"
 # the two rankopt configurations held to the aims (each against the non-rankopt methods)
 AIM_CHECKED = ("rankopt", "rankopt_screened", "rankopt_full", "rankopt_full_screened", "rankopt_kd",
-               "rankopt_mf", "rankopt_kd_mf", "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide")
+               "rankopt_mf", "rankopt_kd_mf", "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide",
+               "rankopt_nokd")
 
 
 def _fmt_count(value: int | None, baseline: int) -> str:

@@ -318,7 +318,11 @@ class Study:
                         prep.space, reference, prep.targets, cache=env.cache,
                         min_in_channels=config.targets.dense_input_channels + 1,
                         min_saving=config.targets.min_saving) if p not in enqueue]
-                if config.screening is not None:
+                full = config.trials is not None and len(enqueue) >= config.trials
+                if config.screening is not None and full:  # its points would all be cut below
+                    log.warning("screening skipped: the enqueued points and proposals already "
+                                "fill the %d trials", config.trials)
+                elif config.screening is not None:
                     from rankopt.search.screening import screen_study
 
                     enqueue += [p for p in screen_study(env, show) if p not in enqueue]

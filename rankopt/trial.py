@@ -205,7 +205,8 @@ class LocalTrialContext:
         ``distill_weight``, ``distill_temperature``, ``distill_features`` (the fine-tuning
         strategies' hyperparameters, :data:`rankopt.distill.DISTILL_DEFAULTS`) distill the
         reference into ``model`` (:class:`rankopt.distill.Distillation`); features match
-        the outputs of the layers the last :meth:`compress` replaced.
+        the outputs of the layers the last :meth:`compress` replaced. A call that names
+        none of them trains without distillation (the strategies pass theirs, on by default).
         """
         from rankopt.training import train
 
@@ -233,10 +234,10 @@ class LocalTrialContext:
     def _distillation(self, options: dict[str, Any]) -> Any:
         """Pop the ``distill_*`` options; a Distillation from the reference when they ask
         for one (weight or features > 0), matching the layers :meth:`compress` replaced."""
-        from rankopt.distill import DISTILL_DEFAULTS, Distillation, check_distill_params
+        from rankopt.distill import DISTILL_OFF, Distillation, check_distill_params
 
-        params = {k: options.pop(k) for k in list(options) if k in DISTILL_DEFAULTS}
-        params = {**DISTILL_DEFAULTS, **params}
+        params = {k: options.pop(k) for k in list(options) if k in DISTILL_OFF}
+        params = {**DISTILL_OFF, **params}
         check_distill_params("train", params)
         if params["distill_weight"] == 0 and params["distill_features"] == 0:
             return None

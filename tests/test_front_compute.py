@@ -62,7 +62,7 @@ def test_a_trial_whose_ranks_round_like_an_earlier_ones_reports_its_result(tmp_p
 def test_hyperparameters_one_rounding_step_apart_have_one_repeat_key() -> None:
     # NSGA-II's crossover on a log scale turned the lr 0.05 of a trial into 0.05000000000000001
     # (the quickstart front listed both); Optuna's enqueue already treats them as equal
-    from rankopt.search.objective import _rounded
+    from rankopt.search.repeats import rounded as _rounded
 
     a = {"hyperparameters": {"lr": 0.05, "epochs": 4}, "selector_params": {"p": [0.6]}}
     b = {"hyperparameters": {"lr": 0.05000000000000001, "epochs": 4}, "selector_params": {"p": [0.6]}}
@@ -138,6 +138,32 @@ def test_finetune_strategy_takes_distillation_and_checks_it(tmp_path: Path) -> N
     for record in result.trials():
         assert 0.1 <= record.hyperparameters["distill_weight"] <= 0.9
         assert 1.0 <= record.hyperparameters["distill_temperature"] <= 8.0
+
+
+def test_fine_tuning_strategies_distill_by_default_and_a_bare_train_call_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rankopt.training
+    from rankopt.testing.strategies import tiny_trial_context
+
+    for name in ("finetune", "nrmf", "admm", "deeptwist"):
+        hp = rankopt.strategy(name).validate_params({})
+        assert (hp["distill_weight"], hp["distill_temperature"], hp["distill_features"]) == (0.5, 4.0, 0.0)
+    seen: list[Any] = []
+    real = rankopt.training.train
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("distill"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rankopt.training, "train", spy)
+    ctx = tiny_trial_context(max_steps=1)
+    model = ctx.compress(ctx.model(), ctx.select_ranks(ctx.model()))
+    ctx.train(model, epochs=1, lr=0.01)  # a strategy that never heard of distillation
+    rankopt.strategy("finetune").run(ctx, {"epochs": 1, "lr": 0.01})  # the defaults: on
+    ctx.train(model, epochs=1, lr=0.01, distill_weight=0.0)
+    assert seen[0] is None and seen[-1] is None
+    assert isinstance(seen[1], Distillation) and (seen[1].weight, seen[1].temperature) == (0.5, 4.0)
 
 
 # -- 3. multi-fidelity ------------------------------------------------------------------------

@@ -117,3 +117,17 @@ def test_a_failing_candidate_is_recorded_and_skipped(tmp_path: Any, monkeypatch:
     assert [c["number"] for c in failed] == [1]
     assert failed[0]["reason"] == "RuntimeError: decomposition broke"
     assert 1 not in report["kept_candidates"]
+
+
+def test_screening_is_skipped_when_the_enqueued_points_fill_the_trials(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    points = [{"selector": "energy", "energy.p": p} for p in (0.6, 0.9)]
+    with caplog.at_level("WARNING", logger="rankopt.study"):
+        result = rankopt.run_study(study_dict(tmp_path, trials=2, enqueue=points), progress=False)
+    assert not (tmp_path / "run" / screening.SCREENING_FILE).exists()
+    assert [t.params["energy.p"] for t in result.study.trials] == [0.6, 0.9]
+    assert "screening skipped: the enqueued points and proposals already fill the 2 trials" in caplog.text
+    # one trial short of full: it screens and its best point runs third
+    result = rankopt.run_study(study_dict(tmp_path / "b", trials=3, enqueue=points), progress=False)
+    assert (tmp_path / "b" / "run" / screening.SCREENING_FILE).is_file() and len(result.study.trials) == 3

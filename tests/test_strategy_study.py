@@ -38,7 +38,7 @@ def test_study_over_three_strategies_records_them(tmp_path: Path) -> None:
     result = rankopt.run_study(config, progress=False)
     records = {r.strategy: r for r in result.trials()}
     assert set(records) == {"finetune", "nrmf", "admm"}
-    off = {"distill_weight": 0.0, "distill_temperature": 4.0, "distill_features": 0.0}  # no distillation
+    off = {"distill_weight": 0.5, "distill_temperature": 4.0, "distill_features": 0.0}  # distillation, the default
     assert records["finetune"].hyperparameters == {"epochs": 0.5, "lr": 0.02, "optimizer": "sgd", **off}
     assert records["nrmf"].hyperparameters == {
         "alpha": 0.02, "epochs": 0.5, "finetune_epochs": 0.5, "lr": 0.02,

@@ -32,6 +32,7 @@ from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
+from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
 from rankopt.surgery import LayerInfo, normalize_spec
 
 if TYPE_CHECKING:  # annotations only; trial_context imports it when a trial runs
@@ -151,7 +152,7 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as JSON atomically (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=jsonable))
     tmp.replace(path)
 
 
@@ -175,16 +176,6 @@ def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:
     if reason is not None:
         write_json(trial_dir / "metrics.json",
                    {"trial": int(trial_dir.name), "state": "FAIL", "reason": reason})
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def trial_latency(model: nn.Module, env: TrialEnv, device: torch.device) -> dict[str, Any]:
@@ -241,71 +232,6 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
     )
 
 
-def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
-                 hyperparameters: Mapping[str, Any]) -> str:
-    """What a trial trains, once ranks are rounded and the selector resolved: two trials
-    with the same key train the same model (up to the training seed).
-
-    A strategy that selects ranks on the reference (``selects_on_reference``) is keyed
-    by the ranks the selector gives there (different thresholds that round to the same
-    ranks are one model); the others select after their own training, so their key is
-    the selector and its checked parameters.
-    """
-    from rankopt.selection import select_spec
-
-    key: dict[str, Any] = {"strategy": plan.strategy, "hyperparameters": dict(hyperparameters)}
-    if getattr(strategy, "selects_on_reference", False):
-        spec, _ = select_spec(ctx.model(), ctx.targets, ctx.layer_decomposers, ctx.selector,
-                              ctx.selector_params, cache=ctx.cache, input_shape=ctx.input_shape,
-                              rank_multiple=ctx.rank_multiple, min_in_channels=ctx.min_in_channels,
-                              min_saving=ctx.min_saving)
-        key["spec"] = {n: {"decomposer": e["decomposer"], "ranks": list(e["ranks"])}
-                       for n, e in sorted(normalize_spec(spec).items())}
-    else:
-        key.update(selector=plan.selector, selector_params=ctx.selector_params,
-                   decomposers=dict(sorted(plan.decomposers.items())))
-    return json.dumps(_rounded(key), sort_keys=True, default=_jsonable)
-
-
-def _rounded(value: Any) -> Any:
-    """``value`` with every float at 12 significant digits: a sampler's log-scale
-    arithmetic gives 0.05000000000000001 for the 0.05 of an earlier trial."""
-    if isinstance(value, float):
-        return float(f"{value:.12g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    return value
-
-
-# what a repeat copies from the trial it repeats (not its timings or its own number)
-_REPEATED = ("accuracy", "params", "flops", "latency_ms", "params_compression",
-             "flops_compression", "ranks", "decomposers", "ranks_summary", "extra", "reported",
-             "fidelity")
-
-
-def find_repeat(run_dir: Path, key: str, number: int) -> dict[str, Any] | None:
-    """The metrics of a finished first-fidelity trial (other than ``number``) with ``key``.
-
-    Read from ``trials/*/metrics.json`` rather than the Optuna storage so that it works
-    the same in a Ray worker, which has no study object; the lowest number wins.
-    """
-    best: tuple[int, dict[str, Any]] | None = None
-    for path in (run_dir / "trials").glob("*/metrics.json"):
-        if not path.parent.name.isdigit() or int(path.parent.name) == number:
-            continue
-        try:
-            metrics = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a half-written or unreadable file is not a result
-        if (metrics.get("state") == "COMPLETE" and metrics.get("resolved_key") == key
-                and metrics.get("repeat_of") is None and not metrics.get("continued_from")
-                and (best is None or int(path.parent.name) < best[0])):
-            best = (int(path.parent.name), metrics)
-    return None if best is None else best[1]
-
-
 def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str, Any]:
     """Run trial ``number`` with the flat parameter ``values``; returns its metrics.
 
@@ -338,7 +264,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         earlier = find_repeat(env.run_dir, key, number) if config.skip_repeats else None
         if earlier is not None:
             # the Optuna pattern for repeated parameters: report the earlier trial's values
-            metrics.update({k: earlier[k] for k in _REPEATED if k in earlier},
+            metrics.update({k: earlier[k] for k in REPEATED if k in earlier},
                            state="COMPLETE", repeat_of=int(earlier["trial"]),
                            reference_key=env.reference_key)
             return _finish(env, trial_dir, metrics, start, ctx)
@@ -504,4 +430,4 @@ def set_constraints(trial: optuna.trial.Trial, config: StudyConfig, metrics: Map
 
 def user_attrs(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a trial's metrics stored as Optuna user attrs (JSON-safe)."""
-    return {k: json.loads(json.dumps(metrics[k], default=_jsonable)) for k in TRIAL_ATTRS if k in metrics}
+    return {k: json.loads(json.dumps(metrics[k], default=jsonable)) for k in TRIAL_ATTRS if k in metrics}
