@@ -299,6 +299,51 @@ def runtimes_main(args: argparse.Namespace) -> None:
         record("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, command)
 
 
+SWEEP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+SWEEP_LAYERS = ((16, 32), (32, 16), (64, 8))  # ResNet-20's 3x3 convs: channels, input side
+
+
+def saving_sweep(args: argparse.Namespace) -> None:
+    """One 3x3 conv of each ResNet-20 stage against Tucker-2 at a falling share of its
+    ranks: the FLOP saving at which the factorized form starts to run faster in ONNX
+    Runtime (what ``targets.min_saving`` should be for speed)."""
+    import os
+
+    import torch.nn as nn
+
+    torch.set_num_threads(1)
+    load = "%.2f, %.2f, %.2f" % os.getloadavg()
+    rows = []
+    for channels, side in SWEEP_LAYERS:
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False)).eval()
+        shape = (1, channels, side, side)
+        for fraction in SWEEP_FRACTIONS:
+            r = max(1, int(-(-fraction * channels // 1)))
+            model = rankopt.compress(ref, {"0": {"decomposer": "tucker2", "ranks": [r, r]}}).eval()
+            saving = 1 - rankopt.count(model, shape).flops / rankopt.count(ref, shape).flops
+            cells = [f"{channels} ch, {side}x{side}", f"{r}x{r}", f"{saving:.1%}"]
+            for b in RUNTIME_BATCHES:
+                sp = runtime_speeds(ref, model, (b, *shape[1:]), args.rounds)
+                cells += [f"{sp['eager']:.2f}", f"{sp['ort']:.2f}"]
+            rows.append(cells)
+            print(cells, flush=True)
+    header = ["layer", "Tucker-2 ranks", "FLOPs saved"]
+    for b in RUNTIME_BATCHES:
+        header += [f"eager speed-up @{b}", f"ORT speed-up @{b}"]
+    text = (f"One 3x3 conv (no bias) per ResNet-20 stage, dense against Tucker-2 at ranks "
+            f"ceil(f * channels); one thread, process CPU time, interleaved, medians of "
+            f"{args.rounds} rounds; load average {load} before, "
+            + "%.2f, %.2f, %.2f" % os.getloadavg() + " after.\n\n" + markdown_table(header, rows))
+    print(text)
+    if args.record:
+        from _record import record
+
+        command = ".venv/bin/python benchmarks/bench_realized_speed.py " + " ".join(
+            a for a in sys.argv[1:] if a != "--record") + " --record"
+        record("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the models of a --quick front-quality run")
@@ -312,7 +357,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (--runtimes)")
     parser.add_argument("--study-trials", type=int, default=10, help="trials of the latency study (--runtimes)")
     parser.add_argument("--study-train", type=int, default=2000, help="training images of the latency study")
+    parser.add_argument("--saving-sweep", action="store_true",
+                        help="speed of one conv against Tucker-2 at falling ranks (targets.min_saving)")
     args = parser.parse_args()
+    if args.saving_sweep:
+        return saving_sweep(args)
     if args.runtimes:
         return runtimes_main(args)
     from rankopt.devices import resolve_device
