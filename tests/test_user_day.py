@@ -371,7 +371,7 @@ def test_readme_and_study_file_agree_on_the_quickstart_time() -> None:
     study = (root / "studies" / "quickstart.yaml").read_text()
     figure = re.search(r"(\d+) s of CPU time", study)
     assert figure is not None and f"{figure.group(1)} s of CPU time" in readme
-    assert "about a minute" in study and "about a minute" in readme
+    assert "about two minutes" in study and "about two minutes" in readme
 
 
 def test_reference_epochs_and_trial_bar_report_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
