@@ -149,27 +149,27 @@ def fixed_fraction_model(reference: nn.Module, shape: tuple[int, ...], fraction:
     return model, rankopt.count(model, shape).flops
 
 
-MIN_SAVING = 0.1  # targets.min_saving's default
+def _min_saving_default() -> float:
+    from rankopt.config_sections import TargetsConfig
+
+    return float(TargetsConfig().min_saving)
+
+
+MIN_SAVING = _min_saving_default()  # targets.min_saving's default
 
 
 def min_saving_spec(reference: nn.Module, spec: dict[str, Any], shape: tuple[int, ...],
                     min_saving: float = MIN_SAVING) -> tuple[dict[str, Any], list[str]]:
     """``spec`` without the layers whose factorized form saves less than ``min_saving`` of
-    their params or FLOPs (a study's rule, :func:`rankopt.selection.cost_increase_reason`),
-    and those layers' names."""
-    from rankopt.selection import cost_increase_reason, layer_costs
+    their params or FLOPs (a study's rule, applied by :func:`rankopt.selection.select_spec`
+    to the spec's own ranks), and those layers' names."""
+    from rankopt.selection import select_spec
 
-    hw = {la.name: la.input_hw for la in rankopt.find_layers(reference, shape)}
-    kept, dense = {}, []
-    for name, entry in spec.items():
-        dec = rankopt.decomposer(entry["decomposer"])
-        module = reference.get_submodule(name)
-        new, original, known = layer_costs(dec, module, entry["ranks"], hw.get(name), entry.get("options"))
-        if cost_increase_reason(dec.name, entry["ranks"], new, original, known, min_saving) is None:
-            kept[name] = entry
-        else:
-            dense.append(name)
-    return kept, dense
+    kept, _ = select_spec(reference, rankopt.find_layers(reference, shape),
+                          {name: e["decomposer"] for name, e in spec.items()}, "fixed",
+                          {"ranks": {name: list(e["ranks"]) for name, e in spec.items()}},
+                          min_saving=min_saving)
+    return kept, [name for name in spec if name not in kept]
 
 
 def runtime_rows(args: argparse.Namespace) -> str:

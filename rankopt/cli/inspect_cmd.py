@@ -366,8 +366,11 @@ def inspect_command(
             min_in_channels = study_targets.dense_input_channels + 1
         if min_saving is None:
             min_saving = study_targets.min_saving
+    if min_saving is None:
+        from rankopt.config_sections import TargetsConfig
+
+        min_saving = TargetsConfig().min_saving  # a study's default
     min_in_channels = 4 if min_in_channels is None else min_in_channels
-    min_saving = 0.1 if min_saving is None else min_saving
     if min_in_channels < 1:
         raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
     if not 0 <= min_saving < 1:

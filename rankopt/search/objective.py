@@ -30,9 +30,9 @@ from rankopt.artifacts import save_compressed
 from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
+from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
-from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
 from rankopt.surgery import LayerInfo, normalize_spec
 
 if TYPE_CHECKING:  # annotations only; trial_context imports it when a trial runs
@@ -51,8 +51,6 @@ __all__ = [
     "TRIAL_ATTRS",
     "interrupt_guard",
     "INTERRUPTED",
-    "resolved_key",
-    "find_repeat",
 ]
 
 # set by the SIGINT handler of interrupt_guard: a KeyboardInterrupt with it set is the

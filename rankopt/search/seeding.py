@@ -30,7 +30,7 @@ first generation that already holds these fronts, instead of from random points.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from optuna.distributions import (
@@ -144,25 +144,19 @@ def uniform_proposals(
     (``benchmarks/RESULTS.md``, "Front quality (mnist)": ``uniform`` vs ``uniform_head``).
     Each point carries the study's first strategy with its defaults (:func:`strategy_point`).
     """
-    import torch.nn as nn
-
     from rankopt.plugins.selectors.fixed import PER_LAYER_PREFIX
 
     if not _per_layer_fixed(space):
         return []
-    head = {"selector": "fixed"} if "selector" in space.distributions() else {}
-    common = strategy_point(space)
-    last = list(space.layer_options)[-1]
-    keep_head = isinstance(reference.get_submodule(last), nn.Linear)
-    points = []
-    for rate in rates:
-        point = uniform_rate_point(space, reference, float(rate))
-        if keep_head:
-            point[f"fixed.{PER_LAYER_PREFIX}{last}"] = 1.0
-        point = {**head, **point, **common}
-        if point not in points:
-            points.append(point)
-    return points
+    classifier = _classifier(space, reference)
+
+    def point_at(rate: float) -> dict[str, Any]:
+        point = uniform_rate_point(space, reference, rate)
+        if classifier is not None:
+            point[f"fixed.{PER_LAYER_PREFIX}{classifier}"] = 1.0
+        return point
+
+    return _sweep(space, rates, point_at)
 
 
 def _per_layer_fixed(space: SearchSpace) -> bool:
@@ -171,6 +165,27 @@ def _per_layer_fixed(space: SearchSpace) -> bool:
     fixed = space.selectors.get("fixed")
     return (fixed is not None and bool(space.layer_options)
             and any(k.startswith(PER_LAYER_PREFIX) for k in fixed.searched))
+
+
+def _classifier(space: SearchSpace, reference: Any) -> str | None:
+    """The last target layer when it is a ``Linear`` (the classifier), else None."""
+    import torch.nn as nn
+
+    last = list(space.layer_options)[-1]
+    return last if isinstance(reference.get_submodule(last), nn.Linear) else None
+
+
+def _sweep(space: SearchSpace, rates: Any, point_at: Callable[[float], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``point_at(rate)``'s fractions for each rate as seed points: the ``fixed`` selector
+    and the study's first strategy added, duplicates once."""
+    head = {"selector": "fixed"} if "selector" in space.distributions() else {}
+    common = strategy_point(space)
+    points: list[dict[str, Any]] = []
+    for rate in rates:
+        point = {**head, **point_at(float(rate)), **common}
+        if point not in points:
+            points.append(point)
+    return points
 
 
 def anchored_proposals(
@@ -190,8 +205,6 @@ def anchored_proposals(
     classifier (a last ``Linear`` target) keeps VBMF's ranks, as the uniform sweep keeps
     it full. Fractions as :func:`uniform_rate_point` rounds them.
     """
-    import torch.nn as nn
-
     from rankopt.manager import get_registry
     from rankopt.selection import select_spec
 
@@ -209,18 +222,13 @@ def anchored_proposals(
         entry = spec.get(layer)
         anchor[layer] = full if entry is None else float(
             registry.create("decomposers", name).cost(module, entry["ranks"], input_hw=(1, 1)).params)
-    last = list(first)[-1]
-    keep_head = isinstance(reference.get_submodule(last), nn.Linear)
-    head = {"selector": "fixed"} if "selector" in space.distributions() else {}
-    common = strategy_point(space)
-    points: list[dict[str, Any]] = []
-    for rate in rates:
-        allowed = {layer: anchor[layer] / (1.0 if keep_head and layer == last else float(rate))
-                   for layer in first}
-        point = {**head, **uniform_rate_point(space, reference, float(rate), allowed=allowed), **common}
-        if point not in points:
-            points.append(point)
-    return points
+    classifier = _classifier(space, reference)
+
+    def point_at(rate: float) -> dict[str, Any]:
+        allowed = {layer: cap / (1.0 if layer == classifier else rate) for layer, cap in anchor.items()}
+        return uniform_rate_point(space, reference, rate, allowed=allowed)
+
+    return _sweep(space, rates, point_at)
 
 
 def uniform_rate_point(
