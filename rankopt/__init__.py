@@ -108,6 +108,7 @@ __all__ = [
     "ArtifactError",
     "ExportError",
     # deployment
+    "densify",
     "export",
     "fold_batchnorm",
     "StudyInterrupted",
@@ -149,7 +150,7 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
 
 _LAZY = {
     "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
-    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy",
+    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy", "densify": "rankopt.deploy",
 }
 
 

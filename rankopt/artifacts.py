@@ -27,7 +27,7 @@ import torch.nn as nn
 from rankopt.errors import ArtifactError
 from rankopt.surgery import compress, normalize_spec
 
-__all__ = ["save_compressed", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
+__all__ = ["save_compressed", "load_base", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
 
 FORMAT = "rankopt.compressed"
 VERSION = 1
@@ -206,6 +206,21 @@ def _check_shapes(
                 f"{kwargs!r} gives {key!r} the shape {expected.get(key)}, the file holds "
                 f"{got.get(key)}; refusing to build it (pass model= to load other weights)"
             )
+
+
+def load_base(path: str | os.PathLike[str], *, allow_modules: Sequence[str] = ()) -> nn.Module:
+    """The uncompressed architecture a model file names (freshly initialized weights), as
+    :func:`load_compressed` builds it before applying the file's spec; the same rules on
+    what it may import."""
+    if isinstance(allow_modules, str):
+        allow_modules = [allow_modules]
+    payload = read_compressed(path)
+    factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+    _check_shapes(factory, kwargs, payload, path, what)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ArtifactError(f"model file {str(path)!r}: {what} returned {type(model).__name__}")
+    return model.eval()
 
 
 def load_compressed(

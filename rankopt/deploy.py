@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from rankopt.errors import ConfigError, ExportError
 
-__all__ = ["export", "fold_batchnorm", "ExportResult", "EXPORT_FORMATS", "run_exported"]
+__all__ = ["densify", "export", "fold_batchnorm", "ExportResult", "EXPORT_FORMATS", "run_exported"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -70,6 +70,85 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "export without folding (fold_bn=False / --no-fold-bn)"
         ) from None
+
+
+def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rtol: float = 1e-4) -> nn.Module:
+    """A copy of ``model`` in which each of ``layers`` (a decomposed layer) is replaced by
+    the one dense layer it computes: ``reference``'s module of that name (its kernel size,
+    stride, padding, dilation) holding the kernel the factors multiply out to
+    (``reconstruct_weight()``) and the bias the factor chain adds (its output for a zero
+    input, which is exact for any chain of linear maps).
+
+    For shipping: a factorized layer that runs slower than the dense one in the serving
+    runtime (:func:`rankopt.latency.keep_faster_layers` says which) trades speed for
+    params, and the dense layer computes the same function with no retraining. Each
+    replacement is checked on a random input; above ``rtol`` of the output's scale a
+    :class:`~rankopt.ConfigError` names the layer. ``model`` is left untouched; the copy
+    stays on its device, in its dtype.
+    """
+    net = copy.deepcopy(model).eval()
+    for name in layers:
+        try:
+            factored = net.get_submodule(name)
+            original = reference.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"densify: no layer {name!r} in the model and its reference") from None
+        if not isinstance(original, (nn.Conv2d, nn.Linear)) or not hasattr(factored, "reconstruct_weight"):
+            raise ConfigError(
+                f"densify: layer {name!r} must be a decomposed Conv2d or Linear (a module with "
+                f"reconstruct_weight()); got {type(factored).__name__} for a {type(original).__name__}"
+            )
+        dense = _dense_like(original, factored, name)
+        probe = torch.randn(_probe_shape(original), generator=torch.Generator().manual_seed(0))
+        weight = next(factored.parameters())
+        dense, probe = dense.to(weight.device, weight.dtype), probe.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            want, got = factored(probe), dense(probe)
+        scale = max(1.0, float(want.abs().max()))
+        if not float((got - want).abs().max()) <= rtol * scale:
+            raise ConfigError(
+                f"densify: layer {name!r} ({type(factored).__name__}) does not multiply out to one "
+                f"{type(original).__name__}: outputs differ by {float((got - want).abs().max()):.3g}"
+            )
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, dense)
+    return net
+
+
+def _probe_shape(original: nn.Module) -> tuple[int, ...]:
+    if isinstance(original, nn.Linear):
+        return (2, original.in_features)
+    kh, kw = original.kernel_size  # type: ignore[misc]
+    return (2, original.in_channels, 2 * kh + 3, 2 * kw + 3)  # type: ignore[operator]
+
+
+def _dense_like(original: nn.Module, factored: nn.Module, name: str) -> nn.Module:
+    with torch.no_grad():
+        weight = factored.reconstruct_weight().detach().float().cpu()  # type: ignore[operator]
+        p = next(factored.parameters())
+        zero = torch.zeros((1, *_probe_shape(original)[1:]), device=p.device, dtype=p.dtype)
+        bias = factored(zero)
+        bias = bias if isinstance(original, nn.Linear) else bias[:, :, 0, 0]
+        bias = bias.reshape(-1).detach().float().cpu()
+    if tuple(weight.shape) != tuple(original.weight.shape):  # type: ignore[union-attr]
+        raise ConfigError(
+            f"densify: layer {name!r} multiplies out to a kernel of shape {tuple(weight.shape)}, "
+            f"the reference's is {tuple(original.weight.shape)}"  # type: ignore[union-attr]
+        )
+    with_bias = original.bias is not None or bool(bias.abs().max() > 0)  # type: ignore[union-attr]
+    if isinstance(original, nn.Linear):
+        dense: nn.Module = nn.Linear(original.in_features, original.out_features, bias=with_bias)
+    else:
+        assert isinstance(original, nn.Conv2d)
+        dense = nn.Conv2d(original.in_channels, original.out_channels, original.kernel_size,
+                          stride=original.stride, padding=original.padding,  # type: ignore[arg-type]
+                          dilation=original.dilation, groups=original.groups, bias=with_bias,
+                          padding_mode=original.padding_mode)
+    with torch.no_grad():
+        dense.weight.copy_(weight)  # type: ignore[operator]
+        if with_bias:
+            dense.bias.copy_(bias)  # type: ignore[union-attr,operator]
+    return dense.eval()
 
 
 def _check_args(format: str, input_shape: Sequence[int] | None, tolerance: float) -> tuple[int, ...]:

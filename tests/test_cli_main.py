@@ -25,3 +25,18 @@ def test_usage_errors_of_the_cli_library_exit_2_without_traceback(argv, capsys) 
 def test_help_exits_0(capsys) -> None:
     assert main(["--help"]) == 0
     assert "pareto" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("columns, widest", [(None, (81, 240)), ("70", (60, 70))])
+def test_piped_output_wraps_at_columns_when_set_else_stays_wide(columns, widest) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    out = subprocess.run([sys.executable, "-m", "rankopt", "plugins"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    width = max(len(line) for line in out.splitlines())
+    assert widest[0] <= width <= widest[1], (columns, width)

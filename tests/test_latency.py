@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -62,3 +63,37 @@ def test_trial_context_keeps_the_faster_form_and_reports_why() -> None:
     checked = LocalTrialContext(net, splits, keep_faster=True, **kwargs)
     assert set(checked.select_ranks(checked.model())) == {"wider"}
     assert "tiny" in checked.reported["kept_full_for_speed"]
+
+
+def test_interleaved_timing_never_times_a_function_right_after_itself(monkeypatch) -> None:
+    """A function timed right after itself runs with warm caches: the old ABCD/DCBA order
+    did that to A and D every other round (two copies of one model measured 1.08-1.10x
+    apart in ONNX Runtime). Each sample's first call must follow another function, and
+    over the rounds every function must follow every other."""
+    import itertools
+    import time as time_module
+
+    from rankopt.latency import time_interleaved
+
+    clock = [0.0]
+    calls: list[int] = []
+    monkeypatch.setattr(time_module, "process_time", lambda: clock[0])
+
+    def make(i: int):
+        def fn() -> None:
+            # 1 ms cold, 0.5 ms right after itself (a warm cache)
+            clock[0] += 0.0005 if calls and calls[-1] == i else 0.001
+            calls.append(i)
+        return fn
+
+    fns = [make(i) for i in range(4)]
+    medians = time_interleaved(fns, rounds=40, warmup=0, min_sample_s=1e-9)
+    timed = calls[4:]  # after the one calibration call each
+    assert len(timed) == 160
+    assert all(a != b for a, b in zip(timed, timed[1:]))
+    assert {(a, b) for a, b in zip(timed, timed[1:])} == set(itertools.permutations(range(4), 2))
+    assert medians == pytest.approx([0.001] * 4)  # four identical functions measure alike
+    # seeded: the same order every time
+    calls.clear()
+    assert time_interleaved(fns, rounds=40, warmup=0, min_sample_s=1e-9) == medians
+    assert calls[4:] == timed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -16,9 +17,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# piped or redirected output is not wrapped at 80 columns (a file has no width)
-console = Console() if sys.stdout.isatty() else Console(width=240, soft_wrap=True)
-err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=240, soft_wrap=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal's own width; piped or redirected output is not wrapped at 80 columns (a
+    file has no width) but at ``COLUMNS`` when the user sets it, else 240."""
+    if (sys.stderr if stderr else sys.stdout).isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console(stderr=stderr)  # rich reads COLUMNS itself
+    return Console(stderr=stderr, width=240, soft_wrap=True)
+
+
+console = _console()
+err_console = _console(stderr=True)
 state: dict[str, bool] = {"debug": False}
 
 

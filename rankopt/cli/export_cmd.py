@@ -25,6 +25,31 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     return torch.stack([torch.as_tensor(splits.val[i][0]).float() for i in range(n)])
 
 
+def _densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], format: str,
+                    batch: int) -> Any:
+    """``model`` with its layers that run slower factorized than dense made dense again."""
+    from rankopt.artifacts import load_base
+    from rankopt.deploy import densify
+    from rankopt.errors import ConfigError
+    from rankopt.latency import keep_faster_layers
+    from rankopt.surgery import find_layers
+
+    if (payload.get("metadata") or {}).get("fold_bn"):
+        raise ConfigError(
+            f"--keep-faster needs the layers as rankopt built them; {str(model_file)!r} was written "
+            "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
+        )
+    base = load_base(model_file)
+    spec = payload["spec"]
+    runtime = "onnxruntime" if format == "onnx" else "torchscript"
+    _, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime)
+    for name, why in slower.items():
+        console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
+    console.print(f"--keep-faster: {len(slower)} of {len(spec)} decomposed layers made dense again "
+                  f"(timed in {runtime} at batch {batch})", highlight=False, soft_wrap=True)
+    return densify(model, base, slower) if slower else model
+
+
 @app.command("export")
 def export_command(
     source: Path = typer.Argument(..., help="A run directory (with --trial) or a model file written by `rankopt pick`."),
@@ -37,6 +62,12 @@ def export_command(
     batch: int = typer.Option(32, "--batch", help="How many inputs the exported file is verified on."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="The largest absolute output difference accepted."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the preceding conv first."),
+    keep_faster: bool = typer.Option(
+        False, "--keep-faster", help="Time every decomposed layer against the dense layer it computes in the "
+        "serving runtime (ONNX Runtime for onnx, TorchScript for torchscript; 1 thread, interleaved CPU "
+        "time) and ship the dense one where the factorized form is slower: the same function, more params.",
+    ),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="The batch --keep-faster times at."),
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
 
@@ -55,6 +86,8 @@ def export_command(
         raise ConfigError(f"--batch must be a positive integer, got {batch}")
     if not tolerance > 0:
         raise ConfigError(f"--tolerance must be a positive number, got {tolerance}")
+    if latency_batch < 1:
+        raise ConfigError(f"--latency-batch must be a positive integer, got {latency_batch}")
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")
@@ -74,6 +107,8 @@ def export_command(
     if not input_shape:
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
     model = load_compressed(model_file)
+    if keep_faster:
+        model = _densify_slower(model, model_file, payload, tuple(input_shape), format, latency_batch)
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance
