@@ -157,3 +157,50 @@ def test_export_usage_errors_exit_2(run_dir: Path, tmp_path: Path, capsys: pytes
 def test_export_is_public() -> None:
     assert {"export", "fold_batchnorm", "ExportError"} <= set(rankopt.__all__)
     assert rankopt.export.__module__ == "rankopt.deploy"
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+def test_pick_keep_faster_writes_the_slower_layers_dense(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fold_bn: bool
+) -> None:
+    import rankopt.latency as latency
+
+    result = StudyResult(run_dir)
+    record = next(r for r in result.trials() if r.spec)  # a trial with decomposed layers
+    spec = dict(record.spec)
+    slow = sorted(spec)[0]
+    seen: dict = {}
+
+    def fake(model, spec, layers, **options):  # timings are the machine's: name the slower layer
+        seen.update(options)
+        return {k: v for k, v in spec.items() if k != slow}, {slow: "kept full: measured slower"}
+
+    monkeypatch.setattr(latency, "keep_faster_layers", fake)
+    picked = tmp_path / "faster.pt"
+    args = ["pick", str(run_dir), "--trial", str(record.trial), "--out", str(picked), "--keep-faster"]
+    assert main(args + (["--fold-bn"] if fold_bn else [])) == 0
+    out = capsys.readouterr().out
+    assert f"{slow}: kept full: measured slower" in out
+    assert f"--keep-faster: 1 of {len(spec)} decomposed layers written dense (timed in onnxruntime at batch 4)" in out
+    assert seen["runtime"] == "onnxruntime" and seen["batch"] == 4  # the study's latency section
+    payload = read_compressed(picked)
+    assert slow not in payload["spec"] and payload["metadata"]["dense_again"] == [slow]
+    assert bool(payload["metadata"].get("fold_bn")) is fold_bn
+    faster, plain = load_compressed(picked), result.load_model(record.trial)
+    if not fold_bn:
+        assert isinstance(faster.get_submodule(slow), torch.nn.Conv2d)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(faster(x), plain(x), atol=1e-5, rtol=1e-5)
+    assert rankopt.count(faster, (1, 1, 8, 8)).params > rankopt.count(plain, (1, 1, 8, 8)).params
+
+
+def test_pick_keep_faster_measures_for_real(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = StudyResult(run_dir)
+    record = next(r for r in result.trials() if r.spec)
+    picked = tmp_path / "faster.pt"
+    assert main(["pick", str(run_dir), "--trial", str(record.trial), "--out", str(picked), "--keep-faster"]) == 0
+    assert "decomposed layers written dense (timed in onnxruntime at batch 4)" in capsys.readouterr().out
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(picked)(x), result.load_model(record.trial)(x), atol=1e-5, rtol=1e-5)

@@ -220,6 +220,11 @@ def pick_command(
     fold_bn: bool = typer.Option(
         False, "--fold-bn", help="Load as a model with BatchNorm folded into the preceding convs (checked to 1e-5)."
     ),
+    keep_faster: bool = typer.Option(
+        False, "--keep-faster", help="Time every decomposed layer against the dense layer it computes in the "
+        "study's latency runtime and batch (eager by default) and write the slower ones dense: the same "
+        "function, more params.",
+    ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads."""
     from rankopt.artifacts import read_compressed
@@ -234,7 +239,17 @@ def pick_command(
     read_compressed(source)  # refuse to copy a torn or foreign file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
-    if fold_bn:
+    if keep_faster:
+        dense = out.with_name(f".{out.name}.dense.tmp")
+        try:
+            _write_faster(source, dense, result)
+            if fold_bn:
+                _write_folded(dense, tmp, allow_modules=result.model_modules)
+            else:
+                dense.replace(tmp)
+        finally:
+            dense.unlink(missing_ok=True)
+    elif fold_bn:
         _write_folded(source, tmp, allow_modules=result.model_modules)
     else:
         shutil.copyfile(source, tmp)
@@ -291,6 +306,39 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
             raise ExportError(f"folding BatchNorm changed the outputs by up to {diff:.3g} (> 1e-5); nothing written")
     metadata = {**(payload.get("metadata") or {}), "fold_bn": True}
     save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
+
+
+def _write_faster(source: Path, out: Path, result: Any) -> None:
+    """``source`` re-written with the layers that run slower factorized than dense (in the
+    study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
+    from rankopt.artifacts import load_base, load_compressed, read_compressed, save_compressed
+    from rankopt.deploy import densify
+    from rankopt.latency import keep_faster_layers
+    from rankopt.surgery import find_layers
+
+    payload = read_compressed(source)
+    if (payload.get("metadata") or {}).get("fold_bn"):
+        shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
+        console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
+        return
+    model = load_compressed(source, allow_modules=result.model_modules)
+    base = load_base(source, allow_modules=result.model_modules)
+    shape = tuple(payload.get("input_shape") or ())
+    if not shape:
+        from rankopt.errors import ArtifactError
+
+        raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
+    latency = result.config.latency
+    kept, slower = keep_faster_layers(base, payload["spec"], find_layers(base, shape), batch=latency.batch,
+                                      runtime=latency.runtime, threads=latency.threads, repeats=latency.rounds)
+    for name, why in slower.items():
+        console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
+    console.print(f"--keep-faster: {len(slower)} of {len(payload['spec'])} decomposed layers written dense "
+                  f"(timed in {latency.runtime} at batch {latency.batch})", highlight=False, soft_wrap=True)
+    metadata = {**(payload.get("metadata") or {}), "dense_again": sorted(slower)}
+    save_compressed(out, densify(model, base, slower), kept, base=payload["base"], input_shape=shape or None,
+                    metadata=metadata)
+    load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
 
 
 def _check_out(out: Path, source: Path) -> None:
