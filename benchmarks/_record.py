@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def invocation() -> str:
+    """The command line of the running benchmark as RESULTS.md shows it, ending in --record."""
+    args = [a for a in sys.argv[1:] if a != "--record"]
+    return " ".join([".venv/bin/python", f"benchmarks/{Path(sys.argv[0]).name}", *args, "--record"])
 
 
 def record(title: str, table_markdown: str, command: str) -> None:

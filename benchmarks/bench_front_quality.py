@@ -214,10 +214,9 @@ def main() -> None:
         print(text, flush=True)
         sections.append((key, text))
     if args.record and sections and not args.methods:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_front_quality.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         note = (
             "Methods (same reference, same fine-tuning; `benchmarks/_baselines.py`): rankopt = "
             "multi-objective TPE (multivariate, group) over selectors energy / per-layer fraction "

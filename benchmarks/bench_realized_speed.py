@@ -301,10 +301,9 @@ def runtimes_main(args: argparse.Namespace) -> None:
     )
     print(text)
     if args.record:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_realized_speed.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         record("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, command)
 
 
@@ -346,10 +345,9 @@ def saving_sweep(args: argparse.Namespace) -> None:
             + "%.2f, %.2f, %.2f" % os.getloadavg() + " after.\n\n" + markdown_table(header, rows))
     print(text)
     if args.record:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_realized_speed.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         record("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, command)
 
 
@@ -389,10 +387,9 @@ def main() -> None:
         print(text, flush=True)
         sections.append((key, text))
     if args.record and sections:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_realized_speed.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         note = ("Models: for each method of the front-quality run, its fewest-params and "
                 "fewest-FLOPs models within 1 point of the reference accuracy. A ratio "
                 "speed-up / FLOP reduction of 1.00 means the FLOP saving is fully realized.")

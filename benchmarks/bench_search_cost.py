@@ -315,10 +315,9 @@ def main() -> None:
     )
     print(text)
     if args.record:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_search_cost.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         record("Cost of the search: overhead, throughput, options, spectral cache, peak memory", text, command)
 
 
@@ -349,10 +348,9 @@ def two_node(args: Any, setting: Any, trials: int) -> None:
     )
     print(text)
     if args.record:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_search_cost.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         record("Cost of the search on a two-node Ray cluster (no shared file system)", text, command)
 
 

@@ -124,10 +124,9 @@ def main() -> None:
     )
     print(text)
     if args.record:
-        from _record import record
+        from _record import invocation, record
 
-        command = ".venv/bin/python benchmarks/bench_seed_spread.py " + " ".join(
-            a for a in sys.argv[1:] if a != "--record") + " --record"
+        command = invocation()
         record("Training-seed spread of the models at the 1-point line (issue 18)", text, command)
 
 
