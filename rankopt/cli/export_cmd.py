@@ -25,29 +25,26 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     return torch.stack([torch.as_tensor(splits.val[i][0]).float() for i in range(n)])
 
 
-def _densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], format: str,
-                    batch: int) -> Any:
-    """``model`` with its layers that run slower factorized than dense made dense again."""
+def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], *, runtime: str,
+                   batch: int, threads: int = 1, rounds: int = 15, allow_modules: Any = (),
+                   done: str = "made dense again") -> tuple[Any, dict[str, Any], list[str]]:
+    """``model`` (loaded from ``model_file``) with the layers that run slower factorized
+    than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
+    layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
     from rankopt.artifacts import load_base
     from rankopt.deploy import densify
-    from rankopt.errors import ConfigError
     from rankopt.latency import keep_faster_layers
     from rankopt.surgery import find_layers
 
-    if (payload.get("metadata") or {}).get("fold_bn"):
-        raise ConfigError(
-            f"--keep-faster needs the layers as rankopt built them; {str(model_file)!r} was written "
-            "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
-        )
-    base = load_base(model_file)
+    base = load_base(model_file, allow_modules=allow_modules)
     spec = payload["spec"]
-    runtime = "onnxruntime" if format == "onnx" else "torchscript"
-    _, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime)
+    kept, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime,
+                                      threads=threads, repeats=rounds)
     for name, why in slower.items():
         console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
-    console.print(f"--keep-faster: {len(slower)} of {len(spec)} decomposed layers made dense again "
+    console.print(f"--keep-faster: {len(slower)} of {len(spec)} decomposed layers {done} "
                   f"(timed in {runtime} at batch {batch})", highlight=False, soft_wrap=True)
-    return densify(model, base, slower) if slower else model
+    return (densify(model, base, slower) if slower else model), kept, sorted(slower)
 
 
 @app.command("export")
@@ -108,7 +105,13 @@ def export_command(
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
     model = load_compressed(model_file)
     if keep_faster:
-        model = _densify_slower(model, model_file, payload, tuple(input_shape), format, latency_batch)
+        if (payload.get("metadata") or {}).get("fold_bn"):
+            raise ConfigError(
+                f"--keep-faster needs the layers as rankopt built them; {str(model_file)!r} was written "
+                "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
+            )
+        model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
+                                     runtime="onnxruntime" if format == "onnx" else "torchscript")
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance

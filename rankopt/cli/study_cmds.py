@@ -311,33 +311,26 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
 def _write_faster(source: Path, out: Path, result: Any) -> None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
-    from rankopt.artifacts import load_base, load_compressed, read_compressed, save_compressed
-    from rankopt.deploy import densify
-    from rankopt.latency import keep_faster_layers
-    from rankopt.surgery import find_layers
+    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.cli.export_cmd import densify_slower
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):
         shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
         console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
         return
-    model = load_compressed(source, allow_modules=result.model_modules)
-    base = load_base(source, allow_modules=result.model_modules)
     shape = tuple(payload.get("input_shape") or ())
     if not shape:
         from rankopt.errors import ArtifactError
 
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     latency = result.config.latency
-    kept, slower = keep_faster_layers(base, payload["spec"], find_layers(base, shape), batch=latency.batch,
-                                      runtime=latency.runtime, threads=latency.threads, repeats=latency.rounds)
-    for name, why in slower.items():
-        console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
-    console.print(f"--keep-faster: {len(slower)} of {len(payload['spec'])} decomposed layers written dense "
-                  f"(timed in {latency.runtime} at batch {latency.batch})", highlight=False, soft_wrap=True)
-    metadata = {**(payload.get("metadata") or {}), "dense_again": sorted(slower)}
-    save_compressed(out, densify(model, base, slower), kept, base=payload["base"], input_shape=shape or None,
-                    metadata=metadata)
+    model, kept, slower = densify_slower(
+        load_compressed(source, allow_modules=result.model_modules), source, payload, shape,
+        runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
+        allow_modules=result.model_modules, done="written dense")
+    metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
+    save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
     load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
 
 
