@@ -163,3 +163,21 @@ def test_commands_on_a_directory_that_is_not_a_run(tmp_path: Path, capsys: pytes
     for command in ("status", "pareto", "report"):
         code, _, err = run_cli(capsys, command, str(tmp_path))
         assert code == 2 and "is not a rankopt run directory" in err
+
+
+def test_pareto_at_80_columns_keeps_the_figures_whole(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    front = StudyResult(run_dir).front()
+    code, wide, _ = run_cli(capsys, "pareto", str(run_dir))
+    assert code == 0 and "energy.p" in wide  # the searched values, at the tests' 240 columns
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "rankopt", "pareto", str(run_dir)], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    for record in front:  # every figure whole, never "0.9…"
+        assert f"{record.accuracy:.4f}" in out and f"{record.params:,}" in out and f"{record.flops:,}" in out
+    assert "…" not in out and "energy.p" not in out
+    assert "searched values not shown at this width (see --format csv)" in " ".join(out.split())

@@ -48,13 +48,10 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
     caption = ("accuracy: validation (what the search optimized); test acc: held-out test split"
                if test else "accuracy: validation (what the search optimized); "
                "held-out accuracy: `rankopt evaluate`")
-    table = Table(title=title, caption=caption)
     heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
         "params", "FLOPs", "params x", "FLOPs x"] + (["ms", "speed-up"] if timed else []) + [
         "strategy", "selector"] + (["fidelity", "epochs"] if staged else []) + searched
-    for col in heads:
-        table.add_column(col, no_wrap=True, justify="left" if col in ("strategy", "selector") else "right")
-    table.add_column("ranks" if ranks else "layers", overflow="fold" if ranks else "ellipsis")
+    body = []
     for row in rows:
         summary = row["ranks"]
         cells = [str(row["trial"]), f"{row['accuracy']:.4f}"]
@@ -72,8 +69,39 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
             cells.append(summary)
         else:  # "(3/4 layers)" at the end of the summary: how many layers were compressed
             cells.append(summary[summary.rfind("(") + 1:].rstrip(")") if "(" in summary else summary)
-        table.add_row(*cells)
+        body.append(cells)
+    heads.append("ranks" if ranks else "layers")
+    table = _fitted_table(title, caption, heads, body, searched)
     console.print(table)
+
+
+def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[str]], searched: list[str]) -> Table:
+    """The front table at the console's width. Where all of it does not fit (an 80-column
+    terminal) the searched values go (csv and json keep them), a column with one value in
+    every row moves to the caption, and the borders thin out, so that the figures are
+    never cut to "0.9…"."""
+    from rich import box
+
+    widths = [max([len(col)] + [len(cells[i]) for cells in body]) for i, col in enumerate(heads)]
+    shown = list(range(len(heads)))
+    notes = [caption]
+    narrow = sum(w + 3 for w in widths) + 1 > console.width
+    if narrow:
+        same = {i for i, col in enumerate(heads) if col in ("strategy", "selector")
+                and body and len({cells[i] for cells in body}) == 1}
+        notes += [f"{heads[i]}: {body[0][i]}" for i in sorted(same)]
+        shown = [i for i in shown if heads[i] not in searched and i not in same]
+        if searched:
+            notes.append(f"{len(searched)} searched values not shown at this width (see --format csv)")
+    table = Table(title=title, caption="; ".join(notes), box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
+                  pad_edge=not narrow)
+    for i in shown:
+        text = heads[i] in ("strategy", "selector", "ranks", "layers") or heads[i] in searched
+        table.add_column(heads[i], overflow="fold", min_width=None if text else widths[i],
+                         justify="left" if text else "right")
+    for cells in body:
+        table.add_row(*[cells[i] for i in shown])
+    return table
 
 
 @app.command("run")
@@ -331,6 +359,12 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
         allow_modules=result.model_modules, done="written dense")
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
     save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
+    if slower:  # the line below names the trial's figures; the file differs from them
+        from rankopt.accounting import count
+
+        cost = count(model, shape)
+        console.print(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
+                      "those layers dense", highlight=False, soft_wrap=True)
     load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
 
 
