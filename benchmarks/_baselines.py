@@ -9,8 +9,8 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt``: multi-objective TPE (``multivariate``, ``group``) over energy / per-layer
   fraction / VBMF / budget (params or FLOPs) selectors and Tucker-2 or SVD per conv,
   seeded with the selectors' one-shot proposals and the uniform rate sweep 4-64x with
-  the classifier full (``seed_proposals``, :func:`rankopt.search.seeding.uniform_proposals`),
-  N trials;
+  the classifier full (``seed_proposals``, :func:`rankopt.search.seeding.uniform_proposals`)
+  and the VBMF sweep (:func:`rankopt.search.seeding.anchored_proposals`), N trials;
 - ``rankopt_nsgaii``: the same with the default sampler, NSGA-II. Optuna's NSGA-II
   evolves only the parameters every trial has (its intersection search space), so the
   search space asks every selector's and strategy's parameters in every trial (a trial

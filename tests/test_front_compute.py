@@ -318,12 +318,13 @@ def test_seed_proposals_include_the_uniform_sweep_with_the_classifier_full(tmp_p
 
 
 def _low_rank_lenet() -> nn.Module:
-    """LeNet-5 whose conv2 and fcs.0 weights are rank 10 and 30 plus faint noise, so VBMF
-    finds ranks well above 1 (it finds pure noise, a random init, to be rank 0)."""
+    """LeNet-5 whose conv2, fcs.0 and classifier weights are rank 10, 30 and 8 plus faint
+    noise, so VBMF finds ranks well above 1 (it finds pure noise, a random init, to be
+    rank 0)."""
     torch.manual_seed(0)
     model = rankopt.model("lenet5", num_classes=10, in_channels=1)
     with torch.no_grad():
-        for name, rank in (("conv2", 10), ("fcs.0", 30)):
+        for name, rank in (("conv2", 10), ("fcs.0", 30), ("fc_out", 8)):
             w = model.get_submodule(name).weight
             mat = w.reshape(w.shape[0], -1)
             low = torch.randn(mat.shape[0], rank) @ torch.randn(rank, mat.shape[1])
@@ -331,7 +332,9 @@ def _low_rank_lenet() -> nn.Module:
     return model
 
 
-def test_the_vbmf_sweep_cuts_vbmfs_allocation_further_with_the_classifier_kept(tmp_path: Path) -> None:
+def test_the_vbmf_sweep_cuts_the_classifier_too_and_gives_what_it_frees_to_the_other_layers(
+    tmp_path: Path,
+) -> None:
     from rankopt.search.seeding import SHRINK_RATES, anchored_proposals
 
     config = study(tmp_path, model={"name": "lenet5"}, decomposers=["tucker2", "svd"],
@@ -341,7 +344,7 @@ def test_the_vbmf_sweep_cuts_vbmfs_allocation_further_with_the_classifier_kept(t
     space = SearchSpace(load_config(config), model, targets)
     first = {layer: options[0] for layer, options in space.layer_options.items()}
     vbmf, _ = rankopt.selection.select_spec(model, targets, first, "vbmf", {})
-    assert vbmf["conv2"]["ranks"][0] > 3 and vbmf["fcs.0"]["ranks"][0] > 10
+    assert vbmf["conv2"]["ranks"][0] > 3 and vbmf["fcs.0"]["ranks"][0] > 10 and vbmf["fc_out"]["ranks"][0] >= 6
 
     def params(name: str, entry: dict[str, Any] | None) -> int:
         module = model.get_submodule(name)
@@ -349,23 +352,57 @@ def test_the_vbmf_sweep_cuts_vbmfs_allocation_further_with_the_classifier_kept(t
             return sum(p.numel() for p in module.parameters())
         return rankopt.decomposer(entry["decomposer"]).cost(module, entry["ranks"], input_hw=(1, 1)).params
 
+    def resolved(point: dict[str, Any]) -> dict[str, Any]:
+        plan = space.plan(space.check_point(point, "proposal"))
+        return rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed", plan.selector_params)[0]
+
     points = anchored_proposals(space, model, targets)
     assert len(points) == len(SHRINK_RATES) == 3
     sizes = []
     for rate, point in zip(SHRINK_RATES, points):
         assert point["selector"] == "fixed"
-        plan = space.plan(space.check_point(point, "proposal"))
-        spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed", plan.selector_params)
-        for name in ("conv2", "fcs.0"):
-            assert params(name, spec.get(name)) <= params(name, vbmf.get(name)) / rate, (rate, name)
-        assert spec.get("fc_out") == vbmf.get("fc_out")  # the classifier keeps VBMF's ranks
-        sizes.append(sum(params(n, spec.get(n)) for n in first))
+        spec = resolved(point)
+        # the point before the rebalancing: every layer but the classifier cut by rate
+        kept = resolved({**point, **_fractions_at(space, model, {
+            n: params(n, vbmf.get(n)) / (1.0 if n == "fc_out" else rate) for n in first})})
+        assert kept.get("fc_out") == vbmf.get("fc_out")
+        total = sum(params(n, spec.get(n)) for n in first)
+        budget = sum(params(n, kept.get(n)) for n in first)
+        assert budget - 200 <= total <= budget, (rate, total, budget)  # the same params, a step at most
+        assert params("fc_out", spec.get("fc_out")) <= params("fc_out", vbmf["fc_out"]) / rate
+        for name in ("conv2", "fcs.0"):  # what the classifier frees goes to the others
+            assert params(name, spec.get(name)) >= params(name, kept.get(name)), (rate, name)
+        assert sum(params(n, spec.get(n)) > params(n, kept.get(n)) for n in ("conv2", "fcs.0")) >= 1
+        sizes.append(total)
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
     # only with both vbmf and the per-layer fixed selector
     for selectors in ({"fixed": {"space": {"per_layer": True}}}, {"fixed": {}, "vbmf": {}}):
         other = SearchSpace(load_config(study(tmp_path, model={"name": "lenet5"}, selectors=selectors)),
                             model, targets)
         assert anchored_proposals(other, model, targets) == []
+
+
+def _fractions_at(space: Any, model: nn.Module, caps: dict[str, float]) -> dict[str, Any]:
+    from rankopt.search.seeding import uniform_rate_point
+
+    return uniform_rate_point(space, model, 1.0, allowed=caps)
+
+
+def test_rebalancing_keeps_the_total_and_spends_the_remainder_cheapest_step_first() -> None:
+    from rankopt.search.seeding import rebalanced_caps
+
+    ten = [(k / 10, 10 * k) for k in range(1, 11)]  # params 10, 20, ..., 100
+    steps = {"a": ten, "b": ten, "head": ten}
+    anchor = {"a": 100.0, "b": 100.0, "head": 100.0}
+    # before: a and b cut 2x (50 each), head kept (100): 200 params. After: head 50, a and b
+    # at the smallest common rate that fits (100 / 1.25 = 80 each is 210, so 70 each), then
+    # one 10-param step more for the first of the two
+    assert rebalanced_caps(steps, anchor, "head", 2.0) == {"a": 80.0, "b": 70.0, "head": 50.0}
+    # a layer whose next step is cheaper gets the remainder
+    fine = [(k / 40, 2.5 * k) for k in range(1, 41)]
+    assert rebalanced_caps({**steps, "b": fine}, anchor, "head", 2.0) == {"a": 70.0, "b": 80.0, "head": 50.0}
+    # rate 1: nothing moves
+    assert rebalanced_caps(steps, anchor, "head", 1.0) == {"a": 100.0, "b": 100.0, "head": 100.0}
 
 
 def test_a_study_enqueues_the_vbmf_sweep_after_the_other_proposals(
