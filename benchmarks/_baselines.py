@@ -10,7 +10,9 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
   fraction / VBMF / budget (params or FLOPs) selectors and Tucker-2 or SVD per conv,
   seeded with the selectors' one-shot proposals and the uniform rate sweep 4-64x with
   the classifier full (``seed_proposals``, :func:`rankopt.search.seeding.uniform_proposals`)
-  and the VBMF sweep (:func:`rankopt.search.seeding.anchored_proposals`), N trials;
+  and the VBMF sweep (:func:`rankopt.search.seeding.anchored_proposals`), N trials, with
+  the study defaults (distillation; ``multi_fidelity: auto``: every trial half the
+  epochs, the better half the full epochs more);
 - ``rankopt_nsgaii``: the same with the default sampler, NSGA-II. Optuna's NSGA-II
   evolves only the parameters every trial has (its intersection search space), so the
   search space asks every selector's and strategy's parameters in every trial (a trial
@@ -32,6 +34,8 @@ and learning rate), so the fronts differ only in how the ranks were chosen:
 - ``rankopt_full_screened``: both ``allow_full`` and ``screening``;
 - ``rankopt_kd``: ``rankopt`` whose fine-tuning distills the reference (``KD``, the
   strategies' default since this benchmark: ``rankopt`` is the same study);
+- ``rankopt_nomf``: ``rankopt`` with multi-fidelity off (``multi_fidelity: null``; the
+  default before ``multi_fidelity: auto``): every trial fine-tunes the full epochs;
 - ``rankopt_nokd``: ``rankopt`` with distillation off (``distill_weight: 0``, the default
   before);
 - ``rankopt_mf``: ``rankopt`` with multi-fidelity at the same fine-tuning epochs: every
@@ -73,13 +77,14 @@ UNIFORM_RATES = (4, 8, 16, 32, 64)
 SEARCH_METHODS = ("rankopt", "rankopt_screened", "random", "rankopt_nsgaii", "rankopt_fast",
                   "rankopt_full", "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf",
                   "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide", "rankopt_nokd",
-                  "rankopt_kd_mf_deep")
+                  "rankopt_kd_mf_deep", "rankopt_nomf")
 HAND_METHODS = ("vbmf", "energy", "fraction", "uniform", "uniform_head")
 METHODS = SEARCH_METHODS + HAND_METHODS
 # variants of rankopt's own search, left out of the "every other method" comparisons
 RANKOPT_VARIANTS = ("rankopt", "rankopt_screened", "rankopt_nsgaii", "rankopt_fast", "rankopt_full",
                     "rankopt_full_screened", "rankopt_kd", "rankopt_mf", "rankopt_kd_mf", "rankopt_all",
-                    "rankopt_all_wide", "rankopt_kd_mf_wide", "rankopt_nokd", "rankopt_kd_mf_deep")
+                    "rankopt_all_wide", "rankopt_kd_mf_wide", "rankopt_nokd", "rankopt_kd_mf_deep",
+                    "rankopt_nomf")
 # distillation of the issue-18 variants: lambda 0.5 at T = 4 (Hinton et al.'s range)
 KD = {"distill_weight": 0.5, "distill_temperature": 4.0}
 
@@ -285,6 +290,8 @@ def method_config(setting: Setting, method: str, weights: Path, out: Path, devic
                                          "keep": 0.25}
             if method == "rankopt_nokd":  # the default without distillation (the ablation)
                 cfg["strategies"]["finetune"]["distill_weight"] = 0.0
+            if method == "rankopt_nomf":  # the default without multi-fidelity (the ablation)
+                cfg["multi_fidelity"] = None
             if method in ("rankopt_all_wide", "rankopt_kd_mf_wide"):  # the same epochs, twice the models
                 cfg["strategies"]["finetune"]["epochs"] = setting.finetune_epochs / 2
                 cfg["multi_fidelity"] = {"rounds": 1, "epochs": setting.finetune_epochs, "keep": 0.5}

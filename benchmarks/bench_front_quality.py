@@ -46,7 +46,7 @@ DEFAULT_OUT = Path("runs") / "bench_front_quality"
 # the two rankopt configurations held to the aims (each against the non-rankopt methods)
 AIM_CHECKED = ("rankopt", "rankopt_screened", "rankopt_full", "rankopt_full_screened", "rankopt_kd",
                "rankopt_mf", "rankopt_kd_mf", "rankopt_all", "rankopt_all_wide", "rankopt_kd_mf_wide",
-               "rankopt_nokd", "rankopt_kd_mf_deep")
+               "rankopt_nokd", "rankopt_kd_mf_deep", "rankopt_nomf")
 
 
 def _fmt_count(value: int | None, baseline: int) -> str:
@@ -226,7 +226,10 @@ def main() -> None:
             "cut too and the params that frees given back to the other layers) "
             "(`seed_proposals`, the default), fine-tuning with distillation from the reference "
             "(lambda 0.5, T 4: the default), layers saving under 10 % left dense "
-            "(`targets.min_saving`, the default); rankopt_nokd = rankopt without distillation; "
+            "(`targets.min_saving`, the default), multi-fidelity (`multi_fidelity: auto`, the default "
+            "since 2026-12-01: every trial half the epochs, the better half by non-dominated rank "
+            "the full epochs more; the same epochs in all); rankopt_nomf = rankopt without "
+            "multi-fidelity (the default before); rankopt_nokd = rankopt without distillation; "
             "rankopt_nsgaii = the same with "
             "the sampler NSGA-II (every selector's and strategy's parameters are asked "
             "in every trial, so its crossover evolves them too); "

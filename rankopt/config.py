@@ -62,6 +62,7 @@ from rankopt.errors import ConfigError
 
 __all__ = [
     "StudyConfig",
+    "auto_multi_fidelity",
     "ModelConfig",
     "DataConfig",
     "ReferenceConfig",
@@ -164,8 +165,10 @@ class StudyConfig(_Strict):
     # a trial whose resolved ranks and hyperparameters equal a finished trial's reports
     # that trial's values (marked repeat_of) instead of training the same model again
     skip_repeats: bool = True
-    # train the models near the front further after the search (multi-fidelity)
-    multi_fidelity: MultiFidelityConfig | None = None
+    # train the models near the front further after the search (multi-fidelity); "auto"
+    # (default): every trial half its epochs, the better half a full epochs more, for
+    # finetune-only studies of at least AUTO_MF_MIN_TRIALS trials (auto_multi_fidelity)
+    multi_fidelity: MultiFidelityConfig | Literal["auto"] | None = "auto"
 
     @field_validator("name")
     @classmethod
@@ -261,6 +264,20 @@ class StudyConfig(_Strict):
             raise ValueError("give trials, timeout or both; with neither the study never ends")
         return self
 
+    @model_validator(mode="after")
+    def _multi_fidelity(self) -> StudyConfig:
+        if self.multi_fidelity == "auto":
+            # set through __dict__: validate_assignment would run the validators again
+            self.__dict__["multi_fidelity"] = auto_multi_fidelity(self)
+        mf = self.multi_fidelity
+        others = sorted(set(self.strategies) - {"finetune"})
+        if isinstance(mf, MultiFidelityConfig) and mf.first is not None and others:
+            raise ValueError(
+                f"multi_fidelity.first splits the finetune strategy's epochs, but the study also "
+                f"has {others}, which train in phases; drop first and set the strategies' epochs "
+                "and multi_fidelity.epochs yourself")
+        return self
+
     # -- derived ---------------------------------------------------------------------
     @property
     def directions(self) -> list[str]:
@@ -269,6 +286,31 @@ class StudyConfig(_Strict):
     def resolved_run_dir(self, base: str | os.PathLike[str] | None = None) -> Path:
         """The run directory: ``run_dir`` or ``runs/<name>`` under the current directory."""
         return Path(self.run_dir) if self.run_dir else Path(base or ".") / "runs" / self.name
+
+
+# multi_fidelity "auto" turns on from this many trials: the promotion ranks the first rung,
+# and with fewer models half of them is hardly a choice
+AUTO_MF_MIN_TRIALS = 8
+AUTO_MULTI_FIDELITY = {"rounds": 1, "keep": 0.5, "first": 0.5}
+
+
+def auto_multi_fidelity(config: StudyConfig) -> MultiFidelityConfig | None:
+    """What ``multi_fidelity: auto`` (the default) means for ``config``: every trial trains
+    half its fine-tuning epochs and the better half by non-dominated rank then trains a
+    full ``epochs`` more (:data:`AUTO_MULTI_FIDELITY`, the same epochs in all), when the
+    study fine-tunes with the ``finetune`` strategy only, for at least
+    :data:`AUTO_MF_MIN_TRIALS` trials, and not for 0 epochs; else None (off).
+
+    Why the default: on LeNet-5/MNIST and ResNet-20/CIFAR-10 it had the highest
+    hypervolume for the same epochs (``benchmarks/RESULTS.md``, "Front quality"). Other
+    strategies split their epochs between phases, so no single split fits them.
+    """
+    if set(config.strategies) != {"finetune"} or config.trials is None or config.trials < AUTO_MF_MIN_TRIALS:
+        return None
+    epochs = config.strategies["finetune"].get("epochs")
+    if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs <= 0:
+        return None
+    return MultiFidelityConfig(**AUTO_MULTI_FIDELITY)
 
 
 # -- loading -----------------------------------------------------------------------------

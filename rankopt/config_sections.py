@@ -253,11 +253,41 @@ class LatencyConfig(_Strict):
 class MultiFidelityConfig(_Strict):
     """Train further only the models near the front (rankopt.search.fidelity): after the
     search, ``rounds`` times, the share ``keep`` of the previous fidelity's models with the
-    best non-dominated rank get ``epochs`` more training epochs, as new trials."""
+    best non-dominated rank get ``epochs`` more training epochs, as new trials.
+
+    With ``first`` (in (0, 1)) the study spends the fine-tuning epochs it would spend
+    without multi-fidelity, spread differently: every trial of the ``finetune`` strategy
+    trains ``first`` of its ``epochs``, and, ``epochs`` not given, each promoted model
+    then trains ``(1 - first) / keep`` of them more (``first: 0.5, keep: 0.5``: half,
+    then the better half a full ``epochs`` more; the study default, see
+    ``rankopt.config.auto_multi_fidelity``).
+    """
 
     rounds: int = Field(1, ge=1)
-    epochs: float = Field(2.0, gt=0)
+    # None: 2 epochs, or with first what keeps the study's epochs (continuation_epochs)
+    epochs: float | None = Field(None, gt=0)
     keep: float = Field(0.25, gt=0, le=1)
+    first: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _split_once(self) -> MultiFidelityConfig:
+        if self.split and self.rounds != 1:
+            raise ValueError(
+                f"multi_fidelity.rounds: {self.rounds} with first and no epochs: the split of "
+                "each trial's epochs is defined for one round; use rounds: 1, or give epochs")
+        return self
+
+    @property
+    def split(self) -> bool:
+        """True when the promoted models' epochs follow from ``first`` (no ``epochs`` given)."""
+        return self.first is not None and self.epochs is None
+
+    def continuation_epochs(self, trained: float) -> float:
+        """Epochs a promoted model trains more; ``trained``: the epochs its trial trained."""
+        if self.split:
+            assert self.first is not None
+            return trained / self.first * (1.0 - self.first) / self.keep
+        return 2.0 if self.epochs is None else self.epochs
 
 
 # -- error messages ----------------------------------------------------------------------------

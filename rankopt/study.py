@@ -332,8 +332,14 @@ class Study:
                     enqueue = enqueue[: max(len(config.enqueue), config.trials)]
                 for point in enqueue:
                     study.enqueue_trial(point, skip_if_exists=True)
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            # multi_fidelity's continuations are trials of the storage, not of the search's
+            # count: `trials: 24` is 24 searched models however many were continued
+            continued = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                TrialState.RUNNING))
+                            if t.user_attrs.get("continued_from") is not None)
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) - continued
             missing = None if config.trials is None else max(0, config.trials - done)
+            target = None if config.trials is None else config.trials + continued
             setup.release()
             outcomes: list[str] = []
 
@@ -373,19 +379,22 @@ class Study:
                         timeout=config.timeout,
                         n_jobs=config.max_concurrent,
                         on_trial_done=on_trial_done,
-                        target=config.trials,
+                        target=target,
                         should_stop=too_many_failures,
                     )
                 else:
                     from rankopt.search.ray_backend import run_ray
 
                     run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
-                            should_stop=too_many_failures, target=config.trials)
+                            should_stop=too_many_failures, target=target)
                 if config.multi_fidelity is not None and not too_many_failures():
                     from rankopt.search.fidelity import run_promotions
 
-                    progress.message(f"training the models near the front further "
-                                     f"({config.multi_fidelity.epochs:g} epochs each)")
+                    mf = config.multi_fidelity
+                    assert not isinstance(mf, str)
+                    more = ("the rest of their epochs" if mf.split
+                            else f"{mf.continuation_epochs(0.0):g} epochs each")
+                    progress.message(f"training the models near the front further ({more})")
                     run_promotions(env, study, on_trial_done)
             result = StudyResult(run_dir, config)
             summary = result.status()

@@ -210,6 +210,54 @@ def test_multi_fidelity_continues_the_front_from_its_checkpoints(tmp_path: Path)
     assert len(again.trials()) == 6
 
 
+def test_by_default_a_finetune_study_spends_its_epochs_in_two_rungs(tmp_path: Path) -> None:
+    from rankopt.config import AUTO_MF_MIN_TRIALS
+
+    n = AUTO_MF_MIN_TRIALS
+    points = [{"fixed.fraction": 0.1 + 0.1 * i} for i in range(n)]
+    config = study(tmp_path, trials=n, enqueue=points, strategies={"finetune": {"epochs": 0.4, "lr": 0.01}})
+    mf = load_config(config).multi_fidelity
+    assert mf is not None and not isinstance(mf, str) and (mf.first, mf.keep, mf.epochs) == (0.5, 0.5, None)
+    records = rankopt.run_study(config, progress=False).trials()
+    first = [r for r in records if r.fidelity == 0]
+    later = [r for r in records if r.fidelity == 1]
+    assert len(first) == n and len(later) == n // 2
+    assert all(r.hyperparameters["epochs"] == pytest.approx(0.2) for r in first)  # half the epochs
+    for r in first + later:  # train_epochs counts what the loader ran: whole batches
+        assert r.train_epochs == pytest.approx(0.2 if r.fidelity == 0 else 0.4, abs=0.05)
+    # the same epochs as without multi-fidelity, n * 0.4, up to a batch per trial
+    assert sum(r.train_epochs for r in records) == pytest.approx(n * 0.4, rel=0.1)
+    # `trials` counts searched models, not continuations: 2 more run (before, the n // 2
+    # continuations counted and none did), then the larger rung's promotions
+    again = rankopt.run_study({**config, "trials": n + 2}, progress=False).trials()
+    assert len([r for r in again if r.fidelity == 0]) == n + 2
+    assert len([r for r in again if r.fidelity == 1]) >= n // 2
+
+
+def test_multi_fidelity_auto_is_off_for_small_studies_other_strategies_and_no_fine_tuning(
+    tmp_path: Path,
+) -> None:
+    from rankopt.config import AUTO_MF_MIN_TRIALS
+
+    n = AUTO_MF_MIN_TRIALS
+    assert load_config(study(tmp_path, trials=n - 1)).multi_fidelity is None
+    assert load_config(study(tmp_path, trials=n, strategies=["finetune", "nrmf"])).multi_fidelity is None
+    assert load_config(study(tmp_path, trials=n, strategies={"finetune": {"epochs": 0}})).multi_fidelity is None
+    assert load_config(study(tmp_path, trials=n, multi_fidelity=None)).multi_fidelity is None
+    explicit = load_config(study(tmp_path, trials=n, multi_fidelity={"epochs": 3})).multi_fidelity
+    assert explicit is not None and not isinstance(explicit, str) and explicit.first is None
+    assert explicit.continuation_epochs(1.0) == 3.0
+    # the resolved form is what the run directory keeps, and it loads back the same
+    dumped = load_config(study(tmp_path, trials=n)).model_dump()
+    assert dumped["multi_fidelity"] == {"rounds": 1, "epochs": None, "keep": 0.5, "first": 0.5}
+    again = load_config({**dumped, "multi_fidelity": dumped["multi_fidelity"]}).multi_fidelity
+    assert again is not None and not isinstance(again, str) and again.split
+    with pytest.raises(ConfigError, match="multi_fidelity.first splits the finetune strategy's epochs"):
+        load_config(study(tmp_path, trials=n, strategies=["finetune", "nrmf"], multi_fidelity={"first": 0.5}))
+    with pytest.raises(ConfigError, match="rounds: 2 with first and no epochs"):
+        load_config(study(tmp_path, trials=n, multi_fidelity={"first": 0.5, "rounds": 2}))
+
+
 def test_a_running_continuation_is_not_failed_as_stale_by_another_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -311,7 +311,8 @@ def test_ray_and_local_drivers_at_once_finish_exactly_the_count(tmp_path: Path) 
     name = f"both-{uuid.uuid4().hex[:8]}"
     store = tmp_path / "store"
     run_a, run_b = tmp_path / "machineA" / "run", tmp_path / "machineB" / "run"
-    common = dict(storage=url, artifacts=str(store), trials=8)
+    # multi_fidelity off: its continuations would be trials beyond the count
+    common = dict(storage=url, artifacts=str(store), trials=8, multi_fidelity=None)
     a = write(tmp_path / "a.yaml", study(name, run_a, max_concurrent=2,
                                          strategies={"finetune": {"epochs": 4, "lr": 0.02}}, **common))
     b = write(tmp_path / "b.yaml", study(name, run_b, backend="local", max_concurrent=1, **common))

@@ -95,7 +95,8 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
     picked = [rung[i] for i in promotion_order([t.values for t in rung], study.directions, keep)]
     numbers = []
     for source in picked:
-        if source.number in continued:
+        trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
+        if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
         trial = _new_trial_like(study, source)
         values = dict(source.params)
@@ -132,7 +133,8 @@ def _new_trial_like(study: optuna.Study, source: FrozenTrial) -> optuna.Trial:
 
 
 def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
-    """Train the model of trial ``source`` ``multi_fidelity.epochs`` more; trial ``number``."""
+    """Train the model of trial ``source`` further (``multi_fidelity``'s
+    ``continuation_epochs``); trial ``number``."""
     from rankopt.plugins.strategies._common import distill_params
 
     mf = env.config.multi_fidelity
@@ -155,7 +157,7 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
                                 copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)
         ctx.compressed_layers = list(attrs.get("ranks", {}))  # what feature distillation matches
         options = {"optimizer": hp["optimizer"]} if "optimizer" in hp else {}
-        ctx.train(model, epochs=float(mf.epochs), lr=float(hp.get("lr", 0.01)),
+        ctx.train(model, epochs=mf.continuation_epochs(float(hp.get("epochs", 0.0))), lr=float(hp.get("lr", 0.01)),
                   **options, **distill_params(str(attrs.get("strategy")), hp))
         accuracy = ctx.evaluate(model)
         cost = count(model, env.input_shape, device=ctx.device)

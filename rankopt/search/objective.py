@@ -230,6 +230,16 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
     )
 
 
+def split_epochs(config: Any, strategy: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """``hyperparameters`` with the ``finetune`` strategy's epochs cut to
+    ``multi_fidelity.first`` of them: the first rung's budget (the promoted models train
+    the rest, :meth:`rankopt.config.MultiFidelityConfig.continuation_epochs`)."""
+    mf = config.multi_fidelity
+    if mf is None or isinstance(mf, str) or mf.first is None or strategy != "finetune":
+        return hyperparameters
+    return {**hyperparameters, "epochs": float(hyperparameters["epochs"]) * mf.first}
+
+
 def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str, Any]:
     """Run trial ``number`` with the flat parameter ``values``; returns its metrics.
 
@@ -253,7 +263,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         plan: TrialPlan = env.space.plan(values)
         metrics.update(strategy=plan.strategy, selector=plan.selector)
         strategy = get_registry().create("strategies", plan.strategy)
-        hyperparameters = strategy.validate_params(plan.strategy_params)
+        hyperparameters = split_epochs(config, plan.strategy, strategy.validate_params(plan.strategy_params))
         metrics["hyperparameters"] = hyperparameters
         ctx = trial_context(env, plan, seed=(config.seed + number) % 2**32)
         metrics["selector_params"] = ctx.selector_params

@@ -90,7 +90,7 @@ def find_repeat(run_dir: Path, key: str, number: int) -> dict[str, Any] | None:
         except (OSError, ValueError):
             continue  # a half-written or unreadable file is not a result
         if (metrics.get("state") == "COMPLETE" and metrics.get("resolved_key") == key
-                and metrics.get("repeat_of") is None and not metrics.get("continued_from")
+                and metrics.get("repeat_of") is None and metrics.get("continued_from") is None
                 and (best is None or int(path.parent.name) < best[0])):
             best = (int(path.parent.name), metrics)
     return None if best is None else best[1]
