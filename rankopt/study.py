@@ -334,10 +334,10 @@ class Study:
                     study.enqueue_trial(point, skip_if_exists=True)
             # multi_fidelity's continuations are trials of the storage, not of the search's
             # count: `trials: 24` is 24 searched models however many were continued
-            continued = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                                TrialState.RUNNING))
-                            if t.user_attrs.get("continued_from") is not None)
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) - continued
+            live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            continued = sum(1 for t in live if t.user_attrs.get("continued_from") is not None)
+            done = sum(1 for t in live
+                       if t.state == TrialState.COMPLETE and t.user_attrs.get("continued_from") is None)
             missing = None if config.trials is None else max(0, config.trials - done)
             target = None if config.trials is None else config.trials + continued
             setup.release()

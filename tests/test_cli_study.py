@@ -181,3 +181,23 @@ def test_pareto_at_80_columns_keeps_the_figures_whole(run_dir: Path, capsys: pyt
         assert f"{record.accuracy:.4f}" in out and f"{record.params:,}" in out and f"{record.flops:,}" in out
     assert "…" not in out and "energy.p" not in out
     assert "searched values not shown at this width (see --format csv)" in " ".join(out.split())
+
+
+def test_pareto_at_80_columns_moves_a_one_valued_fidelity_to_the_caption(monkeypatch: pytest.MonkeyPatch) -> None:
+    # multi-fidelity (the default) adds fidelity and epochs columns; on a front of
+    # continued models both hold one value, which fits in the caption
+    from rich.console import Console
+
+    import rankopt.cli.study_cmds as study_cmds
+
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(study_cmds, "console", narrow)
+    heads = ["trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy", "selector",
+             "fidelity", "epochs", "energy.p", "layers"]
+    body = [[str(t), "0.9806", "15,186", "741,360", "4.36", "4.85", "finetune", "fixed", "1", "4", "0.7",
+             "3/3 layers"] for t in range(25, 32)]
+    narrow.print(study_cmds._fitted_table("front", "accuracy: validation", heads, body, ["energy.p"]))
+    out = narrow.export_text()
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "0.9806" in out and "741,360" in out and "…" not in out
+    assert "fidelity: 1" in out and "epochs: 4" in out

@@ -77,8 +77,8 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
 
 def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[str]], searched: list[str]) -> Table:
     """The front table at the console's width. Where all of it does not fit (an 80-column
-    terminal) the searched values go (csv and json keep them), a column with one value in
-    every row moves to the caption, and the borders thin out, so that the figures are
+    terminal) the searched values go (csv and json keep them), a strategy, selector, fidelity or
+    epochs column with one value in every row moves to the caption, and the borders thin out, so that the figures are
     never cut to "0.9…"."""
     from rich import box
 
@@ -87,7 +87,7 @@ def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[st
     notes = [caption]
     narrow = sum(w + 3 for w in widths) + 1 > console.width
     if narrow:
-        same = {i for i, col in enumerate(heads) if col in ("strategy", "selector")
+        same = {i for i, col in enumerate(heads) if col in ("strategy", "selector", "fidelity", "epochs")
                 and body and len({cells[i] for cells in body}) == 1}
         notes += [f"{heads[i]}: {body[0][i]}" for i in sorted(same)]
         shown = [i for i in shown if heads[i] not in searched and i not in same]

@@ -30,6 +30,7 @@ first generation that already holds these fronts, instead of from random points.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -267,14 +268,9 @@ def fraction_steps(dec: Any, module: Any, min_saving: float = 0.0) -> list[tuple
 
 
 def _step_under(steps: list[tuple[float, int]], cap: float) -> int:
-    """The index of the largest step with at most ``cap`` params (0 when none is)."""
-    best = 0
-    for i, (_, params) in enumerate(steps):
-        if params <= cap:
-            best = i
-        else:
-            break
-    return best
+    """The index of the largest step with at most ``cap`` params (0 when none is); the
+    steps' params never fall, so a binary search finds it."""
+    return max(0, bisect.bisect_right(steps, cap, key=lambda step: step[1]) - 1)
 
 
 def rebalanced_caps(steps: Mapping[str, list[tuple[float, int]]], anchor: Mapping[str, float],
