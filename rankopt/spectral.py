@@ -93,12 +93,13 @@ class SpectralCache:
         self._lock = threading.Lock()
         self.svd_calls = 0
         self.hits = 0
+        self._reported: set[Path] = set()
 
     # -- public ------------------------------------------------------------------------
     def svd(self, matrix: torch.Tensor) -> SVD:
         """``torch.linalg.svd(matrix, full_matrices=False)`` in float64 on the CPU, cached."""
         key = matrix_key(matrix)
-        found = self._get(key, "svd")
+        found = self._get(key, "svd", shape=tuple(matrix.shape))
         if found is not None:
             return found  # type: ignore[return-value]
         result = _thin_svd(matrix)
@@ -111,9 +112,10 @@ class SpectralCache:
     def singular_values(self, matrix: torch.Tensor) -> torch.Tensor:
         """The singular values of ``matrix`` (float64, descending, on the CPU), cached."""
         key = matrix_key(matrix)
-        found = self._get(key, "s")
+        shape = tuple(matrix.shape)
+        found = self._get(key, "s", shape=shape)
         if found is None:
-            full = self._get(key, "svd", count=False)
+            full = self._get(key, "svd", count=False, shape=shape)
             if full is not None:
                 found = full[1]  # type: ignore[index]
                 self._put(key, "s", found)
@@ -136,7 +138,8 @@ class SpectralCache:
         return f"SpectralCache({where!r}, entries={len(self._mem)}, svd_calls={self.svd_calls})"
 
     # -- storage -----------------------------------------------------------------------
-    def _get(self, key: str, kind: str, *, count: bool = True) -> SVD | torch.Tensor | None:
+    def _get(self, key: str, kind: str, *, count: bool = True,
+             shape: tuple[int, ...] = ()) -> SVD | torch.Tensor | None:
         with self._lock:
             value = self._mem.get((key, kind))
             if value is not None:
@@ -144,7 +147,7 @@ class SpectralCache:
                 if count:
                     self.hits += 1
                 return value
-        value = self._load(key, kind)
+        value = self._load(key, kind, shape)
         if value is not None:
             if count:
                 with self._lock:
@@ -175,19 +178,53 @@ class SpectralCache:
             return None
         return self.directory / key[:2] / f"{key}.{kind}.pt"
 
-    def _load(self, key: str, kind: str) -> SVD | torch.Tensor | None:
+    def _load(self, key: str, kind: str, shape: tuple[int, ...]) -> SVD | torch.Tensor | None:
+        """The disk entry for a ``shape`` matrix, or None (a miss, recomputed and rewritten)
+        when there is none or it is unusable: torn, foreign, of the wrong shape or dtype, a
+        zero-stride or oversized tensor (checked on the meta device first) or not finite;
+        an unusable entry is reported once, with its reason, as a warning."""
         path = self._path(key, kind)
         if path is None or not path.is_file():
             return None
+        from rankopt.errors import ArtifactError
+        from rankopt.safe_load import load_checked
+
+        where = f"spectral cache entry {str(path)!r}"
+        m, n = (shape + (0, 0))[:2] if len(shape) == 2 else (0, 0)
+        k = min(m, n)
+        want = [(m, k), (k,), (k, n)] if kind == "svd" else [(k,)]
+
+        def check(value: object, tensors: list[tuple[str, torch.Tensor]]) -> None:
+            parts = list(value) if kind == "svd" and isinstance(value, (tuple, list)) else [value]
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in parts]
+            if got != want or any(t.dtype != torch.float64 for t in parts):
+                raise ArtifactError(f"{where} holds {got} ({[getattr(t, 'dtype', None) for t in parts]}), "
+                                    f"not the float64 {'(U, S, Vh)' if kind == 'svd' else 'S'} of shapes {want} "
+                                    f"a {m}x{n} matrix has")
+
         try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn or foreign file is just a miss
+            value = load_checked(path, where, max_bytes=8 * (m * k + k + k * n) + (1 << 16), check=check)
+            parts = list(value) if kind == "svd" else [value]
+            if not all(torch.isfinite(t).all() for t in parts):
+                raise ArtifactError(f"{where} holds values that are not finite (NaN or infinity)")
+            if kind == "s" and bool((value < 0).any()):
+                raise ArtifactError(f"{where} holds negative singular values")
+        except ArtifactError as exc:
+            self._report(path, str(exc))
             return None
         if kind == "svd":
-            if not (isinstance(value, (tuple, list)) and len(value) == 3):
-                return None
-            return (value[0], value[1], value[2])
-        return value if isinstance(value, torch.Tensor) else None
+            return (parts[0], parts[1], parts[2])
+        return value  # type: ignore[no-any-return]
+
+    def _report(self, path: Path, reason: str) -> None:
+        import warnings
+
+        with self._lock:
+            if path in self._reported:
+                return
+            self._reported.add(path)
+        warnings.warn(f"{reason}; ignored, the decomposition is computed again and the entry "
+                      "rewritten", RuntimeWarning, stacklevel=4)
 
     def _store(self, key: str, kind: str, value: SVD | torch.Tensor) -> None:
         path = self._path(key, kind)

@@ -110,13 +110,17 @@ def test_truncated_and_tampered_files_give_clear_errors(model_file: Path, tmp_pa
     torch.save(payload, edited)
     with pytest.raises(ArtifactError, match="tampered with or corrupted"):
         rankopt.load_compressed(edited)
-    # without a checksum (an older file), a spec that does not fit the weights is still caught
+    # without a checksum (an older file) nothing loads unless asked, and then with a
+    # warning; a spec that does not fit the weights is still caught
     payload = torch.load(model_file, weights_only=True)
     del payload["sha256"]
     payload["spec"]["3"]["ranks"] = [5, 6]
     torch.save(payload, edited)
-    with pytest.raises(ArtifactError, match="does not match its spec"):
+    with pytest.raises(ArtifactError, match="carries no sha256 checksum.*allow_unchecked=True"):
         rankopt.load_compressed(edited)
+    with pytest.warns(UserWarning, match="no checksum"), \
+            pytest.raises(ArtifactError, match="does not match its spec"):
+        rankopt.load_compressed(edited, allow_unchecked=True)
 
     not_ours = tmp_path / "state_dict.pt"
     torch.save(small_cnn(width=8).state_dict(), not_ours)

@@ -65,6 +65,10 @@ def export_command(
         "time) and ship the dense one where the factorized form is slower: the same function, more params.",
     ),
     latency_batch: int = typer.Option(1, "--latency-batch", help="The batch --keep-faster times at."),
+    allow_unchecked: bool = typer.Option(
+        False, "--allow-unchecked", help="Load a model file that carries no checksum (written by an older "
+        "rankopt), with a warning; without it such a file is refused.",
+    ),
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
 
@@ -72,7 +76,7 @@ def export_command(
     largest absolute difference from PyTorch printed; above --tolerance nothing is
     written and the exit status is 1.
     """
-    from rankopt.artifacts import load_compressed, read_compressed
+    from rankopt.artifacts import build_compressed, read_compressed
     from rankopt.errors import ConfigError
     from rankopt.deploy import EXPORT_FORMATS, export
     from rankopt.results import StudyResult
@@ -99,11 +103,11 @@ def export_command(
         raise ConfigError(f"{str(source)!r} is neither a run directory nor a model file written by `rankopt pick`")
     if data is not None and not data.is_dir():
         raise ConfigError(f"--data must be a run directory written by `rankopt run`, got {str(data)!r}")
-    payload = read_compressed(model_file)
+    payload = read_compressed(model_file, allow_unchecked=allow_unchecked)
     input_shape = payload.get("input_shape")
     if not input_shape:
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
-    model = load_compressed(model_file)
+    model = build_compressed(payload, model_file)
     if keep_faster:
         if (payload.get("metadata") or {}).get("fold_bn"):
             raise ConfigError(
