@@ -63,16 +63,27 @@ def evaluate_command(
 def dashboard_command(
     run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
     port: int = typer.Option(8080, "--port", help="Local port to serve on."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (local only by default)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (local only by default; "
+                             "see docs/security.md before serving to others)."),
+    allow_writes: bool = typer.Option(
+        False, "--allow-writes", help="Serve optuna-dashboard's write API too (notes, renaming and deleting "
+        "studies). Off by default: the dashboard has no authentication.",
+    ),
 ) -> None:
-    """Serve the study with optuna-dashboard: trials, Pareto front, per-trial user attributes."""
+    """Serve the study with optuna-dashboard: trials, Pareto front, per-trial user attributes.
+
+    Read-only by default (only GET and HEAD reach the storage) and only for requests
+    whose Host header names the bound address, so a web page cannot rename or delete
+    the study through your browser (see docs/security.md).
+    """
+    from rankopt.dashboard import dashboard_app, is_loopback, serve
     from rankopt.errors import ConfigError
     from rankopt.results import StudyResult, storage_url_of
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     try:
-        from optuna_dashboard import run_server
+        import optuna_dashboard  # noqa: F401
     except ImportError:
         raise ConfigError(
             "rankopt dashboard needs optuna-dashboard: pip install 'rankopt[dashboard]'"
@@ -80,11 +91,22 @@ def dashboard_command(
     result = StudyResult(run_dir)
     name_objectives(result.study, result.config.objectives)
     url = storage_url_of(result.config, result.run_dir)
+    app_ = dashboard_app(url, host=host, port=port, allow_writes=allow_writes)
+    if not is_loopback(host):
+        err_console.print(
+            f"WARNING: --host {host} serves the study to every machine that can reach this one, with no "
+            "authentication" + (" and WITH THE WRITE API (--allow-writes): anyone can rename or delete the "
+                                "study" if allow_writes else "")
+            + "; to share it with a team use an SSH tunnel or a reverse proxy with authentication "
+            "(docs/security.md)",
+            style="bold red", highlight=False, soft_wrap=True,
+        )
+    mode = "read-write (--allow-writes)" if allow_writes else "read-only"
     err_console.print(
-        f"serving study {result.config.name!r} at http://{host}:{port}/dashboard/ (Ctrl-C stops)",
+        f"serving study {result.config.name!r} at http://{host}:{port}/dashboard/ ({mode}; Ctrl-C stops)",
         highlight=False,
     )
-    run_server(url, host=host, port=port)
+    serve(app_, host=host, port=port)
 
 
 def name_objectives(study: Any, objectives: list[str]) -> None:
