@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.errors import ConfigError
+from rankopt.trial_files import file_digest
 from rankopt.plugins.datasets.base import DatasetSplits
 
 if TYPE_CHECKING:
@@ -77,8 +78,7 @@ def _cache_path(run_dir: Path) -> Path:
     return Path(run_dir) / EVALUATION_FILE
 
 
-def cached_accuracies(run_dir: Path, split: str = "test") -> dict[int, float]:
-    """``{trial: accuracy}`` measured before on ``split`` (empty when none)."""
+def _read(run_dir: Path) -> dict[str, Any]:
     path = _cache_path(run_dir)
     if not path.is_file():
         return {}
@@ -86,18 +86,39 @@ def cached_accuracies(run_dir: Path, split: str = "test") -> dict[int, float]:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return {int(k): float(v) for k, v in raw.get(split, {}).items()}
+    return raw if isinstance(raw, dict) else {}
 
 
-def _store(run_dir: Path, split: str, accuracies: Mapping[int, float]) -> None:
+def cached_accuracies(run_dir: Path, split: str = "test") -> dict[int, float]:
+    """``{trial: accuracy}`` measured before on ``split`` (empty when none), for the trials
+    whose model file is still the one measured: each value is stored with the SHA-256 of
+    the file's bytes (``files``), and a file replaced since, or a value stored without
+    one (an older rankopt), is measured again."""
+    raw = _read(Path(run_dir))
+    values, files = raw.get(split, {}), (raw.get("files") or {}).get(split, {})
+    if not isinstance(values, dict) or not isinstance(files, dict):
+        return {}
+    out = {}
+    for key, value in values.items():
+        entry = files.get(key)
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            continue
+        parts = Path(entry["path"]).parts  # only a trial file inside this run directory
+        if len(parts) != 3 or parts[0] != "trials" or not parts[1].isdigit() or parts[2] != "model.pt":
+            continue
+        if file_digest(Path(run_dir) / entry["path"]) == entry.get("sha256"):
+            try:
+                out[int(key)] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+def _store(run_dir: Path, split: str, accuracies: Mapping[int, float], files: Mapping[int, dict[str, str]]) -> None:
     path = _cache_path(run_dir)
-    raw: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raw = {}
+    raw = _read(run_dir)
     raw.setdefault(split, {}).update({str(k): v for k, v in accuracies.items()})
+    raw.setdefault("files", {}).setdefault(split, {}).update({str(k): v for k, v in files.items()})
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
     tmp.replace(path)  # atomic: a crash never leaves a torn cache
@@ -112,8 +133,11 @@ def evaluate_trials(
     data: DatasetSplits | None = None,
     device: str | None = None,
     use_cache: bool = True,
+    allow_unchecked: bool = False,
 ) -> dict[int, float]:
-    """Accuracy of each trial's saved model on ``split`` ("test" or "val")."""
+    """Accuracy of each trial's saved model on ``split`` ("test" or "val"); each file is
+    checked to be its trial's (:meth:`StudyResult.load_model`) before it is measured, and
+    the result cached under the file's SHA-256."""
     from rankopt.devices import resolve_device
     from rankopt.training import evaluate
     from rankopt.trial import loader_for
@@ -135,10 +159,15 @@ def evaluate_trials(
             )
         loader = loader_for(dataset, batch_size=config.data.batch_size)
         dev = resolve_device(device or config.device)
+        files: dict[int, dict[str, str]] = {}
         for number in todo:
-            net = result.load_model(number, model=model)
+            path = Path(result.local_model(result.pick(trial=number)).model_path)
+            digest = file_digest(path)  # before loading: the bytes that are measured
+            net = result.load_model(number, model=model, allow_unchecked=allow_unchecked)
             have[number] = evaluate(net, loader, device=dev)
+            if digest is not None:
+                files[number] = {"path": path.relative_to(path.parents[2]).as_posix(), "sha256": digest}
         if data is None:
-            _store(result.run_dir, split, {n: have[n] for n in todo})
+            _store(result.run_dir, split, {n: have[n] for n in files}, files)
     return {n: have[n] for n in numbers}
 

@@ -401,17 +401,37 @@ class StudyResult:
             return f"a module passed from Python, class {base['class']}"
         return "unknown (no reference/metrics.json)"
 
-    def load_model(self, trial: int, *, model: nn.Module | None = None) -> nn.Module:
-        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`).
+    def trial_payload(self, record: TrialRecord, *, allow_unchecked: bool = False) -> dict[str, Any]:
+        """The checked contents of ``record``'s model file (:func:`rankopt.artifacts.read_compressed`),
+        refused unless the file is that trial's of this study with the spec the storage
+        recorded (:func:`rankopt.trial_files.check_trial_file`)."""
+        from rankopt.artifacts import read_compressed
+        from rankopt.trial_files import check_trial_file
+
+        record = self.local_model(record)
+        path = Path(record.model_path)
+        if not path.is_file():
+            raise ArtifactError(f"trial {record.trial}'s model file {str(path)!r} is missing")
+        payload = read_compressed(path, allow_unchecked=allow_unchecked)
+        owner = record.repeat_of if record.repeat_of is not None else record.trial
+        check_trial_file(payload, path, study=self.config.name, trial=int(owner), spec=record.spec,
+                         allow_unchecked=allow_unchecked)
+        return payload
+
+    def load_model(self, trial: int, *, model: nn.Module | None = None,
+                   allow_unchecked: bool = False) -> nn.Module:
+        """The compressed model of a completed trial (see :func:`rankopt.load_compressed`),
+        after checking its file is that trial's (:meth:`trial_payload`).
 
         ``model``: an uncompressed instance of the run's architecture, needed when the study
         was run on a module passed from Python (``reference/metrics.json`` names its class).
         """
-        from rankopt.artifacts import load_compressed
+        from rankopt.artifacts import build_compressed
 
-        path = self.pick(trial=trial).model_path
+        record = self.pick(trial=trial)
+        payload = self.trial_payload(record, allow_unchecked=allow_unchecked)
         try:
-            return load_compressed(path, model=model, allow_modules=self.model_modules)
+            return build_compressed(payload, record.model_path, model=model, allow_modules=self.model_modules)
         except ArtifactError as exc:
             if model is not None or "names no registered base model" not in str(exc):
                 raise
@@ -429,6 +449,7 @@ class StudyResult:
         model: nn.Module | None = None,
         data: Any = None,
         device: str | None = None,
+        allow_unchecked: bool = False,
     ) -> dict[int, float]:
         """Accuracy of trials' saved models on ``split`` ("test", default, or "val").
 
@@ -445,7 +466,8 @@ class StudyResult:
             numbers = [trials]
         else:
             numbers = [int(t) for t in trials]
-        return evaluate_trials(self, numbers, split=split, model=model, data=data, device=device)
+        return evaluate_trials(self, numbers, split=split, model=model, data=data, device=device,
+                               allow_unchecked=allow_unchecked)
 
     @property
     def model_modules(self) -> list[str]:

@@ -27,7 +27,8 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
 
 def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], *, runtime: str,
                    batch: int, threads: int = 1, rounds: int = 15, allow_modules: Any = (),
-                   done: str = "made dense again") -> tuple[Any, dict[str, Any], list[str]]:
+                   done: str = "made dense again", allow_unchecked: bool = False,
+                   ) -> tuple[Any, dict[str, Any], list[str]]:
     """``model`` (loaded from ``model_file``) with the layers that run slower factorized
     than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
     layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
@@ -36,7 +37,7 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     from rankopt.latency import keep_faster_layers
     from rankopt.surgery import find_layers
 
-    base = load_base(model_file, allow_modules=allow_modules)
+    base = load_base(model_file, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
     spec = payload["spec"]
     kept, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime,
                                       threads=threads, repeats=rounds)
@@ -92,22 +93,27 @@ def export_command(
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")
-        record = StudyResult(source).pick(trial=trial)
-        model_file = Path(record.model_path)
+        run = StudyResult(source)
+        record = run.pick(trial=trial)
+        payload = run.trial_payload(record, allow_unchecked=allow_unchecked)  # trial N's file, or refused
+        model_file = Path(run.local_model(record).model_path)
+        allow_modules = run.model_modules
         data = data or source
     elif source.is_file():
         if trial is not None:
             raise ConfigError(f"--trial is for a run directory; {str(source)!r} is a model file")
         model_file = source
+        payload, allow_modules = None, []
     else:
         raise ConfigError(f"{str(source)!r} is neither a run directory nor a model file written by `rankopt pick`")
     if data is not None and not data.is_dir():
         raise ConfigError(f"--data must be a run directory written by `rankopt run`, got {str(data)!r}")
-    payload = read_compressed(model_file, allow_unchecked=allow_unchecked)
+    if payload is None:
+        payload = read_compressed(model_file, allow_unchecked=allow_unchecked)
     input_shape = payload.get("input_shape")
     if not input_shape:
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
-    model = build_compressed(payload, model_file)
+    model = build_compressed(payload, model_file, allow_modules=allow_modules)
     if keep_faster:
         if (payload.get("metadata") or {}).get("fold_bn"):
             raise ConfigError(
@@ -115,7 +121,8 @@ def export_command(
                 "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
             )
         model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
-                                     runtime="onnxruntime" if format == "onnx" else "torchscript")
+                                     runtime="onnxruntime" if format == "onnx" else "torchscript",
+                                     allow_modules=allow_modules, allow_unchecked=allow_unchecked)
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance

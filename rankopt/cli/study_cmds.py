@@ -199,8 +199,8 @@ def pareto_command(
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
     front = result.front()
-    test = {r.trial: a for r, a in ((r, cached_accuracies(result.run_dir).get(r.trial)) for r in front)
-            if a is not None}
+    cached = cached_accuracies(result.run_dir)  # read (and each file hashed) once
+    test = {r.trial: cached[r.trial] for r in front if r.trial in cached}
     if format == "json":
         typer.echo(json.dumps([r.as_dict() for r in front], indent=2, default=_json_default))
     elif format == "csv":
@@ -253,24 +253,32 @@ def pick_command(
         "study's latency runtime and batch (eager by default) and write the slower ones dense: the same "
         "function, more params.",
     ),
+    allow_unchecked: bool = typer.Option(
+        False, "--allow-unchecked", help="Accept a trial file without a checksum or without the study and "
+        "trial that wrote it (written by an older rankopt), with a warning.",
+    ),
 ) -> None:
-    """Write one model off the front to a file that rankopt.load_compressed reads."""
-    from rankopt.artifacts import read_compressed
+    """Write one model off the front to a file that rankopt.load_compressed reads.
+
+    The trial's file is checked to be that trial's (study, trial number and spec as the
+    storage recorded them) and loaded before anything is written.
+    """
     from rankopt.errors import ArtifactError
 
     result = _open(run_dir)
     record = result.pick(trial=trial, max_params=max_params, max_flops=max_flops, min_accuracy=min_accuracy)
-    source = Path(record.model_path)
+    source = Path(result.local_model(record).model_path)
     if not source.is_file():
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
     _check_out(out, source)
-    read_compressed(source)  # refuse to copy a torn or foreign file
+    # refuse to copy a torn, foreign or swapped file; and it must load
+    _loads(result.trial_payload(record, allow_unchecked=allow_unchecked), source, result)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
     if keep_faster:
         dense = out.with_name(f".{out.name}.dense.tmp")
         try:
-            _write_faster(source, dense, result)
+            _write_faster(source, dense, result, allow_unchecked=allow_unchecked)
             if fold_bn:
                 _write_folded(dense, tmp, allow_modules=result.model_modules)
             else:
@@ -278,7 +286,7 @@ def pick_command(
         finally:
             dense.unlink(missing_ok=True)
     elif fold_bn:
-        _write_folded(source, tmp, allow_modules=result.model_modules)
+        _write_folded(source, tmp, allow_modules=result.model_modules, allow_unchecked=allow_unchecked)
     else:
         shutil.copyfile(source, tmp)
     tmp.replace(out)
@@ -293,6 +301,16 @@ def pick_command(
         console.print(f"load it with rankopt.load_compressed({str(out)!r}, model=...) given an "
                       f"uncompressed {base['class']} (the run used a module passed from Python)",
                       highlight=False)
+
+
+def _loads(payload: Any, source: Path, result: Any) -> None:
+    """Build the model of a checked trial file (a run on a module passed from Python
+    cannot be rebuilt here: its tensors were checked against the spec only)."""
+    from rankopt.artifacts import build_compressed
+
+    base = payload.get("base") or {}
+    if base.get("model") or base.get("callable"):
+        build_compressed(payload, source, allow_modules=result.model_modules)
 
 
 def _held_out_line(result: Any, trial: int) -> str:
@@ -311,20 +329,20 @@ def _held_out_line(result: Any, trial: int) -> str:
             "no test split; set data.test_fraction to hold one out")
 
 
-def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
+def _write_folded(source: Path, out: Path, *, allow_modules: list[str], allow_unchecked: bool = False) -> None:
     """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
 
-    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.artifacts import build_compressed, read_compressed, save_compressed
     from rankopt.errors import ExportError
     from rankopt.deploy import fold_batchnorm
 
-    payload = read_compressed(source)
+    payload = read_compressed(source, allow_unchecked=allow_unchecked)
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
         shutil.copyfile(source, out)
         return
-    model = load_compressed(source, allow_modules=allow_modules)
+    model = build_compressed(payload, source, allow_modules=allow_modules)
     shape = payload.get("input_shape") or []
     if shape:
         x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -336,13 +354,13 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
 
 
-def _write_faster(source: Path, out: Path, result: Any) -> None:
+def _write_faster(source: Path, out: Path, result: Any, *, allow_unchecked: bool = False) -> None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
-    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.artifacts import build_compressed, load_compressed, read_compressed, save_compressed
     from rankopt.cli.export_cmd import densify_slower
 
-    payload = read_compressed(source)
+    payload = read_compressed(source, allow_unchecked=allow_unchecked)
     if (payload.get("metadata") or {}).get("fold_bn"):
         shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
         console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
@@ -354,9 +372,9 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     latency = result.config.latency
     model, kept, slower = densify_slower(
-        load_compressed(source, allow_modules=result.model_modules), source, payload, shape,
+        build_compressed(payload, source, allow_modules=result.model_modules), source, payload, shape,
         runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
-        allow_modules=result.model_modules, done="written dense")
+        allow_modules=result.model_modules, done="written dense", allow_unchecked=allow_unchecked)
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
     save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
     if slower:  # the line below names the trial's figures; the file differs from them

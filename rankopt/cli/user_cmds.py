@@ -21,8 +21,17 @@ def evaluate_command(
     front: bool = typer.Option(False, "--front", help="Evaluate every Pareto-front trial (the default)."),
     split: str = typer.Option("test", "--split", help="test (held out, the default) or val."),
     format: str = typer.Option("table", "--format", help="table or json."),
+    allow_unchecked: bool = typer.Option(
+        False, "--allow-unchecked", help="Accept trial files without a checksum or without the study and "
+        "trial that wrote them (written by an older rankopt), with a warning.",
+    ),
 ) -> None:
-    """Accuracy of saved trial models on the test split the search never saw."""
+    """Accuracy of saved trial models on the test split the search never saw.
+
+    Each trial's file is checked to be that trial's (study, trial number and spec as the
+    storage recorded them) before it is measured; results are cached in evaluation.json
+    under the file's SHA-256, so a replaced file is measured again.
+    """
     from rankopt.errors import ConfigError
     from rankopt.evaluation import SPLITS
     from rankopt.results import StudyResult
@@ -43,7 +52,7 @@ def evaluate_command(
         )
     if trial is not None:
         result.pick(trial=trial)  # a clear error for a trial that is not a completed one
-    accuracies = result.evaluate(numbers, split=split)
+    accuracies = result.evaluate(numbers, split=split, allow_unchecked=allow_unchecked)
     if format == "json":
         typer.echo(json.dumps(
             [{"trial": n, "val_accuracy": records[n].accuracy, f"{split}_accuracy": a}

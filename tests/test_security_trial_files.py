@@ -1,0 +1,143 @@
+"""Issue 26, item 5: trial files are bound to their trial. ``trials/N/model.pt`` names its
+study and trial and holds its spec; ``pick``, ``evaluate`` and ``export`` check all three
+against the storage and load the model before reporting success; ``evaluation.json``
+is keyed by the file's SHA-256, so a replaced file is never answered from the cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rankopt.artifacts import _checksum
+from rankopt.cli import main
+from rankopt.results import StudyResult
+
+TINY = {
+    "name": "bound",
+    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+    "data": {"name": "digits", "batch_size": 128, "test_fraction": 0.2},
+    "reference": {"epochs": 1, "lr": 0.05},
+    "decomposers": ["tucker2", "svd"],
+    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
+    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
+    "sampler": {"name": "random", "seed": 3},
+    "trials": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("bound")
+    study_file = base / "bound.yaml"
+    study_file.write_text(yaml.safe_dump(TINY))
+    out = base / "run"
+    assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_dir(pristine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def two_trials(run_dir: Path) -> tuple[int, int]:
+    """Two completed trials with different specs (so the swap is a different model)."""
+    records = StudyResult(run_dir).trials()
+    for a in records:
+        for b in records:
+            if a.trial != b.trial and a.spec != b.spec:
+                return a.trial, b.trial
+    pytest.skip("the tiny study gave no two different models")
+
+
+def swap(run_dir: Path, victim: int, source: int) -> None:
+    shutil.copyfile(run_dir / "trials" / str(source) / "model.pt", run_dir / "trials" / str(victim) / "model.pt")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def test_a_swapped_trial_file_is_refused_by_pick_evaluate_and_export(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim, source = two_trials(run_dir)
+    # before the swap all three answer
+    assert run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "ok.pt"))[0] == 0
+    swap(run_dir, victim, source)
+    needle = f"is not trial {victim} of study 'bound': it was written by trial {source}"
+    out = tmp_path / "picked.pt"
+    code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(out))
+    assert code == 1 and needle in text and not out.exists()
+    code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))
+    assert code == 1 and needle in text
+    code, text = run_cli(capsys, "export", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "m.onnx"))
+    assert code == 1 and needle in text and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(Exception, match=needle):
+        StudyResult(run_dir).load_model(victim)
+
+
+def test_a_file_from_another_study_or_with_another_spec_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim, source = two_trials(run_dir)
+    path = run_dir / "trials" / str(victim) / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["metadata"]["study"] = "other"
+    payload["sha256"] = _checksum(payload)
+    torch.save(payload, path)
+    code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and "of study 'other'" in text
+
+    # the right study and trial, but the spec (and weights) of another trial
+    payload = torch.load(run_dir / "trials" / str(source) / "model.pt", weights_only=True)
+    payload["metadata"]["trial"] = victim
+    payload["sha256"] = _checksum(payload)
+    torch.save(payload, path)
+    code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and "holds another compression than trial" in text
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_pick_refuses_a_file_that_does_not_load(run_dir: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    victim, _ = two_trials(run_dir)
+    path = run_dir / "trials" / str(victim) / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["base"]["kwargs"]["width"] = 9  # checksum recomputed: only loading shows it is wrong
+    payload["sha256"] = _checksum(payload)
+    torch.save(payload, path)
+    code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and "does not match its spec" in text and not (tmp_path / "x.pt").exists()
+
+
+def test_the_evaluation_cache_is_keyed_by_the_file(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    victim, source = two_trials(run_dir)
+    code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim), "--format", "json")
+    assert code == 0
+    cache = json.loads((run_dir / "evaluation.json").read_text())
+    entry = cache["files"]["test"][str(victim)]
+    assert entry["path"] == f"trials/{victim}/model.pt"
+    # the same file: answered from the cache, without loading it
+    assert run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))[0] == 0
+
+    (run_dir / "trials" / str(victim) / "model.pt").write_bytes(b"")  # replaced by an empty file
+    code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))
+    assert code == 1 and "cannot be read safely" in text
+    swap(run_dir, victim, source)
+    code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))
+    assert code == 1 and f"is not trial {victim}" in text
+    # a cache written without digests (an older rankopt) is not trusted either
+    cache["files"] = {}
+    (run_dir / "evaluation.json").write_text(json.dumps(cache))
+    code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))
+    assert code == 1 and f"is not trial {victim}" in text
