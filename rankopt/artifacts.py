@@ -16,6 +16,7 @@ an ``nn.Module`` the caller passes: loading a file never imports or runs code it
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ __all__ = ["save_compressed", "load_base", "load_compressed", "build_compressed"
 
 FORMAT = "rankopt.compressed"
 VERSION = 1
+MAX_SAMPLE_ELEMENTS = 1 << 24  # values in one input sample a file may declare (export allocates a batch)
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -136,6 +138,9 @@ def _check_layout(payload: Any, where: str) -> None:
         and all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1 << 20 for n in shape)
     ):
         raise ArtifactError(f"{where}: input_shape must be a list of 1 to 8 positive sizes, got {shape!r}")
+    if shape is not None and math.prod(shape[1:]) > MAX_SAMPLE_ELEMENTS:
+        raise ArtifactError(f"{where}: input_shape {shape} means {math.prod(shape[1:]):,} values per sample, "
+                            f"more than {MAX_SAMPLE_ELEMENTS:,} (a 3x2048x2048 image has 12.6 million); refused")
     if "sha256" in payload and not isinstance(payload["sha256"], str):
         raise ArtifactError(f"{where}: sha256 must be a hex string, got {type(payload['sha256']).__name__}")
 

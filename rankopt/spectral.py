@@ -190,7 +190,7 @@ class SpectralCache:
         from rankopt.safe_load import load_checked
 
         where = f"spectral cache entry {str(path)!r}"
-        m, n = (shape + (0, 0))[:2] if len(shape) == 2 else (0, 0)
+        m, n = shape if len(shape) == 2 else (0, 0)
         k = min(m, n)
         want = [(m, k), (k,), (k, n)] if kind == "svd" else [(k,)]
 

@@ -303,3 +303,12 @@ def test_a_bad_spectral_cache_entry_is_recomputed_with_its_reason(tmp_path: Path
     again = SpectralCache(tmp_path)
     torch.testing.assert_close(again.singular_values(matrix), values)
     assert again.svd_calls == 0
+
+
+def test_a_huge_declared_input_shape_is_refused(model_file: Path, tmp_path: Path) -> None:
+    payload = _payload(model_file)
+    payload["input_shape"] = [1, 1, 100000, 100000]
+    path = _save(payload, tmp_path / "shape.pt")
+    with pytest.raises(ArtifactError, match="10,000,000,000 values per sample"):
+        read_compressed(path)
+    assert main(["export", str(path), "--out", str(tmp_path / "x.onnx")]) == 1

@@ -314,7 +314,14 @@ def load_run_reference(
         model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None
-    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    from rankopt.safe_load import load_checked
+
+    try:  # a run directory from elsewhere: its sizes are checked before anything is allocated
+        state = load_checked(weights_file, f"reference weights {str(weights_file)!r}")
+        model.load_state_dict(state)
+    except (ArtifactError, RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{str(weights_file)!r} does not hold the reference's weights: "
+                          f"{str(exc).splitlines()[0]}") from None
     shape = tuple(input_shape or metrics.get("input_shape") or (1, *DEFAULT_SAMPLE_SHAPE))
     name = base.get("model") or base.get("callable")
     return model.eval(), shape, f"{name} (reference of {run_dir})"
