@@ -65,18 +65,20 @@ def forged_storage(model_file: Path, out: Path, nbytes: int) -> Path:
 
 
 LIMITED = """
-import resource, sys, warnings
+import resource, sys
 import rankopt  # imported before the limit: the limit is on what loading adds
 from rankopt.cli import main
-def vm():
+def status(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmSize:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-limit = vm() + (1 << 30)  # everything loading adds must fit in 1 GiB of address space
+limit = status("VmSize") + (1 << 30)  # everything loading adds must fit in 1 GiB of address space
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident size (VmHWM) to the current one
 code = main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("EXIT", code, "PEAK", peak)
+print("EXIT", code, "ADDED", status("VmHWM") - before)
 """
 
 
@@ -100,8 +102,8 @@ def test_a_forged_size_is_refused_under_a_1_gib_memory_limit(
     out = run_limited(tmp_path, "export", "forged.pt", "--out", "forged.onnx")
     assert "EXIT 1" in out.stdout, out.stdout + out.stderr
     assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr
-    peak = int(out.stdout.split("PEAK")[1])
-    assert peak < GiB, f"peak resident memory {peak:,} bytes"
+    added = int(out.stdout.split("ADDED")[1])  # importing torch and rankopt alone takes ~0.8 GB
+    assert added < 128 << 20, f"loading added {added:,} bytes of resident memory at its peak"
     assert not (tmp_path / "forged.onnx").exists()
     with pytest.raises(ArtifactError, match=needle):
         rankopt.load_compressed(forged)
