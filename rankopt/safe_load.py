@@ -19,6 +19,7 @@ Written by hand because neither torch nor safetensors checks a ``.pt`` file this
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,8 +42,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _check_zip(handle: Any, where: str) -> int:
-    """The bytes the file's records hold, after checking they are stored and inside it."""
+def _check_zip(handle: Any, where: str) -> tuple[int, dict[int, int]]:
+    """The bytes the file's records hold, and each record's size by the offset of its data,
+    after checking they are stored and inside the file."""
     size = os.fstat(handle.fileno()).st_size
     handle.seek(0)
     if not zipfile.is_zipfile(handle):
@@ -58,6 +60,7 @@ def _check_zip(handle: Any, where: str) -> int:
         raise ArtifactError(f"{where} cannot be read safely ({_first_line(exc)}); it is truncated, "
                             "tampered with or not a rankopt model file") from None
     total = 0
+    by_offset: dict[int, int] = {}
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise ArtifactError(
@@ -71,12 +74,17 @@ def _check_zip(handle: Any, where: str) -> int:
                 f"of the {size:,}-byte file; it is truncated or forged"
             )
         total += info.file_size
+        handle.seek(info.header_offset)
+        header = handle.read(30)  # the local header: its name and extra field precede the data
+        if len(header) == 30 and header[:4] == b"PK\x03\x04":
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            by_offset[info.header_offset + 30 + name_len + extra_len] = info.file_size
     if total > size:
         raise ArtifactError(
             f"{where}: its records claim {total:,} bytes together, more than the file's {size:,}; "
             "it is forged"
         )
-    return total
+    return total, by_offset
 
 
 def check_layout(tensor: torch.Tensor, name: str, where: str) -> None:
@@ -152,7 +160,7 @@ def load_checked(path: str | os.PathLike[str], where: str, *, max_bytes: int = D
     except OSError as exc:
         raise ArtifactError(f"{where} cannot be opened ({_first_line(exc)})") from None
     with handle:
-        stored = _check_zip(handle, where)
+        stored, records = _check_zip(handle, where)
         handle.seek(0)
         try:
             meta = torch.load(handle, map_location="meta", weights_only=True)
@@ -171,7 +179,16 @@ def load_checked(path: str | os.PathLike[str], where: str, *, max_bytes: int = D
                                     "a model's parameters are real; refused")
             check_layout(tensor, name, where)
             storage = tensor.untyped_storage()
-            seen[storage._cdata] = storage.nbytes()
+            offset = getattr(storage, "_checkpoint_offset", None)  # where torch will read it from
+            if isinstance(offset, int) and records:
+                if storage.nbytes() > records.get(offset, 0):
+                    raise ArtifactError(
+                        f"{where}: tensor {name!r} declares a storage of {storage.nbytes():,} bytes, but "
+                        f"its record holds {records.get(offset, 0):,}; it is forged or truncated"
+                    )
+                seen[offset] = storage.nbytes()
+            else:
+                seen[storage._cdata] = storage.nbytes()
             total += tensor.numel() * tensor.element_size()
         declared = sum(seen.values())
         if declared > stored:

@@ -314,3 +314,15 @@ def test_a_huge_declared_input_shape_is_refused(model_file: Path, tmp_path: Path
     with pytest.raises(ArtifactError, match="10,000,000,000 values per sample"):
         read_compressed(path)
     assert main(["export", str(path), "--out", str(tmp_path / "x.onnx")]) == 1
+
+
+def test_shared_storages_and_views_are_not_counted_twice(tmp_path: Path) -> None:
+    from rankopt.safe_load import load_checked
+
+    w = torch.randn(300, 200)
+    torch.save({"a": w, "tied": w, "rows": w[:10], "transposed": w.T}, tmp_path / "tied.pt")
+    out = load_checked(tmp_path / "tied.pt", "tied.pt")
+    assert out["a"].data_ptr() == out["tied"].data_ptr()
+    torch.testing.assert_close(out["transposed"], w.T)
+    with pytest.raises(ArtifactError, match="more than the bound of 100,000"):
+        load_checked(tmp_path / "tied.pt", "tied.pt", max_bytes=100_000)
