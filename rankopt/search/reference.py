@@ -170,7 +170,7 @@ def obtain_reference(
         if metrics_file.is_file() and weights_file.is_file():
             cached = json.loads(metrics_file.read_text())
             if cached.get("key") == key:
-                model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+                model.load_state_dict(_stored_weights(weights_file))
                 model = model.cpu().eval()
                 if "weights_sha256" not in cached:  # cached before content hashes
                     cached["weights_sha256"] = fingerprint_module(model)
@@ -194,7 +194,7 @@ def obtain_reference(
         # trial of the study compresses the same weights
         cached = json.loads(metrics_file.read_text())
         if cached.get("key") == key and weights_file.is_file():
-            model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            model.load_state_dict(_stored_weights(weights_file))
             return model.cpu().eval(), cached
     metrics = {
         "key": key,
@@ -313,3 +313,11 @@ def warn_weak_reference(baseline: Mapping[str, Any], num_classes: int) -> None:
             "trained reference.weights before trusting the front", baseline["accuracy"],
             2 * chance, num_classes,
         )
+
+
+def _stored_weights(path: Path) -> Any:
+    """A stored reference's state_dict (the run directory's or the artifact store's, which
+    may come from elsewhere): its sizes checked on the meta device before loading."""
+    from rankopt.safe_load import load_checked
+
+    return load_checked(path, f"stored reference weights {str(path)!r}")
