@@ -54,6 +54,10 @@ def check_trial_file(payload: Mapping[str, Any], path: str | os.PathLike[str], *
     metadata = payload.get("metadata") or {}
     if "study" not in metadata or "trial" not in metadata:
         if allow_unchecked:
+            import warnings
+
+            warnings.warn(f"{where} does not say which study and trial wrote it: used as trial {trial} "
+                          "unchecked (allow_unchecked=True)", UserWarning, stacklevel=2)
             return
         raise ArtifactError(
             f"{where} does not say which study and trial wrote it, so it cannot be checked to be "

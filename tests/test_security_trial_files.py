@@ -141,3 +141,20 @@ def test_the_evaluation_cache_is_keyed_by_the_file(run_dir: Path, capsys: pytest
     (run_dir / "evaluation.json").write_text(json.dumps(cache))
     code, text = run_cli(capsys, "evaluate", str(run_dir), "--trial", str(victim))
     assert code == 1 and f"is not trial {victim}" in text
+
+
+def test_an_older_trial_file_without_binding_needs_allow_unchecked(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    victim, _ = two_trials(run_dir)
+    path = run_dir / "trials" / str(victim) / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    del payload["metadata"]["study"], payload["metadata"]["trial"]
+    payload["sha256"] = _checksum(payload)
+    torch.save(payload, path)
+    code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
+    assert code == 1 and "does not say which study and trial wrote it" in text and "--allow-unchecked" in text
+    with pytest.warns(UserWarning, match="unchecked"):
+        code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out",
+                             str(tmp_path / "x.pt"), "--allow-unchecked")
+    assert code == 0 and (tmp_path / "x.pt").is_file()

@@ -295,7 +295,7 @@ def pick_command(
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
         highlight=False,
     )
-    console.print(_held_out_line(result, record.trial), highlight=False)
+    console.print(_held_out_line(result, record.trial, allow_unchecked=allow_unchecked), highlight=False)
     base = result.reference.get("base", {})
     if base.get("class"):
         console.print(f"load it with rankopt.load_compressed({str(out)!r}, model=...) given an "
@@ -313,7 +313,7 @@ def _loads(payload: Any, source: Path, result: Any) -> None:
         build_compressed(payload, source, allow_modules=result.model_modules)
 
 
-def _held_out_line(result: Any, trial: int) -> str:
+def _held_out_line(result: Any, trial: int, *, allow_unchecked: bool = False) -> str:
     """The picked model's test accuracy (measured and stored in evaluation.json), or a note
     that the numbers are validation numbers."""
     from rankopt.evaluation import cached_accuracies, config_splits
@@ -321,7 +321,7 @@ def _held_out_line(result: Any, trial: int) -> str:
     cached = cached_accuracies(result.run_dir, "test")
     if trial not in cached and result.config.data.name is not None:
         if config_splits(result.config, "pick").test is not None:
-            cached = result.evaluate(trial, split="test")
+            cached = result.evaluate(trial, split="test", allow_unchecked=allow_unchecked)
     if trial in cached:
         return (f"test accuracy {cached[trial]:.4f} on the held-out test split (stored in "
                 f"{result.run_dir / 'evaluation.json'})")
