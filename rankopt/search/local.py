@@ -20,10 +20,10 @@ from rankopt.search.objective import (
     TrialEnv,
     clean_trial_dir,
     objective_values,
-    run_trial,
     set_constraints,
     user_attrs,
 )
+from rankopt.search.watchdog import run_trial_contained
 
 __all__ = ["run_local", "TrialFailed", "quiet_optuna", "torch_threads"]
 
@@ -106,7 +106,8 @@ def run_local(
         try:
             values = env.space.suggest(trial)
             try:
-                metrics = run_trial(env, trial.number, values)
+                # in a child process under trial_timeout / isolate: process (watchdog)
+                metrics = run_trial_contained(env, trial.number, values)
             finally:
                 with counter_lock:
                     mine.discard(trial.number)

@@ -31,6 +31,7 @@ from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
+from rankopt.search.resume import training_seed
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
@@ -51,33 +52,42 @@ __all__ = [
     "TRIAL_ATTRS",
     "interrupt_guard",
     "INTERRUPTED",
+    "INTERRUPT_SIGNAL",
 ]
 
-# set by the SIGINT handler of interrupt_guard: a KeyboardInterrupt with it set is the
-# user's Ctrl-C (stop the study); without it, a plugin raised it (fail only that trial)
+# set by the SIGINT/SIGTERM handler of interrupt_guard: a KeyboardInterrupt with it set is
+# the user's Ctrl-C or a SIGTERM (stop the study); without it, a plugin raised it (fail
+# only that trial)
 INTERRUPTED = threading.Event()
+# the name of the signal that set INTERRUPTED ("SIGINT", "SIGTERM"), for the message
+INTERRUPT_SIGNAL: list[str] = []
 
 
 @contextlib.contextmanager
 def interrupt_guard() -> Iterator[None]:
-    """While a study runs, Ctrl-C sets :data:`INTERRUPTED` and raises KeyboardInterrupt.
+    """While a study runs, Ctrl-C (SIGINT) and SIGTERM (``docker stop``, systemd,
+    ``timeout``) set :data:`INTERRUPTED` and raise KeyboardInterrupt: the running trial is
+    marked FAIL (``interrupted``) and the run stops with one message, as for Ctrl-C.
 
     Only the main thread can install a signal handler; elsewhere nothing changes.
     """
     INTERRUPTED.clear()
+    INTERRUPT_SIGNAL.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        INTERRUPT_SIGNAL[:] = [signal.Signals(signum).name]
         INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 # the metrics copied into the trial's user attrs in the Optuna storage
 TRIAL_ATTRS = (
@@ -265,7 +275,8 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         strategy = get_registry().create("strategies", plan.strategy)
         hyperparameters = split_epochs(config, plan.strategy, strategy.validate_params(plan.strategy_params))
         metrics["hyperparameters"] = hyperparameters
-        ctx = trial_context(env, plan, seed=(config.seed + number) % 2**32)
+        # from what the trial trains, not its number: a rerun of it (resume) trains the same model
+        ctx = trial_context(env, plan, seed=training_seed(config.seed, values, fidelity=0))
         metrics["selector_params"] = ctx.selector_params
         key = resolved_key(ctx, plan, strategy, hyperparameters)
         metrics["resolved_key"] = key
