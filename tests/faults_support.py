@@ -72,9 +72,28 @@ torch.set_num_threads(1)
 import rankopt, faults_support, reliability_support
 rankopt.register_plugin(faults_support)
 rankopt.register_plugin(reliability_support)
+faults_support.slow_continuations()
 from rankopt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+CONTINUATION_SLEEP = "RANKOPT_TEST_CONTINUATION_SLEEP"
+
+
+def slow_continuations() -> None:
+    """With ``$RANKOPT_TEST_CONTINUATION_SLEEP`` set, every multi-fidelity continuation
+    sleeps that many seconds first (long enough for a test to interrupt the rung)."""
+    pause = float(os.environ.get(CONTINUATION_SLEEP, "0") or 0)
+    if pause <= 0:
+        return
+    from rankopt.search import fidelity
+
+    real = fidelity.continue_trial
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    fidelity.continue_trial = slow
 
 
 def cli_command(*args: str) -> list[str]:

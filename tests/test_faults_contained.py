@@ -85,6 +85,13 @@ def test_trial_timeout_out_of_bounds_is_refused_before_any_work(tmp_path: Path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_trial_timeout_on_the_ray_backend_is_refused_before_any_work(tmp_path: Path, crashy: None) -> None:
+    pytest.importorskip("ray.tune")
+    with pytest.raises(ConfigError, match="trial_timeout: 5 s is supported on the local backend only"):
+        rankopt.run_study(crashy_study(tmp_path / "run", ["none"], trial_timeout=5, backend="ray"))
+    assert not (tmp_path / "run").exists()
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

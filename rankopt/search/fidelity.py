@@ -185,7 +185,7 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     }
     ctx = None
     try:
-        seed = training_seed(env.config.seed, source.params, fidelity=fidelity)
+        seed = training_seed(env.config.seed, attrs.get("resolved_key") or source.params, fidelity=fidelity)
         ctx = trial_context(env, env.space.plan(source.params), seed=seed)
         model = load_compressed(env.trial_dir(source.number) / "model.pt",
                                 copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)

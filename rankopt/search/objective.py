@@ -275,11 +275,13 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         strategy = get_registry().create("strategies", plan.strategy)
         hyperparameters = split_epochs(config, plan.strategy, strategy.validate_params(plan.strategy_params))
         metrics["hyperparameters"] = hyperparameters
-        # from what the trial trains, not its number: a rerun of it (resume) trains the same model
-        ctx = trial_context(env, plan, seed=training_seed(config.seed, values, fidelity=0))
+        ctx = trial_context(env, plan, seed=config.seed)
         metrics["selector_params"] = ctx.selector_params
         key = resolved_key(ctx, plan, strategy, hyperparameters)
         metrics["resolved_key"] = key
+        # the seed follows what the trial trains, not its number: a rerun of it (resume) and
+        # a repeat of its model train the same weights (no loader is built yet)
+        ctx.seed = training_seed(config.seed, key, fidelity=0)
         earlier = find_repeat(env.run_dir, key, number) if config.skip_repeats else None
         if earlier is not None:
             # the Optuna pattern for repeated parameters: report the earlier trial's values
