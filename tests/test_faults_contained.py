@@ -76,7 +76,7 @@ def test_isolate_process_fails_only_the_trial_that_kills_its_process(tmp_path: P
     assert result.status()["trials"] == {"COMPLETE": 2, "FAIL": 2}
 
 
-@pytest.mark.parametrize("value", [0, -1, 30 * 24 * 3600 + 1, "soon"])
+@pytest.mark.parametrize("value", [0, -1, 30 * 24 * 3600 + 1, float("inf"), float("nan"), "soon"])
 def test_trial_timeout_out_of_bounds_is_refused_before_any_work(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match="trial_timeout"):
         rankopt.Study(crashy_study(tmp_path / "run", ["none"], trial_timeout=value))
@@ -104,6 +104,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isolate", ["none", "process"])
 def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, isolate: str) -> None:
     run_dir = tmp_path / "run"
@@ -133,6 +134,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, isolate: str) -> None:
     assert not (run_dir / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_trials_found_dead_count_towards_max_failures(tmp_path: Path) -> None:
     """Without isolation a plugin's os._exit takes the driver down; each rerun finds one
     more dead trial, and the run that reaches max_failures stops with a message instead

@@ -43,6 +43,7 @@ __all__ = ["TIMEOUT_REASON", "contained", "run_trial_contained", "call_contained
 
 TIMEOUT_REASON = "timeout"
 _POLL_S = 0.2  # how often the driver checks that the child is still alive
+_EXIT_WAIT_S = 30.0  # how long a child that sent its result may take to exit
 
 
 def contained(env: TrialEnv) -> bool:
@@ -87,7 +88,9 @@ def call_contained(env: TrialEnv, number: int, values: Mapping[str, Any],
     finally:
         reader.close()
     if metrics is not None:
-        child.join()
+        child.join(timeout=_EXIT_WAIT_S)
+        if child.is_alive():  # the result is in; whatever holds the child up is not needed
+            _kill(child)
         return metrics
     if child.is_alive():  # past the deadline
         _kill(child)
