@@ -276,7 +276,7 @@ class Study:
             from rankopt.search.resume import dead_streak, requeue_lost_trials
 
             with TrialClaim(run_dir):  # interrupted or dead trials run again, with their parameters
-                requeued = requeue_lost_trials(study)
+                requeued = requeue_lost_trials(study, config.trials)
             if requeued:
                 log.warning("trials %s were interrupted or died: enqueued again with their "
                             "parameters", requeued)

@@ -39,6 +39,18 @@ def test_lost_search_trials_are_enqueued_again_once_with_their_own_parameters() 
     assert requeue_lost_trials(study) == []  # a second rerun does not enqueue them twice
 
 
+def test_no_more_are_enqueued_than_the_trial_count_has_room_for() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    add(study, 0.60, TrialState.COMPLETE)
+    add(study, 0.61, TrialState.FAIL, INTERRUPTED_REASON)
+    add(study, 0.62, TrialState.FAIL, STALE_REASON)
+    add(study, 0.63, TrialState.COMPLETE, continued_from=0, fidelity=1)  # not a search trial
+    study.enqueue_trial({"energy.p": 0.7})  # a proposal still waiting
+    assert requeue_lost_trials(study, wanted=2) == []  # 1 complete + 1 waiting: full
+    assert requeue_lost_trials(study, wanted=3) == [1]  # the earliest first
+    assert requeue_lost_trials(study, wanted=9) == [2]
+
+
 def test_a_trial_that_died_in_its_own_retry_is_not_tried_a_third_time() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     add(study, 0.61, TrialState.FAIL, STALE_REASON)

@@ -61,14 +61,22 @@ def lost_reason(trial: FrozenTrial) -> str | None:
     return None
 
 
-def requeue_lost_trials(study: optuna.Study) -> list[int]:
+def requeue_lost_trials(study: optuna.Study, wanted: int | None = None) -> list[int]:
     """Enqueue again, with their own parameters, the search trials the run lost
-    (:func:`lost_reason`) that no trial retries yet; returns their numbers.
+    (:func:`lost_reason`) that no trial retries yet, the earliest first; returns their
+    numbers. ``wanted``: the study's ``trials`` (None: no count); only as many are
+    enqueued as the count still has room for, besides the trials completed, running or
+    waiting (a retry the study will never run would stay WAITING for ever).
 
     Multi-fidelity continuations are not enqueued: the promotion step redoes a
     continuation that did not complete. Call it while no other process sets the study
     up (under the run lock), so that two reruns do not enqueue one trial twice."""
     trials = study.get_trials(deepcopy=False)
+    room = None
+    if wanted is not None:
+        busy = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+                and t.user_attrs.get("continued_from") is None]
+        room = max(0, wanted - len(busy))
     by_number = {t.number: t for t in trials}
     retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
     requeued = []
@@ -81,6 +89,8 @@ def requeue_lost_trials(study: optuna.Study) -> list[int]:
         first = by_number.get(trial.user_attrs.get(RETRY_ATTR, -1))
         if why == "died" and first is not None and lost_reason(first) == "died":
             continue  # died twice with these parameters: a third try would die too
+        if room is not None and len(requeued) >= room:
+            break
         study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number})
         requeued.append(trial.number)
     return requeued
