@@ -204,3 +204,44 @@ def test_ctrl_c_in_the_fidelity_rung_leaves_no_running_trial(
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert sorted(t.user_attrs.get("continued_from") for t in trials[3:]) == [0, 1]
     assert all(t.user_attrs.get("retry_of") is None for t in trials)
+
+
+def test_a_spawned_trial_process_gives_the_same_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where CUDA is initialised in the driver, the trial's process is spawned (its
+    environment pickled to it) instead of forked; forced here on CPU, a built-in strategy's
+    trial completes with the same metrics as in the driver."""
+    from rankopt.search import watchdog
+
+    spec = tiny_study(trials=1, strategies={"finetune": {"epochs": 0.1, "lr": 0.02}}, seed_proposals=1)
+    inline = rankopt.run_study(spec, run_dir=str(tmp_path / "inline")).study.trials[0]
+    monkeypatch.setattr(watchdog, "_start_method", lambda: "spawn")
+    spawned = rankopt.run_study({**spec, "isolate": "process"}, run_dir=str(tmp_path / "spawned")).study.trials[0]
+    assert spawned.state.name == inline.state.name == "COMPLETE"
+    assert spawned.params == inline.params
+    assert {k: spawned.user_attrs[k] for k in ("accuracy", "params", "flops")} == {
+        k: inline.user_attrs[k] for k in ("accuracy", "params", "flops")}
+
+
+def test_an_interrupt_during_a_storage_step_is_raised_when_the_step_ends() -> None:
+    """Ctrl-C or SIGTERM while a trial is asked, named or stored (interrupts deferred)
+    waits for the step to finish, so no RUNNING trial is left without its process; in a
+    trial's own work it is raised at once."""
+    from rankopt.search.objective import INTERRUPT_SIGNAL, interrupt_guard, interrupts
+
+    steps = []
+    with interrupt_guard():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts(deferred=True):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                steps.append("stored")  # the step went on to its end
+        assert steps == ["stored"] and INTERRUPT_SIGNAL == ["SIGTERM"]
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts(deferred=True):
+                with interrupts(deferred=False):  # the trial's work
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                    steps.append("trained")
+                steps.append("after")
+        assert steps == ["stored"] and INTERRUPT_SIGNAL == ["SIGINT"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -35,6 +35,7 @@ from rankopt.search.objective import (
     TrialEnv,
     _finish,
     clean_trial_dir,
+    interrupts,
     trial_latency,
     objective_values,
     set_constraints,
@@ -101,20 +102,23 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
         trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
         if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
-        trial = _new_trial_like(study, source, fidelity + 1)
-        values = dict(source.params)
-        try:
-            metrics = _continue_contained(env, trial.number, source, fidelity + 1)
-        except BaseException:  # Ctrl-C or SIGTERM: the continuation must not stay RUNNING
-            _interrupted(env, study, trial)
-            raise
-        for key, value in user_attrs(metrics).items():
-            trial.set_user_attr(key, value)
-        set_constraints(trial, env.config, metrics)
-        if metrics["state"] == "COMPLETE":
-            study.tell(trial, objective_values(metrics, env.config.objectives))
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+        # a Ctrl-C or SIGTERM cuts the training only, never creating or storing the trial
+        with interrupts(deferred=True):
+            trial = _new_trial_like(study, source, fidelity + 1)
+            values = dict(source.params)
+            try:
+                with interrupts(deferred=False):
+                    metrics = _continue_contained(env, trial.number, source, fidelity + 1)
+            except BaseException:  # the continuation must not stay RUNNING
+                _interrupted(env, study, trial)
+                raise
+            for key, value in user_attrs(metrics).items():
+                trial.set_user_attr(key, value)
+            set_constraints(trial, env.config, metrics)
+            if metrics["state"] == "COMPLETE":
+                study.tell(trial, objective_values(metrics, env.config.objectives))
+            else:
+                study.tell(trial, state=TrialState.FAIL)
         if on_trial_done is not None:
             on_trial_done(trial.number, values, metrics)
         numbers.append(trial.number)

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 from rankopt.search.objective import (
     TrialEnv,
     clean_trial_dir,
+    interrupts,
     objective_values,
     set_constraints,
     user_attrs,
@@ -106,8 +107,10 @@ def run_local(
         try:
             values = env.space.suggest(trial)
             try:
-                # in a child process under trial_timeout / isolate: process (watchdog)
-                metrics = run_trial_contained(env, trial.number, values)
+                # the trial is named: Ctrl-C and SIGTERM may cut its work (not ask or tell)
+                with interrupts(deferred=False):
+                    # in a child process under trial_timeout / isolate: process (watchdog)
+                    metrics = run_trial_contained(env, trial.number, values)
             finally:
                 with counter_lock:
                     mine.discard(trial.number)
@@ -175,10 +178,11 @@ def run_local(
                     claim.release()
                     time.sleep(WAIT_S)
                     continue
-                study.optimize(
-                    objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
-                    gc_after_trial=False,
-                )
+                with interrupts(deferred=True):  # see objective: only the trial's work is cut
+                    study.optimize(
+                        objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
+                        gc_after_trial=False,
+                    )
             finally:
                 claim.release()  # when the trial never started (a no-op otherwise)
 

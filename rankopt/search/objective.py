@@ -51,6 +51,7 @@ __all__ = [
     "clean_trial_dir",
     "TRIAL_ATTRS",
     "interrupt_guard",
+    "interrupts",
     "INTERRUPTED",
     "INTERRUPT_SIGNAL",
 ]
@@ -80,14 +81,52 @@ def interrupt_guard() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         INTERRUPT_SIGNAL[:] = [signal.Signals(signum).name]
         INTERRUPTED.set()
+        if _DEFERRED[0]:
+            _PENDING[:] = [signum]  # raised where interrupts are allowed again
+            return
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _DEFERRED[0], _PENDING[:] = 0, []
     try:
         yield
     finally:
         for sig, before in previous.items():
             signal.signal(sig, before)
+
+
+# main thread only: > 0 inside interrupts(deferred=True), where the handler only notes a signal
+_DEFERRED = [0]
+_PENDING: list[int] = []
+
+
+@contextlib.contextmanager
+def interrupts(*, deferred: bool) -> Iterator[None]:
+    """``deferred=True``: a Ctrl-C or SIGTERM that comes in the block is raised when it
+    ends (or where a nested ``interrupts(deferred=False)`` allows it), so that storage
+    steps that must go together (ask a trial and name its process; store its result)
+    are never cut in half, which would leave a RUNNING trial no process owns.
+    ``deferred=False``: interrupts are raised at once (a trial's own work). Nests;
+    only the main thread receives signals, elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = _DEFERRED[0]
+    _DEFERRED[0] = before + 1 if deferred else 0
+    try:
+        if not _DEFERRED[0]:
+            _raise_pending()
+        yield
+    finally:
+        _DEFERRED[0] = before
+    if not _DEFERRED[0]:
+        _raise_pending()
+
+
+def _raise_pending() -> None:
+    if _PENDING:
+        _PENDING.clear()
+        raise KeyboardInterrupt
 
 # the metrics copied into the trial's user attrs in the Optuna storage
 TRIAL_ATTRS = (

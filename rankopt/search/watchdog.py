@@ -92,12 +92,15 @@ def call_contained(env: TrialEnv, number: int, values: Mapping[str, Any],
         if child.is_alive():  # the result is in; whatever holds the child up is not needed
             _kill(child)
         return metrics
-    if child.is_alive():  # past the deadline
+    child.join(timeout=0 if deadline is not None and time.monotonic() >= deadline else _EXIT_WAIT_S)
+    if child.is_alive() and limit is not None:  # past the deadline
         _kill(child)
         reason = (f"{TIMEOUT_REASON}: the trial ran longer than trial_timeout "
-                  f"({float(limit or 0):g} s) and was stopped")
+                  f"({float(limit):g} s) and was stopped")
+    elif child.is_alive():
+        _kill(child)
+        reason = "the trial's process closed its result pipe without a result and did not exit"
     else:
-        child.join()
         reason = exit_reason(child.exitcode)
     return _failed(env, number, values, reason, start)
 
