@@ -112,6 +112,7 @@ STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no 
 MAX_NAME = 100  # a study name is a folder name (file systems allow 255 bytes)
 MAX_TRIALS = 1_000_000
 MAX_PROPOSALS = 1000
+MAX_TRIAL_TIMEOUT = 30 * 24 * 3600  # trial_timeout: 30 days; more means "no limit" (leave it out)
 
 
 class StudyConfig(_Strict):
@@ -140,6 +141,12 @@ class StudyConfig(_Strict):
     max_concurrent: StrictInt = Field(1, ge=1, le=MAX_CPUS)
     # stop a run once this many of its trials failed (None: never; see Study.run)
     max_failures: StrictInt | None = Field(None, ge=1)
+    # stop a trial after this many seconds and record it FAIL (reason "timeout"); each
+    # trial then runs in a child process (see rankopt.search.watchdog)
+    trial_timeout: float | None = Field(None, gt=0, le=MAX_TRIAL_TIMEOUT)
+    # "process": each local trial in a child process, so that a plugin's os._exit or a
+    # segfault fails that trial, not the run; "none" (default): trials run in the driver
+    isolate: Literal["none", "process"] = "none"
     storage: str | None = None
     # an fsspec URL every machine reaches: trial folders and the reference travel through
     # it (see rankopt.search.artifact_store)

@@ -273,6 +273,14 @@ class Study:
                 fixed = reconcile_trial_dirs(study, run_dir)
             if fixed:
                 log.warning("trials %s: their folders disagreed with the storage; now FAIL", fixed)
+            from rankopt.search.resume import dead_streak, requeue_lost_trials
+
+            with TrialClaim(run_dir):  # interrupted or dead trials run again, with their parameters
+                requeued = requeue_lost_trials(study, config.trials)
+            if requeued:
+                log.warning("trials %s were interrupted or died: enqueued again with their "
+                            "parameters", requeued)
+            dead = dead_streak(study)  # trials found dead count towards max_failures
             key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
             check_reference_key(study, key, run_dir)
             store = None
@@ -352,7 +360,7 @@ class Study:
 
             def too_many_failures() -> bool:
                 limit = config.max_failures
-                return limit is not None and outcomes.count("FAIL") >= limit
+                return limit is not None and outcomes.count("FAIL") + dead >= limit
 
             show.message(
                 f"reference accuracy {baseline['accuracy']:.4f}, {baseline['params']:,} params, "
@@ -366,7 +374,7 @@ class Study:
                 if "accuracy" in t.user_attrs and "params" in t.user_attrs
             ]
             with StudyProgress(missing, enabled=self.progress, baseline=baseline,
-                               earlier=earlier) as progress:
+                               earlier=earlier) as progress, _no_phantom(study, run_dir):
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
                 elif config.backend == "local":
@@ -400,5 +408,17 @@ class Study:
             summary = result.status()
             write_json(run_dir / "summary.json", summary)
             call_study_hook(run_dir, summary)
-        check_failures(study, config, outcomes, run_dir)
+        check_failures(study, config, outcomes, run_dir, dead=dead)
         return result
+
+
+@contextlib.contextmanager
+def _no_phantom(study: optuna.Study, run_dir: Path) -> Any:
+    """On Ctrl-C or SIGTERM, no trial of this process stays RUNNING (see fail_own_running)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from rankopt.search.resume import fail_own_running
+
+        fail_own_running(study, run_dir)
+        raise

@@ -35,12 +35,14 @@ from rankopt.search.objective import (
     TrialEnv,
     _finish,
     clean_trial_dir,
+    interrupts,
     trial_latency,
     objective_values,
     set_constraints,
     trial_context,
     user_attrs,
 )
+from rankopt.search.resume import training_seed
 
 __all__ = ["promotion_order", "promote", "run_promotions"]
 
@@ -90,7 +92,9 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
     mf = env.config.multi_fidelity
     assert mf is not None
     rung = _rung(study, fidelity)
-    continued = {t.user_attrs.get("continued_from") for t in study.get_trials(deepcopy=False)}
+    # a continuation that failed or was interrupted is done again (not a FAIL one's source)
+    continued = {t.user_attrs.get("continued_from") for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))}
     keep = max(1, math.ceil(mf.keep * len(rung))) if rung else 0
     picked = [rung[i] for i in promotion_order([t.values for t in rung], study.directions, keep)]
     numbers = []
@@ -98,25 +102,55 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
         trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
         if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
-        trial = _new_trial_like(study, source)
-        values = dict(source.params)
-        metrics = continue_trial(env, trial.number, source, fidelity + 1)
-        for key, value in user_attrs(metrics).items():
-            trial.set_user_attr(key, value)
-        set_constraints(trial, env.config, metrics)
-        if metrics["state"] == "COMPLETE":
-            study.tell(trial, objective_values(metrics, env.config.objectives))
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+        # a Ctrl-C or SIGTERM cuts the training only, never creating or storing the trial
+        with interrupts(deferred=True):
+            trial = _new_trial_like(study, source, fidelity + 1)
+            values = dict(source.params)
+            try:
+                with interrupts(deferred=False):
+                    metrics = _continue_contained(env, trial.number, source, fidelity + 1)
+            except BaseException:  # the continuation must not stay RUNNING
+                _interrupted(env, study, trial)
+                raise
+            for key, value in user_attrs(metrics).items():
+                trial.set_user_attr(key, value)
+            set_constraints(trial, env.config, metrics)
+            if metrics["state"] == "COMPLETE":
+                study.tell(trial, objective_values(metrics, env.config.objectives))
+            else:
+                study.tell(trial, state=TrialState.FAIL)
         if on_trial_done is not None:
             on_trial_done(trial.number, values, metrics)
         numbers.append(trial.number)
     return numbers
 
 
-def _new_trial_like(study: optuna.Study, source: FrozenTrial) -> optuna.Trial:
+def _continue_contained(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
+    """:func:`continue_trial`, in a child process under ``trial_timeout`` / ``isolate``."""
+    from rankopt.search.watchdog import call_contained, contained
+
+    if not contained(env):
+        return continue_trial(env, number, source, fidelity)
+    return call_contained(env, number, source.params, continue_trial, env, number, source, fidelity)
+
+
+def _interrupted(env: TrialEnv, study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark an interrupted continuation FAIL (``interrupted``) and drop its partial folder;
+    the next run's promotion step does it again."""
+    import contextlib
+
+    from rankopt.search.rundir import INTERRUPTED_REASON
+
+    with contextlib.suppress(Exception):  # the storage may be what was interrupted
+        trial.set_user_attr("reason", INTERRUPTED_REASON)
+        study.tell(trial, state=TrialState.FAIL)
+    clean_trial_dir(env.trial_dir(trial.number), reason=INTERRUPTED_REASON)
+
+
+def _new_trial_like(study: optuna.Study, source: FrozenTrial, fidelity: int) -> optuna.Trial:
     """A RUNNING trial with ``source``'s parameters (through the storage, not ``ask``:
-    ``ask`` would hand out the oldest waiting ``enqueue`` point instead)."""
+    ``ask`` would hand out the oldest waiting ``enqueue`` point instead), marked as the
+    continuation of ``source`` at ``fidelity``."""
     from rankopt.search.storage import WORKER_ATTR, _heartbeat_on, worker_id
 
     storage = study._storage
@@ -124,6 +158,9 @@ def _new_trial_like(study: optuna.Study, source: FrozenTrial) -> optuna.Trial:
     # named for this process at once, as every trial is: a worker thread still checking
     # for stale trials otherwise fails a RUNNING trial that names no process
     storage.set_trial_user_attr(trial_id, WORKER_ATTR, worker_id())
+    # what it is, from the start: a continuation a crash leaves is not requeued as a search trial
+    storage.set_trial_user_attr(trial_id, "continued_from", source.number)
+    storage.set_trial_user_attr(trial_id, "fidelity", fidelity)
     if _heartbeat_on(storage):
         storage.record_heartbeat(trial_id)
     for name, value in source.params.items():
@@ -152,7 +189,8 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     }
     ctx = None
     try:
-        ctx = trial_context(env, env.space.plan(source.params), seed=(env.config.seed + number) % 2**32)
+        seed = training_seed(env.config.seed, attrs.get("resolved_key") or source.params, fidelity=fidelity)
+        ctx = trial_context(env, env.space.plan(source.params), seed=seed)
         model = load_compressed(env.trial_dir(source.number) / "model.pt",
                                 copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)
         ctx.compressed_layers = list(attrs.get("ranks", {}))  # what feature distillation matches

@@ -34,16 +34,28 @@ def call_study_hook(run_dir: Path, summary: Mapping[str, Any]) -> None:
     get_registry().pm.hook.rankopt_study_finished(run_dir=run_dir, summary=dict(summary))
 
 
-def check_failures(study: optuna.Study, config: StudyConfig, outcomes: Sequence[str], run_dir: Path) -> None:
-    """Raise when this run's trials (their states, ``outcomes``) reached ``max_failures``, or
-    when none of them completed; the message names the last failure's reason."""
-    failed = outcomes.count("FAIL")
+def check_failures(study: optuna.Study, config: StudyConfig, outcomes: Sequence[str], run_dir: Path,
+                   *, dead: int = 0) -> None:
+    """Raise when this run's trials (their states, ``outcomes``) and the ``dead`` trials
+    found at its start (died with their process since the last completed trial) reached
+    ``max_failures``, or when none of this run's trials completed; the message names the
+    last failure's reason."""
+    failed = outcomes.count("FAIL") + dead
     too_many = config.max_failures is not None and failed >= config.max_failures
     if not too_many and not (outcomes and all(s != "COMPLETE" for s in outcomes)):
         return
     reasons = [t.user_attrs.get("reason", "?")
                for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
     last = reasons[-1] if reasons else "?"
+    if too_many and dead:
+        raise RankoptError(
+            f"study {config.name!r} stopped: {dead} trial(s) took their process down in a row "
+            f"(found dead at the start of this run) and {outcomes.count('FAIL')} of this run's "
+            f"{len(outcomes)} trials failed (max_failures: {config.max_failures}); the last "
+            f"reason: {last}. A plugin that crashes the interpreter (os._exit, a segfault) "
+            "does this: set isolate: process in the study file to fail only its trial, fix "
+            f"the plugin, or raise max_failures to go on (see {run_dir}/trials/*/metrics.json)"
+        )
     if too_many:
         raise RankoptError(
             f"study {config.name!r} stopped: {failed} of its "
@@ -59,7 +71,7 @@ def check_failures(study: optuna.Study, config: StudyConfig, outcomes: Sequence[
 
 
 def interrupted_message(config: StudyConfig, run_dir: Path) -> str:
-    """What a run interrupted by Ctrl-C says: how many trials are complete."""
+    """What a run interrupted by Ctrl-C or SIGTERM says: how many trials are complete."""
     done = "?"
     with contextlib.suppress(Exception):  # the storage may be what was interrupted
         from rankopt.results import storage_url_of
@@ -71,4 +83,7 @@ def interrupted_message(config: StudyConfig, run_dir: Path) -> str:
             done = str(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
         except KeyError:  # interrupted before the study was created
             done = "0"
-    return f"Interrupted: {done} trials complete; rerun the same command to continue"
+    from rankopt.search.objective import INTERRUPT_SIGNAL
+
+    by = f" by {INTERRUPT_SIGNAL[0]}" if INTERRUPT_SIGNAL and INTERRUPT_SIGNAL[0] != "SIGINT" else ""
+    return f"Interrupted{by}: {done} trials complete; rerun the same command to continue"

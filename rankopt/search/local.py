@@ -19,11 +19,12 @@ from optuna.trial import TrialState
 from rankopt.search.objective import (
     TrialEnv,
     clean_trial_dir,
+    interrupts,
     objective_values,
-    run_trial,
     set_constraints,
     user_attrs,
 )
+from rankopt.search.watchdog import run_trial_contained
 
 __all__ = ["run_local", "TrialFailed", "quiet_optuna", "torch_threads"]
 
@@ -106,7 +107,10 @@ def run_local(
         try:
             values = env.space.suggest(trial)
             try:
-                metrics = run_trial(env, trial.number, values)
+                # the trial is named: Ctrl-C and SIGTERM may cut its work (not ask or tell)
+                with interrupts(deferred=False):
+                    # in a child process under trial_timeout / isolate: process (watchdog)
+                    metrics = run_trial_contained(env, trial.number, values)
             finally:
                 with counter_lock:
                     mine.discard(trial.number)
@@ -174,10 +178,11 @@ def run_local(
                     claim.release()
                     time.sleep(WAIT_S)
                     continue
-                study.optimize(
-                    objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
-                    gc_after_trial=False,
-                )
+                with interrupts(deferred=True):  # see objective: only the trial's work is cut
+                    study.optimize(
+                        objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
+                        gc_after_trial=False,
+                    )
             finally:
                 claim.release()  # when the trial never started (a no-op otherwise)
 

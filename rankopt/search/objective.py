@@ -31,6 +31,7 @@ from rankopt.config import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
+from rankopt.search.resume import training_seed
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.spectral import SpectralCache, set_default_cache
 from rankopt.surgery import LayerInfo, normalize_spec
@@ -50,34 +51,82 @@ __all__ = [
     "clean_trial_dir",
     "TRIAL_ATTRS",
     "interrupt_guard",
+    "interrupts",
     "INTERRUPTED",
+    "INTERRUPT_SIGNAL",
 ]
 
-# set by the SIGINT handler of interrupt_guard: a KeyboardInterrupt with it set is the
-# user's Ctrl-C (stop the study); without it, a plugin raised it (fail only that trial)
+# set by the SIGINT/SIGTERM handler of interrupt_guard: a KeyboardInterrupt with it set is
+# the user's Ctrl-C or a SIGTERM (stop the study); without it, a plugin raised it (fail
+# only that trial)
 INTERRUPTED = threading.Event()
+# the name of the signal that set INTERRUPTED ("SIGINT", "SIGTERM"), for the message
+INTERRUPT_SIGNAL: list[str] = []
 
 
 @contextlib.contextmanager
 def interrupt_guard() -> Iterator[None]:
-    """While a study runs, Ctrl-C sets :data:`INTERRUPTED` and raises KeyboardInterrupt.
+    """While a study runs, Ctrl-C (SIGINT) and SIGTERM (``docker stop``, systemd,
+    ``timeout``) set :data:`INTERRUPTED` and raise KeyboardInterrupt: the running trial is
+    marked FAIL (``interrupted``) and the run stops with one message, as for Ctrl-C.
 
     Only the main thread can install a signal handler; elsewhere nothing changes.
     """
     INTERRUPTED.clear()
+    INTERRUPT_SIGNAL.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        INTERRUPT_SIGNAL[:] = [signal.Signals(signum).name]
         INTERRUPTED.set()
+        if _DEFERRED[0]:
+            _PENDING[:] = [signum]  # raised where interrupts are allowed again
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _DEFERRED[0], _PENDING[:] = 0, []
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+# main thread only: > 0 inside interrupts(deferred=True), where the handler only notes a signal
+_DEFERRED = [0]
+_PENDING: list[int] = []
+
+
+@contextlib.contextmanager
+def interrupts(*, deferred: bool) -> Iterator[None]:
+    """``deferred=True``: a Ctrl-C or SIGTERM that comes in the block is raised when it
+    ends (or where a nested ``interrupts(deferred=False)`` allows it), so that storage
+    steps that must go together (ask a trial and name its process; store its result)
+    are never cut in half, which would leave a RUNNING trial no process owns.
+    ``deferred=False``: interrupts are raised at once (a trial's own work). Nests;
+    only the main thread receives signals, elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = _DEFERRED[0]
+    _DEFERRED[0] = before + 1 if deferred else 0
+    try:
+        if not _DEFERRED[0]:
+            _raise_pending()
+        yield
+    finally:
+        _DEFERRED[0] = before
+    if not _DEFERRED[0]:
+        _raise_pending()
+
+
+def _raise_pending() -> None:
+    if _PENDING:
+        _PENDING.clear()
+        raise KeyboardInterrupt
 
 # the metrics copied into the trial's user attrs in the Optuna storage
 TRIAL_ATTRS = (
@@ -265,10 +314,13 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
         strategy = get_registry().create("strategies", plan.strategy)
         hyperparameters = split_epochs(config, plan.strategy, strategy.validate_params(plan.strategy_params))
         metrics["hyperparameters"] = hyperparameters
-        ctx = trial_context(env, plan, seed=(config.seed + number) % 2**32)
+        ctx = trial_context(env, plan, seed=config.seed)
         metrics["selector_params"] = ctx.selector_params
         key = resolved_key(ctx, plan, strategy, hyperparameters)
         metrics["resolved_key"] = key
+        # the seed follows what the trial trains, not its number: a rerun of it (resume) and
+        # a repeat of its model train the same weights (no loader is built yet)
+        ctx.seed = training_seed(config.seed, key, fidelity=0)
         earlier = find_repeat(env.run_dir, key, number) if config.skip_repeats else None
         if earlier is not None:
             # the Optuna pattern for repeated parameters: report the earlier trial's values

@@ -184,6 +184,13 @@ def check_backend(config: StudyConfig) -> None:
             raise ConfigError(
                 f"backend: 'ray' needs ray[tune] installed ({exc}); pip install 'ray[tune]'"
             ) from None
+    if config.backend == "ray" and config.trial_timeout is not None:
+        # the watchdog forks the trial's process; forking inside a Ray worker is not done here
+        raise ConfigError(
+            f"trial_timeout: {config.trial_timeout:g} s is supported on the local backend only; "
+            "drop it for backend: ray (each Ray trial already runs in its own worker process), "
+            "or run with --backend local"
+        )
     gpus = config.resources.gpus
     remote = config.backend == "ray" and bool(address)
     if gpus > 0 and not remote and torch.cuda.device_count() < math.ceil(gpus):
