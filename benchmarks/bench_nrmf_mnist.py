@@ -33,7 +33,7 @@ import rankopt  # noqa: E402
 from rankopt.plugins.selectors._spectra import energy_rank  # noqa: E402
 from rankopt.plugins.strategies._common import channel_unfoldings  # noqa: E402
 from rankopt.plugins.strategies.nrmf import nuclear_norm_penalty  # noqa: E402
-from rankopt.training import evaluate, make_loader, seed_everything, train  # noqa: E402
+from rankopt.training.loop import evaluate, make_loader, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[0] / ".." / "shared" / "data"

@@ -75,7 +75,7 @@ def two_node_rows(setting: Any, weights: Path, out: Path, device: str, trials: i
     import statistics
 
     import rankopt
-    from rankopt.results import StudyResult
+    from rankopt.results.reading import StudyResult
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from ray_cluster_support import namespaces_work, run_in_cluster
@@ -160,8 +160,8 @@ def cache_rows(setting: Any, weights: Path, out: Path) -> list[list[str]]:
     import torch
 
     import rankopt
-    from rankopt.selection import select_spec
-    from rankopt.spectral import SpectralCache
+    from rankopt.compression.selection import select_spec
+    from rankopt.compression.spectral import SpectralCache
 
     in_ch, side = (1, 28) if setting.key == "mnist" else (3, 32)
     model = rankopt.model(setting.model["name"], num_classes=10, in_channels=in_ch)

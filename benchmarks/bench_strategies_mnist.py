@@ -1,7 +1,7 @@
 """The five training strategies side by side on MNIST with LeNet-5, at about equal params.
 
 One trained reference (LeNet-5, Caffe variant: conv 1->20 5x5, conv 20->50 5x5, FC 500),
-then one trial per strategy through :class:`rankopt.trial.LocalTrialContext`, Tucker-2
+then one trial per strategy through :class:`rankopt.training.trial.LocalTrialContext`, Tucker-2
 on the conv layers (and DeepTwist once more with CP, whose compression must stay lossless). ``finetune``, ``nrmf``, ``deeptwist`` and ``admm`` compress at the
 same ranks (the ``fixed`` selector, by default 0.1 of each mode's largest rank, picked
 on the weights each strategy hands it: equal params by construction); ``tdlrt``
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
 from _record import markdown_table  # noqa: E402
-from rankopt.training import make_loader, seed_everything, train  # noqa: E402
-from rankopt.trial import LocalTrialContext  # noqa: E402
+from rankopt.training.loop import make_loader, seed_everything, train  # noqa: E402
+from rankopt.training.trial import LocalTrialContext  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[0] / ".." / "shared" / "data"

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rankopt.accounting import Cost, count
-from rankopt.artifacts import load_compressed, save_compressed
-from rankopt.errors import (
+from rankopt import _moved
+
+_moved.install()  # the module paths of the flat layout keep working, with a DeprecationWarning
+
+from rankopt.compression.accounting import Cost, count
+from rankopt.deploy.artifacts import load_compressed, save_compressed
+from rankopt.core.errors import (
     ArtifactError,
     ConfigError,
     DecompositionError,
@@ -31,22 +35,22 @@ from rankopt.errors import (
     UnknownNameError,
     UnsupportedModuleError,
 )
-from rankopt.distill import Distillation
-from rankopt.hookspecs import hookimpl
-from rankopt.manager import get_registry, register_plugin, reset_registry
+from rankopt.training.distill import Distillation
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.manager import get_registry, register_plugin, reset_registry
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.plugins.selectors.base import LayerChoice, RankSelector
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import (
+from rankopt.core.records import (
     DatasetInfo,
     DecomposerInfo,
     ModelInfo,
     RankSelectorInfo,
     StrategyInfo,
 )
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import LayerInfo, compress, find_layers
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import LayerInfo, compress, find_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -117,7 +121,7 @@ __all__ = [
 
 def plugin_names() -> dict[str, list[str]]:
     """The registered plugin names by family."""
-    from rankopt.manager import FAMILIES
+    from rankopt.contract.manager import FAMILIES
 
     reg = get_registry()
     return {key: reg.names(key) for key in FAMILIES}
@@ -150,7 +154,7 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
 
 _LAZY = {
     "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
-    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy", "densify": "rankopt.deploy",
+    "export": "rankopt.deploy.exporting", "fold_batchnorm": "rankopt.deploy.exporting", "densify": "rankopt.deploy.exporting",
 }
 
 

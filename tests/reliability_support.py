@@ -21,11 +21,11 @@ import pytest
 import torch
 from optuna.distributions import CategoricalDistribution
 
-from rankopt.errors import DecompositionError, PluginError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import DecompositionError, PluginError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import DecomposerInfo, StrategyInfo
+from rankopt.core.records import DecomposerInfo, StrategyInfo
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -85,7 +85,7 @@ class FaultyStrategy(Strategy):
     def validate_params(self, params: Any) -> dict[str, Any]:
         merged = {**self.defaults(), **dict(params)}
         if merged["fault"] not in FAULTS:
-            from rankopt.errors import ConfigError
+            from rankopt.core.errors import ConfigError
 
             raise ConfigError(f"fault must be one of {list(FAULTS)}, got {merged['fault']!r}")
         return merged

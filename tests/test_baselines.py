@@ -9,8 +9,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
 from rankopt.search.seeding import proposal_points, spread_value
 from rankopt.search.space import SearchSpace
 

@@ -13,7 +13,7 @@ import yaml
 
 import rankopt
 from rankopt.cli import main
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_pick_by_trial_and_by_limits(run_dir: Path, tmp_path: Path, capsys: pyte
     result = StudyResult(run_dir)
     trials = result.trials()
     splits = rankopt.dataset("digits")
-    loader = rankopt.training.make_loader(splits.val, batch_size=256)
+    loader = rankopt.training.loop.make_loader(splits.val, batch_size=256)
 
     def picked(*args: str) -> tuple[torch.nn.Module, int]:
         out = tmp_path / "picked.pt"
@@ -123,7 +123,7 @@ def test_pick_by_trial_and_by_limits(run_dir: Path, tmp_path: Path, capsys: pyte
     target = trials[1]
     model, number = picked("--trial", str(target.trial))
     assert number == target.trial
-    assert rankopt.training.evaluate(model, loader) == pytest.approx(target.accuracy)
+    assert rankopt.training.loop.evaluate(model, loader) == pytest.approx(target.accuracy)
     assert rankopt.count(model, (1, 1, 8, 8)).params == target.params
 
     limit = sorted(r.params for r in trials)[1]

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.accounting import Cost
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.selection import cost_increase_reason, select_spec
+from rankopt.compression.accounting import Cost
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.compression.selection import cost_increase_reason, select_spec
 
 INPUT = (1, 8, 12, 12)
 

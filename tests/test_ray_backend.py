@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.results import StudyResult
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.reading import StudyResult
 
 ray = pytest.importorskip("ray")
 
@@ -106,7 +106,7 @@ def test_cluster_without_gpus_is_refused(local_ray: Any, tmp_path: Path) -> None
 
 
 def test_failing_trials_on_ray_are_stored_as_failed(local_ray: Any, tmp_path: Path) -> None:
-    from rankopt.errors import RankoptError
+    from rankopt.core.errors import RankoptError
 
     run_dir = tmp_path / "run"
     # an absurd regularizer weight makes the loss non-finite inside the Ray workers

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import rankopt
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
 from ray_cluster_support import require_namespaces, run_in_cluster
 from reliability_support import postgres_url
 
@@ -280,8 +280,8 @@ def test_worker_id_names_host_pid_and_start_time() -> None:
 
 
 def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:
-    from rankopt.config import load_config
-    from rankopt.errors import ConfigError
+    from rankopt.config.schema import load_config
+    from rankopt.core.errors import ConfigError
     from rankopt.search.artifact_store import ArtifactStore
 
     store = ArtifactStore(str(tmp_path / "store"), "s")

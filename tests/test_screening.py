@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.results import pareto_front_2d
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.reading import pareto_front_2d
 from rankopt.search import screening
 from rankopt.search.screening import spread_along_front
 
@@ -98,7 +98,7 @@ def test_a_rerun_does_not_screen_again(tmp_path: Any, monkeypatch: pytest.Monkey
 
 
 def test_a_failing_candidate_is_recorded_and_skipped(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
     real = LocalTrialContext.compress
     calls = {"n": 0}

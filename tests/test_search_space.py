@@ -8,9 +8,9 @@ import optuna
 import torch
 
 import rankopt
-from rankopt.config import load_config
+from rankopt.config.schema import load_config
 from rankopt.search.space import SearchSpace
-from rankopt.surgery import find_layers
+from rankopt.compression.surgery import find_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

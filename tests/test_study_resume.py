@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.search.storage import default_storage_url, open_storage
 
 

@@ -19,12 +19,12 @@ from torch.utils.data import TensorDataset
 import rankopt
 from rankopt import DatasetSplits
 from rankopt.cli import main
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.evaluation import config_splits
-from rankopt.results import StudyResult
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.evaluation import config_splits
+from rankopt.results.reading import StudyResult
 from rankopt.study import Study
-from rankopt.training import evaluate, make_loader
+from rankopt.training.loop import evaluate, make_loader
 
 TINY = {
     "name": "tiny",
@@ -115,7 +115,7 @@ def test_report_adds_test_accuracies_and_labels_front_points(run_dir: Path, caps
 
 
 def test_front_plot_artists(run_dir: Path) -> None:
-    from rankopt import report
+    from rankopt.results import report
 
     result = StudyResult(run_dir)
     plt = report._pyplot()
@@ -277,7 +277,7 @@ def test_status_hides_leftover_waiting_and_shows_running(run_dir: Path, capsys: 
 
 
 def test_uncompressed_trials_stay_off_the_front(run_dir: Path) -> None:
-    from rankopt.results import TrialRecord, compressed
+    from rankopt.results.reading import TrialRecord, compressed
 
     def rec(spec: dict, ratio: float) -> TrialRecord:
         return TrialRecord(trial=0, accuracy=0.9, params=10, flops=10, params_compression=ratio,

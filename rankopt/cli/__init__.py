@@ -42,7 +42,7 @@ for _mod in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map rankopt errors to exit codes without tracebacks."""
-    from rankopt.errors import ConfigError, RankoptError, StudyInterrupted
+    from rankopt.core.errors import ConfigError, RankoptError, StudyInterrupted
 
     args = list(sys.argv[1:] if argv is None else argv)
     state["debug"] = "--debug" in args

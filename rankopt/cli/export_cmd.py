@@ -14,8 +14,8 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     """The first ``batch`` validation images of the run's dataset (None without one)."""
     import torch
 
-    from rankopt.manager import get_registry
-    from rankopt.results import StudyResult
+    from rankopt.contract.manager import get_registry
+    from rankopt.results.reading import StudyResult
 
     config = StudyResult(run_dir).config
     if config.data.name is None:  # a study given its data in Python
@@ -31,10 +31,10 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     """``model`` (loaded from ``model_file``) with the layers that run slower factorized
     than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
     layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
-    from rankopt.artifacts import load_base
-    from rankopt.deploy import densify
-    from rankopt.latency import keep_faster_layers
-    from rankopt.surgery import find_layers
+    from rankopt.deploy.artifacts import load_base
+    from rankopt.deploy.exporting import densify
+    from rankopt.compression.latency import keep_faster_layers
+    from rankopt.compression.surgery import find_layers
 
     base = load_base(model_file, allow_modules=allow_modules)
     spec = payload["spec"]
@@ -72,10 +72,10 @@ def export_command(
     largest absolute difference from PyTorch printed; above --tolerance nothing is
     written and the exit status is 1.
     """
-    from rankopt.artifacts import load_compressed, read_compressed
-    from rankopt.errors import ConfigError
-    from rankopt.deploy import EXPORT_FORMATS, export
-    from rankopt.results import StudyResult
+    from rankopt.deploy.artifacts import load_compressed, read_compressed
+    from rankopt.core.errors import ConfigError
+    from rankopt.deploy.exporting import EXPORT_FORMATS, export
+    from rankopt.results.reading import StudyResult
 
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {format!r}")

@@ -26,7 +26,7 @@ DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -38,7 +38,7 @@ def _parse_floats(text: str, what: str) -> list[float]:
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     try:
         shape = tuple(int(v) for v in text.split(",") if v.strip())
@@ -79,14 +79,14 @@ def load_model(
     """
     import torch
 
-    from rankopt.errors import ConfigError
-    from rankopt.manager import get_registry
+    from rankopt.core.errors import ConfigError
+    from rankopt.contract.manager import get_registry
 
     kwargs: dict[str, Any] = {}
     sample_shape: tuple[int, ...] | None = None
     label = source
     if source.endswith(STUDY_SUFFIXES):
-        from rankopt.config import load_config
+        from rankopt.config.schema import load_config
 
         config = load_config(source, check_paths=False)
         if config.model is None:
@@ -100,7 +100,7 @@ def load_model(
     else:
         name = source
     if ":" in name:
-        from rankopt.config import import_model_factory
+        from rankopt.config.schema import import_model_factory
 
         factory = import_model_factory(name, "MODEL_OR_STUDY")
     else:
@@ -157,7 +157,7 @@ def inspect_rows(
     ``compressed: false`` with the ``reason``.
     """
     import rankopt
-    from rankopt.selection import cost_increase_reason, layer_costs
+    from rankopt.compression.selection import cost_increase_reason, layer_costs
 
     dec = rankopt.decomposer(decomposer)
     methods: list[tuple[str, Any, dict[str, Any]]] = [("vbmf", rankopt.rank_selector("vbmf"), {})]
@@ -276,7 +276,7 @@ def _study_weights(source: str) -> bool:
     """Whether a study file names reference weights (then inspect loads them)."""
     if not source.endswith(STUDY_SUFFIXES):
         return False
-    from rankopt.config import load_config
+    from rankopt.config.schema import load_config
 
     return bool(load_config(source, check_paths=False).reference.weights)
 
@@ -288,9 +288,9 @@ def load_run_reference(
     (``reference/model.pt``) and input shape (``reference/metrics.json``)."""
     import torch
 
-    from rankopt.artifacts import _build_base
-    from rankopt.errors import ArtifactError, ConfigError
-    from rankopt.results import reference_path
+    from rankopt.deploy.artifacts import _build_base
+    from rankopt.core.errors import ArtifactError, ConfigError
+    from rankopt.results.reading import reference_path
 
     metrics_file = reference_path(run_dir)
     weights_file = weights or run_dir / "reference" / "model.pt"
@@ -307,7 +307,7 @@ def load_run_reference(
             f"run {str(run_dir)!r} was run on a module passed from Python ({base['class']}), "
             "which inspect cannot rebuild; from Python: inspect_rows(model, input_shape)"
         )
-    from rankopt.results import StudyResult
+    from rankopt.results.reading import StudyResult
 
     try:  # the run's own study file was trusted to import its factory; nothing else is
         factory, kwargs, _ = _build_base(base, metrics_file, StudyResult(run_dir).model_modules)
@@ -349,8 +349,8 @@ def inspect_command(
     ),
 ) -> None:
     """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
-    from rankopt.errors import ConfigError
-    from rankopt.spectral import SpectralCache, get_default_cache
+    from rankopt.core.errors import ConfigError
+    from rankopt.compression.spectral import SpectralCache, get_default_cache
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")
@@ -359,7 +359,7 @@ def inspect_command(
     ps = _parse_floats(thresholds, "--thresholds")
     shape = _parse_shape(input_shape) if input_shape is not None else None
     if model_or_study.endswith(STUDY_SUFFIXES) and (min_in_channels is None or min_saving is None):
-        from rankopt.config import load_config
+        from rankopt.config.schema import load_config
 
         study_targets = load_config(model_or_study, check_paths=False).targets
         if min_in_channels is None:
@@ -367,7 +367,7 @@ def inspect_command(
         if min_saving is None:
             min_saving = study_targets.min_saving
     if min_saving is None:
-        from rankopt.config_sections import TargetsConfig
+        from rankopt.config.sections import TargetsConfig
 
         min_saving = TargetsConfig().min_saving  # a study's default
     min_in_channels = 4 if min_in_channels is None else min_in_channels

@@ -20,14 +20,14 @@ RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart).
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> None:
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     if value not in allowed:
         raise ConfigError(f"--format must be one of {list(allowed)}, got {value!r}")
 
 
 def _open(run_dir: Path) -> Any:
-    from rankopt.results import StudyResult
+    from rankopt.results.reading import StudyResult
 
     return StudyResult(run_dir)
 
@@ -36,7 +36,7 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
                  test: dict[int, float] | None = None) -> None:
     """The front as a table: compact by default (layers compressed), per-layer ranks with
     ``ranks``; the searched values as columns; test accuracies when measured."""
-    from rankopt.report import fmt_value, front_table_rows
+    from rankopt.results.report import fmt_value, front_table_rows
 
     rows = front_table_rows(records, test or None)
     fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
@@ -127,7 +127,7 @@ def run_command(
     }
     source: Any = study_file
     if set_:
-        from rankopt.config import load_config, merge_set, parse_set
+        from rankopt.config.schema import load_config, merge_set, parse_set
 
         sets = parse_set(set_)  # a malformed --set fails before the file is read
         loaded = load_config(study_file, check_plugins=False)  # paths resolved against the file
@@ -194,7 +194,7 @@ def pareto_command(
     ranks: bool = typer.Option(False, "--ranks", help="Show each layer's decomposer and ranks (default: how many layers)."),
 ) -> None:
     """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
-    from rankopt.evaluation import cached_accuracies
+    from rankopt.results.evaluation import cached_accuracies
 
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
@@ -204,7 +204,7 @@ def pareto_command(
     if format == "json":
         typer.echo(json.dumps([r.as_dict() for r in front], indent=2, default=_json_default))
     elif format == "csv":
-        from rankopt.report import front_table_rows
+        from rankopt.results.report import front_table_rows
 
         rows = front_table_rows(front, test or None)
         buf = io.StringIO()
@@ -230,7 +230,7 @@ def report_command(
     trial: Optional[int] = typer.Option(None, "--trial", help="Whose per-layer ranks to plot (default: the most accurate front point)."),
 ) -> None:
     """Write plots (fronts, hypervolume, per-layer ranks) and summary.md into RUN_DIR/report/."""
-    from rankopt.report import write_report
+    from rankopt.results.report import write_report
 
     files = write_report(_open(run_dir), trial=trial)
     for f in files:
@@ -255,8 +255,8 @@ def pick_command(
     ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads."""
-    from rankopt.artifacts import read_compressed
-    from rankopt.errors import ArtifactError
+    from rankopt.deploy.artifacts import read_compressed
+    from rankopt.core.errors import ArtifactError
 
     result = _open(run_dir)
     record = result.pick(trial=trial, max_params=max_params, max_flops=max_flops, min_accuracy=min_accuracy)
@@ -298,7 +298,7 @@ def pick_command(
 def _held_out_line(result: Any, trial: int) -> str:
     """The picked model's test accuracy (measured and stored in evaluation.json), or a note
     that the numbers are validation numbers."""
-    from rankopt.evaluation import cached_accuracies, config_splits
+    from rankopt.results.evaluation import cached_accuracies, config_splits
 
     cached = cached_accuracies(result.run_dir, "test")
     if trial not in cached and result.config.data.name is not None:
@@ -316,9 +316,9 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
 
-    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
-    from rankopt.errors import ExportError
-    from rankopt.deploy import fold_batchnorm
+    from rankopt.deploy.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.core.errors import ExportError
+    from rankopt.deploy.exporting import fold_batchnorm
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
@@ -339,7 +339,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
 def _write_faster(source: Path, out: Path, result: Any) -> None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
-    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.deploy.artifacts import load_compressed, read_compressed, save_compressed
     from rankopt.cli.export_cmd import densify_slower
 
     payload = read_compressed(source)
@@ -349,7 +349,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
         return
     shape = tuple(payload.get("input_shape") or ())
     if not shape:
-        from rankopt.errors import ArtifactError
+        from rankopt.core.errors import ArtifactError
 
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     latency = result.config.latency
@@ -360,7 +360,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
     save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
     if slower:  # the line below names the trial's figures; the file differs from them
-        from rankopt.accounting import count
+        from rankopt.compression.accounting import count
 
         cost = count(model, shape)
         console.print(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
@@ -372,7 +372,7 @@ def _check_out(out: Path, source: Path) -> None:
     """``pick --out`` must name a new or replaceable file, not a folder or the trial's own file."""
     import os
 
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     text = str(out)
     if not text.strip() or text in (".", "..") or text.endswith(("/", os.sep)):

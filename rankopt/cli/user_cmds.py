@@ -23,9 +23,9 @@ def evaluate_command(
     format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Accuracy of saved trial models on the test split the search never saw."""
-    from rankopt.errors import ConfigError
-    from rankopt.evaluation import SPLITS
-    from rankopt.results import StudyResult
+    from rankopt.core.errors import ConfigError
+    from rankopt.results.evaluation import SPLITS
+    from rankopt.results.reading import StudyResult
 
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {list(SPLITS)}, got {split!r}")
@@ -66,8 +66,8 @@ def dashboard_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (local only by default)."),
 ) -> None:
     """Serve the study with optuna-dashboard: trials, Pareto front, per-trial user attributes."""
-    from rankopt.errors import ConfigError
-    from rankopt.results import StudyResult, storage_url_of
+    from rankopt.core.errors import ConfigError
+    from rankopt.results.reading import StudyResult, storage_url_of
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}")

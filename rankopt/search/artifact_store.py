@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rankopt.errors import ArtifactError, ConfigError
+from rankopt.core.errors import ArtifactError, ConfigError
 
 __all__ = ["ArtifactStore", "file_sha256", "check_artifacts_url", "TRIAL_FILES"]
 

@@ -29,8 +29,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rankopt.accounting import count
-from rankopt.artifacts import load_compressed, save_compressed
+from rankopt.compression.accounting import count
+from rankopt.deploy.artifacts import load_compressed, save_compressed
 from rankopt.search.objective import (
     TrialEnv,
     _finish,

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rankopt.surgery import normalize_spec
+from rankopt.compression.surgery import normalize_spec
 
 if TYPE_CHECKING:  # annotations only
     from rankopt.search.space import TrialPlan
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
 __all__ = ["REPEATED", "find_repeat", "jsonable", "resolved_key", "rounded"]
 
@@ -41,7 +41,7 @@ def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
     ranks are one model); the others select after their own training, so their key is
     the selector and its checked parameters.
     """
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
 
     key: dict[str, Any] = {"strategy": plan.strategy, "hyperparameters": dict(hyperparameters)}
     if getattr(strategy, "selects_on_reference", False):

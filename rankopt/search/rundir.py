@@ -19,9 +19,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
-from rankopt.results import LEGACY_STUDY_FILE, STUDY_FILE
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
+from rankopt.results.reading import LEGACY_STUDY_FILE, STUDY_FILE
 
 __all__ = ["check_run_dir", "check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
 

@@ -14,8 +14,8 @@ import tensorly as tl
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import conv2d_output_hw
-from rankopt.errors import ConfigError, InvalidRanksError
+from rankopt.compression.accounting import conv2d_output_hw
+from rankopt.core.errors import ConfigError, InvalidRanksError
 
 __all__ = [
     "ConvGeometry",

@@ -27,9 +27,9 @@ import torch.nn as nn
 from tensorly.cp_tensor import CPTensor, cp_to_tensor
 from tensorly.decomposition import parafac
 
-from rankopt.accounting import Cost, conv2d_flops, conv2d_output_hw
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops, conv2d_output_hw
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -42,8 +42,8 @@ from rankopt.plugins.decomposers._layers import (
     validate_weight_ranks,
 )
 from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["CPConv2d", "CPDecomposer", "cp_max_rank", "term_ratio"]
 
@@ -141,7 +141,7 @@ class CPDecomposer(Decomposer):
     CP-ALS can diverge. The result is checked: non-finite factors or a reconstruction
     error larger than ``||W||`` (worse than zero) count as a failure; the decomposition
     is then retried once from a seeded random start, and if that fails too a
-    :class:`~rankopt.errors.DecompositionError` says what happened. Garbage is never
+    :class:`~rankopt.core.errors.DecompositionError` says what happened. Garbage is never
     returned.
 
     Low-rank CP approximation is ill-posed, and ALS can also degenerate: rank-one terms
@@ -152,7 +152,7 @@ class CPDecomposer(Decomposer):
     4.1 after 5000 iterations) the ALS is rerun from the same start with a ridge
     (``l2_reg`` 1e-5, 1e-4, 1e-3, then 1e-2 on the unit-norm kernel), which bounds the terms at a
     small cost in error (fits exact to 1e-6 are never called degenerate); if no run passes, the random start is tried the same way, then
-    :class:`~rankopt.errors.DecompositionError` (:func:`rankopt.compress` adds the layer).
+    :class:`~rankopt.core.errors.DecompositionError` (:func:`rankopt.compress` adds the layer).
 
     The rank magnitudes are balanced: every rank-one term's scale is spread equally
     over its four factors (the ALS leaves them arbitrary), so no layer of the

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import Cost, conv2d_flops, linear_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops, linear_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -41,8 +41,8 @@ from rankopt.plugins.decomposers._tiles import (
     tiled_project,
 )
 from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["SVDConv2d", "SVDDecomposer", "SVDLinear"]
 

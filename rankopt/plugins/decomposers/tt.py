@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from tensorly.decomposition import tensor_train
 from tensorly.tt_tensor import tt_to_tensor
 
-from rankopt.accounting import Cost, conv2d_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -43,7 +43,7 @@ from rankopt.plugins.decomposers._layers import (
     validate_weight_ranks,
 )
 from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
+from rankopt.core.records import DecomposerInfo
 
 __all__ = ["TTConv2d", "TTDecomposer", "balanced_factors", "tt_max_ranks", "tt_usable_ranks"]
 

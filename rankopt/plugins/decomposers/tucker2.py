@@ -22,9 +22,9 @@ import torch.nn as nn
 from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
-from rankopt.accounting import Cost, conv2d_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -38,8 +38,8 @@ from rankopt.plugins.decomposers._layers import (
     validate_weight_ranks,
 )
 from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["Tucker2Conv2d", "Tucker2Decomposer", "tucker2_max_ranks"]
 
@@ -77,7 +77,7 @@ class Tucker2Decomposer(Decomposer):
 
     * ``init``: ``"hosvd"`` (default) takes the truncated SVDs of the mode-1 (input
       channels) and mode-0 (output channels) unfoldings from
-      :func:`rankopt.spectral.get_default_cache`, so rank selectors and the
+      :func:`rankopt.compression.spectral.get_default_cache`, so rank selectors and the
       decomposition share one SVD per weight; the core is ``W x_0 U_out^T x_1 U_in^T``
       (TensorLy ``multi_mode_dot``). ``"hooi"`` refines that start with TensorLy's
       ``partial_tucker`` (higher-order orthogonal iteration), which lowers the

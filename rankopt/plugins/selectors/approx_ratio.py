@@ -11,7 +11,7 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field, model_validator
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.plugins.selectors._spectra import (
     RELATIVE_TOLERANCE,
@@ -21,8 +21,8 @@ from rankopt.plugins.selectors._spectra import (
     tail_fractions,
 )
 from rankopt.plugins.selectors.base import SelectorParams
-from rankopt.records import RankSelectorInfo
-from rankopt.surgery import LayerInfo
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["ApproxRatioRankSelector", "ApproxRatioParams", "ranks_for_tail"]
 

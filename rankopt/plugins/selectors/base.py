@@ -8,7 +8,7 @@ A selector has two entry points:
   implementation calls :meth:`select` layer by layer, so a per-layer selector inherits
   it as is; a global selector (the ``budget`` allocator) overrides it.
 
-:func:`rankopt.selection.select_spec` wraps :meth:`select_layers` with the checks every
+:func:`rankopt.compression.selection.select_spec` wraps :meth:`select_layers` with the checks every
 selector shares (supported modules, ranks in range, layers whose factorized form would
 not be smaller stay full) and returns a compression spec.
 
@@ -30,13 +30,13 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.accounting import Cost
+    from rankopt.compression.accounting import Cost
     from rankopt.plugins.decomposers.base import Decomposer
-    from rankopt.spectral import SpectralCache
-    from rankopt.surgery import LayerInfo
+    from rankopt.compression.spectral import SpectralCache
+    from rankopt.compression.surgery import LayerInfo
 
 __all__ = [
     "RankSelector", "LayerChoice", "SelectorParams", "clamp_ranks", "describe_constraints", "round_ranks",
@@ -49,7 +49,7 @@ class LayerChoice:
 
     ``cost`` is the factorized layer's cost at ``ranks`` and ``original_cost`` the
     layer's own (both for one sample at the layer's input size; FLOPs are 0 where the
-    input size is unknown). :func:`rankopt.selection.select_spec` fills them in.
+    input size is unknown). :func:`rankopt.compression.selection.select_spec` fills them in.
     """
 
     name: str

@@ -12,8 +12,8 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.surgery import LayerInfo, Spec
-    from rankopt.training import TrainResult
+    from rankopt.compression.surgery import LayerInfo, Spec
+    from rankopt.training.loop import TrainResult
 
 __all__ = ["Strategy", "TrialContext", "TrialOutcome"]
 
@@ -87,7 +87,7 @@ class Strategy(ABC):
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Fill defaults and reject unknown hyperparameter names (never drop them)."""
-        from rankopt.errors import ConfigError
+        from rankopt.core.errors import ConfigError
 
         known = set(self.defaults()) | set(self.search_space())
         unknown = sorted(set(params) - known)

@@ -3,8 +3,8 @@ plugin names and their parameters, model and dataset keyword arguments, data pat
 ``package.module:callable`` model factories. Also the resolution of a study file's
 relative data paths.
 
-Only :func:`rankopt.config.load_config` calls :func:`check_config`; this module imports
-rankopt.config for type hints only (no import cycle).
+Only :func:`rankopt.config.schema.load_config` calls :func:`check_config`; this module imports
+rankopt.config.schema for type hints only (no import cycle).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rankopt.config_sections import SPACE_KEY, Choices, Range, parse_param_value
-from rankopt.errors import ConfigError
+from rankopt.config.sections import SPACE_KEY, Choices, Range, parse_param_value
+from rankopt.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rankopt.config import StudyConfig
+    from rankopt.config.schema import StudyConfig
 
 __all__ = [
     "CALLABLE_PATTERN",
@@ -202,8 +202,8 @@ def _check_plugin_params(
 
 def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
     """Check plugin names, their parameters, and data paths (before any work)."""
-    from rankopt.manager import get_registry
-    from rankopt.training import train
+    from rankopt.contract.manager import get_registry
+    from rankopt.training.loop import train
 
     reg = get_registry()
     for field, value in (("train", config.train), ("strategies", config.strategies),
@@ -257,7 +257,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
             "keys are optimizer, momentum, weight_decay, schedule, step_size, gamma, amp, "
             "grad_clip, max_steps"
         )
-    from rankopt.training import check_train_options
+    from rankopt.training.loop import check_train_options
 
     checked = {k: v for k, v in config.train.items() if k in inspect.signature(check_train_options).parameters}
     try:
@@ -303,7 +303,7 @@ def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:
 
 
 def _named(reg: Any, family: str, name: str, where: str) -> Any:
-    from rankopt.errors import UnknownNameError
+    from rankopt.core.errors import UnknownNameError
 
     try:
         return reg.create(family, name)

@@ -2,7 +2,7 @@
 
 ::
 
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
     layers = rankopt.find_layers(model, (1, 3, 32, 32))
     spec, choices = select_spec(model, layers, {l.name: "tucker2" for l in layers
                                                 if l.kind == "conv2d"},
@@ -24,12 +24,12 @@ from typing import Any
 import torch.nn as nn
 from optuna.distributions import BaseDistribution
 
-from rankopt.accounting import Cost, layer_cost
-from rankopt.errors import ConfigError
+from rankopt.compression.accounting import Cost, layer_cost
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.decomposers.base import Decomposer
 from rankopt.plugins.selectors.base import LayerChoice, RankSelector, round_ranks
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import LayerInfo, Spec, get_submodule
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import LayerInfo, Spec, get_submodule
 
 __all__ = [
     "select_spec",
@@ -45,7 +45,7 @@ def resolve_selector(selector: str | RankSelector) -> RankSelector:
     if isinstance(selector, RankSelector):
         return selector
     if isinstance(selector, str):
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         return get_registry().create("rank_selectors", selector)  # type: ignore[no-any-return]
     raise ConfigError(
@@ -135,7 +135,7 @@ def cost_increase_reason(
 def _resolve_decomposers(
     model: nn.Module, layers: Sequence[LayerInfo], decomposers: Mapping[str, str]
 ) -> tuple[list[LayerInfo], dict[str, Decomposer]]:
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     if not isinstance(decomposers, Mapping):
         raise ConfigError(
@@ -188,7 +188,7 @@ def select_spec(
             consider (the others are ignored).
         selector: a rank selector name or instance; ``params`` its parameters
             (validated before any work; unknown names fail).
-        cache: the spectral cache (default: :func:`rankopt.spectral.get_default_cache`).
+        cache: the spectral cache (default: :func:`rankopt.compression.spectral.get_default_cache`).
         input_shape: the model's input, batch included; global selectors that price
             FLOPs of the whole model (``budget``) need it, the others ignore it.
         rank_multiple: every selected rank is rounded to a multiple of this (or the

@@ -27,8 +27,8 @@ from pydantic import Field, StrictInt, ValidationError, field_validator, model_v
 
 # the sections, the YAML helpers and the checks live in sibling modules (module size); every
 # name stays importable from here
-from rankopt import config_checks as _checks
-from rankopt.config_checks import (
+from rankopt.config import checks as _checks
+from rankopt.config.checks import (
     CALLABLE_PATTERN,
     _resolve_data_paths,
     builds_a_module,
@@ -36,7 +36,7 @@ from rankopt.config_checks import (
     import_callable,
     import_model_factory,
 )
-from rankopt.config_sections import (
+from rankopt.config.sections import (
     MAX_CPUS,
     MAX_GPUS,
     MAX_SCREENING,
@@ -57,8 +57,8 @@ from rankopt.config_sections import (
     format_errors,
     parse_param_value,
 )
-from rankopt.config_yaml import MAX_YAML_NODES, load_yaml, merge_set, parse_set
-from rankopt.errors import ConfigError
+from rankopt.config.yaml_io import MAX_YAML_NODES, load_yaml, merge_set, parse_set
+from rankopt.core.errors import ConfigError
 
 __all__ = [
     "StudyConfig",
@@ -384,6 +384,6 @@ def config_to_yaml(config: StudyConfig) -> str:
 
 
 def _format_errors(exc: ValidationError, prefix: str = "") -> str:
-    """:func:`rankopt.config_sections.format_errors` with StudyConfig known (its
+    """:func:`rankopt.config.sections.format_errors` with StudyConfig known (its
     "allowed keys are ..." hints)."""
     return format_errors(exc, prefix, root=StudyConfig)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 __all__ = ["MAX_YAML_NODES", "load_yaml", "parse_set", "merge_set"]
 

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ConfigError
-from rankopt.surgery import LayerInfo, Spec, get_submodule, normalize_spec
+from rankopt.core.errors import ConfigError
+from rankopt.compression.surgery import LayerInfo, Spec, get_submodule, normalize_spec
 
 __all__ = [
     "RUNTIMES",
@@ -283,7 +283,7 @@ def keep_faster_layers(
     layer, why. Measurements are cached per (layer, decomposer, ranks, options,
     runtime, batch, threads, device) for the process and in ``cache_dir`` if given.
     """
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     _check_runtime(runtime, batch, threads)
     spec = normalize_spec(spec)

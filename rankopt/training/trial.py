@@ -22,15 +22,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.plugins.selectors.base import LayerChoice
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import LayerInfo, Spec, find_layers
-from rankopt.surgery import compress as compress_model
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import LayerInfo, Spec, find_layers
+from rankopt.compression.surgery import compress as compress_model
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.training import TrainResult
+    from rankopt.training.loop import TrainResult
 
 __all__ = ["LocalTrialContext", "resolve_layer_decomposers", "loader_for"]
 
@@ -39,7 +39,7 @@ def loader_for(
     data: Any, *, batch_size: int, shuffle: bool = False, seed: int | None = None
 ) -> DataLoader:
     """A loader over a split: a ready ``DataLoader`` (a user's own pipeline) is used as is."""
-    from rankopt.training import make_loader
+    from rankopt.training.loop import make_loader
 
     if isinstance(data, DataLoader):
         return data
@@ -57,7 +57,7 @@ def resolve_layer_decomposers(
     names a decomposer per layer and every named layer must be a target the named
     decomposer supports.
     """
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     registry = get_registry()
     target_names = [t.name for t in targets]
@@ -100,14 +100,14 @@ class LocalTrialContext:
         train_options: defaults for :meth:`train` (``optimizer``, ``schedule``, ``amp``, ...),
             overridden by the options of each call.
         cache: the spectral cache the selector reads (default: the process-wide one).
-        progress: passed to :func:`rankopt.training.train` (None: quiet).
+        progress: passed to :func:`rankopt.training.loop.train` (None: quiet).
         keep_faster: measure each selected layer's factorized form against the original
             on ``device`` and keep the original where it is faster
-            (:func:`rankopt.latency.keep_faster_layers`); dropped layers are reported
+            (:func:`rankopt.compression.latency.keep_faster_layers`); dropped layers are reported
             under ``kept_full_for_speed``.
-        rank_multiple, min_in_channels, min_saving: see :func:`rankopt.selection.select_spec`.
+        rank_multiple, min_in_channels, min_saving: see :func:`rankopt.compression.selection.select_spec`.
         latency: where ``keep_faster`` measures: ``runtime``, ``batch``, ``threads``,
-            ``rounds`` (see :class:`rankopt.config.LatencyConfig`; default eager, 1, 1, 15).
+            ``rounds`` (see :class:`rankopt.config.schema.LatencyConfig`; default eager, 1, 1, 15).
         latency_cache: a directory caching the per-layer measurements across trials.
     """
 
@@ -134,8 +134,8 @@ class LocalTrialContext:
         latency: Mapping[str, Any] | None = None,
         latency_cache: str | os.PathLike[str] | None = None,
     ) -> None:
-        from rankopt.devices import resolve_device
-        from rankopt.manager import get_registry
+        from rankopt.training.devices import resolve_device
+        from rankopt.contract.manager import get_registry
 
         if not isinstance(reference, nn.Module):
             raise ConfigError(f"reference must be an nn.Module, got {type(reference).__name__}")
@@ -200,15 +200,15 @@ class LocalTrialContext:
         step_callback: Callable[[nn.Module, int], None] | None = None,
         **options: Any,
     ) -> TrainResult:
-        """Train ``model`` in place on the training split (see :func:`rankopt.training.train`).
+        """Train ``model`` in place on the training split (see :func:`rankopt.training.loop.train`).
 
         ``distill_weight``, ``distill_temperature``, ``distill_features`` (the fine-tuning
-        strategies' hyperparameters, :data:`rankopt.distill.DISTILL_DEFAULTS`) distill the
-        reference into ``model`` (:class:`rankopt.distill.Distillation`); features match
+        strategies' hyperparameters, :data:`rankopt.training.distill.DISTILL_DEFAULTS`) distill the
+        reference into ``model`` (:class:`rankopt.training.distill.Distillation`); features match
         the outputs of the layers the last :meth:`compress` replaced. A call that names
         none of them trains without distillation (the strategies pass theirs, on by default).
         """
-        from rankopt.training import train
+        from rankopt.training.loop import train
 
         start = time.perf_counter()
         loader, _ = self._loaders()
@@ -234,7 +234,7 @@ class LocalTrialContext:
     def _distillation(self, options: dict[str, Any]) -> Any:
         """Pop the ``distill_*`` options; a Distillation from the reference when they ask
         for one (weight or features > 0), matching the layers :meth:`compress` replaced."""
-        from rankopt.distill import DISTILL_OFF, Distillation, check_distill_params
+        from rankopt.training.distill import DISTILL_OFF, Distillation, check_distill_params
 
         params = {k: options.pop(k) for k in list(options) if k in DISTILL_OFF}
         params = {**DISTILL_OFF, **params}
@@ -255,7 +255,7 @@ class LocalTrialContext:
 
     def evaluate(self, model: nn.Module) -> float:
         """Top-1 accuracy on the validation split, in [0, 1]."""
-        from rankopt.training import evaluate
+        from rankopt.training.loop import evaluate
 
         start = time.perf_counter()
         _, loader = self._loaders()
@@ -269,7 +269,7 @@ class LocalTrialContext:
         The per-layer decisions (ranks, or why a layer stays full) are kept in
         :attr:`choices`.
         """
-        from rankopt.selection import select_spec
+        from rankopt.compression.selection import select_spec
 
         spec, choices = select_spec(
             model,
@@ -285,7 +285,7 @@ class LocalTrialContext:
         )
         self.choices = list(choices)
         if self.keep_faster and spec:
-            from rankopt.latency import keep_faster_layers
+            from rankopt.compression.latency import keep_faster_layers
 
             lat = self.latency
             spec, dropped = keep_faster_layers(

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
 
 if TYPE_CHECKING:
-    from rankopt.config import StudyConfig
-    from rankopt.results import StudyResult
+    from rankopt.config.schema import StudyConfig
+    from rankopt.results.reading import StudyResult
 
 __all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
            "evaluate_trials"]
@@ -61,7 +61,7 @@ def hold_out_test(splits: DatasetSplits, fraction: float | None, seed: int) -> D
 
 def config_splits(config: StudyConfig, what: str = "evaluate") -> DatasetSplits:
     """The splits a study file names (the registered dataset, with ``data.test_fraction``)."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     if config.data.name is None:
         raise ConfigError(
@@ -114,9 +114,9 @@ def evaluate_trials(
     use_cache: bool = True,
 ) -> dict[int, float]:
     """Accuracy of each trial's saved model on ``split`` ("test" or "val")."""
-    from rankopt.devices import resolve_device
-    from rankopt.training import evaluate
-    from rankopt.trial import loader_for
+    from rankopt.training.devices import resolve_device
+    from rankopt.training.loop import evaluate
+    from rankopt.training.trial import loader_for
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pluggy
 
-from rankopt.records import (
+from rankopt.core.records import (
     DatasetInfo,
     DecomposerInfo,
     ModelInfo,

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ArtifactError
-from rankopt.surgery import compress, normalize_spec
+from rankopt.core.errors import ArtifactError
+from rankopt.compression.surgery import compress, normalize_spec
 
 __all__ = ["save_compressed", "load_base", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
 
@@ -143,7 +143,7 @@ def _build_base(
     name = base.get("model")
     target = base.get("callable")
     if isinstance(name, str) and name:
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         try:
             record = get_registry().record("models", name)
@@ -164,8 +164,8 @@ def _build_base(
                 + (", or allow its package: load_compressed(path, allow_modules="
                    f"[{module.split('.')[0]!r}])")
             )
-        from rankopt.config import import_model_factory
-        from rankopt.errors import ConfigError
+        from rankopt.config.schema import import_model_factory
+        from rankopt.core.errors import ConfigError
 
         try:
             factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable")
@@ -260,7 +260,7 @@ def load_compressed(
         ) from None
     skeleton.eval()
     if (payload.get("metadata") or {}).get("fold_bn"):  # written by `rankopt pick --fold-bn`
-        from rankopt.deploy import fold_batchnorm
+        from rankopt.deploy.exporting import fold_batchnorm
 
         skeleton = fold_batchnorm(skeleton)
     return skeleton.to(map_location)

@@ -19,9 +19,9 @@ from typing import Any
 
 import pluggy
 
-from rankopt import hookspecs
-from rankopt.errors import DuplicateNameError, UnknownNameError
-from rankopt.records import (
+from rankopt.contract import hookspecs
+from rankopt.core.errors import DuplicateNameError, UnknownNameError
+from rankopt.core.records import (
     DatasetInfo,
     DecomposerInfo,
     ModelInfo,

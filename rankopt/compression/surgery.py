@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import Cost, layer_cost
-from rankopt.errors import ConfigError, DecompositionError
+from rankopt.compression.accounting import Cost, layer_cost
+from rankopt.core.errors import ConfigError, DecompositionError
 
 __all__ = [
     "LayerInfo",
@@ -175,7 +175,7 @@ def compress(
     anything is built; the original model is untouched unless ``inplace``.
     ``initialize=False`` builds the structure only (for loading a state_dict).
     """
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     spec = normalize_spec(spec)
     registry = get_registry()

@@ -1,6 +1,6 @@
 """Knowledge distillation from the uncompressed reference while a compressed model trains.
 
-The loss of :func:`rankopt.training.train` with a :class:`Distillation` is (Hinton,
+The loss of :func:`rankopt.training.loop.train` with a :class:`Distillation` is (Hinton,
 Vinyals and Dean 2015, "Distilling the knowledge in a neural network")::
 
     (1 - weight) * CE(student, labels)
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 __all__ = ["Distillation", "distillation_loss", "DISTILL_DEFAULTS", "DISTILL_OFF", "check_distill_params"]
 

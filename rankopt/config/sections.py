@@ -1,8 +1,8 @@
-"""The sections of a study file: the pydantic models under :class:`rankopt.config.StudyConfig`.
+"""The sections of a study file: the pydantic models under :class:`rankopt.config.schema.StudyConfig`.
 
 Also the searched-parameter values (:class:`Range`, :class:`Choices`,
 :func:`parse_param_value`) and the one-line messages made from pydantic's errors. This
-module sits below :mod:`rankopt.config` (which re-exports all of it) and imports nothing
+module sits below :mod:`rankopt.config.schema` (which re-exports all of it) and imports nothing
 of rankopt but its errors.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 __all__ = [
     "ModelConfig",
@@ -241,7 +241,7 @@ class ScreeningConfig(_Strict):
 
 
 class LatencyConfig(_Strict):
-    """Where the ``latency`` objective and ``keep_faster_layers`` measure (rankopt.latency):
+    """Where the ``latency`` objective and ``keep_faster_layers`` measure (rankopt.compression.latency):
     the serving runtime, the batch and the threads, timed interleaved with the reference."""
 
     runtime: Literal["eager", "onnxruntime", "torchscript"] = "eager"
@@ -260,7 +260,7 @@ class MultiFidelityConfig(_Strict):
     trains ``first`` of its ``epochs``, and, ``epochs`` not given, each promoted model
     then trains ``(1 - first) / keep`` of them more (``first: 0.5, keep: 0.5``: half,
     then the better half a full ``epochs`` more; the study default, see
-    ``rankopt.config.auto_multi_fidelity``).
+    ``rankopt.config.schema.auto_multi_fidelity``).
     """
 
     rounds: int = Field(1, ge=1)
@@ -296,7 +296,7 @@ class MultiFidelityConfig(_Strict):
 def format_errors(exc: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
     """One line per error of ``exc``: the field path, the value received, what is allowed.
 
-    ``root`` is the model ``exc`` may come from besides the sections here (rankopt.config
+    ``root`` is the model ``exc`` may come from besides the sections here (rankopt.config.schema
     passes StudyConfig, which is defined above this module), for "allowed keys are ...".
     """
     lines = []

@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from rankopt.devices import module_device, resolve_device
-from rankopt.errors import ConfigError, TrainingDivergedError
+from rankopt.training.devices import module_device, resolve_device
+from rankopt.core.errors import ConfigError, TrainingDivergedError
 
 if TYPE_CHECKING:  # annotations only
-    from rankopt.distill import Distillation
+    from rankopt.training.distill import Distillation
 
 __all__ = [
     "TrainResult",
@@ -175,7 +175,7 @@ def train(
         progress: ``f(step, total_steps, loss)`` after every step.
         max_steps: stop after this many steps even if ``epochs`` asks for more.
         criterion: the task loss ``f(logits, labels)``; default cross-entropy.
-        distill: knowledge distillation from a teacher (:class:`rankopt.distill.Distillation`):
+        distill: knowledge distillation from a teacher (:class:`rankopt.training.distill.Distillation`):
             the task loss becomes the distillation loss built on ``criterion``.
 
     Raises:
@@ -191,7 +191,7 @@ def train(
     if not isinstance(loader, DataLoader):
         raise ConfigError(
             f"loader must be a torch DataLoader, got {type(loader).__name__}; "
-            "wrap a dataset with rankopt.training.make_loader(dataset, batch_size=..., shuffle=True)"
+            "wrap a dataset with rankopt.training.loop.make_loader(dataset, batch_size=..., shuffle=True)"
         )
     batches_per_epoch = len(loader)
     if batches_per_epoch == 0 and epochs > 0:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rankopt.results import StudyResult, TrialRecord, hypervolume_history, pareto_front_2d
+from rankopt.results.reading import StudyResult, TrialRecord, hypervolume_history, pareto_front_2d
 
 __all__ = ["write_report", "front_table_rows", "layer_rows"]
 
@@ -73,7 +73,7 @@ def layer_rows(result: StudyResult, record: TrialRecord) -> list[dict[str, Any]]
 
     "After" counts the parameters of the factorized module in the trial's saved model.
     """
-    from rankopt.artifacts import read_compressed
+    from rankopt.deploy.artifacts import read_compressed
 
     # counted from the saved tensors: no model is rebuilt, so a run on a module passed
     # from Python reports without it
@@ -243,7 +243,7 @@ def fmt_value(column: str, v: Any) -> str:
 def front_test_accuracies(result: StudyResult, front: Sequence[TrialRecord]) -> dict[int, float] | None:
     """Test accuracies of the front: cached ones, the rest measured when the study file's
     data has a test split; None when there is no test split to measure on."""
-    from rankopt.evaluation import cached_accuracies, config_splits, evaluate_trials
+    from rankopt.results.evaluation import cached_accuracies, config_splits, evaluate_trials
 
     have = cached_accuracies(result.run_dir, "test")
     missing = [r.trial for r in front if r.trial not in have]
@@ -262,7 +262,7 @@ def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path
     front point). ``evaluate_test``: add the front's test accuracies (measured once and
     cached in ``evaluation.json``) when the study's data has a test split.
     """
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     plt = _pyplot()
     out_dir = Path(out_dir) if out_dir is not None else result.run_dir / "report"

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 __all__ = ["resolve_device", "module_device"]
 
@@ -18,7 +18,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
     ``"auto"`` (or ``None``) picks ``cuda`` when a GPU is available, else ``cpu``;
     ``"cpu"``, ``"cuda"``, ``"cuda:N"`` and ``"mps"`` name one explicitly. Asking for a
-    GPU that is not there is a :class:`~rankopt.errors.ConfigError` before any work
+    GPU that is not there is a :class:`~rankopt.core.errors.ConfigError` before any work
     starts, rather than a late CUDA error inside training.
     """
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ConfigError, ExportError
+from rankopt.core.errors import ConfigError, ExportError
 
 __all__ = ["densify", "export", "fold_batchnorm", "ExportResult", "EXPORT_FORMATS", "run_exported"]
 
@@ -80,7 +80,7 @@ def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rt
     input, which is exact for any chain of linear maps).
 
     For shipping: a factorized layer that runs slower than the dense one in the serving
-    runtime (:func:`rankopt.latency.keep_faster_layers` says which) trades speed for
+    runtime (:func:`rankopt.compression.latency.keep_faster_layers` says which) trades speed for
     params, and the dense layer computes the same function with no retraining. Each
     replacement is checked on a random input; above ``rtol`` of the output's scale a
     :class:`~rankopt.ConfigError` names the layer. ``model`` is left untouched; the copy

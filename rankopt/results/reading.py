@@ -19,8 +19,8 @@ import torch.nn as nn
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from rankopt.config import StudyConfig, load_config
-from rankopt.errors import ArtifactError, ConfigError
+from rankopt.config.schema import StudyConfig, load_config
+from rankopt.core.errors import ArtifactError, ConfigError
 
 __all__ = [
     "TrialRecord",
@@ -407,7 +407,7 @@ class StudyResult:
         ``model``: an uncompressed instance of the run's architecture, needed when the study
         was run on a module passed from Python (``reference/metrics.json`` names its class).
         """
-        from rankopt.artifacts import load_compressed
+        from rankopt.deploy.artifacts import load_compressed
 
         path = self.pick(trial=trial).model_path
         try:
@@ -437,7 +437,7 @@ class StudyResult:
         (else the study file's dataset is loaded). ``model``: see :meth:`load_model`.
         Test accuracies of the study's own data are cached in ``evaluation.json``.
         """
-        from rankopt.evaluation import evaluate_trials
+        from rankopt.results.evaluation import evaluate_trials
 
         if trials is None:
             numbers = [r.trial for r in self.front()]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rankopt.errors import PluginError
+from rankopt.core.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
