@@ -9,11 +9,12 @@ building it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from rankopt.core.types import Cost
 
 __all__ = [
     "Cost",
@@ -24,27 +25,6 @@ __all__ = [
     "linear_flops",
     "layer_cost",
 ]
-
-
-@dataclass(frozen=True, order=True)
-class Cost:
-    """Parameters and FLOPs (for one forward pass at a given input size)."""
-
-    params: int
-    flops: int
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.params + other.params, self.flops + other.flops)
-
-    def __sub__(self, other: Cost) -> Cost:
-        return Cost(self.params - other.params, self.flops - other.flops)
-
-    def ratio(self, other: Cost) -> tuple[float, float]:
-        """(params, flops) of ``other`` divided by those of ``self`` (compression ratios)."""
-        return (
-            other.params / self.params if self.params else float("inf"),
-            other.flops / self.flops if self.flops else float("inf"),
-        )
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:

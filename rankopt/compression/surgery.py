@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 
 from rankopt.compression.accounting import Cost, layer_cost
 from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.core.types import LayerInfo, Spec
 
 __all__ = [
     "LayerInfo",
@@ -24,28 +24,7 @@ __all__ = [
     "Spec",
 ]
 
-Spec = dict[str, dict[str, Any]]
-
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A compressible layer of a model, as seen at a given input size."""
-
-    name: str
-    kind: str  # "conv2d" or "linear"
-    in_channels: int  # S (in_features for Linear)
-    out_channels: int  # T (out_features for Linear)
-    kernel_size: tuple[int, int]  # (1, 1) for Linear
-    stride: tuple[int, int] = (1, 1)
-    groups: int = 1
-    input_hw: tuple[int, int] | None = None  # spatial size of its input; None for Linear
-    cost: Cost = field(default=Cost(0, 0))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels, *self.kernel_size)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -3,8 +3,7 @@ plugin names and their parameters, model and dataset keyword arguments, data pat
 ``package.module:callable`` model factories. Also the resolution of a study file's
 relative data paths.
 
-Only :func:`rankopt.config.schema.load_config` calls :func:`check_config`; this module imports
-rankopt.config.schema for type hints only (no import cycle).
+:func:`rankopt.config.schema.check_config` runs them on a whole validated config.
 """
 
 from __future__ import annotations
@@ -15,17 +14,14 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rankopt.config.sections import SPACE_KEY, Choices, Range, parse_param_value
+from rankopt.config.sections import Choices, Range, parse_param_value
 from rankopt.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from rankopt.config.schema import StudyConfig
-
 __all__ = [
+    "check_artifacts_url",
     "CALLABLE_PATTERN",
-    "check_config",
     "import_callable",
     "import_model_factory",
     "builds_a_module",
@@ -200,85 +196,6 @@ def _check_plugin_params(
                 raise ConfigError(f"{where}.{key}: {probe!r} is not allowed: {exc}") from None
 
 
-def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
-    """Check plugin names, their parameters, and data paths (before any work)."""
-    from rankopt.contract.manager import get_registry
-    from rankopt.training.loop import train
-
-    reg = get_registry()
-    for field, value in (("train", config.train), ("strategies", config.strategies),
-                         ("selectors", config.selectors),
-                         ("model.kwargs", config.model.kwargs if config.model else {}),
-                         ("data.kwargs", config.data.kwargs)):
-        _check_finite(value, field)
-    if config.model is not None:
-        if ":" in config.model.name:
-            factory = import_model_factory(config.model.name, "model.name")
-        else:
-            factory = reg.record("models", config.model.name).factory
-        _check_kwargs(factory, config.model.kwargs, "model.kwargs")
-    if config.data.name is not None:
-        factory = reg.record("datasets", config.data.name).factory
-        _check_kwargs(factory, config.data.kwargs, "data.kwargs")
-        if check_paths:
-            # suggest download: true only to datasets that take it (npz refuses it)
-            takes = _signature_names(factory)
-            _check_data_paths(config.data.kwargs, "data.kwargs", download_ok=takes is None or "download" in takes)
-    if check_paths and config.reference.weights and not Path(config.reference.weights).is_file():
-        raise ConfigError(
-            f"reference.weights: file {config.reference.weights!r} does not exist; give the "
-            "path of a state_dict saved with torch.save(model.state_dict(), path)"
-        )
-    for i, name in enumerate(config.decomposers):
-        _named(reg, "decomposers", name, f"decomposers[{i}]")
-    for name, params in config.selectors.items():
-        selector = _named(reg, "rank_selectors", name, "selectors")
-        params = dict(params)
-        space = params.pop(SPACE_KEY, None) or {}
-        if not isinstance(space, Mapping):
-            raise ConfigError(
-                f"selectors.{name}.{SPACE_KEY}: must be a mapping of search-space options "
-                f"(e.g. {{per_layer: true}}), got {space!r}"
-            )
-        try:
-            selector.search_space((), **space)
-        except (ConfigError, TypeError) as exc:
-            raise ConfigError(f"selectors.{name}.{SPACE_KEY}: {exc}") from None
-        _check_plugin_params(selector, "rank selector", name, params, f"selectors.{name}")
-    for name, params in config.strategies.items():
-        strategy = _named(reg, "strategies", name, "strategies")
-        _check_plugin_params(strategy, "strategy", name, params, f"strategies.{name}")
-    _check_kwargs(train, config.train, "train", extra=())
-    reserved = {"epochs", "lr", "device", "extra_loss", "step_callback", "params", "progress", "seed"}
-    bad = sorted(set(config.train) & reserved)
-    if bad:
-        raise ConfigError(
-            f"train: {bad} cannot be set here (the strategy or the study sets them); allowed "
-            "keys are optimizer, momentum, weight_decay, schedule, step_size, gamma, amp, "
-            "grad_clip, max_steps"
-        )
-    from rankopt.training.loop import check_train_options
-
-    checked = {k: v for k, v in config.train.items() if k in inspect.signature(check_train_options).parameters}
-    try:
-        check_train_options(**checked)
-    except ConfigError as exc:
-        raise ConfigError(f"train.{exc}") from None
-    if config.backend == "local" and config.address:
-        raise ConfigError(
-            f"address: {config.address!r} is only used by backend 'ray'; set backend: ray "
-            "or remove address"
-        )
-    for i, point in enumerate(config.enqueue):
-        for key in point:
-            if not _enqueue_key_ok(key, config):
-                raise ConfigError(
-                    f"enqueue[{i}].{key}: unknown parameter name; names are 'strategy', "
-                    "'selector', '<strategy>.<param>', '<selector>.<param>' and "
-                    "'decomposer.<layer>'"
-                )
-
-
 def _check_finite(value: Any, where: str) -> None:
     """No inf/NaN anywhere in free-form settings (an ``epochs: .inf`` never ends)."""
     import math
@@ -293,15 +210,6 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(item, f"{where}[{i}]")
 
 
-def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:
-    if key in ("strategy", "selector"):
-        return True
-    head, _, rest = key.partition(".")
-    if not rest:
-        return False
-    return head == "decomposer" or head in config.strategies or head in config.selectors
-
-
 def _named(reg: Any, family: str, name: str, where: str) -> Any:
     from rankopt.core.errors import UnknownNameError
 
@@ -309,3 +217,22 @@ def _named(reg: Any, family: str, name: str, where: str) -> Any:
         return reg.create(family, name)
     except UnknownNameError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_artifacts_url(url: str) -> str:
+    """``url`` made absolute when it is a local path; a ConfigError for an unknown protocol
+    or a missing fsspec implementation (checked before any work)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(
+            f"artifacts: {url!r} uses protocol {protocol!r}, which fsspec cannot open "
+            f"({str(exc).splitlines()[0]}); give a shared folder, file://, s3://, gs://, "
+            "sftp://... URL and install its fsspec package (e.g. s3fs)"
+        ) from None
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    return url

@@ -16,6 +16,7 @@ selector's ``per_layer: true``, one fraction per layer).
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import re
 from collections.abc import Mapping
@@ -30,9 +31,14 @@ from pydantic import Field, StrictInt, ValidationError, field_validator, model_v
 from rankopt.config import checks as _checks
 from rankopt.config.checks import (
     CALLABLE_PATTERN,
+    _check_data_paths,
+    _check_finite,
+    _check_kwargs,
+    _check_plugin_params,
+    _named,
     _resolve_data_paths,
     builds_a_module,
-    check_config,
+    check_artifacts_url,
     import_callable,
     import_model_factory,
 )
@@ -244,8 +250,6 @@ class StudyConfig(_Strict):
     def _artifacts(cls, v: str | None) -> str | None:
         if v is None:
             return None
-        from rankopt.search.artifact_store import check_artifacts_url
-
         try:
             return check_artifacts_url(v)
         except ConfigError as exc:
@@ -314,6 +318,94 @@ def auto_multi_fidelity(config: StudyConfig) -> MultiFidelityConfig | None:
 
 
 # -- loading -----------------------------------------------------------------------------
+
+
+def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
+    """Check plugin names, their parameters, and data paths (before any work)."""
+    from rankopt.contract.manager import get_registry
+    from rankopt.training.loop import train
+
+    reg = get_registry()
+    for field, value in (("train", config.train), ("strategies", config.strategies),
+                         ("selectors", config.selectors),
+                         ("model.kwargs", config.model.kwargs if config.model else {}),
+                         ("data.kwargs", config.data.kwargs)):
+        _check_finite(value, field)
+    if config.model is not None:
+        if ":" in config.model.name:
+            factory = import_model_factory(config.model.name, "model.name")
+        else:
+            factory = reg.record("models", config.model.name).factory
+        _check_kwargs(factory, config.model.kwargs, "model.kwargs")
+    if config.data.name is not None:
+        factory = reg.record("datasets", config.data.name).factory
+        _check_kwargs(factory, config.data.kwargs, "data.kwargs")
+        if check_paths:
+            # suggest download: true only to datasets that take it (npz refuses it)
+            takes = _signature_names(factory)
+            _check_data_paths(config.data.kwargs, "data.kwargs", download_ok=takes is None or "download" in takes)
+    if check_paths and config.reference.weights and not Path(config.reference.weights).is_file():
+        raise ConfigError(
+            f"reference.weights: file {config.reference.weights!r} does not exist; give the "
+            "path of a state_dict saved with torch.save(model.state_dict(), path)"
+        )
+    for i, name in enumerate(config.decomposers):
+        _named(reg, "decomposers", name, f"decomposers[{i}]")
+    for name, params in config.selectors.items():
+        selector = _named(reg, "rank_selectors", name, "selectors")
+        params = dict(params)
+        space = params.pop(SPACE_KEY, None) or {}
+        if not isinstance(space, Mapping):
+            raise ConfigError(
+                f"selectors.{name}.{SPACE_KEY}: must be a mapping of search-space options "
+                f"(e.g. {{per_layer: true}}), got {space!r}"
+            )
+        try:
+            selector.search_space((), **space)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"selectors.{name}.{SPACE_KEY}: {exc}") from None
+        _check_plugin_params(selector, "rank selector", name, params, f"selectors.{name}")
+    for name, params in config.strategies.items():
+        strategy = _named(reg, "strategies", name, "strategies")
+        _check_plugin_params(strategy, "strategy", name, params, f"strategies.{name}")
+    _check_kwargs(train, config.train, "train", extra=())
+    reserved = {"epochs", "lr", "device", "extra_loss", "step_callback", "params", "progress", "seed"}
+    bad = sorted(set(config.train) & reserved)
+    if bad:
+        raise ConfigError(
+            f"train: {bad} cannot be set here (the strategy or the study sets them); allowed "
+            "keys are optimizer, momentum, weight_decay, schedule, step_size, gamma, amp, "
+            "grad_clip, max_steps"
+        )
+    from rankopt.training.loop import check_train_options
+
+    checked = {k: v for k, v in config.train.items() if k in inspect.signature(check_train_options).parameters}
+    try:
+        check_train_options(**checked)
+    except ConfigError as exc:
+        raise ConfigError(f"train.{exc}") from None
+    if config.backend == "local" and config.address:
+        raise ConfigError(
+            f"address: {config.address!r} is only used by backend 'ray'; set backend: ray "
+            "or remove address"
+        )
+    for i, point in enumerate(config.enqueue):
+        for key in point:
+            if not _enqueue_key_ok(key, config):
+                raise ConfigError(
+                    f"enqueue[{i}].{key}: unknown parameter name; names are 'strategy', "
+                    "'selector', '<strategy>.<param>', '<selector>.<param>' and "
+                    "'decomposer.<layer>'"
+                )
+
+
+def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:
+    if key in ("strategy", "selector"):
+        return True
+    head, _, rest = key.partition(".")
+    if not rest:
+        return False
+    return head == "decomposer" or head in config.strategies or head in config.selectors
 
 
 def load_config(

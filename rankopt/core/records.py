@@ -1,5 +1,8 @@
 """Frozen records that the registration hooks return.
 
+They sit below the plugin base classes (which name them), so a factory is typed by
+what it returns in its docstring, not by the class.
+
 Each record carries a unique lower-case ``name`` within its family, a factory that
 makes the plugin object, and a one-line description shown by ``rankopt plugins``.
 """
@@ -15,11 +18,6 @@ from rankopt.core.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
-
-    from rankopt.plugins.datasets.base import DatasetSplits
-    from rankopt.plugins.decomposers.base import Decomposer
-    from rankopt.plugins.selectors.base import RankSelector
-    from rankopt.plugins.strategies.base import Strategy
 
 __all__ = [
     "PluginRecord",
@@ -69,21 +67,21 @@ class PluginRecord:
 class DecomposerInfo(PluginRecord):
     """A decomposer: ``factory()`` returns a :class:`~rankopt.Decomposer`."""
 
-    factory: Callable[[], Decomposer]
+    factory: Callable[[], Any]
 
 
 @dataclass(frozen=True)
 class RankSelectorInfo(PluginRecord):
     """A rank selector: ``factory()`` returns a :class:`~rankopt.RankSelector`."""
 
-    factory: Callable[[], RankSelector]
+    factory: Callable[[], Any]
 
 
 @dataclass(frozen=True)
 class StrategyInfo(PluginRecord):
     """A training strategy: ``factory()`` returns a :class:`~rankopt.Strategy`."""
 
-    factory: Callable[[], Strategy]
+    factory: Callable[[], Any]
 
 
 @dataclass(frozen=True)
@@ -103,4 +101,4 @@ class ModelInfo(PluginRecord):
 class DatasetInfo(PluginRecord):
     """A dataset: ``factory(**kwargs)`` returns :class:`~rankopt.DatasetSplits`."""
 
-    factory: Callable[..., DatasetSplits]
+    factory: Callable[..., Any]

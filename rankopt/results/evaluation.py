@@ -10,23 +10,32 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
+from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
-
-if TYPE_CHECKING:
-    from rankopt.config.schema import StudyConfig
-    from rankopt.results.reading import StudyResult
 
 __all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
            "evaluate_trials"]
 
 SPLITS = ("test", "val")
 EVALUATION_FILE = "evaluation.json"
+
+
+class SavedRun(Protocol):
+    """What evaluation reads of a run (a :class:`~rankopt.StudyResult` is one)."""
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def config(self) -> StudyConfig: ...
+
+    def load_model(self, trial: int, *, model: nn.Module | None = None) -> nn.Module: ...
 
 
 def hold_out_test(splits: DatasetSplits, fraction: float | None, seed: int) -> DatasetSplits:
@@ -104,7 +113,7 @@ def _store(run_dir: Path, split: str, accuracies: Mapping[int, float]) -> None:
 
 
 def evaluate_trials(
-    result: StudyResult,
+    result: SavedRun,
     trials: Iterable[int],
     *,
     split: str = "test",

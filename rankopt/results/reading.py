@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rankopt.config.schema import StudyConfig, load_config
 from rankopt.core.errors import ArtifactError, ConfigError
+from rankopt.search.front import hypervolume_2d, pareto_front_2d
+from rankopt.search.layout import LEGACY_STUDY_FILE, STUDY_FILE, reference_path, storage_url_of
 
 __all__ = [
     "TrialRecord",
@@ -32,10 +34,6 @@ __all__ = [
     "storage_url_of",
 ]
 
-# the run's own record of the resolved config: not "study.yaml", the usual name of a user's
-# study file, which `rankopt run study.yaml --run-dir .` would otherwise overwrite
-STUDY_FILE = "resolved-study.yaml"
-LEGACY_STUDY_FILE = "study.yaml"  # read from run directories written before
 
 
 @dataclass(frozen=True)
@@ -80,47 +78,7 @@ def _best(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return _get_pareto_front_trials_by_trials(trials, study.directions, consider_constraint=constrained)
 
 
-def reference_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "reference" / "metrics.json"
-
-
-def storage_url_of(config: StudyConfig, run_dir: Path) -> str:
-    from rankopt.search.storage import default_storage_url
-
-    return config.storage or default_storage_url(run_dir)
-
-
 # -- 2-D fronts and hypervolume ----------------------------------------------------------------
-
-
-def pareto_front_2d(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated points of ``(accuracy, cost)``: accuracy up, cost down."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0]))
-    front, best = [], -math.inf
-    for i in order:
-        if points[i][0] > best:
-            front.append(i)
-            best = points[i][0]
-    return front
-
-
-def hypervolume_2d(points: Iterable[tuple[float, float]], baseline_cost: float) -> float:
-    """Area dominated by ``(accuracy, cost)`` points against (accuracy 0, ``baseline_cost``),
-    with cost divided by ``baseline_cost``: in [0, 1] for accuracies in [0, 1].
-
-    Written out because Optuna exposes no public hypervolume function and the 2-D
-    case is an exact sweep: the dominated height at cost c is the best accuracy of
-    the points costing at most c.
-    """
-    pts = sorted(
-        (cost / baseline_cost, max(0.0, acc)) for acc, cost in points if cost < baseline_cost
-    )
-    area, height = 0.0, 0.0
-    for k, (cost, acc) in enumerate(pts):
-        height = max(height, acc)
-        right = pts[k + 1][0] if k + 1 < len(pts) else 1.0
-        area += height * (right - cost)
-    return area
 
 
 def hypervolume_history(

@@ -62,7 +62,7 @@ def interrupted_message(config: StudyConfig, run_dir: Path) -> str:
     """What a run interrupted by Ctrl-C says: how many trials are complete."""
     done = "?"
     with contextlib.suppress(Exception):  # the storage may be what was interrupted
-        from rankopt.results.reading import storage_url_of
+        from rankopt.search.layout import storage_url_of
         from rankopt.search.storage import open_storage
 
         url = storage_url_of(config, run_dir)

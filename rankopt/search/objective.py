@@ -30,6 +30,7 @@ from rankopt.deploy.artifacts import save_compressed
 from rankopt.config.schema import StudyConfig
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
+from rankopt.search.layout import write_json
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
 from rankopt.search.space import SearchSpace, TrialPlan
 from rankopt.compression.spectral import SpectralCache, set_default_cache
@@ -144,14 +145,6 @@ class TrialEnv:
 
     def trial_dir(self, number: int) -> Path:
         return self.run_dir / "trials" / str(number)
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=jsonable))
-    tmp.replace(path)
 
 
 def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:

@@ -26,9 +26,9 @@ from rankopt.compression.accounting import count
 from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.results.reading import reference_path
+from rankopt.search.layout import reference_path
 from rankopt.search.artifact_store import ArtifactStore
-from rankopt.search.objective import write_json
+from rankopt.search.layout import write_json
 from rankopt.compression.surgery import LayerInfo
 
 __all__ = [

@@ -34,7 +34,7 @@ from typing import Any
 import optuna
 
 from rankopt.compression.accounting import count
-from rankopt.results.reading import pareto_front_2d
+from rankopt.search.front import pareto_front_2d
 from rankopt.search.objective import TrialEnv, trial_context, write_json
 from rankopt.search.seeding import strategy_point
 

@@ -15,7 +15,6 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rankopt.training.devices import module_device, resolve_device
 from rankopt.core.errors import ConfigError, TrainingDivergedError
+from rankopt.core.types import TrainResult
 
 if TYPE_CHECKING:  # annotations only
     from rankopt.training.distill import Distillation
@@ -47,23 +47,6 @@ ProgressCallback = Callable[[int, int, float], None]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")
-
-
-@dataclass
-class TrainResult:
-    """What one call of :func:`train` did.
-
-    ``losses`` holds the mean training loss (task loss plus ``extra_loss``) of each
-    epoch, the last one possibly partial; ``epochs`` is ``steps / len(loader)``;
-    ``lrs`` the learning rate of the first step of each (partial) epoch.
-    """
-
-    steps: int
-    epochs: float
-    final_loss: float
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    lrs: list[float] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:

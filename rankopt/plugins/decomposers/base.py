@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from rankopt.compression.accounting import Cost
 from rankopt.core.errors import InvalidRanksError, UnsupportedModuleError
+from rankopt.core.types import Cost
 
 __all__ = ["Decomposer"]
 

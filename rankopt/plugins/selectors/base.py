@@ -24,7 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch.nn as nn
 from optuna.distributions import BaseDistribution
@@ -32,11 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rankopt.core.errors import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.compression.accounting import Cost
-    from rankopt.plugins.decomposers.base import Decomposer
-    from rankopt.compression.spectral import SpectralCache
-    from rankopt.compression.surgery import LayerInfo
+from rankopt.core.types import Cost, LayerInfo, SpectralSource
+from rankopt.plugins.decomposers.base import Decomposer
 
 __all__ = [
     "RankSelector", "LayerChoice", "SelectorParams", "clamp_ranks", "describe_constraints", "round_ranks",
@@ -243,7 +240,7 @@ class RankSelector(ABC):
         module: nn.Module,
         decomposer: Decomposer,
         *,
-        cache: SpectralCache | None = None,
+        cache: SpectralSource | None = None,
         name: str | None = None,
         options: Mapping[str, Any] | None = None,
         **params: Any,
@@ -262,7 +259,7 @@ class RankSelector(ABC):
         layers: Sequence[LayerInfo],
         decomposers: Mapping[str, Decomposer],
         *,
-        cache: SpectralCache | None = None,
+        cache: SpectralSource | None = None,
         options: Mapping[str, Mapping[str, Any]] | None = None,
         input_shape: Sequence[int] | None = None,
         **params: Any,

@@ -5,15 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution
 
-if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.compression.surgery import LayerInfo, Spec
-    from rankopt.training.loop import TrainResult
+from rankopt.core.types import LayerInfo, Spec, TrainResult
 
 __all__ = ["Strategy", "TrialContext", "TrialOutcome"]
 
