@@ -55,6 +55,7 @@ from rankopt.compression.surgery import LayerInfo, compress, find_layers
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
+    from rankopt.results.layer_table import LayerTable, inspect_layers
     from rankopt.study import Study, StudyResult, run_study
 
 __version__ = "0.1.0"
@@ -111,6 +112,9 @@ __all__ = [
     "TrainingDivergedError",
     "ArtifactError",
     "ExportError",
+    # inspection
+    "inspect_layers",
+    "LayerTable",
     # deployment
     "densify",
     "export",
@@ -154,6 +158,7 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
 
 _LAZY = {
     "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
+    "inspect_layers": "rankopt.results.layer_table", "LayerTable": "rankopt.results.layer_table",
     "export": "rankopt.deploy.exporting", "fold_batchnorm": "rankopt.deploy.exporting", "densify": "rankopt.deploy.exporting",
 }
 

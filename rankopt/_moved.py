@@ -35,6 +35,7 @@ _MOVES: dict[str, str] = {
     "config_checks": "config.checks",
     "config_sections": "config.sections",
     "config_yaml": "config.yaml_io",
+    "cli.inspect_cmd": "results.layer_table",
     "artifacts": "deploy.artifacts",
     "evaluation": "results.evaluation",
     "report": "results.report",

@@ -188,15 +188,15 @@ def test_pareto_at_80_columns_moves_a_one_valued_fidelity_to_the_caption(monkeyp
     # continued models both hold one value, which fits in the caption
     from rich.console import Console
 
-    import rankopt.cli.study_cmds as study_cmds
+    import rankopt.cli.front_table as front_table
 
     narrow = Console(width=80, record=True, file=io.StringIO())
-    monkeypatch.setattr(study_cmds, "console", narrow)
+    monkeypatch.setattr(front_table, "console", narrow)
     heads = ["trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy", "selector",
              "fidelity", "epochs", "energy.p", "layers"]
     body = [[str(t), "0.9806", "15,186", "741,360", "4.36", "4.85", "finetune", "fixed", "1", "4", "0.7",
              "3/3 layers"] for t in range(25, 32)]
-    narrow.print(study_cmds._fitted_table("front", "accuracy: validation", heads, body, ["energy.p"]))
+    narrow.print(front_table.fitted_table("front", "accuracy: validation", heads, body, ["energy.p"]))
     out = narrow.export_text()
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "0.9806" in out and "741,360" in out and "…" not in out

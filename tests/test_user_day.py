@@ -321,7 +321,7 @@ def test_inspect_warns_on_untrained_weights_and_reads_a_run(run_dir: Path, capsy
     table = json.loads(out)
     assert table["trained"] is True and table["input_shape"] == [1, 1, 8, 8]
     # the reference weights, not a fresh initialization: the spectrum (and so ranks) follow them
-    from rankopt.cli.inspect_cmd import load_run_reference
+    from rankopt.results.layer_table import load_run_reference
 
     model, _, _ = load_run_reference(run_dir)
     saved = torch.load(run_dir / "reference" / "model.pt", weights_only=True)

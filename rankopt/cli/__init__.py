@@ -31,7 +31,7 @@ __all__ = ["app", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "rankopt.cli.study_cmds",
     "rankopt.cli.plugins_cmd",
-    "rankopt.cli.inspect_cmd",
+    "rankopt.cli.inspect_layers_cmd",
     "rankopt.cli.export_cmd",
     "rankopt.cli.user_cmds",
 )

@@ -25,28 +25,6 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     return torch.stack([torch.as_tensor(splits.val[i][0]).float() for i in range(n)])
 
 
-def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], *, runtime: str,
-                   batch: int, threads: int = 1, rounds: int = 15, allow_modules: Any = (),
-                   done: str = "made dense again") -> tuple[Any, dict[str, Any], list[str]]:
-    """``model`` (loaded from ``model_file``) with the layers that run slower factorized
-    than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
-    layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
-    from rankopt.deploy.artifacts import load_base
-    from rankopt.deploy.exporting import densify
-    from rankopt.compression.latency import keep_faster_layers
-    from rankopt.compression.surgery import find_layers
-
-    base = load_base(model_file, allow_modules=allow_modules)
-    spec = payload["spec"]
-    kept, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime,
-                                      threads=threads, repeats=rounds)
-    for name, why in slower.items():
-        console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
-    console.print(f"--keep-faster: {len(slower)} of {len(spec)} decomposed layers {done} "
-                  f"(timed in {runtime} at batch {batch})", highlight=False, soft_wrap=True)
-    return (densify(model, base, slower) if slower else model), kept, sorted(slower)
-
-
 @app.command("export")
 def export_command(
     source: Path = typer.Argument(..., help="A run directory (with --trial) or a model file written by `rankopt pick`."),
@@ -110,8 +88,13 @@ def export_command(
                 f"--keep-faster needs the layers as rankopt built them; {str(model_file)!r} was written "
                 "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
             )
-        model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
-                                     runtime="onnxruntime" if format == "onnx" else "torchscript")
+        from rankopt.deploy.keep_faster import densify_slower
+
+        done = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
+                              runtime="onnxruntime" if format == "onnx" else "torchscript")
+        for line in done.lines():
+            console.print(line, highlight=False, soft_wrap=True)
+        model = done.model
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance

@@ -1,4 +1,5 @@
-"""`rankopt inspect`: the per-layer rank table of a model (the NRMF layer table).
+"""The per-layer rank table of a model (the NRMF layer table): :func:`inspect_layers`,
+which ``rankopt inspect`` prints.
 
 For every Conv2d/Linear layer: S, T, kernel, parameters, and for EVBMF and the energy
 threshold at p = 0.92, 0.95, 0.98 the selected ranks, the decomposer's exact parameter
@@ -12,44 +13,18 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import typer
-from rich.table import Table
+import torch.nn as nn
 
-from rankopt.cli.app import app, console
+from rankopt.core.errors import ConfigError
 
-FORMATS = ("table", "csv", "json")
+__all__ = ["LayerTable", "inspect_layers", "inspect_rows", "load_model", "load_run_reference"]
+
 STUDY_SUFFIXES = (".yaml", ".yml")
 DEFAULT_SAMPLE_SHAPE = (3, 32, 32)
-
-
-def _parse_floats(text: str, what: str) -> list[float]:
-    from rankopt.core.errors import ConfigError
-
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} must be comma-separated numbers like 0.92,0.95,0.98, got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
-        raise ConfigError(f"{what} must be numbers in (0, 1] like 0.92,0.95,0.98, got {text!r}")
-    return values
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    from rankopt.core.errors import ConfigError
-
-    try:
-        shape = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        shape = ()
-    if len(shape) < 2 or any(d < 1 for d in shape):
-        raise ConfigError(
-            f"--input-shape must be positive integers separated by commas, batch first "
-            f"(e.g. 1,3,32,32), got {text!r}"
-        )
-    return shape
 
 
 def _accepts(factory: Any, key: str) -> bool:
@@ -79,7 +54,6 @@ def load_model(
     """
     import torch
 
-    from rankopt.core.errors import ConfigError
     from rankopt.contract.manager import get_registry
 
     kwargs: dict[str, Any] = {}
@@ -156,15 +130,17 @@ def inspect_rows(
     less than ``min_saving`` (a study's ``targets.min_saving``, default 0.1) are
     ``compressed: false`` with the ``reason``.
     """
-    import rankopt
     from rankopt.compression.selection import cost_increase_reason, layer_costs
+    from rankopt.compression.surgery import find_layers
+    from rankopt.contract.manager import get_registry
 
-    dec = rankopt.decomposer(decomposer)
-    methods: list[tuple[str, Any, dict[str, Any]]] = [("vbmf", rankopt.rank_selector("vbmf"), {})]
-    energy = rankopt.rank_selector("energy")
+    registry = get_registry()
+    dec = registry.create("decomposers", decomposer)
+    methods: list[tuple[str, Any, dict[str, Any]]] = [("vbmf", registry.create("rank_selectors", "vbmf"), {})]
+    energy = registry.create("rank_selectors", "energy")
     methods += [(f"energy@{p:g}", energy, {"p": p}) for p in thresholds]
     rows = []
-    for layer in rankopt.find_layers(model, tuple(input_shape)):
+    for layer in find_layers(model, tuple(input_shape)):
         module = model.get_submodule(layer.name)
         row: dict[str, Any] = {
             "layer": layer.name,
@@ -203,7 +179,7 @@ def inspect_rows(
     return [m[0] for m in methods], rows
 
 
-def _totals(model: Any, methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def layer_totals(model: Any, methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {"params": total, "methods": {}}
     for m in methods:
@@ -214,62 +190,6 @@ def _totals(model: Any, methods: Sequence[str], rows: Sequence[Mapping[str, Any]
         )
         out["methods"][m] = {"params": total - saved, "ratio": total / max(total - saved, 1)}
     return out
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
-def _print_table(label: str, shape: Sequence[int], decomposer: str, methods: Sequence[str],
-                 rows: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> None:
-    """The NRMF layer-table layout: a row per layer, then a row per method under it."""
-    table = Table(title=f"{label}: {decomposer} ranks per layer (input {list(shape)})")
-    table.add_column("layer", overflow="fold")
-    for col in ("S", "T", "kernel", "ranks", "params", "ratio"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r["layer"], str(r["S"]), str(r["T"]), "x".join(str(k) for k in r["kernel"]), "", _si(r["params"]), "",
-        )
-        for m in methods:
-            e = r["methods"].get(m)
-            if e is None:
-                continue
-            ratio = f"x{e['ratio']:.2f}" if e["compressed"] and not r.get("dense") else f"x{e['ratio']:.2f} kept full"
-            table.add_row(
-                f"  {m.replace('energy@', 'p=')}", "", "", "", "/".join(str(x) for x in e["ranks"]),
-                _si(e["params"]), ratio,
-            )
-        if "note" in r:
-            table.add_row(f"  ({r['note']})", "", "", "", "", "", "")
-        table.add_section()
-    table.add_row("model", "", "", "", "", _si(totals["params"]), "")
-    for m in methods:
-        t = totals["methods"][m]
-        table.add_row(f"  {m.replace('energy@', 'p=')}", "", "", "", "", _si(t["params"]), f"x{t['ratio']:.2f}")
-    console.print(table)
-
-
-def _csv(methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    header = ["layer", "kind", "S", "T", "kernel", "params", "flops"]
-    for m in methods:
-        header += [f"{m}_ranks", f"{m}_params", f"{m}_flops", f"{m}_ratio", f"{m}_compressed"]
-    writer.writerow(header)
-    for r in rows:
-        line = [r["layer"], r["kind"], r["S"], r["T"], "x".join(str(k) for k in r["kernel"]), r["params"], r["flops"]]
-        for m in methods:
-            e = r["methods"].get(m)
-            line += (
-                ["/".join(str(x) for x in e["ranks"]), e["params"], e["flops"], f"{e['ratio']:.4f}", e["compressed"]]
-                if e else ["", "", "", "", ""]
-            )
-        writer.writerow(line)
-    return buf.getvalue()
 
 
 def _study_weights(source: str) -> bool:
@@ -289,7 +209,7 @@ def load_run_reference(
     import torch
 
     from rankopt.deploy.artifacts import _build_base
-    from rankopt.core.errors import ArtifactError, ConfigError
+    from rankopt.core.errors import ArtifactError
     from rankopt.results.reading import reference_path
 
     metrics_file = reference_path(run_dir)
@@ -320,48 +240,85 @@ def load_run_reference(
     return model.eval(), shape, f"{name} (reference of {run_dir})"
 
 
-@app.command("inspect")
-def inspect_command(
-    model_or_study: str = typer.Argument(
-        ..., help="A registered model name (see `rankopt plugins`), package.module:callable, or a study file."
-    ),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="A state_dict file (loaded with weights_only=True)."),
-    input_shape: Optional[str] = typer.Option(
-        None, "--input-shape", help="Input shape with batch, e.g. 1,3,32,32 (default: the model's own)."
-    ),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes of the model."),
-    format: str = typer.Option("table", "--format", help="Output format: table, csv or json."),
-    decomposer: str = typer.Option("tucker2", "--decomposer", help="The decomposer whose ranks and costs are shown."),
-    thresholds: str = typer.Option("0.92,0.95,0.98", "--thresholds", help="Energy thresholds p, comma-separated."),
-    cache_dir: Optional[Path] = typer.Option(
-        None, "--cache-dir", help="A spectral-cache directory to read and fill (default: memory only)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the model's initialization (without --weights)."),
-    min_in_channels: Optional[int] = typer.Option(
-        None, "--min-in-channels",
-        help="Layers with fewer input channels are kept dense (default: the study file's "
-        "targets.dense_input_channels + 1, else 4 as in a study).",
-    ),
-    min_saving: Optional[float] = typer.Option(
-        None, "--min-saving",
-        help="Ranks saving less than this share of a layer's params or FLOPs leave it dense "
-        "(default: the study file's targets.min_saving, else 0.1 as in a study).",
-    ),
-) -> None:
-    """Show each layer's shape, EVBMF and energy-threshold ranks, and their compression."""
-    from rankopt.core.errors import ConfigError
+@dataclass
+class LayerTable:
+    """What :func:`inspect_layers` found: one row per compressible layer (``layers``), the
+    whole model under each method (``total``), and where the model came from."""
+
+    label: str
+    trained: bool
+    input_shape: tuple[int, ...]
+    decomposer: str
+    methods: list[str]
+    layers: list[dict[str, Any]]
+    total: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form ``rankopt inspect --format json`` prints."""
+        return {
+            "model": self.label, "trained": self.trained, "input_shape": list(self.input_shape),
+            "decomposer": self.decomposer, "methods": self.methods, "layers": self.layers, "total": self.total,
+        }
+
+    def to_csv(self) -> str:
+        """One line per layer, five columns per method (``rankopt inspect --format csv``)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        header = ["layer", "kind", "S", "T", "kernel", "params", "flops"]
+        for m in self.methods:
+            header += [f"{m}_ranks", f"{m}_params", f"{m}_flops", f"{m}_ratio", f"{m}_compressed"]
+        writer.writerow(header)
+        for r in self.layers:
+            line = [r["layer"], r["kind"], r["S"], r["T"], "x".join(str(k) for k in r["kernel"]), r["params"], r["flops"]]
+            for m in self.methods:
+                e = r["methods"].get(m)
+                line += (
+                    ["/".join(str(x) for x in e["ranks"]), e["params"], e["flops"], f"{e['ratio']:.4f}", e["compressed"]]
+                    if e else ["", "", "", "", ""]
+                )
+            writer.writerow(line)
+        return buf.getvalue()
+
+
+def inspect_layers(
+    source: str | Path | nn.Module,
+    *,
+    weights: Path | None = None,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    decomposer: str = "tucker2",
+    thresholds: Sequence[float] = (0.92, 0.95, 0.98),
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    min_in_channels: int | None = None,
+    min_saving: float | None = None,
+) -> LayerTable:
+    """Each compressible layer's shape, its EVBMF and energy-threshold ranks, and what they save.
+
+    ``source``: an ``nn.Module``, a registered model name, ``package.module:callable``, a
+    study file, or a run directory (its trained reference). ``min_in_channels`` and
+    ``min_saving`` default to the study file's targets, else to a study's defaults (4 and
+    0.1). A random (untrained) model says little: ``trained`` tells which it was.
+
+    Example::
+
+        table = rankopt.inspect_layers("resnet20", input_shape=(1, 3, 32, 32))
+        table.layers[0]["methods"]["vbmf"]["ranks"]
+    """
     from rankopt.compression.spectral import SpectralCache, get_default_cache
 
-    if format not in FORMATS:
-        raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")
     if num_classes is not None and num_classes < 1:
-        raise ConfigError(f"--num-classes must be a positive integer, got {num_classes}")
-    ps = _parse_floats(thresholds, "--thresholds")
-    shape = _parse_shape(input_shape) if input_shape is not None else None
-    if model_or_study.endswith(STUDY_SUFFIXES) and (min_in_channels is None or min_saving is None):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes}")
+    ps = [float(p) for p in thresholds]
+    if not ps or any(not 0.0 < p <= 1.0 for p in ps):
+        raise ConfigError(f"thresholds must be numbers in (0, 1] like 0.92,0.95,0.98, got {list(thresholds)}")
+    if input_shape is not None and (len(input_shape) < 2 or any(int(d) < 1 for d in input_shape)):
+        raise ConfigError(f"input_shape must be positive integers, batch first (e.g. 1,3,32,32), got {input_shape}")
+    text = str(source) if not isinstance(source, nn.Module) else ""
+    if text.endswith(STUDY_SUFFIXES) and (min_in_channels is None or min_saving is None):
         from rankopt.config.schema import load_config
 
-        study_targets = load_config(model_or_study, check_paths=False).targets
+        study_targets = load_config(text, check_paths=False).targets
         if min_in_channels is None:
             min_in_channels = study_targets.dense_input_channels + 1
         if min_saving is None:
@@ -372,42 +329,27 @@ def inspect_command(
         min_saving = TargetsConfig().min_saving  # a study's default
     min_in_channels = 4 if min_in_channels is None else min_in_channels
     if min_in_channels < 1:
-        raise ConfigError(f"--min-in-channels must be an integer >= 1, got {min_in_channels}")
+        raise ConfigError(f"min_in_channels must be an integer >= 1, got {min_in_channels}")
     if not 0 <= min_saving < 1:
-        raise ConfigError(f"--min-saving must be a number in [0, 1), got {min_saving}")
-    import rankopt
+        raise ConfigError(f"min_saving must be a number in [0, 1), got {min_saving}")
+    from rankopt.contract.manager import get_registry
 
-    rankopt.decomposer(decomposer)  # an unknown name fails before any work
-    if Path(model_or_study).is_dir():
-        model, shape, label = load_run_reference(Path(model_or_study), weights=weights, input_shape=shape)
+    get_registry().create("decomposers", decomposer)  # an unknown name fails before any work
+    if isinstance(source, nn.Module):
+        model = source.eval()
+        shape = tuple(input_shape or (1, *DEFAULT_SAMPLE_SHAPE))
+        label, trained = type(source).__name__, True
+    elif Path(text).is_dir():
+        model, shape, label = load_run_reference(Path(text), weights=weights, input_shape=input_shape)
         trained = True
     else:
         model, shape, label = load_model(
-            model_or_study, weights=weights, num_classes=num_classes, input_shape=shape, seed=seed
+            text, weights=weights, num_classes=num_classes, input_shape=input_shape, seed=seed
         )
-        trained = weights is not None or _study_weights(model_or_study)
-    if not trained and format == "table":  # json says it in "trained"; csv stays a plain table
-        from rankopt.cli.app import err_console
-
-        err_console.print(
-            f"warning: {label} has untrained (randomly initialized) weights, whose spectra are "
-            "nearly flat: VBMF and energy ranks say little about a trained model; give "
-            "--weights, a study file with reference.weights, or a run directory",
-            highlight=False,
-        )
+        trained = weights is not None or _study_weights(text)
     cache = SpectralCache(cache_dir) if cache_dir is not None else get_default_cache()
     methods, rows = inspect_rows(
         model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels,
         min_saving=min_saving,
     )
-    totals = _totals(model, methods, rows)
-    if format == "json":
-        out = {
-            "model": label, "trained": trained, "input_shape": list(shape), "decomposer": decomposer,
-            "methods": methods, "layers": rows, "total": totals,
-        }
-        typer.echo(json.dumps(out, indent=2))
-    elif format == "csv":
-        typer.echo(_csv(methods, rows), nl=False)
-    else:
-        _print_table(label, shape, decomposer, methods, rows, totals)
+    return LayerTable(label, trained, tuple(shape), decomposer, methods, rows, layer_totals(model, methods, rows))
