@@ -299,12 +299,9 @@ def runtimes_main(args: argparse.Namespace) -> None:
         + speeds + "\n\nLatency-objective study on ResNet-20 (objectives accuracy, latency; "
         "runtime onnxruntime, batch 1; rank_multiple 8; keep_faster_layers in ORT):\n\n" + study
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, command)
+    report("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, args.record)
 
 
 SWEEP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -343,12 +340,9 @@ def saving_sweep(args: argparse.Namespace) -> None:
             f"ceil(f * channels); one thread, process CPU time, interleaved, medians of "
             f"{args.rounds} rounds; load average {load} before, "
             + "%.2f, %.2f, %.2f" % os.getloadavg() + " after.\n\n" + markdown_table(header, rows))
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, command)
+    report("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, args.record)
 
 
 def main() -> None:

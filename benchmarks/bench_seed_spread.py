@@ -141,12 +141,9 @@ def main() -> None:
         + markdown_table(["setting", "model", "ranks", "params", "compression", "accuracy per seed",
                           "mean ± sd", "line", "seeds at or above the line"], rows)
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Training-seed spread of the models at the 1-point line (issue 18)", text, command)
+    report("Training-seed spread of the models at the 1-point line (issue 18)", text, args.record)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ _moved.install()  # the module paths of the flat layout keep working, with a Dep
 
 from rankopt.compression.accounting import Cost, count
 from rankopt.deploy.artifacts import load_compressed, save_compressed
+from rankopt.core.errors import __all__ as _ERRORS
 from rankopt.core.errors import (
     ArtifactError,
     ConfigError,
@@ -39,7 +40,8 @@ from rankopt.training.distill import Distillation
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.contract.manager import get_registry, register_plugin, reset_registry
 from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.plugins.decomposers.base import Decomposer, InputHW
+from rankopt.plugins.decomposers.base import Options as DecomposerOptions
 from rankopt.plugins.selectors.base import LayerChoice, RankSelector
 from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import (
@@ -89,6 +91,8 @@ __all__ = [
     # plugin authoring
     "hookimpl",
     "Decomposer",
+    "DecomposerOptions",
+    "InputHW",
     "RankSelector",
     "LayerChoice",
     "Strategy",
@@ -100,18 +104,8 @@ __all__ = [
     "StrategyInfo",
     "ModelInfo",
     "DatasetInfo",
-    # errors
-    "RankoptError",
-    "ConfigError",
-    "UnknownNameError",
-    "DuplicateNameError",
-    "PluginError",
-    "UnsupportedModuleError",
-    "InvalidRanksError",
-    "DecompositionError",
-    "TrainingDivergedError",
-    "ArtifactError",
-    "ExportError",
+    # errors: every class of rankopt.core.errors
+    *_ERRORS,
     # inspection
     "inspect_layers",
     "LayerTable",
@@ -119,7 +113,6 @@ __all__ = [
     "densify",
     "export",
     "fold_batchnorm",
-    "StudyInterrupted",
 ]
 
 

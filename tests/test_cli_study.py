@@ -14,27 +14,14 @@ import yaml
 import rankopt
 from rankopt.cli import main
 from rankopt.results.reading import StudyResult
+from study_support import tiny_cli_study
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("cli")
     study_file = base / "tiny.yaml"
-    study_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-                "data": {"name": "digits", "batch_size": 128},
-                "reference": {"epochs": 1, "lr": 0.05},
-                "decomposers": ["tucker2", "svd"],
-                "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}, "fixed": {}},
-                "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-                "sampler": {"name": "random", "seed": 1},
-                "trials": 2,
-            }
-        )
-    )
+    study_file.write_text(yaml.safe_dump(tiny_cli_study()))
     out = base / "run"
     assert main(["run", str(study_file), "--run-dir", str(out), "--trials", "4", "--quiet"]) == 0
     return out

@@ -23,22 +23,13 @@ from rankopt.search.fidelity import promotion_order
 from rankopt.search.seeding import UNIFORM_RATES, uniform_proposals, uniform_rate_point
 from rankopt.search.space import SearchSpace
 from rankopt.training.loop import make_loader, train
+from study_support import RANDOM, small_study
 
 
 def study(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "name": "compute",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2"],
-        "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
-        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.01}},
-        "sampler": {"name": "random", "seed": 0},
-        "run_dir": str(tmp_path / "run"),
-    }
-    config.update(changes)
-    return config
+    return small_study("compute", tmp_path, **{"selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
+                                                "strategies": {"finetune": {"epochs": 0.2, "lr": 0.01}}, "sampler": RANDOM,
+                                                **changes})
 
 
 # -- 1. no repeated work --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import rankopt
 from rankopt.deploy.artifacts import load_compressed, read_compressed
 from rankopt.cli import main
 from rankopt.results.reading import StudyResult
+from study_support import small_study
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[deploy]') is not installed")
 
@@ -22,25 +23,12 @@ pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[d
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("latency")
     study_file = base / "lat.yaml"
-    study_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "lat",
-                "model": {"name": "small_cnn", "kwargs": {"width": 16}},
-                "data": {"name": "digits", "batch_size": 128},
-                "reference": {"epochs": 1, "lr": 0.05},
-                "decomposers": ["tucker2"],
-                "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.6}}},
-                "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
-                "objectives": ["accuracy", "latency"],
-                "latency": {"runtime": "onnxruntime", "batch": 4, "threads": 1, "rounds": 5},
-                "keep_faster_layers": True,
-                "sampler": {"name": "random", "seed": 2},
-                "trials": 3,
-                "device": "cpu",
-            }
-        )
-    )
+    latency = {"runtime": "onnxruntime", "batch": 4, "threads": 1, "rounds": 5}
+    study_file.write_text(yaml.safe_dump(small_study("lat", **{
+        "model": {"name": "small_cnn", "kwargs": {"width": 16}}, "data": {"name": "digits", "batch_size": 128},
+        "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.6}}}, "latency": latency, "trials": 3,
+        "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}}, "objectives": ["accuracy", "latency"],
+        "keep_faster_layers": True, "sampler": {"name": "random", "seed": 2}, "device": "cpu"})))
     out = base / "run"
     assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
     return out

@@ -12,7 +12,10 @@ import torch.nn as nn
 from rankopt.core.errors import InvalidRanksError, UnsupportedModuleError
 from rankopt.core.types import Cost
 
-__all__ = ["Decomposer"]
+__all__ = ["Decomposer", "Options", "InputHW"]
+
+Options = Mapping[str, Any] | None  # a layer's decomposer options, as the spec holds them
+InputHW = Sequence[int] | None  # the spatial size of a layer's input (None for Linear)
 
 
 class Decomposer(ABC):
@@ -96,7 +99,6 @@ class Decomposer(ABC):
         return ranks
 
     # -- the work ------------------------------------------------------------------
-    @abstractmethod
     def cost(
         self,
         module: nn.Module,
@@ -104,9 +106,18 @@ class Decomposer(ABC):
         input_hw: Sequence[int] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> Cost:
-        """Exact params and FLOPs (one sample) of the module :meth:`build` would return."""
+        """Exact params and FLOPs (one sample) of the module :meth:`build` would return.
 
-    @abstractmethod
+        Checks ``module`` and ``ranks`` (:meth:`check_module`, :meth:`check_ranks`), then
+        calls :meth:`checked_cost`, which a decomposer implements.
+        """
+        self.check_module(module)
+        return self.checked_cost(module, self.check_ranks(module, ranks, options=options), input_hw, options)
+
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
+        """:meth:`cost` of a supported ``module`` at valid ``ranks``."""
+        raise NotImplementedError(f"decomposer {self.name!r} implements neither cost nor checked_cost")
+
     def build(
         self,
         module: nn.Module,
@@ -115,7 +126,17 @@ class Decomposer(ABC):
         options: Mapping[str, Any] | None = None,
         initialize: bool = True,
     ) -> nn.Module:
-        """The factorized module; from ``module``'s weights when ``initialize``, else shapes only."""
+        """The factorized module; from ``module``'s weights when ``initialize``, else shapes only.
+
+        Checks ``module`` and ``ranks``, then calls :meth:`checked_build`, which a
+        decomposer implements.
+        """
+        self.check_module(module)
+        return self.checked_build(module, self.check_ranks(module, ranks, options=options), options, initialize)
+
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
+        """:meth:`build` of a supported ``module`` at valid ``ranks``."""
+        raise NotImplementedError(f"decomposer {self.name!r} implements neither build nor checked_build")
 
     @abstractmethod
     def project(
