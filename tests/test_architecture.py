@@ -208,3 +208,12 @@ def test_the_old_modules_that_became_packages_keep_their_names() -> None:
     from rankopt.deploy import densify, export, fold_batchnorm  # noqa: F401
     from rankopt.results import StudyResult, pareto_front_2d  # noqa: F401
     from rankopt.training import TrainResult, evaluate, train  # noqa: F401
+
+
+def test_the_command_line_is_thin() -> None:
+    # parse, call one public function, render: no command module grows a domain layer again
+    sizes = {p.name: len(p.read_text().splitlines()) for p in (PACKAGE / "cli").glob("*.py")}
+    assert max(sizes.values()) <= 250, sizes
+    import rankopt
+
+    assert callable(rankopt.inspect_layers) and "inspect_layers" in rankopt.__all__
