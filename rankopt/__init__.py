@@ -39,11 +39,11 @@ from rankopt.core.errors import (
 from rankopt.training.distill import Distillation
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.contract.manager import get_registry, register_plugin, reset_registry
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.plugins.decomposers.base import Decomposer, InputHW
-from rankopt.plugins.decomposers.base import Options as DecomposerOptions
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.contract.decomposer import Decomposer, InputHW
+from rankopt.contract.decomposer import Options as DecomposerOptions
+from rankopt.contract.selector import LayerChoice, RankSelector
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import (
     DatasetInfo,
     DecomposerInfo,

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from rankopt.config.schema import StudyConfig, config_to_yaml, load_config
 from rankopt.core.errors import ConfigError, StudyInterrupted
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.results.reading import STUDY_FILE, StudyResult
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message

@@ -24,7 +24,7 @@ from optuna.distributions import CategoricalDistribution
 from rankopt.core.errors import DecompositionError, PluginError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers.svd import SVDDecomposer
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import DecomposerInfo, StrategyInfo
 from study_support import RANDOM, small_study
 

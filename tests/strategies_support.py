@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.training.loop import make_loader, seed_everything, train
 from rankopt.training.trial import LocalTrialContext
 

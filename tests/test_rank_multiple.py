@@ -11,7 +11,7 @@ import torch.nn as nn
 import rankopt
 from rankopt.config.schema import load_config
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.selectors.base import round_ranks
+from rankopt.contract.selector import round_ranks
 from rankopt.search.space import SearchSpace
 from rankopt.compression.selection import select_spec
 from rankopt.training.trial import LocalTrialContext

@@ -25,7 +25,7 @@ from rankopt.config.schema import load_config
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.contract.manager import reset_registry
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 from reliability_support import cli_command, sqlite_states, storage_trials, wait_for
 

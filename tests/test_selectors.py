@@ -14,7 +14,7 @@ from optuna.distributions import FloatDistribution
 import rankopt
 from rankopt.compression.accounting import Cost
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import energy_rank
 from rankopt.compression.selection import select_spec, selector_search_space
 from rankopt.compression.spectral import SpectralCache

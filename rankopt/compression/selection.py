@@ -26,8 +26,8 @@ from optuna.distributions import BaseDistribution
 
 from rankopt.compression.accounting import Cost, layer_cost
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector, round_ranks
+from rankopt.contract.decomposer import Decomposer
+from rankopt.contract.selector import LayerChoice, RankSelector, round_ranks
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo, Spec, get_submodule
 
@@ -192,7 +192,7 @@ def select_spec(
         input_shape: the model's input, batch included; global selectors that price
             FLOPs of the whole model (``budget``) need it, the others ignore it.
         rank_multiple: every selected rank is rounded to a multiple of this (or the
-            layer's largest rank), see :func:`~rankopt.plugins.selectors.base.round_ranks`.
+            layer's largest rank), see :func:`~rankopt.contract.selector.round_ranks`.
         min_in_channels: layers with fewer input channels stay full (a 3-channel stem
             saves almost nothing and costs an extra op); 1 considers every layer.
             Studies default to 4.

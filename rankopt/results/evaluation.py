@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 
 __all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
            "evaluate_trials"]

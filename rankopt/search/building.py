@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from rankopt.config.schema import StudyConfig, import_model_factory
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.compression.surgery import LayerInfo, find_layers
 
 __all__ = ["build_model", "find_targets", "thin_conv"]

@@ -28,7 +28,7 @@ import torch.nn as nn
 from rankopt.compression.accounting import count
 from rankopt.deploy.artifacts import save_compressed
 from rankopt.config.schema import StudyConfig
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.layout import write_json
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key

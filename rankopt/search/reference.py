@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from rankopt.compression.accounting import count
 from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.search.layout import reference_path
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.layout import write_json

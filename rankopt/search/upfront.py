@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.compression.surgery import LayerInfo
 
 __all__ = [

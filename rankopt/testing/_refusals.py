@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.core.errors import UnsupportedModuleError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.testing._core import CheckFailed, Checks, require
 from rankopt.testing.samples import SampleLayer, unsupported_probes
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from rankopt.compression.accounting import Cost, count_flops
 from rankopt.core.errors import ConfigError, InvalidRanksError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.core.records import NAME_PATTERN
 from rankopt.testing._core import (
     CheckFailed,

@@ -16,8 +16,8 @@ from optuna.distributions import (
 )
 
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import RankSelector
+from rankopt.contract.decomposer import Decomposer
+from rankopt.contract.selector import RankSelector
 from rankopt.core.records import NAME_PATTERN
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import find_layers

@@ -10,7 +10,7 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution
 
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import NAME_PATTERN
 from rankopt.compression.surgery import compress, normalize_spec
 from rankopt.testing._core import (

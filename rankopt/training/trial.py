@@ -23,8 +23,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.plugins.selectors.base import LayerChoice
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.contract.selector import LayerChoice
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo, Spec, find_layers
 from rankopt.compression.surgery import compress as compress_model

@@ -14,7 +14,7 @@ from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.datasets._arrays import split_indices
 from rankopt.plugins.datasets._params import check_fraction, check_positive_int, checked_params
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.core.records import DatasetInfo
 
 __all__ = ["load_imagefolder_splits", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -40,7 +40,7 @@ from rankopt.plugins.decomposers._tiles import (
     tiled_factors,
     tiled_project,
 )
-from rankopt.plugins.decomposers.base import Decomposer, InputHW, Options
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
 from rankopt.core.records import DecomposerInfo
 from rankopt.compression.spectral import get_default_cache
 

@@ -42,7 +42,7 @@ from rankopt.plugins.decomposers._layers import (
     tensorly_torch,
     validate_weight_ranks,
 )
-from rankopt.plugins.decomposers.base import Decomposer, InputHW, Options
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
 from rankopt.core.records import DecomposerInfo
 
 __all__ = ["TTConv2d", "TTDecomposer", "balanced_factors", "tt_max_ranks", "tt_usable_ranks"]

@@ -38,7 +38,7 @@ from rankopt.plugins.decomposers._layers import (
     thin_svd,
     validate_weight_ranks,
 )
-from rankopt.plugins.decomposers.base import Decomposer, InputHW, Options
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
 from rankopt.core.records import DecomposerInfo
 from rankopt.compression.spectral import get_default_cache
 

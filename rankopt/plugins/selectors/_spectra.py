@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.selectors.base import RankSelector, clamp_ranks
+from rankopt.contract.selector import RankSelector, clamp_ranks
 from rankopt.compression.spectral import SpectralCache, get_default_cache
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.plugins.decomposers.base import Decomposer
+    from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
     "MatrixSpectrum",

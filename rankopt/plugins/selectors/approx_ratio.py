@@ -12,7 +12,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field, model_validator
 
 from rankopt.contract.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import (
     RELATIVE_TOLERANCE,
     MatrixSpectrum,
@@ -20,7 +20,7 @@ from rankopt.plugins.selectors._spectra import (
     layer_weight,
     tail_fractions,
 )
-from rankopt.plugins.selectors.base import SelectorParams
+from rankopt.contract.selector import SelectorParams
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.surgery import LayerInfo
 

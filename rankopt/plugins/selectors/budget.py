@@ -17,14 +17,14 @@ from pydantic import Field
 from rankopt.compression.accounting import count_flops
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import (
     RELATIVE_TOLERANCE,
     SpectralRankSelector,
     layer_spectra,
     tail_fractions,
 )
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector, SelectorParams
+from rankopt.contract.selector import LayerChoice, RankSelector, SelectorParams
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.selection import cost_increase_reason, layer_costs
 from rankopt.compression.spectral import SpectralCache

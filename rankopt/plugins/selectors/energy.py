@@ -10,7 +10,7 @@ from pydantic import Field
 
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.selectors._spectra import MatrixSpectrum, SpectralRankSelector, energy_rank
-from rankopt.plugins.selectors.base import SelectorParams
+from rankopt.contract.selector import SelectorParams
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.surgery import LayerInfo
 

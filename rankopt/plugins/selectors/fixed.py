@@ -12,8 +12,8 @@ from pydantic import Field, field_validator
 
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import RankSelector, SelectorParams, ceil_fraction, clamp_ranks
+from rankopt.contract.decomposer import Decomposer
+from rankopt.contract.selector import RankSelector, SelectorParams, ceil_fraction, clamp_ranks
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo

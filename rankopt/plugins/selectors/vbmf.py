@@ -43,7 +43,7 @@ from scipy.optimize import brentq, minimize_scalar
 
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.selectors._spectra import MatrixSpectrum, SpectralRankSelector
-from rankopt.plugins.selectors.base import SelectorParams, ceil_fraction
+from rankopt.contract.selector import SelectorParams, ceil_fraction
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.surgery import LayerInfo
 

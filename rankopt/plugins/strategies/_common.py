@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from rankopt.training.distill import DISTILL_DEFAULTS, check_distill_params
 from rankopt.core.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
     "check_number",

@@ -34,7 +34,7 @@ from rankopt.plugins.strategies._common import (
     check_number,
     spec_layers,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 
 __all__ = ["ADMMStrategy", "ADMMState"]

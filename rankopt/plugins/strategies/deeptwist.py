@@ -33,7 +33,7 @@ from rankopt.plugins.strategies._common import (
     distill_params,
     spec_layers,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 
 __all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort"]

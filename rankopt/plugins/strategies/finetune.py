@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import DISTILL_DEFAULTS, distill_params
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 
 __all__ = ["FineTuneStrategy"]

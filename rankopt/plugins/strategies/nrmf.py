@@ -44,7 +44,7 @@ from rankopt.plugins.strategies._common import (
     check_number,
     distill_params,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 
 __all__ = ["NuclearNormStrategy", "nuclear_norm_penalty"]

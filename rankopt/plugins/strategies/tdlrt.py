@@ -39,7 +39,7 @@ from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import check_choice, check_int, check_number
 from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, tucker2_convs
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 from rankopt.compression.surgery import set_submodule
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from rankopt.core.errors import ConfigError
 
 from rankopt.core.types import Cost, LayerInfo, SpectralSource
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
     "RankSelector", "LayerChoice", "SelectorParams", "clamp_ranks", "describe_constraints", "round_ranks",
