@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rankopt"
 ROOT = "(root)"
 LAYERS = (
     "core",  # records, errors, the small data types the contract names
-    "contract",  # hookspecs, the plugin manager, the base classes (plugins/<family>/base.py)
+    "contract",  # hookspecs, the plugin manager, the base classes of the plugin families
     "compression",  # surgery, accounting, the spectral cache, rank selection, latency
     "training",  # the loop, distillation, the trial context, devices
     "plugins",  # the built-in methods
@@ -55,9 +55,6 @@ def layer_of(module: str) -> int:
         return TOP
     if len(parts) == 1 or parts[1] not in LAYERS:
         return LAYERS.index(ROOT)
-    if parts[1] == "plugins" and (len(parts) <= 3 or parts[3] == "base"):
-        # rankopt.plugins, rankopt.plugins.<family> and its base class: the contract
-        return LAYERS.index("contract")
     return LAYERS.index(parts[1])
 
 
@@ -182,7 +179,7 @@ def test_the_checks_catch_a_circle_and_an_upward_import() -> None:
     # the checks themselves can fail: a two-module ring, and core importing the cli
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert layer_of("rankopt.core.errors") < layer_of("rankopt.cli.app")
-    assert layer_of("rankopt.plugins.decomposers.base") == LAYERS.index("contract")
+    assert layer_of("rankopt.contract.decomposer") == LAYERS.index("contract")
     assert layer_of("rankopt.plugins.decomposers.cp") == LAYERS.index("plugins")
 
 

@@ -1,7 +1,8 @@
 """The plugin manager: built-ins from an explicit tuple, third parties from entry points.
 
 Built-ins are registered from :data:`rankopt.plugins.BUILTIN_PLUGINS` (as pytest,
-tox and datasette do); third-party plugins come from the ``rankopt`` entry-point
+tox and datasette do), read by name like every plugin module: the built-in methods sit
+in a layer above this one, which imports nothing of theirs; third-party plugins come from the ``rankopt`` entry-point
 group unless ``RANKOPT_DISABLE_PLUGIN_AUTOLOAD=1``. A plugin that fails to import,
 raises inside a hook or returns an invalid record is recorded as a
 :class:`PluginFailure` with its distribution and reason; the others keep working.
@@ -109,18 +110,21 @@ def _rankopt_version() -> str:
         return "0+unknown"
 
 
+BUILTIN_PACKAGE = "rankopt.plugins"  # its BUILTIN_PLUGINS: the built-in modules, by name
+
+
 class Registry:
     """All registered plugins, their records by family, and what failed."""
 
     def __init__(self, *, autoload: bool | None = None, extra: Iterable[Any] = ()) -> None:
-        from rankopt.plugins import BUILTIN_PLUGINS
+        builtins: tuple[str, ...] = importlib.import_module(BUILTIN_PACKAGE).BUILTIN_PLUGINS
 
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self._sources: dict[str, Source] = {}
         version = _rankopt_version()
-        for modname in BUILTIN_PLUGINS:
+        for modname in builtins:
             # a broken built-in is our bug: let it raise
             module = importlib.import_module(modname)
             self._register(module, Source(modname, "rankopt", version, True))
