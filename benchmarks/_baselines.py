@@ -173,8 +173,8 @@ def reference_weights(setting: Setting, out: Path, device: str) -> Path:
     import torch
 
     import rankopt
-    from rankopt.devices import resolve_device
-    from rankopt.training import make_loader, seed_everything, train
+    from rankopt.training.devices import resolve_device
+    from rankopt.training.loop import make_loader, seed_everything, train
 
     path = out / setting.key / "reference.pt"
     if path.is_file():
@@ -220,7 +220,7 @@ def _hand_space(config: dict[str, Any]) -> tuple[Any, Any]:
     """The search space of a hand method's study and its (untrained) model; the targets
     are the study's, thin first convs left out as the study leaves them."""
     import rankopt
-    from rankopt.config import load_config
+    from rankopt.config.schema import load_config
     from rankopt.search.space import SearchSpace
     from rankopt.search.building import thin_conv
 
@@ -355,7 +355,7 @@ class MethodFigures:
 def figures(method: str, records: Sequence[Any], baseline: dict[str, Any], seconds: float,
             tolerance: float = 0.01) -> MethodFigures:
     """Hypervolumes (normalized by the baseline) and the cheapest models within ``tolerance``."""
-    from rankopt.results import hypervolume_2d
+    from rankopt.results.reading import hypervolume_2d
 
     spent = sum(getattr(r, "train_epochs", 0.0) for r in records)
     repeats = sum(getattr(r, "repeat_of", None) is not None for r in records)

@@ -8,6 +8,7 @@ import platform
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -56,3 +57,28 @@ def record(title: str, table_markdown: str, command: str) -> None:
             text = text[: m.start()] + text[m.end():]
         text = text[: found[0].start()] + section + "\n" + text[found[0].end():]
     RESULTS.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def report(title: str, text: str, write: bool, command: str | None = None) -> None:
+    """Print a benchmark's text and, when ``write``, record it as the section ``title``
+    (``command`` defaults to this run's own command line): every bench script ends here."""
+    print(text)
+    if write:
+        record(title, text, command or invocation())
+
+
+def mnist_splits(train_images: int, val_images: int = 2000) -> Any:
+    """MNIST from ``../shared/data`` (the first ``train_images`` training and ``val_images``
+    test images, normalized), with one torch thread; None, saying so, when the archives are
+    absent (the benchmark is then skipped)."""
+    import torch
+
+    import rankopt
+
+    data = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    if not (data / "mnist_train.npz").is_file():
+        print(f"skipped: MNIST archives not found in {data.resolve()} (see ../shared/data/README.md)")
+        return None
+    torch.set_num_threads(1)  # the machine is shared; one thread is faster and steadier here
+    return rankopt.dataset("npz", train="mnist_train.npz", val="mnist_test.npz", root=str(data),
+                           limit={"train": train_images, "val": val_images}, mean=0.1307, std=0.3081)

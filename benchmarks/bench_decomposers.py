@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record  # noqa: E402
 
 import rankopt  # noqa: E402
-from rankopt.accounting import layer_cost  # noqa: E402
-from rankopt.spectral import SpectralCache, set_default_cache  # noqa: E402
-from rankopt.surgery import find_layers  # noqa: E402
+from rankopt.compression.accounting import layer_cost  # noqa: E402
+from rankopt.compression.spectral import SpectralCache, set_default_cache  # noqa: E402
+from rankopt.compression.surgery import find_layers  # noqa: E402
 
 DECOMPOSERS = ("tucker2", "cp", "tt", "svd")
 # (S, T, output H = W, stride) of the 3x3 convs of a CIFAR ResNet-18 at a 32x32 input

@@ -33,10 +33,9 @@ import rankopt  # noqa: E402
 from rankopt.plugins.selectors._spectra import energy_rank  # noqa: E402
 from rankopt.plugins.strategies._common import channel_unfoldings  # noqa: E402
 from rankopt.plugins.strategies.nrmf import nuclear_norm_penalty  # noqa: E402
-from rankopt.training import evaluate, make_loader, seed_everything, train  # noqa: E402
+from rankopt.training.loop import evaluate, make_loader, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[0] / ".." / "shared" / "data"
 FIGURE = HERE / "figures" / "nrmf_mnist_singular_values.png"
 LAYER = "conv3"  # the extra 3x3 128 -> 256 conv
 CONVS = ["conv1", "conv2", "conv3"]
@@ -156,25 +155,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.train_images, args.epochs, args.record_every = 1000, 0.5, 4
-    if not (DATA / "mnist_train.npz").is_file():
-        print(f"skipped: MNIST archives not found in {DATA.resolve()} (see ../shared/data/README.md)")
+    from _record import mnist_splits
+
+    splits = mnist_splits(args.train_images)
+    if splits is None:
         return 0
-    torch.set_num_threads(1)  # the machine is shared; one thread is faster and steadier here
-    splits = rankopt.dataset(
-        "npz", train="mnist_train.npz", val="mnist_test.npz", root=str(DATA),
-        limit={"train": args.train_images, "val": 2000}, mean=0.1307, std=0.3081,
-    )
     results = [run(alpha, splits, args) for alpha in (0.0, args.alpha)]
     plot(results)
     table = tables(results, args)
-    print(table)
-    if not args.quick:
-        from _record import record
+    from _record import report
 
-        command = ".venv/bin/python benchmarks/bench_nrmf_mnist.py" + (
-            " " + " ".join(argv) if argv else ""
-        )
-        record("NRMF on MNIST: singular values with and without the regularizer", table, command)
+    report("NRMF on MNIST: singular values with and without the regularizer", table, not args.quick,
+           " ".join([".venv/bin/python benchmarks/bench_nrmf_mnist.py", *argv]))
     return 0
 
 

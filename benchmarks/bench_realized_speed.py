@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
 from _baselines import markdown_table, picked_models, settings  # noqa: E402
-from rankopt.artifacts import load_compressed  # noqa: E402
-from rankopt.surgery import LayerInfo  # noqa: E402
+from rankopt.deploy.artifacts import load_compressed  # noqa: E402
+from rankopt.compression.surgery import LayerInfo  # noqa: E402
 
 DEFAULT_OUT = Path("runs") / "bench_front_quality"
 BATCHES = (1, 32)
@@ -124,10 +124,10 @@ def runtime_speeds(reference: nn.Module, model: nn.Module, shape: tuple[int, ...
     """Speed-ups of ``model`` over ``reference`` in eager and in ONNX Runtime (1 thread).
 
     All four callables (reference and model, eager and ORT) are timed in one interleaved
-    loop on process CPU time (``rankopt.latency.time_interleaved``), so load changes on
+    loop on process CPU time (``rankopt.compression.latency.time_interleaved``), so load changes on
     the shared machine hit them alike.
     """
-    from rankopt.latency import runtime_callable, time_interleaved
+    from rankopt.compression.latency import runtime_callable, time_interleaved
 
     x = torch.zeros(shape)
     fns = [runtime_callable(m, x, rt, threads=1) for rt in ("eager", "onnxruntime") for m in (reference, model)]
@@ -139,7 +139,7 @@ def runtime_speeds(reference: nn.Module, model: nn.Module, shape: tuple[int, ...
 def fixed_fraction_model(reference: nn.Module, shape: tuple[int, ...], fraction: float, multiple: int) -> tuple[nn.Module, int]:
     """``reference`` with tucker2 at ``fraction`` of each conv's ranks (stems of <= 3 channels
     and 1x1 convs left dense, as a study does), ranks rounded to ``multiple``; and its FLOPs."""
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
 
     layers = rankopt.find_layers(reference, shape)
     convs = {la.name: "tucker2" for la in layers if la.kind == "conv2d" and tuple(la.kernel_size) != (1, 1)}
@@ -150,7 +150,7 @@ def fixed_fraction_model(reference: nn.Module, shape: tuple[int, ...], fraction:
 
 
 def _min_saving_default() -> float:
-    from rankopt.config_sections import TargetsConfig
+    from rankopt.config.sections import TargetsConfig
 
     return float(TargetsConfig().min_saving)
 
@@ -161,9 +161,9 @@ MIN_SAVING = _min_saving_default()  # targets.min_saving's default
 def min_saving_spec(reference: nn.Module, spec: dict[str, Any], shape: tuple[int, ...],
                     min_saving: float = MIN_SAVING) -> tuple[dict[str, Any], list[str]]:
     """``spec`` without the layers whose factorized form saves less than ``min_saving`` of
-    their params or FLOPs (a study's rule, applied by :func:`rankopt.selection.select_spec`
+    their params or FLOPs (a study's rule, applied by :func:`rankopt.compression.selection.select_spec`
     to the spec's own ranks), and those layers' names."""
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
 
     kept, _ = select_spec(reference, rankopt.find_layers(reference, shape),
                           {name: e["decomposer"] for name, e in spec.items()}, "fixed",
@@ -175,7 +175,7 @@ def min_saving_spec(reference: nn.Module, spec: dict[str, Any], shape: tuple[int
 def runtime_rows(args: argparse.Namespace) -> str:
     """Eager vs ONNX Runtime speed-ups: the front-quality picks where present, and
     structure-only tucker2 models (speed does not depend on the weights' values)."""
-    from rankopt.latency import keep_faster_layers
+    from rankopt.compression.latency import keep_faster_layers
 
     rows: list[list[str]] = []
     cases: list[tuple[str, str, nn.Module, nn.Module, tuple[int, ...]]] = []
@@ -236,7 +236,7 @@ def latency_study(args: argparse.Namespace) -> str:
     rank_multiple 8); its front's speed-up over the reference in ORT vs FLOP reduction."""
     from _baselines import DATA
 
-    from rankopt.latency import measure_model_latency
+    from rankopt.compression.latency import measure_model_latency
     from rankopt.study import Study
 
     run_dir = args.out / "latency_study"
@@ -299,12 +299,9 @@ def runtimes_main(args: argparse.Namespace) -> None:
         + speeds + "\n\nLatency-objective study on ResNet-20 (objectives accuracy, latency; "
         "runtime onnxruntime, batch 1; rank_multiple 8; keep_faster_layers in ORT):\n\n" + study
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, command)
+    report("Realized speed in the serving runtime: eager vs ONNX Runtime, latency objective", text, args.record)
 
 
 SWEEP_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -343,12 +340,9 @@ def saving_sweep(args: argparse.Namespace) -> None:
             f"ceil(f * channels); one thread, process CPU time, interleaved, medians of "
             f"{args.rounds} rounds; load average {load} before, "
             + "%.2f, %.2f, %.2f" % os.getloadavg() + " after.\n\n" + markdown_table(header, rows))
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, command)
+    report("Saving a factorized conv needs before it runs faster (targets.min_saving)", text, args.record)
 
 
 def main() -> None:
@@ -371,7 +365,7 @@ def main() -> None:
         return saving_sweep(args)
     if args.runtimes:
         return runtimes_main(args)
-    from rankopt.devices import resolve_device
+    from rankopt.training.devices import resolve_device
 
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)

@@ -41,8 +41,8 @@ import yaml  # noqa: E402
 import rankopt  # noqa: E402
 import reliability_support as support  # noqa: E402
 from rankopt.cli import main  # noqa: E402
-from rankopt.config import load_config  # noqa: E402
-from rankopt.errors import ConfigError  # noqa: E402
+from rankopt.config.schema import load_config  # noqa: E402
+from rankopt.core.errors import ConfigError  # noqa: E402
 
 
 def malformed_inputs() -> tuple[int, int, list[str]]:
@@ -115,7 +115,7 @@ def injected_faults() -> tuple[int, int, int]:
                     survived += 1
             return injected, survived, len(result.trials())
     finally:
-        rankopt.manager.reset_registry()
+        rankopt.contract.manager.reset_registry()
 
 
 def kills(n_kills: int, backend: str) -> tuple[int, int, int, int]:
@@ -349,8 +349,8 @@ def tampering() -> list[tuple[str, int, int, str]]:
     from test_reliability_run_dir import folder_hash, write_study
     from test_reliability_untrusted import BASE, EVIL_MODULE, SPEC, _forge
 
-    from rankopt.artifacts import save_compressed
-    from rankopt.errors import ArtifactError
+    from rankopt.deploy.artifacts import save_compressed
+    from rankopt.core.errors import ArtifactError
     from rankopt.plugins.models.small_cnn import small_cnn
 
     rows = []

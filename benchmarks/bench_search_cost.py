@@ -75,7 +75,7 @@ def two_node_rows(setting: Any, weights: Path, out: Path, device: str, trials: i
     import statistics
 
     import rankopt
-    from rankopt.results import StudyResult
+    from rankopt.results.reading import StudyResult
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from ray_cluster_support import namespaces_work, run_in_cluster
@@ -160,8 +160,8 @@ def cache_rows(setting: Any, weights: Path, out: Path) -> list[list[str]]:
     import torch
 
     import rankopt
-    from rankopt.selection import select_spec
-    from rankopt.spectral import SpectralCache
+    from rankopt.compression.selection import select_spec
+    from rankopt.compression.spectral import SpectralCache
 
     in_ch, side = (1, 28) if setting.key == "mnist" else (3, 32)
     model = rankopt.model(setting.model["name"], num_classes=10, in_channels=in_ch)
@@ -313,12 +313,9 @@ def main() -> None:
         f"Rank selection over the whole model (`select_spec`), cold vs warm spectral cache:\n\n{cache}\n\n"
         f"Peak memory of one trial (fresh process, data and reference loaded first):\n\n{memory}"
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Cost of the search: overhead, throughput, options, spectral cache, peak memory", text, command)
+    report("Cost of the search: overhead, throughput, options, spectral cache, peak memory", text, args.record)
 
 
 def two_node(args: Any, setting: Any, trials: int) -> None:
@@ -346,12 +343,9 @@ def two_node(args: Any, setting: Any, trials: int) -> None:
         f"machine: load average (1/5/15 min) {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} before, "
         f"{load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f} after.\n\n{table}"
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Cost of the search on a two-node Ray cluster (no shared file system)", text, command)
+    report("Cost of the search on a two-node Ray cluster (no shared file system)", text, args.record)
 
 
 if __name__ == "__main__":

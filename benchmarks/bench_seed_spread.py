@@ -51,8 +51,8 @@ def _reference(setting: Any, out: Path) -> torch.nn.Module:
 def _budget_spec(reference: torch.nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
     """The budget selector's default proposal, as a study resolves it (Tucker-2 on convs,
     SVD on linears, stems dense, targets.min_saving's default)."""
-    from rankopt.config_sections import TargetsConfig
-    from rankopt.selection import select_spec
+    from rankopt.config.sections import TargetsConfig
+    from rankopt.compression.selection import select_spec
 
     layers = rankopt.find_layers(reference, shape)
     decomposers = {la.name: "tucker2" if la.kind == "conv2d" else "svd" for la in layers}
@@ -67,10 +67,10 @@ def _sweep_spec(setting: Any, reference: torch.nn.Module, out: Path, shape: tupl
     it, resolved to ranks."""
     from _baselines import method_config
 
-    from rankopt.config import load_config
+    from rankopt.config.schema import load_config
     from rankopt.search.seeding import anchored_proposals
     from rankopt.search.space import SearchSpace
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
 
     config = load_config(method_config(setting, "rankopt", out / setting.key / "reference.pt", out, "cpu"))
     targets = rankopt.find_layers(reference, shape)
@@ -83,8 +83,8 @@ def _sweep_spec(setting: Any, reference: torch.nn.Module, out: Path, shape: tupl
 
 
 def spread(setting: Any, out: Path, seeds: list[int]) -> list[list[str]]:
-    from rankopt.distill import DISTILL_DEFAULTS
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.distill import DISTILL_DEFAULTS
+    from rankopt.training.trial import LocalTrialContext
 
     torch.set_num_threads(1)
     reference = _reference(setting, out)
@@ -141,12 +141,9 @@ def main() -> None:
         + markdown_table(["setting", "model", "ranks", "params", "compression", "accuracy per seed",
                           "mean ± sd", "line", "seeds at or above the line"], rows)
     )
-    print(text)
-    if args.record:
-        from _record import invocation, record
+    from _record import report
 
-        command = invocation()
-        record("Training-seed spread of the models at the 1-point line (issue 18)", text, command)
+    report("Training-seed spread of the models at the 1-point line (issue 18)", text, args.record)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ OpenMP threads fight for the cores and a 512 x 4608 SVD then varies from 0.3 to 
 
 torchvision's ResNet-18 (10 classes, seeded random initialization, 32x32 input),
 Tucker-2 on its 20 convolutions (40 mode unfoldings, the largest 512 x 4608). Each
-selector runs through :func:`rankopt.selection.select_spec`:
+selector runs through :func:`rankopt.compression.selection.select_spec`:
 
 * cold: an empty in-memory spectral cache (every unfolding's singular values computed);
 * warm (memory): the same cache again;
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rankopt  # noqa: E402
-from rankopt.selection import select_spec  # noqa: E402
-from rankopt.spectral import SpectralCache  # noqa: E402
+from rankopt.compression.selection import select_spec  # noqa: E402
+from rankopt.compression.spectral import SpectralCache  # noqa: E402
 
 INPUT_SHAPE = (1, 3, 32, 32)
 SELECTORS: list[tuple[str, dict]] = [

@@ -1,7 +1,7 @@
 """The five training strategies side by side on MNIST with LeNet-5, at about equal params.
 
 One trained reference (LeNet-5, Caffe variant: conv 1->20 5x5, conv 20->50 5x5, FC 500),
-then one trial per strategy through :class:`rankopt.trial.LocalTrialContext`, Tucker-2
+then one trial per strategy through :class:`rankopt.training.trial.LocalTrialContext`, Tucker-2
 on the conv layers (and DeepTwist once more with CP, whose compression must stay lossless). ``finetune``, ``nrmf``, ``deeptwist`` and ``admm`` compress at the
 same ranks (the ``fixed`` selector, by default 0.1 of each mode's largest rank, picked
 on the weights each strategy hands it: equal params by construction); ``tdlrt``
@@ -35,11 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
 from _record import markdown_table  # noqa: E402
-from rankopt.training import make_loader, seed_everything, train  # noqa: E402
-from rankopt.trial import LocalTrialContext  # noqa: E402
+from rankopt.training.loop import make_loader, seed_everything, train  # noqa: E402
+from rankopt.training.trial import LocalTrialContext  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[0] / ".." / "shared" / "data"
 INPUT_SHAPE = (1, 1, 28, 28)
 
 
@@ -126,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.train_images, args.epochs = 1000, 0.5
-    if not (DATA / "mnist_train.npz").is_file():
-        print(f"skipped: MNIST archives not found in {DATA.resolve()} (see ../shared/data/README.md)")
+    from _record import mnist_splits
+
+    splits = mnist_splits(args.train_images)
+    if splits is None:
         return 0
-    torch.set_num_threads(1)  # the machine is shared; one thread is faster and steadier here
-    splits = rankopt.dataset(
-        "npz", train="mnist_train.npz", val="mnist_test.npz", root=str(DATA),
-        limit={"train": args.train_images, "val": 2000}, mean=0.1307, std=0.3081,
-    )
     seed_everything(0)
     reference = rankopt.model("lenet5")
     start = time.perf_counter()
@@ -180,14 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(header, rows),
     ]
     table = "\n".join(lines)
-    print(table)
-    if not args.quick:
-        from _record import record
+    from _record import report
 
-        command = ".venv/bin/python benchmarks/bench_strategies_mnist.py" + (
-            " " + " ".join(argv) if argv else ""
-        )
-        record("Training strategies on MNIST at about equal params", table, command)
+    report("Training strategies on MNIST at about equal params", table, not args.quick,
+           " ".join([".venv/bin/python benchmarks/bench_strategies_mnist.py", *argv]))
     return 0
 
 

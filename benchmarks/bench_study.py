@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import rankopt  # noqa: E402
 from _record import record  # noqa: E402
-from rankopt.results import StudyResult  # noqa: E402
+from rankopt.results.reading import StudyResult  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_study.py"
 RAY_TRIALS = 6

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import record  # noqa: E402
 
 import rankopt  # noqa: E402
-from rankopt.selection import select_spec  # noqa: E402
-from rankopt.surgery import find_layers  # noqa: E402
-from rankopt.training import evaluate, make_loader, train  # noqa: E402
+from rankopt.compression.selection import select_spec  # noqa: E402
+from rankopt.compression.surgery import find_layers  # noqa: E402
+from rankopt.training.loop import evaluate, make_loader, train  # noqa: E402
 
 COMMAND = ".venv/bin/python benchmarks/bench_tensor_ring.py"
 DECOMPOSERS = ("tucker2", "tt", "tensor_ring")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankopt  # noqa: E402
 from _record import markdown_table as table  # noqa: E402
-from rankopt.training import evaluate, make_loader, train  # noqa: E402
+from rankopt.training.loop import evaluate, make_loader, train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rankopt.accounting import Cost, count
-from rankopt.artifacts import load_compressed, save_compressed
-from rankopt.errors import (
+from rankopt import _moved
+
+_moved.install()  # the module paths of the flat layout keep working, with a DeprecationWarning
+
+from rankopt.compression.accounting import Cost, count
+from rankopt.deploy.artifacts import load_compressed, save_compressed
+from rankopt.core.errors import __all__ as _ERRORS
+from rankopt.core.errors import (
     ArtifactError,
     ConfigError,
     DecompositionError,
@@ -31,26 +36,28 @@ from rankopt.errors import (
     UnknownNameError,
     UnsupportedModuleError,
 )
-from rankopt.distill import Distillation
-from rankopt.hookspecs import hookimpl
-from rankopt.manager import get_registry, register_plugin, reset_registry
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import (
+from rankopt.training.distill import Distillation
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.manager import get_registry, register_plugin, reset_registry
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.contract.decomposer import Decomposer, InputHW
+from rankopt.contract.decomposer import Options as DecomposerOptions
+from rankopt.contract.selector import LayerChoice, RankSelector
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import (
     DatasetInfo,
     DecomposerInfo,
     ModelInfo,
     RankSelectorInfo,
     StrategyInfo,
 )
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import LayerInfo, compress, find_layers
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import LayerInfo, compress, find_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
+    from rankopt.results.layer_table import LayerTable, inspect_layers
     from rankopt.study import Study, StudyResult, run_study
 
 __version__ = "0.1.0"
@@ -84,6 +91,8 @@ __all__ = [
     # plugin authoring
     "hookimpl",
     "Decomposer",
+    "DecomposerOptions",
+    "InputHW",
     "RankSelector",
     "LayerChoice",
     "Strategy",
@@ -95,29 +104,21 @@ __all__ = [
     "StrategyInfo",
     "ModelInfo",
     "DatasetInfo",
-    # errors
-    "RankoptError",
-    "ConfigError",
-    "UnknownNameError",
-    "DuplicateNameError",
-    "PluginError",
-    "UnsupportedModuleError",
-    "InvalidRanksError",
-    "DecompositionError",
-    "TrainingDivergedError",
-    "ArtifactError",
-    "ExportError",
+    # errors: every class of rankopt.core.errors
+    *_ERRORS,
+    # inspection
+    "inspect_layers",
+    "LayerTable",
     # deployment
     "densify",
     "export",
     "fold_batchnorm",
-    "StudyInterrupted",
 ]
 
 
 def plugin_names() -> dict[str, list[str]]:
     """The registered plugin names by family."""
-    from rankopt.manager import FAMILIES
+    from rankopt.contract.manager import FAMILIES
 
     reg = get_registry()
     return {key: reg.names(key) for key in FAMILIES}
@@ -150,7 +151,8 @@ def dataset(name: str, **kwargs: Any) -> DatasetSplits:
 
 _LAZY = {
     "run_study": "rankopt.study", "Study": "rankopt.study", "StudyResult": "rankopt.study",
-    "export": "rankopt.deploy", "fold_batchnorm": "rankopt.deploy", "densify": "rankopt.deploy",
+    "inspect_layers": "rankopt.results.layer_table", "LayerTable": "rankopt.results.layer_table",
+    "export": "rankopt.deploy.exporting", "fold_batchnorm": "rankopt.deploy.exporting", "densify": "rankopt.deploy.exporting",
 }
 
 

@@ -24,10 +24,10 @@ import optuna
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig, config_to_yaml, load_config
-from rankopt.errors import ConfigError, StudyInterrupted
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.results import STUDY_FILE, StudyResult
+from rankopt.config.schema import StudyConfig, config_to_yaml, load_config
+from rankopt.core.errors import ConfigError, StudyInterrupted
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.results.reading import STUDY_FILE, StudyResult
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message
 from rankopt.search.local import quiet_optuna, torch_threads
@@ -50,7 +50,7 @@ from rankopt.search.upfront import (
     check_reference_weights,
     resolve_driver_device,
 )
-from rankopt.surgery import LayerInfo
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = [
     "Study",
@@ -158,7 +158,7 @@ class Study:
 
     # -- preparation (no side effects on disk) ------------------------------------------
     def _prepare(self) -> _Prepared:
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         config = self.config
         if config.backend != "ray" or config.reference.on == "driver":
@@ -171,11 +171,11 @@ class Study:
         else:
             assert config.data.name is not None
             splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
-        from rankopt.evaluation import hold_out_test
+        from rankopt.results.evaluation import hold_out_test
 
         splits = hold_out_test(splits, config.data.test_fraction, config.seed)
         input_shape = (1, *tuple(int(d) for d in splits.input_shape))
-        from rankopt.training import seed_everything
+        from rankopt.training.loop import seed_everything
 
         seed_everything(config.seed)  # the reference's initial weights follow the study seed
         if self.user_model is not None:

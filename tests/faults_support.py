@@ -19,9 +19,9 @@ from typing import Any
 
 from optuna.distributions import CategoricalDistribution
 
-from rankopt.hookspecs import hookimpl
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 
 HERE = Path(__file__).resolve().parent
 ACTS = ("none", "hang", "exit", "segv")

@@ -21,11 +21,12 @@ import pytest
 import torch
 from optuna.distributions import CategoricalDistribution
 
-from rankopt.errors import DecompositionError, PluginError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import DecompositionError, PluginError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers.svd import SVDDecomposer
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import DecomposerInfo, StrategyInfo
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import DecomposerInfo, StrategyInfo
+from study_support import RANDOM, small_study
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -34,20 +35,11 @@ FAULTS = ("none", "nan_loss", "oom", "plugin_error", "cp_divergence", "disk_full
 
 def tiny_study(**changes: Any) -> dict[str, Any]:
     """A study of a few seconds per trial; ``changes`` replace top-level keys."""
-    base: dict[str, Any] = {
-        "name": "rely",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 128},
-        "reference": {"epochs": 0.5, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "targets": {"dense_input_channels": 0},  # the 1-channel first conv is a target too
-        "selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}},
-        "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 2,
-    }
-    base.update(changes)
-    return base
+    targets = {"dense_input_channels": 0}  # the 1-channel first conv is a target too
+    return small_study("rely", **{"data": {"name": "digits", "batch_size": 128}, "reference": {"epochs": 0.5, "lr": 0.05},
+                                  "decomposers": ["tucker2", "svd"], "targets": targets, "sampler": RANDOM,
+                                  "selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}}, "trials": 2,
+                                  "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}}, **changes})
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -85,7 +77,7 @@ class FaultyStrategy(Strategy):
     def validate_params(self, params: Any) -> dict[str, Any]:
         merged = {**self.defaults(), **dict(params)}
         if merged["fault"] not in FAULTS:
-            from rankopt.errors import ConfigError
+            from rankopt.core.errors import ConfigError
 
             raise ConfigError(f"fault must be one of {list(FAULTS)}, got {merged['fault']!r}")
         return merged

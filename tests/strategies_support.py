@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.training import make_loader, seed_everything, train
-from rankopt.trial import LocalTrialContext
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.training.loop import make_loader, seed_everything, train
+from rankopt.training.trial import LocalTrialContext
 
 INPUT_SHAPE = (1, 1, 8, 8)
 BATCH_SIZE = 64

@@ -8,7 +8,7 @@ import torch.nn as nn
 from _decomposer_cases import flops_of, params_of
 
 from rankopt import count, find_layers
-from rankopt.accounting import Cost, conv2d_output_hw, layer_cost
+from rankopt.compression.accounting import Cost, conv2d_output_hw, layer_cost
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 

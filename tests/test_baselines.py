@@ -9,26 +9,17 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
 from rankopt.search.seeding import proposal_points, spread_value
 from rankopt.search.space import SearchSpace
+from study_support import small_study
 
 
 def study_dict(tmp_path: Any, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "name": "seeded",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "selectors": {"energy": {"p": {"low": 0.6, "high": 0.99}}, "vbmf": {}, "fixed": {}},
-        "strategies": {"finetune": {"epochs": 0}},
-        "trials": 3,
-        "run_dir": str(tmp_path / "run"),
-    }
-    base.update(changes)
-    return base
+    selectors = {"energy": {"p": {"low": 0.6, "high": 0.99}}, "vbmf": {}, "fixed": {}}
+    return small_study("seeded", tmp_path, **{"decomposers": ["tucker2", "svd"], "selectors": selectors,
+                                               "strategies": {"finetune": {"epochs": 0}}, "trials": 3, **changes})
 
 
 def space_of(config: dict[str, Any]) -> SearchSpace:

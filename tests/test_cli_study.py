@@ -13,28 +13,15 @@ import yaml
 
 import rankopt
 from rankopt.cli import main
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
+from study_support import tiny_cli_study
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("cli")
     study_file = base / "tiny.yaml"
-    study_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-                "data": {"name": "digits", "batch_size": 128},
-                "reference": {"epochs": 1, "lr": 0.05},
-                "decomposers": ["tucker2", "svd"],
-                "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}, "fixed": {}},
-                "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-                "sampler": {"name": "random", "seed": 1},
-                "trials": 2,
-            }
-        )
-    )
+    study_file.write_text(yaml.safe_dump(tiny_cli_study()))
     out = base / "run"
     assert main(["run", str(study_file), "--run-dir", str(out), "--trials", "4", "--quiet"]) == 0
     return out
@@ -112,7 +99,7 @@ def test_pick_by_trial_and_by_limits(run_dir: Path, tmp_path: Path, capsys: pyte
     result = StudyResult(run_dir)
     trials = result.trials()
     splits = rankopt.dataset("digits")
-    loader = rankopt.training.make_loader(splits.val, batch_size=256)
+    loader = rankopt.training.loop.make_loader(splits.val, batch_size=256)
 
     def picked(*args: str) -> tuple[torch.nn.Module, int]:
         out = tmp_path / "picked.pt"
@@ -123,7 +110,7 @@ def test_pick_by_trial_and_by_limits(run_dir: Path, tmp_path: Path, capsys: pyte
     target = trials[1]
     model, number = picked("--trial", str(target.trial))
     assert number == target.trial
-    assert rankopt.training.evaluate(model, loader) == pytest.approx(target.accuracy)
+    assert rankopt.training.loop.evaluate(model, loader) == pytest.approx(target.accuracy)
     assert rankopt.count(model, (1, 1, 8, 8)).params == target.params
 
     limit = sorted(r.params for r in trials)[1]
@@ -188,15 +175,15 @@ def test_pareto_at_80_columns_moves_a_one_valued_fidelity_to_the_caption(monkeyp
     # continued models both hold one value, which fits in the caption
     from rich.console import Console
 
-    import rankopt.cli.study_cmds as study_cmds
+    import rankopt.cli.front_table as front_table
 
     narrow = Console(width=80, record=True, file=io.StringIO())
-    monkeypatch.setattr(study_cmds, "console", narrow)
+    monkeypatch.setattr(front_table, "console", narrow)
     heads = ["trial", "accuracy", "params", "FLOPs", "params x", "FLOPs x", "strategy", "selector",
              "fidelity", "epochs", "energy.p", "layers"]
     body = [[str(t), "0.9806", "15,186", "741,360", "4.36", "4.85", "finetune", "fixed", "1", "4", "0.7",
              "3/3 layers"] for t in range(25, 32)]
-    narrow.print(study_cmds._fitted_table("front", "accuracy: validation", heads, body, ["energy.p"]))
+    narrow.print(front_table.fitted_table("front", "accuracy: validation", heads, body, ["energy.p"]))
     out = narrow.export_text()
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "0.9806" in out and "741,360" in out and "…" not in out

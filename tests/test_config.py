@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from rankopt.cli import main
-from rankopt.config import Choices, Range, StudyConfig, load_config
-from rankopt.errors import ConfigError
+from rankopt.config.schema import Choices, Range, StudyConfig, load_config
+from rankopt.core.errors import ConfigError
 from rankopt.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_values_are_fixed_or_ranges_or_choices() -> None:
     raw = tiny(strategies={"finetune": {"epochs": 1, "lr": {"low": "1e-3", "high": 0.1, "log": True},
                                         "optimizer": {"choices": ["sgd", "adam"]}}})
     config = load_config(raw)
-    from rankopt.config import parse_param_value
+    from rankopt.config.schema import parse_param_value
 
     params = config.strategies["finetune"]
     assert parse_param_value(params["epochs"], "x") == 1
@@ -182,7 +182,7 @@ def test_cli_run_exits_2_with_one_line_and_no_run_dir(
 
 
 def test_study_config_round_trips_through_yaml() -> None:
-    from rankopt.config import config_to_yaml
+    from rankopt.config.schema import config_to_yaml
 
     config = load_config(tiny())
     again = load_config(yaml.safe_load(config_to_yaml(config)))

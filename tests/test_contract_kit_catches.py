@@ -21,7 +21,7 @@ from fixtures.plugin_env import plugin_env  # noqa: F401  (pytest fixture)
 
 import rankopt
 from rankopt.cli import main
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.decomposers.tucker2 import Tucker2Decomposer
 from rankopt.plugins.selectors.energy import EnergyRankSelector
 from rankopt.plugins.selectors.fixed import FixedRankSelector

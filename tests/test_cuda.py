@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.training import evaluate, make_loader, seed_everything, train
-from rankopt.trial import LocalTrialContext
+from rankopt.training.loop import evaluate, make_loader, seed_everything, train
+from rankopt.training.trial import LocalTrialContext
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine; these tests run on a GPU"

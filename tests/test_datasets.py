@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets._params import ParameterError
 
 SHARED_DATA = next(

@@ -11,7 +11,7 @@ from _decomposer_cases import CONV_CASES, rel_error, with_cp_rank
 
 import rankopt
 import rankopt.plugins.decomposers.cp as cp_module
-from rankopt.errors import DecompositionError
+from rankopt.core.errors import DecompositionError
 from rankopt.plugins.decomposers.cp import CPDecomposer, cp_max_rank
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")

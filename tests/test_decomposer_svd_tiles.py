@@ -8,8 +8,8 @@ import torch.nn as nn
 from _decomposer_cases import flops_of, params_of, rel_error
 
 import rankopt
-from rankopt.accounting import Cost
-from rankopt.errors import ConfigError
+from rankopt.compression.accounting import Cost
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.decomposers._tiles import tile_sizes
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from _decomposer_cases import flops_of, params_of, rel_error
 
-from rankopt.accounting import Cost
-from rankopt.errors import ConfigError
+from rankopt.compression.accounting import Cost
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.decomposers.tt import TTDecomposer, balanced_factors, tt_max_ranks, tt_usable_ranks
 
 

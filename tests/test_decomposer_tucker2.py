@@ -11,7 +11,7 @@ from _decomposer_cases import rel_error
 
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 from rankopt.plugins.decomposers.tucker2 import Tucker2Decomposer
-from rankopt.spectral import SpectralCache, get_default_cache, set_default_cache
+from rankopt.compression.spectral import SpectralCache, get_default_cache, set_default_cache
 
 
 @pytest.fixture

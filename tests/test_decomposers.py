@@ -20,8 +20,8 @@ from _decomposer_cases import (
 )
 
 import rankopt
-from rankopt.accounting import Cost
-from rankopt.errors import ConfigError, InvalidRanksError, UnsupportedModuleError
+from rankopt.compression.accounting import Cost
+from rankopt.core.errors import ConfigError, InvalidRanksError, UnsupportedModuleError
 from rankopt.plugins.decomposers.cp import CPDecomposer
 from rankopt.plugins.decomposers.svd import SVDDecomposer
 from rankopt.plugins.decomposers.tt import TTDecomposer

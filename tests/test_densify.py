@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.artifacts import save_compressed
+from rankopt.deploy.artifacts import save_compressed
 from rankopt.cli import main
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.models.small_cnn import small_cnn
 
 
@@ -106,7 +106,7 @@ def test_export_keep_faster_ships_the_slower_layers_dense(
     picked: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
     pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[deploy]') is not installed")
-    import rankopt.latency as latency
+    import rankopt.compression.latency as latency
 
     seen: dict[str, Any] = {}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import rankopt
-from rankopt import hookspecs
+from rankopt.contract import hookspecs
 from rankopt.cli import main
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -134,8 +134,8 @@ def test_the_example_package_installs_and_passes_the_contract(example_package: P
 
 def _documented_api() -> dict[str, list[str]]:
     """Real parameter lists (``*`` marks keyword-only, ``**x`` a var-keyword) by name."""
-    from rankopt.artifacts import load_compressed, save_compressed
-    from rankopt.spectral import SpectralCache, get_default_cache
+    from rankopt.deploy.artifacts import load_compressed, save_compressed
+    from rankopt.compression.spectral import SpectralCache, get_default_cache
     from rankopt.testing import check_decomposer, check_installed_plugins, check_rank_selector, check_strategy
 
     def render(fn: object) -> list[str]:

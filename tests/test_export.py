@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.errors import ConfigError, ExportError
-from rankopt.deploy import export, fold_batchnorm
+from rankopt.core.errors import ConfigError, ExportError
+from rankopt.deploy.exporting import export, fold_batchnorm
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[deploy]') is not installed")
 
@@ -92,7 +92,7 @@ def test_folded_batchnorm_equals_unfolded(decomposer: str, left: int) -> None:
 
 
 def test_above_the_tolerance_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rankopt.deploy as export_mod
+    import rankopt.deploy.exporting as export_mod
 
     path = tmp_path / "m.onnx"
     path.write_bytes(b"an earlier file")
@@ -122,7 +122,7 @@ def test_bad_arguments_fail_before_writing(tmp_path: Path, kwargs: dict, match: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_model_exports_and_its_latency_is_measured(tmp_path: Path) -> None:
-    from rankopt.latency import measure_model_latency
+    from rankopt.compression.latency import measure_model_latency
 
     model = _compressed("tucker2").cuda()
     result = export(model, tmp_path / "m.onnx", "onnx", input_shape=(1, 3, 12, 12))

@@ -19,8 +19,8 @@ import yaml
 
 import faults_support
 import rankopt
-from rankopt.errors import ConfigError
-from rankopt.manager import reset_registry
+from rankopt.core.errors import ConfigError
+from rankopt.contract.manager import reset_registry
 from reliability_support import sqlite_states, storage_trials, tiny_study, wait_for
 
 
@@ -189,7 +189,7 @@ def test_ctrl_c_in_the_fidelity_rung_leaves_no_running_trial(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fidelity, "continue_trial", interrupted)
-    with pytest.raises(rankopt.errors.StudyInterrupted):
+    with pytest.raises(rankopt.core.errors.StudyInterrupted):
         rankopt.run_study(spec)
     states = [t.state.name for t in storage_trials(run_dir)]
     assert states == ["COMPLETE", "COMPLETE", "FAIL"] and len(calls) == 1

@@ -16,29 +16,20 @@ from optuna.study import StudyDirection
 from torch.utils.data import TensorDataset
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.distill import Distillation, distillation_loss
-from rankopt.errors import ConfigError
+from rankopt.config.schema import load_config
+from rankopt.training.distill import Distillation, distillation_loss
+from rankopt.core.errors import ConfigError
 from rankopt.search.fidelity import promotion_order
 from rankopt.search.seeding import UNIFORM_RATES, uniform_proposals, uniform_rate_point
 from rankopt.search.space import SearchSpace
-from rankopt.training import make_loader, train
+from rankopt.training.loop import make_loader, train
+from study_support import RANDOM, small_study
 
 
 def study(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "name": "compute",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2"],
-        "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
-        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.01}},
-        "sampler": {"name": "random", "seed": 0},
-        "run_dir": str(tmp_path / "run"),
-    }
-    config.update(changes)
-    return config
+    return small_study("compute", tmp_path, **{"selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
+                                                "strategies": {"finetune": {"epochs": 0.2, "lr": 0.01}}, "sampler": RANDOM,
+                                                **changes})
 
 
 # -- 1. no repeated work --------------------------------------------------------------------
@@ -143,20 +134,20 @@ def test_finetune_strategy_takes_distillation_and_checks_it(tmp_path: Path) -> N
 def test_fine_tuning_strategies_distill_by_default_and_a_bare_train_call_does_not(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import rankopt.training
+    import rankopt.training.loop
     from rankopt.testing.strategies import tiny_trial_context
 
     for name in ("finetune", "nrmf", "admm", "deeptwist"):
         hp = rankopt.strategy(name).validate_params({})
         assert (hp["distill_weight"], hp["distill_temperature"], hp["distill_features"]) == (0.5, 4.0, 0.0)
     seen: list[Any] = []
-    real = rankopt.training.train
+    real = rankopt.training.loop.train
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("distill"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rankopt.training, "train", spy)
+    monkeypatch.setattr(rankopt.training.loop, "train", spy)
     ctx = tiny_trial_context(max_steps=1)
     model = ctx.compress(ctx.model(), ctx.select_ranks(ctx.model()))
     ctx.train(model, epochs=1, lr=0.01)  # a strategy that never heard of distillation
@@ -211,7 +202,7 @@ def test_multi_fidelity_continues_the_front_from_its_checkpoints(tmp_path: Path)
 
 
 def test_by_default_a_finetune_study_spends_its_epochs_in_two_rungs(tmp_path: Path) -> None:
-    from rankopt.config import AUTO_MF_MIN_TRIALS
+    from rankopt.config.schema import AUTO_MF_MIN_TRIALS
 
     n = AUTO_MF_MIN_TRIALS
     points = [{"fixed.fraction": 0.1 + 0.1 * i} for i in range(n)]
@@ -237,7 +228,7 @@ def test_by_default_a_finetune_study_spends_its_epochs_in_two_rungs(tmp_path: Pa
 def test_multi_fidelity_auto_is_off_for_small_studies_other_strategies_and_no_fine_tuning(
     tmp_path: Path,
 ) -> None:
-    from rankopt.config import AUTO_MF_MIN_TRIALS
+    from rankopt.config.schema import AUTO_MF_MIN_TRIALS
 
     n = AUTO_MF_MIN_TRIALS
     assert load_config(study(tmp_path, trials=n - 1)).multi_fidelity is None
@@ -318,7 +309,7 @@ def test_space_reaches_rank_one_and_64x(tmp_path: Path) -> None:
     space = SearchSpace(load_config(config), model, targets)
     point = uniform_rate_point(space, model, 64.0)
     plan = space.plan(point)
-    spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed",
+    spec, _ = rankopt.compression.selection.select_spec(model, targets, plan.decomposers, "fixed",
                                             plan.selector_params, input_shape=(1, 1, 28, 28))
     for name, entry in spec.items():
         module = model.get_submodule(name)
@@ -328,7 +319,7 @@ def test_space_reaches_rank_one_and_64x(tmp_path: Path) -> None:
         assert got <= original / 64 or all(r == 1 for r in entry["ranks"]), (name, got, original)
     # rank 1 everywhere at an absurd rate
     tiny = space.plan(uniform_rate_point(space, model, 1e6))
-    spec, _ = rankopt.selection.select_spec(model, targets, tiny.decomposers, "fixed",
+    spec, _ = rankopt.compression.selection.select_spec(model, targets, tiny.decomposers, "fixed",
                                             tiny.selector_params, input_shape=(1, 1, 28, 28))
     assert all(set(e["ranks"]) == {1} for e in spec.values())
 
@@ -344,7 +335,7 @@ def test_seed_proposals_include_the_uniform_sweep_with_the_classifier_full(tmp_p
     for rate, point in zip(UNIFORM_RATES, points):
         assert point["selector"] == "fixed" and point["fixed.fraction:fc_out"] == 1.0
         plan = space.plan(space.check_point(point, "proposal"))
-        spec, _ = rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed",
+        spec, _ = rankopt.compression.selection.select_spec(model, targets, plan.decomposers, "fixed",
                                                 plan.selector_params, input_shape=(1, 1, 28, 28))
         assert "fc_out" not in spec  # full rank saves nothing: the classifier stays dense
         for name in ("conv2", "fcs.0"):
@@ -391,7 +382,7 @@ def test_the_vbmf_sweep_cuts_the_classifier_too_and_gives_what_it_frees_to_the_o
     targets = [t for t in rankopt.find_layers(model, (1, 1, 28, 28)) if t.name != "conv1"]
     space = SearchSpace(load_config(config), model, targets)
     first = {layer: options[0] for layer, options in space.layer_options.items()}
-    vbmf, _ = rankopt.selection.select_spec(model, targets, first, "vbmf", {})
+    vbmf, _ = rankopt.compression.selection.select_spec(model, targets, first, "vbmf", {})
     assert vbmf["conv2"]["ranks"][0] > 3 and vbmf["fcs.0"]["ranks"][0] > 10 and vbmf["fc_out"]["ranks"][0] >= 6
 
     def params(name: str, entry: dict[str, Any] | None) -> int:
@@ -402,7 +393,7 @@ def test_the_vbmf_sweep_cuts_the_classifier_too_and_gives_what_it_frees_to_the_o
 
     def resolved(point: dict[str, Any]) -> dict[str, Any]:
         plan = space.plan(space.check_point(point, "proposal"))
-        return rankopt.selection.select_spec(model, targets, plan.decomposers, "fixed", plan.selector_params)[0]
+        return rankopt.compression.selection.select_spec(model, targets, plan.decomposers, "fixed", plan.selector_params)[0]
 
     points = anchored_proposals(space, model, targets)
     assert len(points) == len(SHRINK_RATES) == 3

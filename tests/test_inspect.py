@@ -124,3 +124,19 @@ def test_inspect_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str],
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, err
+
+
+def test_inspect_layers_from_python_is_what_the_cli_prints(cache_dir: str) -> None:
+    # the layer table is a public function; `rankopt inspect --format json` only renders it
+    model = rankopt.model("small_cnn", in_channels=3)
+    table = rankopt.inspect_layers(model, input_shape=(1, 3, 32, 32), thresholds=(0.95,), cache_dir=Path(cache_dir))
+    assert isinstance(table, rankopt.LayerTable) and table.trained and table.methods == ["vbmf", "energy@0.95"]
+    names = [la.name for la in rankopt.find_layers(model, (1, 3, 32, 32))]
+    assert [row["layer"] for row in table.layers] == names
+    assert table.to_csv().count("\n") == len(names) + 1
+    by_name = rankopt.inspect_layers("resnet18", num_classes=10, input_shape=(1, 3, 32, 32), cache_dir=Path(cache_dir))
+    printed = json.loads(_run("inspect", "resnet18", "--num-classes", "10", "--input-shape", "1,3,32,32",
+                              "--cache-dir", cache_dir, "--format", "json"))
+    assert printed == json.loads(json.dumps(by_name.as_dict()))
+    with pytest.raises(rankopt.ConfigError, match="thresholds"):
+        rankopt.inspect_layers(model, thresholds=(1.5,))

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.latency import keep_faster_layers, measure_latency
-from rankopt.trial import LocalTrialContext
+from rankopt.compression.latency import keep_faster_layers, measure_latency
+from rankopt.training.trial import LocalTrialContext
 
 
 class TinyAndWide(nn.Module):
@@ -73,7 +73,7 @@ def test_interleaved_timing_never_times_a_function_right_after_itself(monkeypatc
     import itertools
     import time as time_module
 
-    from rankopt.latency import time_interleaved
+    from rankopt.compression.latency import time_interleaved
 
     clock = [0.0]
     calls: list[int] = []

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 import rankopt
-from rankopt.artifacts import load_compressed, read_compressed
+from rankopt.deploy.artifacts import load_compressed, read_compressed
 from rankopt.cli import main
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
+from study_support import small_study
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[deploy]') is not installed")
 
@@ -22,25 +23,12 @@ pytest.importorskip("onnxruntime", reason="the deploy extra (pip install -e '.[d
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("latency")
     study_file = base / "lat.yaml"
-    study_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "lat",
-                "model": {"name": "small_cnn", "kwargs": {"width": 16}},
-                "data": {"name": "digits", "batch_size": 128},
-                "reference": {"epochs": 1, "lr": 0.05},
-                "decomposers": ["tucker2"],
-                "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.6}}},
-                "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
-                "objectives": ["accuracy", "latency"],
-                "latency": {"runtime": "onnxruntime", "batch": 4, "threads": 1, "rounds": 5},
-                "keep_faster_layers": True,
-                "sampler": {"name": "random", "seed": 2},
-                "trials": 3,
-                "device": "cpu",
-            }
-        )
-    )
+    latency = {"runtime": "onnxruntime", "batch": 4, "threads": 1, "rounds": 5}
+    study_file.write_text(yaml.safe_dump(small_study("lat", **{
+        "model": {"name": "small_cnn", "kwargs": {"width": 16}}, "data": {"name": "digits", "batch_size": 128},
+        "selectors": {"fixed": {"fraction": {"low": 0.2, "high": 0.6}}}, "latency": latency, "trials": 3,
+        "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}}, "objectives": ["accuracy", "latency"],
+        "keep_faster_layers": True, "sampler": {"name": "random", "seed": 2}, "device": "cpu"})))
     out = base / "run"
     assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
     return out
@@ -82,7 +70,7 @@ def test_pareto_shows_latency_and_speedup(run_dir: Path, capsys: pytest.CaptureF
 
 
 def test_report_summary_shows_latency_and_speedup(run_dir: Path, tmp_path: Path) -> None:
-    from rankopt.report import write_report
+    from rankopt.results.report import write_report
 
     files = write_report(StudyResult(run_dir), out_dir=tmp_path)
     summary = next(f for f in files if f.name == "summary.md").read_text()
@@ -126,7 +114,7 @@ def test_pick_fold_bn_then_export_the_picked_file(run_dir: Path, tmp_path: Path,
 def test_export_above_tolerance_exits_1_and_writes_nothing(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import rankopt.deploy as export_mod
+    import rankopt.deploy.exporting as export_mod
 
     real = export_mod.run_exported
     monkeypatch.setattr(export_mod, "run_exported", lambda *a, **k: real(*a, **k) + 0.5)
@@ -156,14 +144,14 @@ def test_export_usage_errors_exit_2(run_dir: Path, tmp_path: Path, capsys: pytes
 
 def test_export_is_public() -> None:
     assert {"export", "fold_batchnorm", "ExportError"} <= set(rankopt.__all__)
-    assert rankopt.export.__module__ == "rankopt.deploy"
+    assert rankopt.export.__module__ == "rankopt.deploy.exporting"
 
 
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_pick_keep_faster_writes_the_slower_layers_dense(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fold_bn: bool
 ) -> None:
-    import rankopt.latency as latency
+    import rankopt.compression.latency as latency
 
     result = StudyResult(run_dir)
     record = next(r for r in result.trials() if r.spec)  # a trial with decomposed layers

@@ -16,8 +16,8 @@ from fixtures.plugin_env import plugin_env  # noqa: F401  (pytest fixture)
 
 import rankopt
 from rankopt.cli import main
-from rankopt.errors import DuplicateNameError, UnknownNameError
-from rankopt.manager import AUTOLOAD_ENV, FAMILIES, Registry
+from rankopt.core.errors import DuplicateNameError, UnknownNameError
+from rankopt.contract.manager import AUTOLOAD_ENV, FAMILIES, Registry
 
 GOOD_NAMES = {
     "decomposers": "fixture_lowrank",

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.accounting import Cost
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.selection import cost_increase_reason, select_spec
+from rankopt.compression.accounting import Cost
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.compression.selection import cost_increase_reason, select_spec
+from study_support import RANDOM, small_study
 
 INPUT = (1, 8, 12, 12)
 
@@ -73,23 +74,14 @@ def test_studies_default_to_0_1_and_bad_values_name_the_field() -> None:
 
 
 def _study(tmp_path: Path, **changes: object) -> dict[str, object]:
-    config: dict[str, object] = {
-        "name": "saving",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 0.2, "lr": 0.05},
-        "decomposers": ["tucker2"],
-        "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
-        "strategies": {"finetune": {"epochs": 0.05, "lr": 0.01}},
-        "sampler": {"name": "random", "seed": 0},
-        "seed_proposals": False,
-        "trials": 2,
-        # small_cnn(width=8): at 0.85 only its 16 -> 16 conv shrinks, to Tucker-2 14 x 14,
-        # which keeps 2,212 of its 2,304 params (4 % saved)
-        "enqueue": [{"fixed.fraction": 0.85}, {"fixed.fraction": 0.5}],
-        "run_dir": str(tmp_path / "run"),
-    }
-    config.update(changes)
+    # small_cnn(width=8): at 0.85 only its 16 -> 16 conv shrinks, to Tucker-2 14 x 14,
+    # which keeps 2,212 of its 2,304 params (4 % saved)
+    config: dict[str, object] = small_study(
+        "saving", tmp_path, **{"reference": {"epochs": 0.2, "lr": 0.05}, "trials": 2, "seed_proposals": False,
+                               "selectors": {"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
+                               "strategies": {"finetune": {"epochs": 0.05, "lr": 0.01}},
+                               "enqueue": [{"fixed.fraction": 0.85}, {"fixed.fraction": 0.5}], "sampler": RANDOM,
+                               **changes})
     return config
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.datasets._params import ParameterError
 from rankopt.plugins.models import torchvision_models as tvm_plugin
 

@@ -12,7 +12,7 @@ from fixtures.plugin_env import plugin_env  # noqa: F401  (pytest fixture)
 
 import rankopt
 from rankopt.cli import main
-from rankopt.manager import PluginFailure
+from rankopt.contract.manager import PluginFailure
 
 BROKEN = ("broken_import", "raising_hook", "invalid_record", "bad_signature")
 

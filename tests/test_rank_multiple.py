@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.plugins.selectors.base import round_ranks
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.contract.selector import round_ranks
 from rankopt.search.space import SearchSpace
-from rankopt.selection import select_spec
-from rankopt.trial import LocalTrialContext
+from rankopt.compression.selection import select_spec
+from rankopt.training.trial import LocalTrialContext
 
 INPUT = (1, 3, 16, 16)
 

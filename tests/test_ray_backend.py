@@ -12,31 +12,17 @@ import pytest
 import torch
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.results import StudyResult
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.reading import StudyResult
+from study_support import RAY, digits_study
 
 ray = pytest.importorskip("ray")
 
 
 def tiny(run_dir: Path, **changes: object) -> dict:
-    base = {
-        "name": "raytiny",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 128},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-        "sampler": {"name": "nsgaii", "seed": 0, "options": {"population_size": 4}},
-        "trials": 3,
-        "backend": "ray",
-        "max_concurrent": 2,
-        "resources": {"cpus": 1, "gpus": 0},
-        "run_dir": str(run_dir),
-    }
-    base.update(changes)
-    return base
+    sampler = {"name": "nsgaii", "seed": 0, "options": {"population_size": 4}}
+    return digits_study("raytiny", run_dir, **{"sampler": sampler, "trials": 3, **RAY, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +92,7 @@ def test_cluster_without_gpus_is_refused(local_ray: Any, tmp_path: Path) -> None
 
 
 def test_failing_trials_on_ray_are_stored_as_failed(local_ray: Any, tmp_path: Path) -> None:
-    from rankopt.errors import RankoptError
+    from rankopt.core.errors import RankoptError
 
     run_dir = tmp_path / "run"
     # an absurd regularizer weight makes the loss non-finite inside the Ray workers

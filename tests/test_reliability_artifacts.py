@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rankopt
-from rankopt.artifacts import FORMAT, VERSION, _checksum, read_compressed, save_compressed
-from rankopt.config import load_config
-from rankopt.errors import ArtifactError, ConfigError
+from rankopt.deploy.artifacts import FORMAT, VERSION, _checksum, read_compressed, save_compressed
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ArtifactError, ConfigError
 from rankopt.plugins.models.small_cnn import small_cnn
 
 SPEC = {"3": {"decomposer": "tucker2", "ranks": [4, 6]}, "12": {"decomposer": "svd", "ranks": [5]}}

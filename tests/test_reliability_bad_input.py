@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rankopt.cli import main
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
 
 from reliability_support import tiny_study, tree_snapshot
 

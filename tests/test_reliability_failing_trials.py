@@ -17,8 +17,8 @@ import yaml
 import rankopt
 import reliability_support
 from rankopt.cli import main
-from rankopt.manager import reset_registry
-from rankopt.report import write_report
+from rankopt.contract.manager import reset_registry
+from rankopt.results.report import write_report
 from reliability_support import tiny_study
 
 # every conv/linear layer of small_cnn(width=8), so enqueued trials pin all decomposers

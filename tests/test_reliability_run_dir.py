@@ -21,12 +21,12 @@ from optuna.trial import TrialState
 
 import rankopt
 from rankopt.cli import main
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
-from rankopt.manager import reset_registry
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.manager import reset_registry
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 from reliability_support import cli_command, sqlite_states, storage_trials, wait_for
 
 FAST = {

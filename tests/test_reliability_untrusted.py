@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import rankopt
-from rankopt.artifacts import _checksum, save_compressed
+from rankopt.deploy.artifacts import _checksum, save_compressed
 from rankopt.cli import main
-from rankopt.config import load_config
-from rankopt.errors import ArtifactError, ConfigError
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ArtifactError, ConfigError
 from rankopt.plugins.models.small_cnn import small_cnn
 
 SPEC = {"3": {"decomposer": "tucker2", "ranks": [4, 6]}, "12": {"decomposer": "svd", "ranks": [5]}}

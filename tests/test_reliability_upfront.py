@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 import rankopt
 from rankopt.cli import main
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.models.small_cnn import small_cnn
 
 BASE: dict[str, Any] = {

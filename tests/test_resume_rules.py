@@ -8,7 +8,8 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from rankopt.search.resume import dead_streak, requeue_lost_trials, training_seed
+from rankopt.search.repeats import training_seed
+from rankopt.search.resume import dead_streak, requeue_lost_trials
 from rankopt.search.rundir import INTERRUPTED_REASON
 from rankopt.search.storage import STALE_REASON
 from rankopt.search.watchdog import TIMEOUT_REASON

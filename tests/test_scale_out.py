@@ -21,32 +21,17 @@ import pytest
 import yaml
 
 import rankopt
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
 from ray_cluster_support import require_namespaces, run_in_cluster
 from reliability_support import postgres_url
+from study_support import RAY, digits_study
 
 ray = pytest.importorskip("ray")
 
 
 
 def study(name: str, run_dir: Path, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "name": name,
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 128},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-        "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 3,
-        "backend": "ray",
-        "max_concurrent": 2,
-        "resources": {"cpus": 1, "gpus": 0},
-        "run_dir": str(run_dir),
-    }
-    base.update(changes)
-    return base
+    return digits_study(name, run_dir, **{"trials": 3, **RAY, **changes})
 
 
 def write(path: Path, data: dict[str, Any]) -> Path:
@@ -280,8 +265,8 @@ def test_worker_id_names_host_pid_and_start_time() -> None:
 
 
 def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:
-    from rankopt.config import load_config
-    from rankopt.errors import ConfigError
+    from rankopt.config.schema import load_config
+    from rankopt.core.errors import ConfigError
     from rankopt.search.artifact_store import ArtifactStore
 
     store = ArtifactStore(str(tmp_path / "store"), "s")

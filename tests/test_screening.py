@@ -8,31 +8,22 @@ from typing import Any
 import pytest
 
 import rankopt
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.results import pareto_front_2d
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.reading import pareto_front_2d
 from rankopt.search import screening
 from rankopt.search.screening import spread_along_front
+from study_support import RANDOM, small_study
 
 
 def study_dict(tmp_path: Any, **changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "name": "screened",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 2, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "selectors": {"fixed": {"space": {"per_layer": True}}, "energy": {}},
-        # 0 epochs: a trial's accuracy is then exactly the proxy's (nothing is trained)
-        "strategies": {"finetune": {"epochs": 0}},
-        "screening": {"candidates": 12, "keep": 3},
-        "seed_proposals": False,  # the screened points are then the first trials
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 3,
-        "run_dir": str(tmp_path / "run"),
-    }
-    base.update(changes)
-    return base
+    # 0 epochs: a trial's accuracy is then exactly the proxy's (nothing is trained); no
+    # seed proposals: the screened points are then the first trials
+    changes = {"reference": {"epochs": 2, "lr": 0.05}, "decomposers": ["tucker2", "svd"],
+               "selectors": {"fixed": {"space": {"per_layer": True}}, "energy": {}},
+               "strategies": {"finetune": {"epochs": 0}}, "screening": {"candidates": 12, "keep": 3},
+               "seed_proposals": False, "trials": 3, "sampler": RANDOM, **changes}
+    return small_study("screened", tmp_path, **changes)
 
 
 def test_spread_along_front_takes_both_ends_and_the_middle_of_the_front() -> None:
@@ -98,7 +89,7 @@ def test_a_rerun_does_not_screen_again(tmp_path: Any, monkeypatch: pytest.Monkey
 
 
 def test_a_failing_candidate_is_recorded_and_skipped(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
     real = LocalTrialContext.compress
     calls = {"n": 0}

@@ -8,9 +8,10 @@ import optuna
 import torch
 
 import rankopt
-from rankopt.config import load_config
+from rankopt.config.schema import load_config
 from rankopt.search.space import SearchSpace
-from rankopt.surgery import find_layers
+from rankopt.compression.surgery import find_layers
+from study_support import RANDOM, small_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,20 +39,10 @@ def test_every_selectors_and_strategys_parameters_are_asked_in_every_trial() -> 
 
 
 def _allow_full_study(tmp_path: Path, **changes: object) -> dict[str, object]:
-    config: dict[str, object] = {
-        "name": "allow_full",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 64},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "targets": {"allow_full": True, "dense_input_channels": 0},  # conv 0 (1 channel) too
-        "selectors": {"fixed": {"fraction": 0.25}},
-        "strategies": {"finetune": {"epochs": 0}},
-        "sampler": {"name": "random", "seed": 0},
-        "run_dir": str(tmp_path / "run"),
-    }
-    config.update(changes)
-    return config
+    targets = {"allow_full": True, "dense_input_channels": 0}  # conv 0 (1 channel) too
+    return small_study("allow_full", tmp_path, **{"decomposers": ["tucker2", "svd"], "targets": targets,
+                                                   "selectors": {"fixed": {"fraction": 0.25}},
+                                                   "strategies": {"finetune": {"epochs": 0}}, "sampler": RANDOM, **changes})
 
 
 def test_allow_full_adds_a_per_layer_full_choice_that_leaves_the_layer_alone(tmp_path: Path) -> None:

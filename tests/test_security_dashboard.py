@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("optuna_dashboard")
 
 from rankopt.cli import main  # noqa: E402
-from rankopt.dashboard import allowed_hosts, dashboard_app, is_loopback  # noqa: E402
+from rankopt.results.dashboard import allowed_hosts, dashboard_app, is_loopback  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -143,16 +143,16 @@ def test_allowed_hosts_and_loopback() -> None:
 def test_the_cli_serves_read_only_and_warns_on_a_public_host(
     storage_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import rankopt.dashboard
-    import rankopt.results
+    import rankopt.results.dashboard
+    import rankopt.results.reading
 
     served: dict[str, Any] = {}
     study = optuna.load_study(study_name="mine", storage=storage_url)
     fake = SimpleNamespace(study=study, run_dir=tmp_path,
                            config=SimpleNamespace(name="mine", objectives=["accuracy", "params"]))
-    monkeypatch.setattr(rankopt.results, "StudyResult", lambda run_dir: fake)
-    monkeypatch.setattr(rankopt.results, "storage_url_of", lambda config, run_dir: storage_url)
-    monkeypatch.setattr(rankopt.dashboard, "serve", lambda app, host, port: served.update(app=app, host=host))
+    monkeypatch.setattr(rankopt.results.reading, "StudyResult", lambda run_dir: fake)
+    monkeypatch.setattr(rankopt.results.reading, "storage_url_of", lambda config, run_dir: storage_url)
+    monkeypatch.setattr(rankopt.results.dashboard, "serve", lambda app, host, port: served.update(app=app, host=host))
 
     assert main(["dashboard", str(tmp_path), "--port", "8123"]) == 0
     err = capsys.readouterr().err

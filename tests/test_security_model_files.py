@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import rankopt
-from rankopt.artifacts import _checksum, offline_kwargs, read_compressed, save_compressed
+from rankopt.deploy.artifacts import _checksum, offline_kwargs, read_compressed, save_compressed
 from rankopt.cli import main
-from rankopt.errors import ArtifactError
+from rankopt.core.errors import ArtifactError
 from rankopt.plugins.models.small_cnn import small_cnn
 
 SPEC = {"3": {"decomposer": "tucker2", "ranks": [4, 6]}, "12": {"decomposer": "svd", "ranks": [5]}}
@@ -260,7 +260,7 @@ def test_inspect_of_a_run_whose_reference_names_pretrained_weights_stays_offline
         def __init__(self, run_dir: Path) -> None:
             self.model_modules: list[str] = []
 
-    monkeypatch.setattr("rankopt.results.StudyResult", NoStudy)
+    monkeypatch.setattr("rankopt.results.reading.StudyResult", NoStudy)
     model, shape, _ = inspect_cmd.load_run_reference(run)
     assert fetched == [] and shape == (1, 3, 64, 64)
     torch.testing.assert_close(model.state_dict()["classifier.1.weight"], net.state_dict()["classifier.1.weight"])
@@ -275,7 +275,7 @@ def _entry_paths(cache_dir: Path, kind: str) -> list[Path]:
 
 @pytest.mark.parametrize("damage", ["nan", "zero_stride", "huge", "shape", "complex"])
 def test_a_bad_spectral_cache_entry_is_recomputed_with_its_reason(tmp_path: Path, damage: str) -> None:
-    from rankopt.spectral import SpectralCache
+    from rankopt.compression.spectral import SpectralCache
 
     matrix = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
     SpectralCache(tmp_path).svd(matrix)
@@ -317,7 +317,7 @@ def test_a_huge_declared_input_shape_is_refused(model_file: Path, tmp_path: Path
 
 
 def test_shared_storages_and_views_are_not_counted_twice(tmp_path: Path) -> None:
-    from rankopt.safe_load import load_checked
+    from rankopt.core.safe_load import load_checked
 
     w = torch.randn(300, 200)
     torch.save({"a": w, "tied": w, "rows": w[:10], "transposed": w.T}, tmp_path / "tied.pt")

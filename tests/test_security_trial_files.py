@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from rankopt.artifacts import _checksum
+from rankopt.deploy.artifacts import _checksum
 from rankopt.cli import main
-from rankopt.results import StudyResult
+from rankopt.results.reading import StudyResult
 
 TINY = {
     "name": "bound",

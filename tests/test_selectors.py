@@ -12,12 +12,12 @@ import torch.nn as nn
 from optuna.distributions import FloatDistribution
 
 import rankopt
-from rankopt.accounting import Cost
-from rankopt.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.compression.accounting import Cost
+from rankopt.core.errors import ConfigError
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import energy_rank
-from rankopt.selection import select_spec, selector_search_space
-from rankopt.spectral import SpectralCache
+from rankopt.compression.selection import select_spec, selector_search_space
+from rankopt.compression.spectral import SpectralCache
 from rankopt.testing.selectors import check_rank_selector
 
 # a hand-made spectrum and its cumulative energies

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.selection import select_spec
-from rankopt.spectral import SpectralCache
+from rankopt.compression.selection import select_spec
+from rankopt.compression.spectral import SpectralCache
 
 INPUT_SHAPE = (1, 3, 32, 32)
 

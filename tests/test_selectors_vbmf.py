@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import rankopt
 from rankopt.plugins.selectors.vbmf import evb_tau_bar, evb_threshold, evbmf
-from rankopt.spectral import SpectralCache
+from rankopt.compression.spectral import SpectralCache
 
 
 def _spectrum(matrix: np.ndarray) -> np.ndarray:

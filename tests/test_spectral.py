@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.selection import select_spec
-from rankopt.spectral import SpectralCache, get_default_cache, matrix_key, set_default_cache
+from rankopt.compression.selection import select_spec
+from rankopt.compression.spectral import SpectralCache, get_default_cache, matrix_key, set_default_cache
 
 
 def _small_net() -> nn.Module:
@@ -53,7 +53,7 @@ def test_disk_cache_survives_a_new_process(tmp_path: Path) -> None:
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_spectral import _small_net, _select
-        from rankopt.spectral import SpectralCache
+        from rankopt.compression.spectral import SpectralCache
         cache = SpectralCache({str(tmp_path / "spectral")!r})
         spec = _select(_small_net(), cache, p=0.9)
         print(json.dumps({{"svd_calls": cache.svd_calls, "hits": cache.hits, "spec": spec}}))

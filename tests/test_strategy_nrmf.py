@@ -12,7 +12,7 @@ from strategies_support import make_context, trained_reference
 
 import rankopt
 from rankopt.plugins.strategies.nrmf import nuclear_norm_penalty
-from rankopt.trial import LocalTrialContext
+from rankopt.training.trial import LocalTrialContext
 
 
 def test_penalty_is_alpha_times_the_nuclear_norms_of_the_channel_unfoldings() -> None:

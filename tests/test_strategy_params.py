@@ -8,7 +8,7 @@ import pytest
 from optuna.distributions import BaseDistribution
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.testing import assert_strategy
 
 PAPER_STRATEGIES = ("nrmf", "deeptwist", "admm", "tdlrt")

@@ -8,9 +8,9 @@ import torch.nn as nn
 from strategies_support import INPUT_SHAPE, make_context
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, truncation_rank
-from rankopt.surgery import LayerInfo
+from rankopt.compression.surgery import LayerInfo
 
 
 def _layer(ranks: tuple[int, int], seed: int = 0) -> tuple[nn.Conv2d, TuckerTrainingConv2d]:

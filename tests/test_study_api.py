@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rankopt
 from rankopt import DatasetSplits, hookimpl
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.study import ConstraintsFunc, Study
 
 
@@ -118,7 +118,7 @@ def test_callable_model_reloads_through_its_import_path(tmp_path: Path) -> None:
         )
     )
     rec = result.trials()[0]
-    payload = rankopt.artifacts.read_compressed(rec.model_path)
+    payload = rankopt.deploy.artifacts.read_compressed(rec.model_path)
     assert payload["base"]["callable"] == "rankopt.plugins.models.small_cnn:small_cnn"
     with pytest.raises(rankopt.ArtifactError, match="never imports a module"):
         rankopt.load_compressed(rec.model_path)  # a file never makes rankopt import code

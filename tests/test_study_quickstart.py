@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import rankopt
-from rankopt.artifacts import read_compressed
-from rankopt.results import StudyResult
-from rankopt.training import evaluate, make_loader
+from rankopt.deploy.artifacts import read_compressed
+from rankopt.results.reading import StudyResult
+from rankopt.training.loop import evaluate, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 6
@@ -23,7 +23,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> StudyResult:
     return rankopt.run_study(ROOT / "studies" / "quickstart.yaml", trials=TRIALS, run_dir=str(run_dir))
 
 
-def dominates(a: rankopt.results.TrialRecord, b: rankopt.results.TrialRecord) -> bool:
+def dominates(a: rankopt.results.reading.TrialRecord, b: rankopt.results.reading.TrialRecord) -> bool:
     no_worse = a.accuracy >= b.accuracy and a.params <= b.params and a.flops <= b.flops
     better = a.accuracy > b.accuracy or a.params < b.params or a.flops < b.flops
     return no_worse and better
@@ -40,9 +40,9 @@ def test_front_has_at_least_three_non_dominated_points(quickstart: StudyResult) 
     # uncompressed model (every layer left dense, e.g. by targets.min_saving), or a repeat
     on_front = {r.trial for r in front}
     for t in trials:
-        if t.trial not in on_front and t.repeat_of is None and rankopt.results.compressed(t):
+        if t.trial not in on_front and t.repeat_of is None and rankopt.results.reading.compressed(t):
             assert any(dominates(f, t) for f in front), t.trial
-        elif not rankopt.results.compressed(t):
+        elif not rankopt.results.reading.compressed(t):
             assert t.params == quickstart.reference["params"] and t.spec == {}
 
 

@@ -11,25 +11,14 @@ import optuna
 import pytest
 
 import rankopt
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 from rankopt.search.storage import default_storage_url, open_storage
+from study_support import digits_study
 
 
 def tiny(run_dir: Path, **changes: object) -> dict:
-    base = {
-        "name": "resume",
-        "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-        "data": {"name": "digits", "batch_size": 128},
-        "reference": {"epochs": 1, "lr": 0.05},
-        "decomposers": ["tucker2", "svd"],
-        "selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}},
-        "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}},
-        "sampler": {"name": "random", "seed": 0},
-        "trials": 2,
-        "run_dir": str(run_dir),
-    }
-    base.update(changes)
-    return base
+    return digits_study("resume", run_dir, **{"selectors": {"energy": {"p": {"low": 0.6, "high": 0.95}}},
+                                              "strategies": {"finetune": {"epochs": 0.1, "lr": 0.02}}, **changes})
 
 
 def stamps(run_dir: Path) -> dict[int, int]:

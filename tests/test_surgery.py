@@ -13,10 +13,10 @@ import torch.nn as nn
 import torchvision
 
 import rankopt
-from rankopt.accounting import Cost, layer_cost
-from rankopt.errors import ConfigError, InvalidRanksError, UnknownNameError
+from rankopt.compression.accounting import Cost, layer_cost
+from rankopt.core.errors import ConfigError, InvalidRanksError, UnknownNameError
 from rankopt.plugins.decomposers.tucker2 import Tucker2Conv2d
-from rankopt.surgery import find_layers
+from rankopt.compression.surgery import find_layers
 
 INPUT = (2, 3, 32, 32)
 

@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import rankopt
-from rankopt.devices import resolve_device
-from rankopt.errors import ConfigError, TrainingDivergedError
-from rankopt.training import TrainResult, evaluate, make_loader, seed_everything, train
+from rankopt.training.devices import resolve_device
+from rankopt.core.errors import ConfigError, TrainingDivergedError
+from rankopt.training.loop import TrainResult, evaluate, make_loader, seed_everything, train
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,15 @@ from torch.utils.data import TensorDataset
 import rankopt
 from rankopt import DatasetSplits
 from rankopt.cli import main
-from rankopt.config import load_config
-from rankopt.errors import ConfigError
-from rankopt.evaluation import config_splits
-from rankopt.results import StudyResult
+from rankopt.config.schema import load_config
+from rankopt.core.errors import ConfigError
+from rankopt.results.evaluation import config_splits
+from rankopt.results.reading import StudyResult
 from rankopt.study import Study
-from rankopt.training import evaluate, make_loader
+from rankopt.training.loop import evaluate, make_loader
+from study_support import tiny_cli_study
 
-TINY = {
-    "name": "tiny",
-    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128, "test_fraction": 0.2},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}, "fixed": {}},
-    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 1},
-    "trials": 4,
-}
+TINY = tiny_cli_study(data={"name": "digits", "batch_size": 128, "test_fraction": 0.2}, trials=4)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -115,7 +106,7 @@ def test_report_adds_test_accuracies_and_labels_front_points(run_dir: Path, caps
 
 
 def test_front_plot_artists(run_dir: Path) -> None:
-    from rankopt import report
+    from rankopt.results import report
 
     result = StudyResult(run_dir)
     plt = report._pyplot()
@@ -277,7 +268,7 @@ def test_status_hides_leftover_waiting_and_shows_running(run_dir: Path, capsys: 
 
 
 def test_uncompressed_trials_stay_off_the_front(run_dir: Path) -> None:
-    from rankopt.results import TrialRecord, compressed
+    from rankopt.results.reading import TrialRecord, compressed
 
     def rec(spec: dict, ratio: float) -> TrialRecord:
         return TrialRecord(trial=0, accuracy=0.9, params=10, flops=10, params_compression=ratio,
@@ -321,7 +312,7 @@ def test_inspect_warns_on_untrained_weights_and_reads_a_run(run_dir: Path, capsy
     table = json.loads(out)
     assert table["trained"] is True and table["input_shape"] == [1, 1, 8, 8]
     # the reference weights, not a fresh initialization: the spectrum (and so ranks) follow them
-    from rankopt.cli.inspect_cmd import load_run_reference
+    from rankopt.results.layer_table import load_run_reference
 
     model, _, _ = load_run_reference(run_dir)
     saved = torch.load(run_dir / "reference" / "model.pt", weights_only=True)
@@ -368,10 +359,11 @@ def test_set_overrides_any_field(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_readme_and_study_file_agree_on_the_quickstart_time() -> None:
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
+    studies_page = (root / "docs" / "studies.md").read_text()  # the measurement behind the README's claim
     study = (root / "studies" / "quickstart.yaml").read_text()
     figure = re.search(r"(\d+) s of CPU time", study)
-    assert figure is not None and f"{figure.group(1)} s of CPU time" in readme
-    assert "about two minutes" in study and "about two minutes" in readme
+    assert figure is not None and f"{figure.group(1)} s of CPU time" in studies_page
+    assert "about two minutes" in study and "about two minutes" in readme and "about two minutes" in studies_page
 
 
 def test_reference_epochs_and_trial_bar_report_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

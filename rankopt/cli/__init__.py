@@ -31,7 +31,7 @@ __all__ = ["app", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "rankopt.cli.study_cmds",
     "rankopt.cli.plugins_cmd",
-    "rankopt.cli.inspect_cmd",
+    "rankopt.cli.inspect_layers_cmd",
     "rankopt.cli.export_cmd",
     "rankopt.cli.user_cmds",
 )
@@ -42,7 +42,7 @@ for _mod in COMMAND_MODULES:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map rankopt errors to exit codes without tracebacks."""
-    from rankopt.errors import ConfigError, RankoptError, StudyInterrupted
+    from rankopt.core.errors import ConfigError, RankoptError, StudyInterrupted
 
     args = list(sys.argv[1:] if argv is None else argv)
     state["debug"] = "--debug" in args

@@ -14,8 +14,8 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     """The first ``batch`` validation images of the run's dataset (None without one)."""
     import torch
 
-    from rankopt.manager import get_registry
-    from rankopt.results import StudyResult
+    from rankopt.contract.manager import get_registry
+    from rankopt.results.reading import StudyResult
 
     config = StudyResult(run_dir).config
     if config.data.name is None:  # a study given its data in Python
@@ -23,29 +23,6 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
     splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
     n = min(batch, len(splits.val))  # type: ignore[arg-type]
     return torch.stack([torch.as_tensor(splits.val[i][0]).float() for i in range(n)])
-
-
-def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], *, runtime: str,
-                   batch: int, threads: int = 1, rounds: int = 15, allow_modules: Any = (),
-                   done: str = "made dense again", allow_unchecked: bool = False,
-                   ) -> tuple[Any, dict[str, Any], list[str]]:
-    """``model`` (loaded from ``model_file``) with the layers that run slower factorized
-    than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
-    layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
-    from rankopt.artifacts import load_base
-    from rankopt.deploy import densify
-    from rankopt.latency import keep_faster_layers
-    from rankopt.surgery import find_layers
-
-    base = load_base(model_file, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
-    spec = payload["spec"]
-    kept, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime,
-                                      threads=threads, repeats=rounds)
-    for name, why in slower.items():
-        console.print(f"{name}: {why}", highlight=False, soft_wrap=True)
-    console.print(f"--keep-faster: {len(slower)} of {len(spec)} decomposed layers {done} "
-                  f"(timed in {runtime} at batch {batch})", highlight=False, soft_wrap=True)
-    return (densify(model, base, slower) if slower else model), kept, sorted(slower)
 
 
 @app.command("export")
@@ -77,10 +54,10 @@ def export_command(
     largest absolute difference from PyTorch printed; above --tolerance nothing is
     written and the exit status is 1.
     """
-    from rankopt.artifacts import build_compressed, read_compressed
-    from rankopt.errors import ConfigError
-    from rankopt.deploy import EXPORT_FORMATS, export
-    from rankopt.results import StudyResult
+    from rankopt.deploy.artifacts import build_compressed, read_compressed
+    from rankopt.core.errors import ConfigError
+    from rankopt.deploy.exporting import EXPORT_FORMATS, export
+    from rankopt.results.reading import StudyResult
 
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
@@ -120,9 +97,14 @@ def export_command(
                 f"--keep-faster needs the layers as rankopt built them; {str(model_file)!r} was written "
                 "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
             )
-        model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
-                                     runtime="onnxruntime" if format == "onnx" else "torchscript",
-                                     allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+        from rankopt.deploy.keep_faster import densify_slower
+
+        done = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
+                              runtime="onnxruntime" if format == "onnx" else "torchscript",
+                              allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+        for line in done.lines():
+            console.print(line, highlight=False, soft_wrap=True)
+        model = done.model
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance

@@ -31,8 +31,8 @@ def plugins_command(
     """List the decomposers, rank selectors, strategies, models and datasets that are installed."""
     import json
 
-    from rankopt.errors import ConfigError
-    from rankopt.manager import FAMILIES, get_registry
+    from rankopt.core.errors import ConfigError
+    from rankopt.contract.manager import FAMILIES, get_registry
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {list(FORMATS)}, got {format!r}")

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,94 +13,23 @@ import typer
 from rich.table import Table
 
 from rankopt.cli.app import app, console, err_console
+from rankopt.cli.front_table import print_front
 
 FAILED_TRIALS_EXIT = 3  # `rankopt run` finished, but some of its trials failed
 RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart)."
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> None:
-    from rankopt.errors import ConfigError
+    from rankopt.core.errors import ConfigError
 
     if value not in allowed:
         raise ConfigError(f"--format must be one of {list(allowed)}, got {value!r}")
 
 
 def _open(run_dir: Path) -> Any:
-    from rankopt.results import StudyResult
+    from rankopt.results.reading import StudyResult
 
     return StudyResult(run_dir)
-
-
-def _print_front(records: list[Any], title: str, *, ranks: bool = False,
-                 test: dict[int, float] | None = None) -> None:
-    """The front as a table: compact by default (layers compressed), per-layer ranks with
-    ``ranks``; the searched values as columns; test accuracies when measured."""
-    from rankopt.report import fmt_value, front_table_rows
-
-    rows = front_table_rows(records, test or None)
-    fixed = {"trial", "accuracy", "test_accuracy", "params", "flops", "params_compression",
-             "flops_compression", "strategy", "selector", "ranks", "latency_ms", "speedup",
-             "fidelity", "train_epochs"}
-    searched = [c for c in (rows[0] if rows else {}) if c not in fixed]
-    timed = bool(rows) and "latency_ms" in rows[0]  # latency columns only when measured
-    staged = any(row.get("fidelity") for row in rows)  # multi_fidelity promoted some model
-    caption = ("accuracy: validation (what the search optimized); test acc: held-out test split"
-               if test else "accuracy: validation (what the search optimized); "
-               "held-out accuracy: `rankopt evaluate`")
-    heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
-        "params", "FLOPs", "params x", "FLOPs x"] + (["ms", "speed-up"] if timed else []) + [
-        "strategy", "selector"] + (["fidelity", "epochs"] if staged else []) + searched
-    body = []
-    for row in rows:
-        summary = row["ranks"]
-        cells = [str(row["trial"]), f"{row['accuracy']:.4f}"]
-        if test:
-            cells.append(fmt_value("test_accuracy", row.get("test_accuracy")))
-        cells += [f"{row['params']:,}", f"{row['flops']:,}", f"{row['params_compression']:.2f}",
-                  f"{row['flops_compression']:.2f}"]
-        if timed:
-            cells += [f"{row['latency_ms']:.3f}", f"{row['speedup']:.2f}"]
-        cells += [row["strategy"], row["selector"]]
-        if staged:
-            cells += [str(row["fidelity"]), f"{row['train_epochs']:g}"]
-        cells += [fmt_value(c, row[c]) for c in searched]
-        if ranks:
-            cells.append(summary)
-        else:  # "(3/4 layers)" at the end of the summary: how many layers were compressed
-            cells.append(summary[summary.rfind("(") + 1:].rstrip(")") if "(" in summary else summary)
-        body.append(cells)
-    heads.append("ranks" if ranks else "layers")
-    table = _fitted_table(title, caption, heads, body, searched)
-    console.print(table)
-
-
-def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[str]], searched: list[str]) -> Table:
-    """The front table at the console's width. Where all of it does not fit (an 80-column
-    terminal) the searched values go (csv and json keep them), a strategy, selector, fidelity or
-    epochs column with one value in every row moves to the caption, and the borders thin out, so that the figures are
-    never cut to "0.9…"."""
-    from rich import box
-
-    widths = [max([len(col)] + [len(cells[i]) for cells in body]) for i, col in enumerate(heads)]
-    shown = list(range(len(heads)))
-    notes = [caption]
-    narrow = sum(w + 3 for w in widths) + 1 > console.width
-    if narrow:
-        same = {i for i, col in enumerate(heads) if col in ("strategy", "selector", "fidelity", "epochs")
-                and body and len({cells[i] for cells in body}) == 1}
-        notes += [f"{heads[i]}: {body[0][i]}" for i in sorted(same)]
-        shown = [i for i in shown if heads[i] not in searched and i not in same]
-        if searched:
-            notes.append(f"{len(searched)} searched values not shown at this width (see --format csv)")
-    table = Table(title=title, caption="; ".join(notes), box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
-                  pad_edge=not narrow)
-    for i in shown:
-        text = heads[i] in ("strategy", "selector", "ranks", "layers") or heads[i] in searched
-        table.add_column(heads[i], overflow="fold", min_width=None if text else widths[i],
-                         justify="left" if text else "right")
-    for cells in body:
-        table.add_row(*[cells[i] for i in shown])
-    return table
 
 
 @app.command("run")
@@ -127,7 +55,7 @@ def run_command(
     }
     source: Any = study_file
     if set_:
-        from rankopt.config import load_config, merge_set, parse_set
+        from rankopt.config.schema import load_config, merge_set, parse_set
 
         sets = parse_set(set_)  # a malformed --set fails before the file is read
         loaded = load_config(study_file, check_plugins=False)  # paths resolved against the file
@@ -137,7 +65,7 @@ def run_command(
     result = study.run()
     status = result.status()
     if not quiet:
-        _print_front(result.front(), f"Pareto front of {result.config.name}")
+        print_front(result.front(), f"Pareto front of {result.config.name}")
         counts = ", ".join(f"{k} {v}" for k, v in sorted(status["trials"].items()))
         ref = status["reference"]
         console.print(
@@ -194,7 +122,7 @@ def pareto_command(
     ranks: bool = typer.Option(False, "--ranks", help="Show each layer's decomposer and ranks (default: how many layers)."),
 ) -> None:
     """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
-    from rankopt.evaluation import cached_accuracies
+    from rankopt.results.evaluation import cached_accuracies
 
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
@@ -204,7 +132,7 @@ def pareto_command(
     if format == "json":
         typer.echo(json.dumps([r.as_dict() for r in front], indent=2, default=_json_default))
     elif format == "csv":
-        from rankopt.report import front_table_rows
+        from rankopt.results.report import front_table_rows
 
         rows = front_table_rows(front, test or None)
         buf = io.StringIO()
@@ -214,7 +142,7 @@ def pareto_command(
         writer.writerows(rows)
         typer.echo(buf.getvalue(), nl=False)
     else:
-        _print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)",
+        print_front(front, f"Pareto front of {result.config.name} ({len(front)} points)",
                      ranks=ranks, test=test)
 
 
@@ -230,7 +158,7 @@ def report_command(
     trial: Optional[int] = typer.Option(None, "--trial", help="Whose per-layer ranks to plot (default: the most accurate front point)."),
 ) -> None:
     """Write plots (fronts, hypervolume, per-layer ranks) and summary.md into RUN_DIR/report/."""
-    from rankopt.report import write_report
+    from rankopt.results.report import write_report
 
     files = write_report(_open(run_dir), trial=trial)
     for f in files:
@@ -263,33 +191,24 @@ def pick_command(
     The trial's file is checked to be that trial's (study, trial number and spec as the
     storage recorded them) and loaded before anything is written.
     """
-    from rankopt.errors import ArtifactError
+    from rankopt.core.errors import ArtifactError
+    from rankopt.deploy.picking import LatencySettings, write_picked
 
     result = _open(run_dir)
     record = result.pick(trial=trial, max_params=max_params, max_flops=max_flops, min_accuracy=min_accuracy)
     source = Path(result.local_model(record).model_path)
     if not source.is_file():
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
-    _check_out(out, source)
     # refuse to copy a torn, foreign or swapped file; and it must load
     _loads(result.trial_payload(record, allow_unchecked=allow_unchecked), source, result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
-    if keep_faster:
-        dense = out.with_name(f".{out.name}.dense.tmp")
-        try:
-            _write_faster(source, dense, result, allow_unchecked=allow_unchecked)
-            if fold_bn:
-                _write_folded(dense, tmp, allow_modules=result.model_modules)
-            else:
-                dense.replace(tmp)
-        finally:
-            dense.unlink(missing_ok=True)
-    elif fold_bn:
-        _write_folded(source, tmp, allow_modules=result.model_modules, allow_unchecked=allow_unchecked)
-    else:
-        shutil.copyfile(source, tmp)
-    tmp.replace(out)
+    latency = result.config.latency
+    picked = write_picked(
+        source, out, fold_bn=fold_bn, allow_modules=result.model_modules, allow_unchecked=allow_unchecked,
+        keep_faster=LatencySettings(latency.runtime, latency.batch, latency.threads, latency.rounds)
+        if keep_faster else None,
+    )
+    for line in picked.notes:
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(
         f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
@@ -306,7 +225,7 @@ def pick_command(
 def _loads(payload: Any, source: Path, result: Any) -> None:
     """Build the model of a checked trial file (a run on a module passed from Python
     cannot be rebuilt here: its tensors were checked against the spec only)."""
-    from rankopt.artifacts import build_compressed
+    from rankopt.deploy.artifacts import build_compressed
 
     base = payload.get("base") or {}
     if base.get("model") or base.get("callable"):
@@ -316,7 +235,7 @@ def _loads(payload: Any, source: Path, result: Any) -> None:
 def _held_out_line(result: Any, trial: int, *, allow_unchecked: bool = False) -> str:
     """The picked model's test accuracy (measured and stored in evaluation.json), or a note
     that the numbers are validation numbers."""
-    from rankopt.evaluation import cached_accuracies, config_splits
+    from rankopt.results.evaluation import cached_accuracies, config_splits
 
     cached = cached_accuracies(result.run_dir, "test")
     if trial not in cached and result.config.data.name is not None:
@@ -329,82 +248,3 @@ def _held_out_line(result: Any, trial: int, *, allow_unchecked: bool = False) ->
             "no test split; set data.test_fraction to hold one out")
 
 
-def _write_folded(source: Path, out: Path, *, allow_modules: list[str], allow_unchecked: bool = False) -> None:
-    """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
-    equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
-    import torch
-
-    from rankopt.artifacts import build_compressed, read_compressed, save_compressed
-    from rankopt.errors import ExportError
-    from rankopt.deploy import fold_batchnorm
-
-    payload = read_compressed(source, allow_unchecked=allow_unchecked)
-    if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
-        shutil.copyfile(source, out)
-        return
-    model = build_compressed(payload, source, allow_modules=allow_modules)
-    shape = payload.get("input_shape") or []
-    if shape:
-        x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            diff = float((fold_batchnorm(model)(x) - model(x)).abs().max())
-        if not diff <= 1e-5:
-            raise ExportError(f"folding BatchNorm changed the outputs by up to {diff:.3g} (> 1e-5); nothing written")
-    metadata = {**(payload.get("metadata") or {}), "fold_bn": True}
-    save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
-
-
-def _write_faster(source: Path, out: Path, result: Any, *, allow_unchecked: bool = False) -> None:
-    """``source`` re-written with the layers that run slower factorized than dense (in the
-    study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
-    from rankopt.artifacts import build_compressed, load_compressed, read_compressed, save_compressed
-    from rankopt.cli.export_cmd import densify_slower
-
-    payload = read_compressed(source, allow_unchecked=allow_unchecked)
-    if (payload.get("metadata") or {}).get("fold_bn"):
-        shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
-        console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
-        return
-    shape = tuple(payload.get("input_shape") or ())
-    if not shape:
-        from rankopt.errors import ArtifactError
-
-        raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
-    latency = result.config.latency
-    model, kept, slower = densify_slower(
-        build_compressed(payload, source, allow_modules=result.model_modules), source, payload, shape,
-        runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
-        allow_modules=result.model_modules, done="written dense", allow_unchecked=allow_unchecked)
-    metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
-    save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
-    if slower:  # the line below names the trial's figures; the file differs from them
-        from rankopt.accounting import count
-
-        cost = count(model, shape)
-        console.print(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
-                      "those layers dense", highlight=False, soft_wrap=True)
-    load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
-
-
-def _check_out(out: Path, source: Path) -> None:
-    """``pick --out`` must name a new or replaceable file, not a folder or the trial's own file."""
-    import os
-
-    from rankopt.errors import ConfigError
-
-    text = str(out)
-    if not text.strip() or text in (".", "..") or text.endswith(("/", os.sep)):
-        raise ConfigError(f"--out: {text!r} is not a file name; give a path such as model.pt")
-    if out.is_dir():
-        raise ConfigError(f"--out: {text!r} is a directory; give a file path such as {text}/model.pt")
-    if out.exists() and out.resolve() == source.resolve():
-        raise ConfigError(
-            f"--out: {text!r} is the trial's own model file; give a path outside the run directory"
-        )
-    probe = out.parent if str(out.parent) else Path(".")
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
-        out.exists() and not os.access(out, os.W_OK)
-    ):
-        raise ConfigError(f"--out: {text!r} cannot be written by this user; give a writable path")

@@ -32,9 +32,9 @@ def evaluate_command(
     storage recorded them) before it is measured; results are cached in evaluation.json
     under the file's SHA-256, so a replaced file is measured again.
     """
-    from rankopt.errors import ConfigError
-    from rankopt.evaluation import SPLITS
-    from rankopt.results import StudyResult
+    from rankopt.core.errors import ConfigError
+    from rankopt.results.evaluation import SPLITS
+    from rankopt.results.reading import StudyResult
 
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {list(SPLITS)}, got {split!r}")
@@ -85,9 +85,9 @@ def dashboard_command(
     whose Host header names the bound address, so a web page cannot rename or delete
     the study through your browser (see docs/security.md).
     """
-    from rankopt.dashboard import dashboard_app, is_loopback, serve
-    from rankopt.errors import ConfigError
-    from rankopt.results import StudyResult, storage_url_of
+    from rankopt.results.dashboard import dashboard_app, is_loopback, serve
+    from rankopt.core.errors import ConfigError
+    from rankopt.results.reading import StudyResult, storage_url_of
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}")

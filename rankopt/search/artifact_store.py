@@ -21,7 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rankopt.errors import ArtifactError, ConfigError
+from rankopt.config.checks import check_artifacts_url
+from rankopt.core.errors import ArtifactError
 
 __all__ = ["ArtifactStore", "file_sha256", "check_artifacts_url", "TRIAL_FILES"]
 
@@ -36,25 +37,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def check_artifacts_url(url: str) -> str:
-    """``url`` made absolute when it is a local path; a ConfigError for an unknown protocol
-    or a missing fsspec implementation (checked before any work)."""
-    import fsspec
-
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except (ValueError, ImportError) as exc:
-        raise ConfigError(
-            f"artifacts: {url!r} uses protocol {protocol!r}, which fsspec cannot open "
-            f"({str(exc).splitlines()[0]}); give a shared folder, file://, s3://, gs://, "
-            "sftp://... URL and install its fsspec package (e.g. s3fs)"
-        ) from None
-    if "://" not in url:
-        return os.path.abspath(os.path.expanduser(url))
-    return url
 
 
 class ArtifactStore:

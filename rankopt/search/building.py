@@ -6,10 +6,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from rankopt.config import StudyConfig, import_model_factory
-from rankopt.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.surgery import LayerInfo, find_layers
+from rankopt.config.schema import StudyConfig, import_model_factory
+from rankopt.core.errors import ConfigError
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.compression.surgery import LayerInfo, find_layers
 
 __all__ = ["build_model", "find_targets", "thin_conv"]
 
@@ -17,7 +17,7 @@ __all__ = ["build_model", "find_targets", "thin_conv"]
 def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, dict[str, Any]]:
     """``config.model`` built (``num_classes``/``in_channels`` from the data when the factory
     takes them), and the description of it that keys the cached reference."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     assert config.model is not None
     name, kwargs = config.model.name, dict(config.model.kwargs)
@@ -25,7 +25,7 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
         factory = import_model_factory(name, "model.name")
     else:
         factory = get_registry().record("models", name).factory
-    from rankopt.config import _signature_names
+    from rankopt.config.schema import _signature_names
 
     accepts = _signature_names(factory)
     for key, value in (("num_classes", splits.num_classes), ("in_channels", splits.input_shape[0])):

@@ -29,8 +29,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rankopt.accounting import count
-from rankopt.artifacts import load_compressed, save_compressed
+from rankopt.compression.accounting import count
+from rankopt.deploy.artifacts import load_compressed, save_compressed
 from rankopt.search.objective import (
     TrialEnv,
     _finish,
@@ -42,7 +42,7 @@ from rankopt.search.objective import (
     trial_context,
     user_attrs,
 )
-from rankopt.search.resume import training_seed
+from rankopt.search.repeats import training_seed
 
 __all__ = ["promotion_order", "promote", "run_promotions"]
 

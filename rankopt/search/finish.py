@@ -11,15 +11,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig
-from rankopt.errors import RankoptError
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import RankoptError
 
 __all__ = ["call_trial_hook", "call_study_hook", "check_failures", "interrupted_message"]
 
 
 def call_trial_hook(run_dir: Path, number: int, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
     """``rankopt_trial_finished`` of every plugin (the traceback left out of the metrics)."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     hook_metrics = {k: v for k, v in metrics.items() if k not in ("traceback",)}
     get_registry().pm.hook.rankopt_trial_finished(
@@ -29,7 +29,7 @@ def call_trial_hook(run_dir: Path, number: int, values: Mapping[str, Any], metri
 
 def call_study_hook(run_dir: Path, summary: Mapping[str, Any]) -> None:
     """``rankopt_study_finished`` of every plugin."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     get_registry().pm.hook.rankopt_study_finished(run_dir=run_dir, summary=dict(summary))
 
@@ -74,7 +74,7 @@ def interrupted_message(config: StudyConfig, run_dir: Path) -> str:
     """What a run interrupted by Ctrl-C or SIGTERM says: how many trials are complete."""
     done = "?"
     with contextlib.suppress(Exception):  # the storage may be what was interrupted
-        from rankopt.results import storage_url_of
+        from rankopt.search.layout import storage_url_of
         from rankopt.search.storage import open_storage
 
         url = storage_url_of(config, run_dir)

@@ -25,19 +25,20 @@ import optuna
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import count
-from rankopt.artifacts import save_compressed
-from rankopt.config import StudyConfig
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.compression.accounting import count
+from rankopt.deploy.artifacts import save_compressed
+from rankopt.config.schema import StudyConfig
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
+from rankopt.search.layout import write_json
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
-from rankopt.search.resume import training_seed
+from rankopt.search.repeats import training_seed
 from rankopt.search.space import SearchSpace, TrialPlan
-from rankopt.spectral import SpectralCache, set_default_cache
-from rankopt.surgery import LayerInfo, normalize_spec
+from rankopt.compression.spectral import SpectralCache, set_default_cache
+from rankopt.compression.surgery import LayerInfo, normalize_spec
 
 if TYPE_CHECKING:  # annotations only; trial_context imports it when a trial runs
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
 __all__ = [
     "SET_CONSTRAINT",
@@ -195,14 +196,6 @@ class TrialEnv:
         return self.run_dir / "trials" / str(number)
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=jsonable))
-    tmp.replace(path)
-
-
 def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:
     """Remove a failed trial's partial files (a model file, half-written temporaries).
 
@@ -226,8 +219,8 @@ def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:
 
 
 def trial_latency(model: nn.Module, env: TrialEnv, device: torch.device) -> dict[str, Any]:
-    """The model against the reference in the study's latency runtime (rankopt.latency)."""
-    from rankopt.latency import measure_model_latency
+    """The model against the reference in the study's latency runtime (rankopt.compression.latency)."""
+    from rankopt.compression.latency import measure_model_latency
 
     lat = env.config.latency
     return measure_model_latency(
@@ -254,7 +247,7 @@ def objective_values(metrics: Mapping[str, Any], objectives: Sequence[str]) -> l
 
 def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialContext:
     """The context a trial (or a screening candidate) of ``plan`` runs in."""
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
     config = env.config
     return LocalTrialContext(
@@ -282,7 +275,7 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
 def split_epochs(config: Any, strategy: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
     """``hyperparameters`` with the ``finetune`` strategy's epochs cut to
     ``multi_fidelity.first`` of them: the first rung's budget (the promoted models train
-    the rest, :meth:`rankopt.config.MultiFidelityConfig.continuation_epochs`)."""
+    the rest, :meth:`rankopt.config.schema.MultiFidelityConfig.continuation_epochs`)."""
     mf = config.multi_fidelity
     if mf is None or isinstance(mf, str) or mf.first is None or strategy != "finetune":
         return hyperparameters
@@ -298,7 +291,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
     have ``state: "FAIL"`` and ``reason``. Only the user's Ctrl-C (see
     :func:`interrupt_guard`) passes through: the caller marks the trial interrupted.
     """
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     start = time.perf_counter()
     trial_dir = env.trial_dir(number)
@@ -419,7 +412,7 @@ def check_outcome(env: TrialEnv, model: nn.Module, spec: Mapping[str, Any], ctx:
     logits on a validation batch are not finite."""
     import copy
 
-    from rankopt.surgery import compress
+    from rankopt.compression.surgery import compress
 
     # a structural copy of the reference on the meta device: no weights are copied
     memo: dict[int, Any] = {}

@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from rankopt.results import pareto_front_2d
+from rankopt.search.front import pareto_front_2d
 
 __all__ = ["StudyProgress"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import optuna
 from ray.tune.stopper import Stopper
 
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
 from rankopt.search.local import quiet_optuna
 from rankopt.search.objective import TrialEnv, run_trial
 from rankopt.search.ray_searcher import METRICS_KEY, RankoptOptunaSearch, RecordErrors, TrialDone

@@ -22,14 +22,14 @@ import torch
 import torch.nn as nn
 from optuna.trial import TrialState
 
-from rankopt.accounting import count
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.results import reference_path
+from rankopt.compression.accounting import count
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.search.layout import reference_path
 from rankopt.search.artifact_store import ArtifactStore
-from rankopt.search.objective import write_json
-from rankopt.surgery import LayerInfo
+from rankopt.search.layout import write_json
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = [
     "fingerprint_module",
@@ -114,7 +114,7 @@ def _epoch_reporter(report: Callable[[str], None], model: nn.Module, val_loader:
                     batches_per_epoch: int, device: Any) -> Callable[[int, int, float], None]:
     """A ``train(progress=...)`` callback that reports each epoch of the reference: mean
     loss, validation accuracy and the time left (from the pace so far)."""
-    from rankopt.training import evaluate
+    from rankopt.training.loop import evaluate
 
     start = time.perf_counter()
     losses: list[float] = []
@@ -228,9 +228,9 @@ def train_reference(
     """Train (or load) and measure the reference where this runs; returns its CPU
     state_dict and metrics. The device is resolved here (a Ray task resolves its own).
     ``report`` gets a line per epoch (loss, validation accuracy, ETA)."""
-    from rankopt.devices import resolve_device
-    from rankopt.training import evaluate, train
-    from rankopt.trial import loader_for
+    from rankopt.training.devices import resolve_device
+    from rankopt.training.loop import evaluate, train
+    from rankopt.training.trial import loader_for
 
     device = resolve_device(config.device)
     start = time.perf_counter()
@@ -278,7 +278,7 @@ def train_reference(
         "device": str(device),
     }
     if "latency" in config.objectives:
-        from rankopt.latency import measure_model_latency
+        from rankopt.compression.latency import measure_model_latency
 
         lat = config.latency
         timed = measure_model_latency(
@@ -318,6 +318,6 @@ def warn_weak_reference(baseline: Mapping[str, Any], num_classes: int) -> None:
 def _stored_weights(path: Path) -> Any:
     """A stored reference's state_dict (the run directory's or the artifact store's, which
     may come from elsewhere): its sizes checked on the meta device before loading."""
-    from rankopt.safe_load import load_checked
+    from rankopt.core.safe_load import load_checked
 
     return load_checked(path, f"stored reference weights {str(path)!r}")

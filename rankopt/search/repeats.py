@@ -4,6 +4,7 @@ the same model again (issue 18, "no repeated work")."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rankopt.surgery import normalize_spec
+from rankopt.compression.surgery import normalize_spec
 
 if TYPE_CHECKING:  # annotations only
     from rankopt.search.space import TrialPlan
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
-__all__ = ["REPEATED", "find_repeat", "jsonable", "resolved_key", "rounded"]
+__all__ = ["REPEATED", "find_repeat", "jsonable", "resolved_key", "rounded", "training_seed"]
 
 
 def jsonable(value: Any) -> Any:
@@ -41,7 +42,7 @@ def resolved_key(ctx: LocalTrialContext, plan: TrialPlan, strategy: Any,
     ranks are one model); the others select after their own training, so their key is
     the selector and its checked parameters.
     """
-    from rankopt.selection import select_spec
+    from rankopt.compression.selection import select_spec
 
     key: dict[str, Any] = {"strategy": plan.strategy, "hyperparameters": dict(hyperparameters)}
     if getattr(strategy, "selects_on_reference", False):
@@ -94,3 +95,16 @@ def find_repeat(run_dir: Path, key: str, number: int) -> dict[str, Any] | None:
                 and (best is None or int(path.parent.name) < best[0])):
             best = (int(path.parent.name), metrics)
     return None if best is None else best[1]
+
+
+def training_seed(study_seed: int, trains: str | Mapping[str, Any], *, fidelity: int = 0) -> int:
+    """The seed a trial trains with, in [0, 2**32): a hash of the study seed, what the trial
+    trains (its resolved key, :func:`~rankopt.search.repeats.resolved_key`, or its
+    parameters, floats at 12 significant digits) and its fidelity rung. The same model
+    gets the same seed in any trial, run or process, so a trial rerun under another number
+    and a repeat of it train the same weights; another rung gives another seed (a
+    continuation is new training)."""
+    what = trains if isinstance(trains, str) else rounded(dict(trains))
+    key = json.dumps({"seed": int(study_seed), "trains": what, "fidelity": int(fidelity)},
+                     sort_keys=True, default=jsonable)
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")

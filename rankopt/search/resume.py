@@ -1,7 +1,7 @@
 """Resume that reproduces: a rerun of an interrupted study gives the front the
 uninterrupted run would have given.
 
-* :func:`training_seed`: a trial's training seed follows what it trains (its resolved
+* :func:`~rankopt.search.repeats.training_seed`: a trial's training seed follows what it trains (its resolved
   parameters, its fidelity rung and the study seed), not its trial number, so a trial
   rerun under another number, and every multi-fidelity continuation, trains the same model.
 * :func:`requeue_lost_trials`: a trial that was interrupted (Ctrl-C, SIGTERM) or died
@@ -16,33 +16,15 @@ uninterrupted run would have given.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["RETRY_ATTR", "training_seed", "requeue_lost_trials", "dead_streak", "lost_reason",
+__all__ = ["RETRY_ATTR", "requeue_lost_trials", "dead_streak", "lost_reason",
            "fail_own_running"]
 
 RETRY_ATTR = "retry_of"
-
-
-def training_seed(study_seed: int, trains: str | Mapping[str, Any], *, fidelity: int = 0) -> int:
-    """The seed a trial trains with, in [0, 2**32): a hash of the study seed, what the trial
-    trains (its resolved key, :func:`~rankopt.search.repeats.resolved_key`, or its
-    parameters, floats at 12 significant digits) and its fidelity rung. The same model
-    gets the same seed in any trial, run or process, so a trial rerun under another number
-    and a repeat of it train the same weights; another rung gives another seed (a
-    continuation is new training)."""
-    from rankopt.search.repeats import jsonable, rounded
-
-    what = trains if isinstance(trains, str) else rounded(dict(trains))
-    key = json.dumps({"seed": int(study_seed), "trains": what, "fidelity": int(fidelity)},
-                     sort_keys=True, default=jsonable)
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
 
 def lost_reason(trial: FrozenTrial) -> str | None:

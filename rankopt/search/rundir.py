@@ -19,9 +19,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
-from rankopt.results import LEGACY_STUDY_FILE, STUDY_FILE
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
+from rankopt.search.layout import LEGACY_STUDY_FILE, STUDY_FILE
 
 __all__ = ["check_run_dir", "check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
 
@@ -108,7 +108,7 @@ def reconcile_trial_dirs(study: optuna.Study, run_dir: Path) -> list[int]:
     ``metrics.json`` says COMPLETE (or is missing) while the storage has the trial FAIL,
     or has no such trial, is rewritten as FAIL with the storage's reason and its model
     removed. Folders of RUNNING and COMPLETE trials are left alone. Returns the numbers fixed."""
-    from rankopt.search.objective import write_json
+    from rankopt.search.layout import write_json
 
     trials = Path(run_dir) / "trials"
     if not trials.is_dir():

@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
 from rankopt.search.objective import SET_CONSTRAINT
 
 __all__ = [

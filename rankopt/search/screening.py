@@ -33,8 +33,8 @@ from typing import Any
 
 import optuna
 
-from rankopt.accounting import count
-from rankopt.results import pareto_front_2d
+from rankopt.compression.accounting import count
+from rankopt.search.front import pareto_front_2d
 from rankopt.search.objective import TrialEnv, trial_context, write_json
 from rankopt.search.seeding import strategy_point
 

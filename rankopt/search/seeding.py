@@ -84,7 +84,7 @@ def _inside(dist: BaseDistribution, value: Any) -> bool:
 
 
 def _defaults_of(family: str, name: str) -> Mapping[str, Any]:
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     return get_registry().create(family, name).defaults()
 
@@ -217,8 +217,8 @@ def anchored_proposals(
     to 0.9684 +- 0.0015, the same params spent this way to 0.9732 +- 0.0004; at 2x and
     3x the rebalanced points are 0.6 and 2.9 points more accurate with fewer params.
     """
-    from rankopt.manager import get_registry
-    from rankopt.selection import select_spec
+    from rankopt.contract.manager import get_registry
+    from rankopt.compression.selection import select_spec
 
     if "vbmf" not in space.selectors or not _per_layer_fixed(space):
         return []
@@ -324,7 +324,7 @@ def uniform_rate_point(
     even that is above it. ``decomposers``: ``{layer: name}`` (default: each layer's
     first decomposer in the study's order).
     """
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
     from rankopt.plugins.selectors.fixed import MIN_FRACTION, PER_LAYER_PREFIX
 
     if not rate >= 1:

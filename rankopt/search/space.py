@@ -25,9 +25,9 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from rankopt.config import SPACE_KEY, Choices, Range, StudyConfig, parse_param_value
-from rankopt.errors import ConfigError
-from rankopt.surgery import LayerInfo
+from rankopt.config.schema import SPACE_KEY, Choices, Range, StudyConfig, parse_param_value
+from rankopt.core.errors import ConfigError
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["FULL", "SearchSpace", "TrialPlan", "MethodSpace", "suggest_value", "to_distribution"]
 
@@ -103,7 +103,7 @@ class SearchSpace:
     """The search space of a study over the ``targets`` of ``reference``."""
 
     def __init__(self, config: StudyConfig, reference: nn.Module, targets: Sequence[LayerInfo]) -> None:
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         registry = get_registry()
         self.strategies: dict[str, MethodSpace] = {}

@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import TrialState
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 try:
     import fcntl

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.config import StudyConfig
-from rankopt.errors import ConfigError
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.surgery import LayerInfo
+from rankopt.config.schema import StudyConfig
+from rankopt.core.errors import ConfigError
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = [
     "check_model_on_data",
@@ -30,7 +30,7 @@ __all__ = [
 
 
 def _first_batch(data: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from rankopt.trial import loader_for
+    from rankopt.training.trial import loader_for
 
     # iterating a DataLoader draws from torch's RNG: keep the study's seeded stream intact
     with torch.random.fork_rng(devices=[]):
@@ -123,7 +123,7 @@ def check_against_model(config: StudyConfig, model: nn.Module, targets: list[Lay
     and a params limit below what no decomposition of the targets can remove."""
     import fnmatch
 
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     fixed_ranks = config.selectors.get("fixed", {}).get("ranks")
     if isinstance(fixed_ranks, Mapping):
@@ -160,7 +160,7 @@ def check_against_model(config: StudyConfig, model: nn.Module, targets: list[Lay
 
 def resolve_driver_device(config: StudyConfig) -> None:
     """The study's device exists on this machine (with backend ray, a hint at reference.on)."""
-    from rankopt.devices import resolve_device
+    from rankopt.training.devices import resolve_device
 
     try:
         resolve_device(config.device)

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from rankopt.errors import UnsupportedModuleError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.core.errors import UnsupportedModuleError
+from rankopt.contract.decomposer import Decomposer
 from rankopt.testing._core import CheckFailed, Checks, require
 from rankopt.testing.samples import SampleLayer, unsupported_probes
 
@@ -35,7 +35,7 @@ def rank_matrices_like_selectors(dec: Decomposer, layer: SampleLayer, top: tuple
     """Call ``rank_matrices`` and ``ranks_from_matrix_ranks`` exactly as the spectral
     selectors do (options passed positionally), then run the ``energy`` selector."""
     from rankopt.plugins.selectors.energy import EnergyRankSelector
-    from rankopt.spectral import SpectralCache
+    from rankopt.compression.spectral import SpectralCache
 
     options = dec.default_options(layer.module) or None
     weight = layer.module.weight.detach()  # type: ignore[union-attr]

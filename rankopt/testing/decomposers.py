@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import Cost, count_flops
-from rankopt.errors import ConfigError, InvalidRanksError
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import NAME_PATTERN
+from rankopt.compression.accounting import Cost, count_flops
+from rankopt.core.errors import ConfigError, InvalidRanksError
+from rankopt.contract.decomposer import Decomposer
+from rankopt.core.records import NAME_PATTERN
 from rankopt.testing._core import (
     CheckFailed,
     CheckResult,

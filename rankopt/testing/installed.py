@@ -77,8 +77,8 @@ def check_installed_plugins(
     ranks, the others must be refused with a ConfigError; its ``decomposers`` row says
     which were which.
     """
-    from rankopt.errors import ConfigError
-    from rankopt.manager import FAMILIES, _family, get_registry
+    from rankopt.core.errors import ConfigError
+    from rankopt.contract.manager import FAMILIES, _family, get_registry
 
     keys = [_family(f).key for f in families]  # "decomposer" or "decomposers"; unknown ones fail
     unchecked = sorted(set(keys) - {*CHECKED_FAMILIES, "models"})
@@ -166,7 +166,7 @@ def check_installed_plugins(
 
 def _installed_decomposers() -> list[tuple[Any, str]]:
     """(instance, distribution) of every uniquely named decomposer whose factory works."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     reg = get_registry()
     conflicted = {name for key, name, _ in reg.conflicts() if key == "decomposers"}

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 from rankopt.testing._core import seeded
 
 __all__ = [

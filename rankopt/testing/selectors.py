@@ -15,12 +15,12 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from rankopt.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import RankSelector
-from rankopt.records import NAME_PATTERN
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import find_layers
+from rankopt.core.errors import ConfigError
+from rankopt.contract.decomposer import Decomposer
+from rankopt.contract.selector import RankSelector
+from rankopt.core.records import NAME_PATTERN
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import find_layers
 from rankopt.testing._core import (
     CheckFailed,
     CheckResult,
@@ -40,7 +40,7 @@ PREFERRED_DECOMPOSERS = ("tucker2", "svd")
 
 def default_decomposer() -> Decomposer:
     """The registered decomposer the checks use when none is given (tucker2, else svd, else the first)."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     reg = get_registry()
     names = reg.names("decomposers")

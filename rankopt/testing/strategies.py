@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution
 
-from rankopt.errors import ConfigError
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import NAME_PATTERN
-from rankopt.surgery import compress, normalize_spec
+from rankopt.core.errors import ConfigError
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import NAME_PATTERN
+from rankopt.compression.surgery import compress, normalize_spec
 from rankopt.testing._core import (
     CheckFailed,
     CheckResult,
@@ -34,7 +34,7 @@ MAX_TRAIN_STEPS = 6
 
 
 def _default_selector() -> tuple[str, dict[str, Any]]:
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     names = get_registry().names("rank_selectors")
     for name, params in PREFERRED_SELECTORS:
@@ -53,7 +53,7 @@ def tiny_trial_context(
     max_steps: int = MAX_TRAIN_STEPS,
     seed: int = 0,
 ) -> TrialContext:
-    """A real :class:`rankopt.trial.LocalTrialContext` on a tiny CNN and tiny synthetic data.
+    """A real :class:`rankopt.training.trial.LocalTrialContext` on a tiny CNN and tiny synthetic data.
 
     Every ``train`` call stops after ``max_steps`` optimizer steps (whatever epochs a
     strategy asks for), so a strategy runs end to end in about a second on a CPU.
@@ -61,7 +61,7 @@ def tiny_trial_context(
     one); ``selector`` to ``fixed`` with ``fraction=0.25`` (else ``energy`` with
     ``p=0.5``, else the first one), so that the layers really are compressed.
     """
-    from rankopt.trial import LocalTrialContext
+    from rankopt.training.trial import LocalTrialContext
 
     dec_name = decomposer or default_decomposer().name
     if selector is None:

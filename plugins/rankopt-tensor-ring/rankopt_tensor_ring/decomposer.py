@@ -9,7 +9,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt import ConfigError, Cost, Decomposer, InvalidRanksError
+from rankopt import ConfigError, Cost, Decomposer, InputHW, InvalidRanksError
+from rankopt import DecomposerOptions as Options
 from rankopt_tensor_ring.layer import TensorRingConv2d
 from rankopt_tensor_ring.ring import (
     balanced_factors,
@@ -123,16 +124,9 @@ class TensorRingDecomposer(Decomposer):
         assert isinstance(module, nn.Conv2d)
         return ring_max_ranks(self._modes(module, options)[2])
 
-    def cost(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        input_hw: Sequence[int] | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Cost:
-        self.check_module(module)
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
         assert isinstance(module, nn.Conv2d)
-        r = self.check_ranks(module, ranks, options=options)
+        r = ranks
         if input_hw is None:
             raise ConfigError(
                 "tensor_ring cost() needs input_hw, the (H, W) of the layer's input, to count FLOPs"
@@ -162,17 +156,9 @@ class TensorRingDecomposer(Decomposer):
         return Cost(params, flops)
 
     # -- building and projecting ----------------------------------------------------------
-    def build(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        *,
-        options: Mapping[str, Any] | None = None,
-        initialize: bool = True,
-    ) -> nn.Module:
-        self.check_module(module)
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
         assert isinstance(module, nn.Conv2d)
-        r = self.check_ranks(module, ranks, options=options)
+        r = ranks
         fin, fout, _ = self._modes(module, options)
         weight = module.weight
         layer = TensorRingConv2d(

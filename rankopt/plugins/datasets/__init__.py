@@ -1,6 +1,6 @@
 """Built-in datasets, one module per source."""
 
-from rankopt.plugins.datasets.base import DatasetSplits
+from rankopt.contract.dataset import DatasetSplits
 
 __all__ = ["DatasetSplits", "BUILTIN"]
 

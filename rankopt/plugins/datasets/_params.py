@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rankopt.errors import ConfigError
+from rankopt.core.errors import ConfigError
 
 __all__ = ["ParameterError", "checked_params", "check_fraction", "check_positive_int", "accepted"]
 

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.datasets._arrays import split_indices
 from rankopt.plugins.datasets._params import check_fraction, check_positive_int, checked_params
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.records import DatasetInfo
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.core.records import DatasetInfo
 
 __all__ = ["load_imagefolder_splits", "IMAGENET_MEAN", "IMAGENET_STD"]
 

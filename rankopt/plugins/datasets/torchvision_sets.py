@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.datasets._arrays import ArrayDataset, crop_flip, split_indices
 from rankopt.plugins.datasets._params import check_fraction, check_positive_int, checked_params
-from rankopt.plugins.datasets.base import DatasetSplits
-from rankopt.records import DatasetInfo
+from rankopt.contract.dataset import DatasetSplits
+from rankopt.core.records import DatasetInfo
 
 __all__ = ["TorchvisionSpec", "SPECS", "load_torchvision_splits"]
 

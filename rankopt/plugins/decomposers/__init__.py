@@ -1,6 +1,6 @@
 """Built-in decomposers, one module per method."""
 
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.decomposer import Decomposer
 
 __all__ = ["Decomposer", "BUILTIN"]
 

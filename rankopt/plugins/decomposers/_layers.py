@@ -14,8 +14,8 @@ import tensorly as tl
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import conv2d_output_hw
-from rankopt.errors import ConfigError, InvalidRanksError
+from rankopt.compression.accounting import conv2d_output_hw
+from rankopt.core.errors import ConfigError, InvalidRanksError
 
 __all__ = [
     "ConvGeometry",
@@ -28,6 +28,7 @@ __all__ = [
     "tensorly_torch",
     "validate_weight_ranks",
     "mode_unfolding",
+    "input_output_unfoldings",
     "copy_bias",
     "thin_svd",
 ]
@@ -131,6 +132,13 @@ def validate_weight_ranks(
                 f"the largest ranks for this weight are {list(largest)}"
             )
     return ranks
+
+
+def input_output_unfoldings(weight: torch.Tensor) -> list[torch.Tensor]:
+    """[mode-1 unfolding (input channels), mode-0 unfolding (output channels)] of a conv kernel:
+    the matrices whose spectra govern a channel-wise decomposition's ranks."""
+    w = weight.detach()
+    return [mode_unfolding(w, 1), mode_unfolding(w, 0)]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -27,13 +27,14 @@ import torch.nn as nn
 from tensorly.cp_tensor import CPTensor, cp_to_tensor
 from tensorly.decomposition import parafac
 
-from rankopt.accounting import Cost, conv2d_flops, conv2d_output_hw
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops, conv2d_output_hw
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
-    ConvGeometry,
+    input_output_unfoldings,
     check_options,
     compute_dtype,
+    ConvGeometry,
     copy_bias,
     make_conv,
     mode_unfolding,
@@ -41,9 +42,9 @@ from rankopt.plugins.decomposers._layers import (
     tensorly_torch,
     validate_weight_ranks,
 )
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["CPConv2d", "CPDecomposer", "cp_max_rank", "term_ratio"]
 
@@ -141,7 +142,7 @@ class CPDecomposer(Decomposer):
     CP-ALS can diverge. The result is checked: non-finite factors or a reconstruction
     error larger than ``||W||`` (worse than zero) count as a failure; the decomposition
     is then retried once from a seeded random start, and if that fails too a
-    :class:`~rankopt.errors.DecompositionError` says what happened. Garbage is never
+    :class:`~rankopt.core.errors.DecompositionError` says what happened. Garbage is never
     returned.
 
     Low-rank CP approximation is ill-posed, and ALS can also degenerate: rank-one terms
@@ -152,7 +153,7 @@ class CPDecomposer(Decomposer):
     4.1 after 5000 iterations) the ALS is rerun from the same start with a ridge
     (``l2_reg`` 1e-5, 1e-4, 1e-3, then 1e-2 on the unit-norm kernel), which bounds the terms at a
     small cost in error (fits exact to 1e-6 are never called degenerate); if no run passes, the random start is tried the same way, then
-    :class:`~rankopt.errors.DecompositionError` (:func:`rankopt.compress` adds the layer).
+    :class:`~rankopt.core.errors.DecompositionError` (:func:`rankopt.compress` adds the layer).
 
     The rank magnitudes are balanced: every rank-one term's scale is spread equally
     over its four factors (the ALS leaves them arbitrary), so no layer of the
@@ -202,15 +203,8 @@ class CPDecomposer(Decomposer):
         self.check_module(module)
         return (cp_max_rank(module.weight.shape),)  # type: ignore[union-attr]
 
-    def cost(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        input_hw: Sequence[int] | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Cost:
-        self.check_module(module)
-        (r,) = self.check_ranks(module, ranks, options=options)
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
+        (r,) = ranks
         hw = require_input_hw(module, input_hw, self.name)
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         s, t = g.in_channels, g.out_channels
@@ -227,14 +221,11 @@ class CPDecomposer(Decomposer):
         )
         return Cost(params, flops)
 
-    def rank_matrices(self, weight: torch.Tensor, options: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+    def rank_matrices(self, weight: torch.Tensor, options: Options = None) -> list[torch.Tensor]:
         """[mode-1 unfolding (input channels), mode-0 unfolding (output channels)]."""
-        w = weight.detach()
-        return [mode_unfolding(w, 1), mode_unfolding(w, 0)]
+        return input_output_unfoldings(weight)
 
-    def ranks_from_matrix_ranks(
-        self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
-    ) -> tuple[int, ...]:
+    def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         (hi,) = self.max_ranks(module, options)
         return (max(1, min(max(int(r) for r in matrix_ranks), hi)),)
 
@@ -308,17 +299,9 @@ class CPDecomposer(Decomposer):
             )
         return (weights, list(factors)), ""
 
-    def build(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        *,
-        options: Mapping[str, Any] | None = None,
-        initialize: bool = True,
-    ) -> nn.Module:
-        self.check_module(module)
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
         self._options(options)
-        (r,) = self.check_ranks(module, ranks, options=options)
+        (r,) = ranks
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         kw = {"device": weight.device, "dtype": weight.dtype}

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.accounting import Cost, conv2d_flops, linear_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops, linear_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -40,9 +40,9 @@ from rankopt.plugins.decomposers._tiles import (
     tiled_factors,
     tiled_project,
 )
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["SVDConv2d", "SVDDecomposer", "SVDLinear"]
 
@@ -115,15 +115,8 @@ class SVDDecomposer(Decomposer):
         tiles = check_tiles(self._options(options)["tiles"], (rows, cols))
         return (min(rows, cols) if tiles is None else tile_max_rank((rows, cols), tiles),)
 
-    def cost(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        input_hw: Sequence[int] | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Cost:
-        self.check_module(module)
-        (r,) = self.check_ranks(module, ranks, options=options)
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
+        (r,) = ranks
         tiles = self._options(options)["tiles"]
         if tiles is not None:
             return self._tiled_cost(module, r, tiles, input_hw)
@@ -201,17 +194,9 @@ class SVDDecomposer(Decomposer):
             )
         return self._split(u, s, vh, opts["split"])
 
-    def build(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        *,
-        options: Mapping[str, Any] | None = None,
-        initialize: bool = True,
-    ) -> nn.Module:
-        self.check_module(module)
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
         opts = self._options(options)
-        (r,) = self.check_ranks(module, ranks, options=options)
+        (r,) = ranks
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         kw = {"device": weight.device, "dtype": weight.dtype}
         if opts["tiles"] is not None:

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from tensorly.decomposition import tensor_train
 from tensorly.tt_tensor import tt_to_tensor
 
-from rankopt.accounting import Cost, conv2d_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -42,8 +42,8 @@ from rankopt.plugins.decomposers._layers import (
     tensorly_torch,
     validate_weight_ranks,
 )
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.core.records import DecomposerInfo
 
 __all__ = ["TTConv2d", "TTDecomposer", "balanced_factors", "tt_max_ranks", "tt_usable_ranks"]
 
@@ -252,15 +252,7 @@ class TTDecomposer(Decomposer):
         return tt_max_ranks(self._modes(module.weight.shape, options)[2])  # type: ignore[union-attr]
 
     # -- accounting --------------------------------------------------------------------
-    def cost(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        input_hw: Sequence[int] | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Cost:
-        self.check_module(module)
-        ranks = self.check_ranks(module, ranks, options=options)
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
         hw = require_input_hw(module, input_hw, self.name)
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         fin, fout, modes = self._modes(module.weight.shape, options)  # type: ignore[union-attr]
@@ -325,16 +317,7 @@ class TTDecomposer(Decomposer):
             padded.append(F.pad(c, pad) if any(pad) else c)
         return padded
 
-    def build(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        *,
-        options: Mapping[str, Any] | None = None,
-        initialize: bool = True,
-    ) -> nn.Module:
-        self.check_module(module)
-        ranks = self.check_ranks(module, ranks, options=options)
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         fin, fout, modes = self._modes(weight.shape, options)

@@ -22,13 +22,14 @@ import torch.nn as nn
 from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
-from rankopt.accounting import Cost, conv2d_flops
-from rankopt.errors import ConfigError, DecompositionError
-from rankopt.hookspecs import hookimpl
+from rankopt.compression.accounting import Cost, conv2d_flops
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
-    ConvGeometry,
+    input_output_unfoldings,
     check_options,
     compute_dtype,
+    ConvGeometry,
     copy_bias,
     make_conv,
     mode_unfolding,
@@ -37,9 +38,9 @@ from rankopt.plugins.decomposers._layers import (
     thin_svd,
     validate_weight_ranks,
 )
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.records import DecomposerInfo
-from rankopt.spectral import get_default_cache
+from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.core.records import DecomposerInfo
+from rankopt.compression.spectral import get_default_cache
 
 __all__ = ["Tucker2Conv2d", "Tucker2Decomposer", "tucker2_max_ranks"]
 
@@ -77,7 +78,7 @@ class Tucker2Decomposer(Decomposer):
 
     * ``init``: ``"hosvd"`` (default) takes the truncated SVDs of the mode-1 (input
       channels) and mode-0 (output channels) unfoldings from
-      :func:`rankopt.spectral.get_default_cache`, so rank selectors and the
+      :func:`rankopt.compression.spectral.get_default_cache`, so rank selectors and the
       decomposition share one SVD per weight; the core is ``W x_0 U_out^T x_1 U_in^T``
       (TensorLy ``multi_mode_dot``). ``"hooi"`` refines that start with TensorLy's
       ``partial_tucker`` (higher-order orthogonal iteration), which lowers the
@@ -125,15 +126,8 @@ class Tucker2Decomposer(Decomposer):
         return validate_weight_ranks(self.name, self.rank_names, ranks, largest)  # type: ignore[return-value]
 
     # -- accounting --------------------------------------------------------------------
-    def cost(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        input_hw: Sequence[int] | None = None,
-        options: Mapping[str, Any] | None = None,
-    ) -> Cost:
-        self.check_module(module)
-        r_in, r_out = self.check_ranks(module, ranks, options=options)
+    def checked_cost(self, module: nn.Module, ranks: tuple[int, ...], input_hw: InputHW, options: Options) -> Cost:
+        r_in, r_out = ranks
         hw = require_input_hw(module, input_hw, self.name)
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         s, t = g.in_channels, g.out_channels
@@ -147,14 +141,11 @@ class Tucker2Decomposer(Decomposer):
         return Cost(params, flops)
 
     # -- the decomposition -----------------------------------------------------------------
-    def rank_matrices(self, weight: torch.Tensor, options: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+    def rank_matrices(self, weight: torch.Tensor, options: Options = None) -> list[torch.Tensor]:
         """[mode-1 unfolding (S x T*kh*kw, governs r_in), mode-0 unfolding (T x S*kh*kw, r_out)]."""
-        w = weight.detach()
-        return [mode_unfolding(w, 1), mode_unfolding(w, 0)]
+        return input_output_unfoldings(weight)
 
-    def ranks_from_matrix_ranks(
-        self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
-    ) -> tuple[int, ...]:
+    def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         largest = self.max_ranks(module, options)
         return tuple(max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest))
 
@@ -192,17 +183,9 @@ class Tucker2Decomposer(Decomposer):
             )
         return core, u_in, u_out
 
-    def build(
-        self,
-        module: nn.Module,
-        ranks: Sequence[int],
-        *,
-        options: Mapping[str, Any] | None = None,
-        initialize: bool = True,
-    ) -> nn.Module:
-        self.check_module(module)
+    def checked_build(self, module: nn.Module, ranks: tuple[int, ...], options: Options, initialize: bool) -> nn.Module:
         self._options(options)
-        r_in, r_out = self.check_ranks(module, ranks, options=options)
+        r_in, r_out = ranks
         g = ConvGeometry.of(module)  # type: ignore[arg-type]
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         kw = {"device": weight.device, "dtype": weight.dtype}

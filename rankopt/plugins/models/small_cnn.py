@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.datasets._params import check_positive_int, checked_params
-from rankopt.records import ModelInfo
+from rankopt.core.records import ModelInfo
 
 __all__ = ["SmallCNN", "small_cnn"]
 

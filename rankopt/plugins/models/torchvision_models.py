@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.datasets._params import check_positive_int, checked_params
-from rankopt.records import ModelInfo
+from rankopt.core.records import ModelInfo
 
 __all__ = ["torchvision_model", "torchvision_names", "TORCHVISION_CLASSIFIERS", "ALIASES", "PREFIX"]
 

@@ -1,6 +1,6 @@
 """Built-in rank selectors, one module per method."""
 
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector
+from rankopt.contract.selector import LayerChoice, RankSelector
 
 __all__ = ["RankSelector", "LayerChoice", "BUILTIN"]
 

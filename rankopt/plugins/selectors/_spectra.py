@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ConfigError
-from rankopt.plugins.selectors.base import RankSelector, clamp_ranks
-from rankopt.spectral import SpectralCache, get_default_cache
+from rankopt.core.errors import ConfigError
+from rankopt.contract.selector import RankSelector, clamp_ranks
+from rankopt.compression.spectral import SpectralCache, get_default_cache
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rankopt.plugins.decomposers.base import Decomposer
+    from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
     "MatrixSpectrum",

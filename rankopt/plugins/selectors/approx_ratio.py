@@ -11,8 +11,8 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field, model_validator
 
-from rankopt.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import (
     RELATIVE_TOLERANCE,
     MatrixSpectrum,
@@ -20,9 +20,9 @@ from rankopt.plugins.selectors._spectra import (
     layer_weight,
     tail_fractions,
 )
-from rankopt.plugins.selectors.base import SelectorParams
-from rankopt.records import RankSelectorInfo
-from rankopt.surgery import LayerInfo
+from rankopt.contract.selector import SelectorParams
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["ApproxRatioRankSelector", "ApproxRatioParams", "ranks_for_tail"]
 

@@ -14,21 +14,21 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field
 
-from rankopt.accounting import count_flops
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.compression.accounting import count_flops
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.decomposer import Decomposer
 from rankopt.plugins.selectors._spectra import (
     RELATIVE_TOLERANCE,
     SpectralRankSelector,
     layer_spectra,
     tail_fractions,
 )
-from rankopt.plugins.selectors.base import LayerChoice, RankSelector, SelectorParams
-from rankopt.records import RankSelectorInfo
-from rankopt.selection import cost_increase_reason, layer_costs
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import COMPRESSIBLE_TYPES, LayerInfo, find_layers
+from rankopt.contract.selector import LayerChoice, RankSelector, SelectorParams
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.selection import cost_increase_reason, layer_costs
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import COMPRESSIBLE_TYPES, LayerInfo, find_layers
 
 __all__ = ["BudgetRankSelector", "BudgetParams", "LayerOption"]
 
@@ -223,7 +223,7 @@ def _infer_input_shape(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[i
     first = next((n for n, m in model.named_modules() if n and isinstance(m, COMPRESSIBLE_TYPES)), None)
     info = next((lay for lay in layers if lay.name == first), None)
     how = (
-        "pass input_shape=(1, C, H, W) to rankopt.selection.select_spec, or use scope='layers'"
+        "pass input_shape=(1, C, H, W) to rankopt.compression.selection.select_spec, or use scope='layers'"
     )
     if info is None or info.kind != "conv2d" or info.input_hw is None:
         raise ConfigError(
@@ -292,7 +292,7 @@ class BudgetRankSelector(RankSelector):
         if checked["measure"] == "flops":
             raise ConfigError(
                 "rank selector 'budget' prices FLOPs from the layers' input sizes; use "
-                "rankopt.selection.select_spec with layers from rankopt.find_layers(model, input_shape)"
+                "rankopt.compression.selection.select_spec with layers from rankopt.find_layers(model, input_shape)"
             )
         holder = nn.Module()
         holder.add_module("layer", module)

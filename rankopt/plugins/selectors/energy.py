@@ -8,11 +8,11 @@ from typing import Any, Literal
 from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.selectors._spectra import MatrixSpectrum, SpectralRankSelector, energy_rank
-from rankopt.plugins.selectors.base import SelectorParams
-from rankopt.records import RankSelectorInfo
-from rankopt.surgery import LayerInfo
+from rankopt.contract.selector import SelectorParams
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["EnergyRankSelector", "EnergyParams"]
 

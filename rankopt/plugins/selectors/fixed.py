@@ -10,13 +10,13 @@ import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field, field_validator
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
-from rankopt.plugins.decomposers.base import Decomposer
-from rankopt.plugins.selectors.base import RankSelector, SelectorParams, ceil_fraction, clamp_ranks
-from rankopt.records import RankSelectorInfo
-from rankopt.spectral import SpectralCache
-from rankopt.surgery import LayerInfo
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
+from rankopt.contract.decomposer import Decomposer
+from rankopt.contract.selector import RankSelector, SelectorParams, ceil_fraction, clamp_ranks
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.spectral import SpectralCache
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["FixedRankSelector", "FixedParams", "PER_LAYER_PREFIX"]
 

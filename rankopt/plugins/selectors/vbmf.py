@@ -41,11 +41,11 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from pydantic import Field
 from scipy.optimize import brentq, minimize_scalar
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.selectors._spectra import MatrixSpectrum, SpectralRankSelector
-from rankopt.plugins.selectors.base import SelectorParams, ceil_fraction
-from rankopt.records import RankSelectorInfo
-from rankopt.surgery import LayerInfo
+from rankopt.contract.selector import SelectorParams, ceil_fraction
+from rankopt.core.records import RankSelectorInfo
+from rankopt.compression.surgery import LayerInfo
 
 __all__ = ["VBMFRankSelector", "VBMFParams", "EVBMFResult", "evbmf", "evb_tau_bar", "evb_threshold"]
 

@@ -1,6 +1,6 @@
 """Built-in training strategies, one module per method."""
 
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 
 __all__ = ["Strategy", "TrialContext", "TrialOutcome", "BUILTIN"]
 

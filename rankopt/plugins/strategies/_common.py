@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.distill import DISTILL_DEFAULTS, check_distill_params
-from rankopt.errors import ConfigError
-from rankopt.plugins.decomposers.base import Decomposer
+from rankopt.training.distill import DISTILL_DEFAULTS, check_distill_params
+from rankopt.core.errors import ConfigError
+from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
     "check_number",
@@ -119,7 +119,7 @@ def spec_layers(
     model: nn.Module, spec: Mapping[str, Mapping[str, Any]]
 ) -> Iterator[tuple[str, nn.Module, Decomposer, tuple[int, ...], dict[str, Any] | None]]:
     """``(name, module, decomposer, ranks, options)`` for each layer of a compression spec."""
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     registry = get_registry()
     for name, entry in spec.items():
@@ -142,7 +142,7 @@ class TrainingStopped(Exception):
 
 def distill_params(strategy: str, hp: Mapping[str, Any]) -> dict[str, float]:
     """The checked distillation hyperparameters of ``hp`` (defaults filled in): every
-    fine-tuning strategy passes them to its final ``ctx.train`` (see :mod:`rankopt.distill`)."""
+    fine-tuning strategy passes them to its final ``ctx.train`` (see :mod:`rankopt.training.distill`)."""
     out = {k: hp.get(k, v) for k, v in DISTILL_DEFAULTS.items()}
     check_distill_params(f"strategy {strategy!r}", out)
     return {k: float(v) for k, v in out.items()}

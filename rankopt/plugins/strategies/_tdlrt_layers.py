@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rankopt.errors import DecompositionError
+from rankopt.core.errors import DecompositionError
 
 __all__ = ["TuckerTrainingConv2d", "tucker2_convs", "truncation_rank"]
 
@@ -173,7 +173,7 @@ class TuckerTrainingConv2d(nn.Module):
     @torch.no_grad()
     def to_tucker2(self, conv: nn.Conv2d) -> nn.Module:
         """The ``tucker2`` decomposer's module at :attr:`ranks`, holding these factors exactly."""
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         dec = get_registry().create("decomposers", "tucker2")
         module = dec.build(conv, self.ranks, initialize=False)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import (
     DISTILL_DEFAULTS,
     TrainingStopped,
@@ -34,8 +34,8 @@ from rankopt.plugins.strategies._common import (
     check_number,
     spec_layers,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 
 __all__ = ["ADMMStrategy", "ADMMState"]
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import (
     DISTILL_DEFAULTS,
     check_bool,
@@ -33,8 +33,8 @@ from rankopt.plugins.strategies._common import (
     distill_params,
     spec_layers,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 
 __all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort"]
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from optuna.distributions import BaseDistribution, FloatDistribution
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import DISTILL_DEFAULTS, distill_params
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 
 __all__ = ["FineTuneStrategy"]
 

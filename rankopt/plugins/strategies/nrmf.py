@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 
-from rankopt.hookspecs import hookimpl
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import (
     DISTILL_DEFAULTS,
     channel_unfoldings,
@@ -44,8 +44,8 @@ from rankopt.plugins.strategies._common import (
     check_number,
     distill_params,
 )
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
 
 __all__ = ["NuclearNormStrategy", "nuclear_norm_penalty"]
 
@@ -92,7 +92,7 @@ class NuclearNormStrategy(Strategy):
 
     Which layers are regularized: the target layers that the trial's decomposers
     handle (``ctx.layer_decomposers`` where the context offers it, as
-    :class:`~rankopt.trial.LocalTrialContext` does; else every target), including
+    :class:`~rankopt.training.trial.LocalTrialContext` does; else every target), including
     those too full-rank to be worth compressing on the reference: the regularizer may
     make them so. A layer no decomposer handles (a Linear under Tucker-2) is left
     alone, since lowering its rank buys nothing. The ranks are then selected on the

@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 from optuna.distributions import BaseDistribution, FloatDistribution
 
-from rankopt.errors import ConfigError
-from rankopt.hookspecs import hookimpl
+from rankopt.core.errors import ConfigError
+from rankopt.contract.hookspecs import hookimpl
 from rankopt.plugins.strategies._common import check_choice, check_int, check_number
 from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, tucker2_convs
-from rankopt.plugins.strategies.base import Strategy, TrialContext, TrialOutcome
-from rankopt.records import StrategyInfo
-from rankopt.surgery import set_submodule
+from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
+from rankopt.core.records import StrategyInfo
+from rankopt.compression.surgery import set_submodule
 
 __all__ = ["TDLRTStrategy"]
 
@@ -51,7 +51,7 @@ INITS = ("reference", "random")
 def _initial_layer(
     conv: nn.Conv2d, ranks: tuple[int, int], max_ranks: tuple[int, int], min_rank: int, init: str
 ) -> TuckerTrainingConv2d:
-    from rankopt.manager import get_registry
+    from rankopt.contract.manager import get_registry
 
     r_in, r_out = ranks
     if init == "reference":
@@ -140,7 +140,7 @@ class TDLRTStrategy(Strategy):
         }
 
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:
-        from rankopt.manager import get_registry
+        from rankopt.contract.manager import get_registry
 
         hp = self.validate_params(params)
         dec = get_registry().create("decomposers", "tucker2")

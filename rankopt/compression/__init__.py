@@ -1,0 +1,2 @@
+"""Compression: layer surgery, cost accounting, the spectral cache, rank selection and
+latency measurement."""

@@ -1,0 +1,1 @@
+"""Records and errors: the bottom layer, importing nothing else of rankopt."""

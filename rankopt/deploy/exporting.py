@@ -1,0 +1,291 @@
+"""Export a (compressed) model to ONNX or TorchScript, verified in the serving runtime.
+
+::
+
+    rankopt.export(model, "model.onnx", format="onnx", input_shape=(1, 3, 32, 32))
+
+ONNX goes through the TorchScript-based exporter (``torch.onnx.export(...,
+dynamo=False)``): it writes ResNet-18 in 1-3 s where the dynamo exporter took 35-85 s
+on our machines, and every layer form rankopt builds (plain convs, einsum-free
+factor chains) is within its operator set. The batch dimension is dynamic. After
+writing, the file is run in ONNX Runtime (or loaded back with ``torch.jit.load``) on
+a batch of inputs and compared with PyTorch; above ``tolerance`` the file is removed
+and :class:`~rankopt.ExportError` raised.
+
+BatchNorm is folded into the preceding conv (or the last factor of a decomposed
+conv) before export with :func:`fold_batchnorm` (``torch.fx``'s ``fuse``): the ONNX
+exporter would do it anyway, TorchScript and eager gain +19-31 % on ResNet-20.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from rankopt.core.errors import ConfigError, ExportError
+
+__all__ = ["densify", "export", "fold_batchnorm", "ExportResult", "EXPORT_FORMATS", "run_exported"]
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote: the file, its format, and the verification figures."""
+
+    path: Path
+    format: str
+    max_abs_diff: float
+    tolerance: float
+    batch: int
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with each BatchNorm folded into the conv before it.
+
+    Uses ``torch.fx.experimental.optimization.fuse`` (Conv-BN and Linear-BN pairs whose
+    conv output feeds only the BatchNorm); fx traces through rankopt's decomposed
+    layers, so a Tucker-2, CP or SVD chain followed by BatchNorm has it folded into
+    its last factor. A BatchNorm after a layer that does not end in an ``nn.Conv2d``
+    module stays (TT ends in a reshape, the tensor_ring contrib in a conv of computed
+    weights) and runs as its own op. The result is a ``torch.fx.GraphModule``
+    computing the same function (to float rounding, ~1e-6). ``model`` is left untouched.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    net = copy.deepcopy(model).eval()
+    try:
+        return fuse(net, inplace=True)
+    except Exception as exc:  # fx cannot trace data-dependent control flow
+        raise ExportError(
+            f"cannot fold BatchNorm of {type(model).__name__}: torch.fx could not trace it "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "export without folding (fold_bn=False / --no-fold-bn)"
+        ) from None
+
+
+def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rtol: float = 1e-4) -> nn.Module:
+    """A copy of ``model`` in which each of ``layers`` (a decomposed layer) is replaced by
+    the one dense layer it computes: ``reference``'s module of that name (its kernel size,
+    stride, padding, dilation) holding the kernel the factors multiply out to
+    (``reconstruct_weight()``) and the bias the factor chain adds (its output for a zero
+    input, which is exact for any chain of linear maps).
+
+    For shipping: a factorized layer that runs slower than the dense one in the serving
+    runtime (:func:`rankopt.compression.latency.keep_faster_layers` says which) trades speed for
+    params, and the dense layer computes the same function with no retraining. Each
+    replacement is checked on a random input; above ``rtol`` of the output's scale a
+    :class:`~rankopt.ConfigError` names the layer. ``model`` is left untouched; the copy
+    stays on its device, in its dtype.
+    """
+    net = copy.deepcopy(model).eval()
+    for name in layers:
+        try:
+            factored = net.get_submodule(name)
+            original = reference.get_submodule(name)
+        except AttributeError:
+            raise ConfigError(f"densify: no layer {name!r} in the model and its reference") from None
+        if not isinstance(original, (nn.Conv2d, nn.Linear)) or not hasattr(factored, "reconstruct_weight"):
+            raise ConfigError(
+                f"densify: layer {name!r} must be a decomposed Conv2d or Linear (a module with "
+                f"reconstruct_weight()); got {type(factored).__name__} for a {type(original).__name__}"
+            )
+        dense = _dense_like(original, factored, name)
+        probe = torch.randn(_probe_shape(original), generator=torch.Generator().manual_seed(0))
+        weight = next(factored.parameters())
+        dense, probe = dense.to(weight.device, weight.dtype), probe.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            want, got = factored(probe), dense(probe)
+        scale = max(1.0, float(want.abs().max()))
+        if not float((got - want).abs().max()) <= rtol * scale:
+            raise ConfigError(
+                f"densify: layer {name!r} ({type(factored).__name__}) does not multiply out to one "
+                f"{type(original).__name__}: outputs differ by {float((got - want).abs().max()):.3g}"
+            )
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, leaf, dense)
+    return net
+
+
+def _probe_shape(original: nn.Module) -> tuple[int, ...]:
+    if isinstance(original, nn.Linear):
+        return (2, original.in_features)
+    kh, kw = original.kernel_size  # type: ignore[misc]
+    return (2, original.in_channels, 2 * kh + 3, 2 * kw + 3)  # type: ignore[operator]
+
+
+def _dense_like(original: nn.Module, factored: nn.Module, name: str) -> nn.Module:
+    with torch.no_grad():
+        weight = factored.reconstruct_weight().detach().float().cpu()  # type: ignore[operator]
+        p = next(factored.parameters())
+        zero = torch.zeros((1, *_probe_shape(original)[1:]), device=p.device, dtype=p.dtype)
+        bias = factored(zero)
+        bias = bias if isinstance(original, nn.Linear) else bias[:, :, 0, 0]
+        bias = bias.reshape(-1).detach().float().cpu()
+    if tuple(weight.shape) != tuple(original.weight.shape):  # type: ignore[union-attr]
+        raise ConfigError(
+            f"densify: layer {name!r} multiplies out to a kernel of shape {tuple(weight.shape)}, "
+            f"the reference's is {tuple(original.weight.shape)}"  # type: ignore[union-attr]
+        )
+    with_bias = original.bias is not None or bool(bias.abs().max() > 0)  # type: ignore[union-attr]
+    if isinstance(original, nn.Linear):
+        dense: nn.Module = nn.Linear(original.in_features, original.out_features, bias=with_bias)
+    else:
+        assert isinstance(original, nn.Conv2d)
+        dense = nn.Conv2d(original.in_channels, original.out_channels, original.kernel_size,
+                          stride=original.stride, padding=original.padding,  # type: ignore[arg-type]
+                          dilation=original.dilation, groups=original.groups, bias=with_bias,
+                          padding_mode=original.padding_mode)
+    with torch.no_grad():
+        dense.weight.copy_(weight)  # type: ignore[operator]
+        if with_bias:
+            dense.bias.copy_(bias)  # type: ignore[union-attr,operator]
+    return dense.eval()
+
+
+def _check_args(format: str, input_shape: Sequence[int] | None, tolerance: float) -> tuple[int, ...]:
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    if input_shape is None or len(input_shape) < 2 or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape
+    ):
+        raise ConfigError(
+            f"input_shape must be positive integers, batch first (e.g. (1, 3, 32, 32)), got {input_shape!r}"
+        )
+    if not tolerance > 0:
+        raise ConfigError(f"tolerance must be a positive number, got {tolerance!r}")
+    return tuple(int(d) for d in input_shape)
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # trace, not script: rankopt's layer forms and most model zoos trace cleanly while
+    # scripting rejects ordinary Python in forward(); shapes stay symbolic (batch dynamic)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+    traced.save(str(path))
+
+
+def run_exported(path: str | os.PathLike[str], format: str, inputs: torch.Tensor, *, threads: int = 1) -> torch.Tensor:
+    """The output of an exported file on ``inputs`` (CPU), in ONNX Runtime or TorchScript."""
+    if format == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        (out, *_) = session.run(None, {name: inputs.detach().cpu().numpy()})
+        return torch.from_numpy(out)
+    loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return loaded(inputs.detach().cpu())  # type: ignore[no-any-return]
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: Literal["onnx", "torchscript"] = "onnx",
+    *,
+    input_shape: Sequence[int] | None = None,
+    inputs: torch.Tensor | None = None,
+    fold_bn: bool = True,
+    tolerance: float = 1e-4,
+    opset: int = 17,
+) -> ExportResult:
+    """Write ``model`` to ``path`` as ONNX or TorchScript and verify the file.
+
+    Args:
+        model: any module (a compressed model from :func:`rankopt.load_compressed`).
+        format: ``"onnx"`` or ``"torchscript"``.
+        input_shape: one input's shape, batch first (e.g. ``(1, 3, 32, 32)``); the
+            batch dimension of the file is dynamic. Taken from ``inputs`` when omitted.
+        inputs: the batch the exported file is verified on (real data where the
+            caller has it; default: a seeded batch of 8 standard-normal inputs).
+        fold_bn: fold BatchNorm into the preceding conv first (:func:`fold_batchnorm`).
+        tolerance: the largest absolute output difference accepted.
+        opset: the ONNX opset.
+
+    Returns:
+        An :class:`ExportResult` with ``max_abs_diff``, the largest absolute difference
+        between the file's and PyTorch's outputs on ``inputs``.
+
+    Raises:
+        ConfigError: a bad argument, before anything is written.
+        ExportError: the exporter failed, or the file's outputs differ by more than
+            ``tolerance`` (the file is then removed).
+    """
+    if input_shape is None and inputs is not None:
+        input_shape = (1, *inputs.shape[1:])
+    shape = _check_args(format, input_shape, tolerance)
+    if inputs is not None and tuple(inputs.shape[1:]) != shape[1:]:
+        raise ConfigError(
+            f"inputs of shape {tuple(inputs.shape)} do not match input_shape {shape}: "
+            "all but the batch dimension must agree"
+        )
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"export path {str(out)!r} is a directory; give a file name like model.{format}")
+    net = copy.deepcopy(model).cpu().eval()
+    original = copy.deepcopy(net)
+    if fold_bn:
+        net = fold_batchnorm(net)
+    if inputs is None:
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn((8, *shape[1:]), generator=gen)
+    inputs = inputs.detach().cpu().float()
+    example = torch.zeros(shape)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if format == "onnx":
+            _write_onnx(net, example, tmp, opset)
+        else:
+            _write_torchscript(net, example, tmp)
+        with torch.no_grad():
+            expected = original(inputs)
+        got = run_exported(tmp, format, inputs)
+        diff = float((got.float() - expected.float()).abs().max())
+    except ExportError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ExportError(f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+    if not diff <= tolerance:  # also catches NaN
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise ExportError(
+            f"the exported {format} model differs from PyTorch by up to {diff:.3g} on a batch of "
+            f"{len(inputs)} inputs, above the tolerance {tolerance:g}; nothing was written to {str(out)!r}"
+        )
+    os.replace(tmp, out)  # only a verified file ever appears under the requested name
+    return ExportResult(out, format, diff, tolerance, len(inputs))

@@ -1,0 +1,138 @@
+"""Write a picked trial's model file: as it is, with BatchNorm folded, or with the layers
+that run slower factorized made dense again (``rankopt pick``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rankopt.core.errors import ArtifactError, ConfigError, ExportError
+
+__all__ = ["LatencySettings", "check_out_path", "write_picked"]
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """Where ``keep_faster`` times the layers (a study's ``latency`` section)."""
+
+    runtime: str = "eager"
+    batch: int = 1
+    threads: int = 1
+    rounds: int = 15
+
+
+@dataclass
+class PickedFile:
+    """What :func:`write_picked` wrote, and the lines that say how."""
+
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def check_out_path(out: Path, source: Path) -> None:
+    """``out`` must name a new or replaceable file, not a folder or the trial's own file."""
+    text = str(out)
+    if not text.strip() or text in (".", "..") or text.endswith(("/", os.sep)):
+        raise ConfigError(f"--out: {text!r} is not a file name; give a path such as model.pt")
+    if out.is_dir():
+        raise ConfigError(f"--out: {text!r} is a directory; give a file path such as {text}/model.pt")
+    if out.exists() and out.resolve() == source.resolve():
+        raise ConfigError(
+            f"--out: {text!r} is the trial's own model file; give a path outside the run directory"
+        )
+    probe = out.parent if str(out.parent) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK) or (
+        out.exists() and not os.access(out, os.W_OK)
+    ):
+        raise ConfigError(f"--out: {text!r} cannot be written by this user; give a writable path")
+
+
+def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster: LatencySettings | None = None,
+                 allow_modules: Sequence[str] = (), allow_unchecked: bool = False) -> PickedFile:
+    """Copy the model file ``source`` to ``out`` (atomically: a reader never sees half a
+    file), with BatchNorm folded and/or the slower layers dense (``keep_faster``)."""
+    from rankopt.deploy.artifacts import read_compressed
+
+    if not source.is_file():
+        raise ArtifactError(f"model file {str(source)!r} is missing")
+    check_out_path(out, source)
+    read_compressed(source, allow_unchecked=allow_unchecked)  # refuse to copy a torn or foreign file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    picked = PickedFile(out)
+    if keep_faster is not None:
+        dense = out.with_name(f".{out.name}.dense.tmp")
+        try:
+            picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked)
+            if fold_bn:
+                _write_folded(dense, tmp, allow_modules=allow_modules)
+            else:
+                dense.replace(tmp)
+        finally:
+            dense.unlink(missing_ok=True)
+    elif fold_bn:
+        _write_folded(source, tmp, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+    else:
+        shutil.copyfile(source, tmp)
+    tmp.replace(out)
+    return picked
+
+
+def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allow_unchecked: bool = False) -> None:
+    """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
+    equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
+    import torch
+
+    from rankopt.deploy.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.deploy.exporting import fold_batchnorm
+
+    payload = read_compressed(source, allow_unchecked=allow_unchecked)
+    if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
+        shutil.copyfile(source, out)
+        return
+    model = load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+    shape = payload.get("input_shape") or []
+    if shape:
+        x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((fold_batchnorm(model)(x) - model(x)).abs().max())
+        if not diff <= 1e-5:
+            raise ExportError(f"folding BatchNorm changed the outputs by up to {diff:.3g} (> 1e-5); nothing written")
+    metadata = {**(payload.get("metadata") or {}), "fold_bn": True}
+    save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
+
+
+def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modules: Sequence[str],
+                  allow_unchecked: bool = False) -> list[str]:
+    """``source`` re-written with the layers that run slower factorized than dense (in the
+    study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
+    from rankopt.compression.accounting import count
+    from rankopt.deploy.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.deploy.keep_faster import densify_slower
+
+    payload = read_compressed(source, allow_unchecked=allow_unchecked)
+    if (payload.get("metadata") or {}).get("fold_bn"):
+        shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
+        return ["--keep-faster: the trial's file has BatchNorm folded; written as it is"]
+    shape = tuple(payload.get("input_shape") or ())
+    if not shape:
+        raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
+    done = densify_slower(
+        load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked), source, payload,
+        shape, runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
+        allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+    notes = done.lines("written dense")
+    metadata: dict[str, Any] = {**(payload.get("metadata") or {}), "dense_again": sorted(done.slower)}
+    save_compressed(out, done.model, done.kept, base=payload["base"], input_shape=shape, metadata=metadata)
+    if done.slower:  # the pick line names the trial's figures; the file differs from them
+        cost = count(done.model, shape)
+        notes.append(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
+                     "those layers dense")
+    load_compressed(out, allow_modules=allow_modules)  # the file must load as written
+    return notes
