@@ -157,18 +157,21 @@ def _build_base(
     if isinstance(target, str) and target:
         module = target.partition(":")[0]
         allowed = any(module == p or module.startswith(p + ".") for p in allow_modules)
+        top = module.split(".")[0]
         if not allowed:
             raise ArtifactError(
-                f"model file {str(path)!r} names the factory {target!r} by import path; "
-                "loading a file never imports a module (that would run its code): " + how
-                + (", or allow its package: load_compressed(path, allow_modules="
-                   f"[{module.split('.')[0]!r}])")
+                f"model file {str(path)!r} names the factory {target!r}; loading a file never imports a module "
+                f"unless allowed: `--allow-module {top}` (CLI), load_compressed(path, "
+                f"allow_modules=[{top!r}]), or load_compressed(path, model=MyNet())"
             )
         from rankopt.config import import_model_factory
         from rankopt.errors import ConfigError
 
+        # the study file's folder the run recorded, then the model file's own, then the
+        # import path
+        folders = [base.get("path") if isinstance(base.get("path"), str) else None, str(Path(path).parent)]
         try:
-            factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable")
+            factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable", folders)
         except ConfigError as exc:
             raise ArtifactError(str(exc)) from None
         return factory, dict(kwargs), f"factory {target!r}"

@@ -358,6 +358,7 @@ def load_config(
             )
         raw.setdefault("name", path.stem)
         _resolve_data_paths(raw, path.parent)
+        _note_own_module(raw, path.parent)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -376,6 +377,18 @@ def load_config(
     if check_plugins:
         check_config(config, check_paths=check_paths)
     return config
+
+
+def _note_own_module(raw: dict[str, Any], folder: Path) -> None:
+    """``model.path``: the study file's folder, when the module a ``module:factory`` model
+    name names lies there (looked up before the import path; see rankopt.own_model)."""
+    from rankopt.own_model import module_file_in
+
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and ":" in name and model.get("path") is None:
+        if module_file_in(folder, name.partition(":")[0]) is not None:
+            model["path"] = str(folder.resolve())
 
 
 def config_to_yaml(config: StudyConfig) -> str:

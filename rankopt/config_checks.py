@@ -9,16 +9,16 @@ rankopt.config for type hints only (no import cycle).
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rankopt.config_sections import SPACE_KEY, Choices, Range, parse_param_value
 from rankopt.errors import ConfigError
+from rankopt.own_model import import_module_from, is_own_function, not_found_message
 
 if TYPE_CHECKING:
     from rankopt.config import StudyConfig
@@ -72,18 +72,17 @@ def _signature_names(fn: Any) -> set[str] | None:
     return {p.name for p in params}
 
 
-def import_callable(spec: str, where: str) -> Any:
-    """The callable named by ``"package.module:attribute"`` (an installed or importable module)."""
+def import_callable(spec: str, where: str, folders: Sequence[str | None] = ()) -> Any:
+    """The callable named by ``"package.module:attribute"``: its module is looked up in
+    ``folders`` first (a study file's folder), then on the import path."""
     if not CALLABLE_PATTERN.match(spec):
         raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:callable'")
     module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = import_module_from(module_name, folders)
     except ImportError as exc:
-        raise ConfigError(
-            f"{where}: cannot import module {module_name!r} named in {spec!r} ({exc}); "
-            "install the package that provides it or fix the name"
-        ) from None
+        folder = next((str(f) for f in folders if f), None)
+        raise ConfigError(not_found_message(where, spec, module_name, folder, exc)) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
@@ -94,7 +93,8 @@ def import_callable(spec: str, where: str) -> Any:
 
 
 def builds_a_module(factory: Any) -> bool:
-    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
+    """True for an ``nn.Module`` subclass, a Python function annotated to return one, or a
+    plain unannotated function of the user's own code (:func:`rankopt.own_model.is_own_function`):
     the only callables rankopt calls as a model factory (never ``os.system``...)."""
     import typing
 
@@ -105,6 +105,8 @@ def builds_a_module(factory: Any) -> bool:
     target = inspect.unwrap(factory) if inspect.isfunction(factory) else None
     if target is None:
         return False
+    if is_own_function(factory):
+        return True
     try:
         returns = typing.get_type_hints(target).get("return")
     except Exception:  # unresolvable annotations: not provably a module factory
@@ -112,18 +114,18 @@ def builds_a_module(factory: Any) -> bool:
     return inspect.isclass(returns) and issubclass(returns, nn.Module)
 
 
-def import_model_factory(spec: str, where: str) -> Any:
+def import_model_factory(spec: str, where: str, folders: Sequence[str | None] = ()) -> Any:
     """``import_callable`` for a model factory, refused unless :func:`builds_a_module`.
 
     A study file is trusted like a script (it may import its own module); the check
     still keeps ``model: {name: "os:system", kwargs: {command: ...}}`` from being called.
     """
-    factory = import_callable(spec, where)
+    factory = import_callable(spec, where, folders)
     if not builds_a_module(factory):
         raise ConfigError(
             f"{where}: {spec!r} is neither an nn.Module subclass nor a function annotated to "
-            "return one, so rankopt will not call it; name a model class, or annotate the "
-            "factory `-> nn.Module`"
+            "return one (nor a plain function of your own code), so rankopt will not call it; "
+            "name a model class, or annotate the factory `-> nn.Module`"
         )
     return factory
 
@@ -213,7 +215,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
         _check_finite(value, field)
     if config.model is not None:
         if ":" in config.model.name:
-            factory = import_model_factory(config.model.name, "model.name")
+            factory = import_model_factory(config.model.name, "model.name", [config.model.path])
         else:
             factory = reg.record("models", config.model.name).factory
         _check_kwargs(factory, config.model.kwargs, "model.kwargs")

@@ -127,10 +127,16 @@ def _number(value: Any) -> Any:
 
 
 class ModelConfig(_Strict):
-    """The model: a registered name (``rankopt plugins``) or ``package.module:callable``."""
+    """The model: a registered name (``rankopt plugins``) or ``module:callable``.
+
+    ``path``: the folder where the module of a ``module:callable`` name is looked up
+    first, before the import path; set to the study file's folder when the module lies
+    beside it (``mynet.py`` next to ``study.yaml``).
+    """
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
 
 
 class DataConfig(_Strict):

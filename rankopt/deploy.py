@@ -51,25 +51,53 @@ class ExportResult:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with each BatchNorm folded into the conv before it.
 
-    Uses ``torch.fx.experimental.optimization.fuse`` (Conv-BN and Linear-BN pairs whose
-    conv output feeds only the BatchNorm); fx traces through rankopt's decomposed
-    layers, so a Tucker-2, CP or SVD chain followed by BatchNorm has it folded into
-    its last factor. A BatchNorm after a layer that does not end in an ``nn.Conv2d``
-    module stays (TT ends in a reshape, the tensor_ring contrib in a conv of computed
-    weights) and runs as its own op. The result is a ``torch.fx.GraphModule``
-    computing the same function (to float rounding, ~1e-6). ``model`` is left untouched.
+    torch.fx traces the model to find Conv-BN and Linear-BN pairs whose conv output feeds
+    only the BatchNorm (the pairs ``torch.fx.experimental.optimization.fuse`` folds); fx
+    traces through rankopt's decomposed layers, so a Tucker-2, CP or SVD chain followed by
+    BatchNorm has it folded into its last factor. Each pair's conv is replaced by the
+    folded conv (``torch.nn.utils.fusion``) and the BatchNorm by ``nn.Identity`` in the
+    copy itself, so the result is a module of ``model``'s own class (not an fx
+    GraphModule) computing the same function (to float rounding, ~1e-6). A BatchNorm after
+    a layer that does not end in an ``nn.Conv2d``/``nn.Linear`` module stays (TT ends in a
+    reshape). ``model`` is left untouched.
     """
-    from torch.fx.experimental.optimization import fuse
+    import torch.fx as fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     net = copy.deepcopy(model).eval()
     try:
-        return fuse(net, inplace=True)
+        graph = fx.symbolic_trace(net).graph
     except Exception as exc:  # fx cannot trace data-dependent control flow
         raise ExportError(
             f"cannot fold BatchNorm of {type(model).__name__}: torch.fx could not trace it "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "export without folding (fold_bn=False / --no-fold-bn)"
         ) from None
+    modules = dict(net.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for node in graph.nodes:
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        prev = node.args[0] if isinstance(bn, norms) and node.args else None
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv = modules.get(str(prev.target))
+        # a module called at two places would change at both: leave it
+        if calls[str(prev.target)] != 1 or calls[str(node.target)] != 1 or not bn.track_running_stats:
+            continue
+        pairs = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+        if any(type(conv) is c and type(bn) is b for c, b in pairs):
+            fused: nn.Module = fuse_conv_bn_eval(conv, bn)
+        elif isinstance(conv, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+            fused = fuse_linear_bn_eval(conv, bn)
+        else:
+            continue
+        net.set_submodule(str(prev.target), fused)
+        net.set_submodule(str(node.target), nn.Identity())
+    return net
 
 
 def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rtol: float = 1e-4) -> nn.Module:

@@ -47,6 +47,26 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     return (densify(model, base, slower) if slower else model), kept, sorted(slower)
 
 
+def load_compressed_for_cli(model_file: Path, allow_modules: list[str]) -> Any:
+    """``load_compressed`` with the CLI's words for what to pass when the file's model
+    cannot be rebuilt from the command line (a module passed from Python)."""
+    from rankopt.artifacts import load_compressed, read_compressed
+    from rankopt.errors import ArtifactError, ConfigError
+
+    try:
+        return load_compressed(model_file, allow_modules=allow_modules)
+    except ArtifactError as exc:
+        base = read_compressed(model_file).get("base") or {}
+        if not base.get("class"):
+            raise
+        name = str(base["class"]).rpartition(".")[2]
+        raise ConfigError(
+            f"{str(model_file)!r} was compressed from a module passed from Python ({name}); the CLI "
+            f"cannot rebuild it: in Python, rankopt.load_compressed(path, model={name}(...)) "
+            "then rankopt.export(model, 'model.onnx', input_shape=...)"
+        ) from exc
+
+
 @app.command("export")
 def export_command(
     source: Path = typer.Argument(..., help="A run directory (with --trial) or a model file written by `rankopt pick`."),
@@ -65,6 +85,10 @@ def export_command(
         "time) and ship the dense one where the factorized form is slower: the same function, more params.",
     ),
     latency_batch: int = typer.Option(1, "--latency-batch", help="The batch --keep-faster times at."),
+    allow_module: list[str] = typer.Option(
+        [], "--allow-module", help="Let a picked file rebuild its model from this module (a "
+        "`module:factory` model; a run directory trusts the module its study named). Repeatable.",
+    ),
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
 
@@ -85,11 +109,14 @@ def export_command(
         raise ConfigError(f"--tolerance must be a positive number, got {tolerance}")
     if latency_batch < 1:
         raise ConfigError(f"--latency-batch must be a positive integer, got {latency_batch}")
+    allowed = list(allow_module)
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")
-        record = StudyResult(source).pick(trial=trial)
+        result = StudyResult(source)
+        record = result.pick(trial=trial)
         model_file = Path(record.model_path)
+        allowed += result.model_modules  # the run's own study named (and imported) it
         data = data or source
     elif source.is_file():
         if trial is not None:
@@ -103,7 +130,7 @@ def export_command(
     input_shape = payload.get("input_shape")
     if not input_shape:
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
-    model = load_compressed(model_file)
+    model = load_compressed_for_cli(model_file, allowed)
     if keep_faster:
         if (payload.get("metadata") or {}).get("fold_bn"):
             raise ConfigError(
@@ -111,7 +138,8 @@ def export_command(
                 "with `pick --fold-bn`: pick it again without --fold-bn (export folds BatchNorm itself)"
             )
         model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
-                                     runtime="onnxruntime" if format == "onnx" else "torchscript")
+                                     runtime="onnxruntime" if format == "onnx" else "torchscript",
+                                     allow_modules=allowed)
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -85,6 +86,7 @@ def load_model(
     kwargs: dict[str, Any] = {}
     sample_shape: tuple[int, ...] | None = None
     label = source
+    folders: list[str | None] = [os.getcwd()]  # `rankopt inspect mynet:factory` beside mynet.py
     if source.endswith(STUDY_SUFFIXES):
         from rankopt.config import load_config
 
@@ -94,6 +96,7 @@ def load_model(
                 f"study file {source!r} names no model (model.name); `rankopt inspect` needs one"
             )
         name, kwargs = config.model.name, dict(config.model.kwargs)
+        folders = [config.model.path]
         if weights is None and config.reference.weights:
             weights = Path(config.reference.weights)
         label = f"{name} (from {source})"
@@ -102,7 +105,7 @@ def load_model(
     if ":" in name:
         from rankopt.config import import_model_factory
 
-        factory = import_model_factory(name, "MODEL_OR_STUDY")
+        factory = import_model_factory(name, "MODEL_OR_STUDY", folders)
     else:
         record = get_registry().record("models", name)
         factory = record.factory

@@ -316,7 +316,8 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
 
-    from rankopt.artifacts import load_compressed, read_compressed, save_compressed
+    from rankopt.artifacts import read_compressed, save_compressed
+    from rankopt.cli.export_cmd import load_compressed_for_cli
     from rankopt.errors import ExportError
     from rankopt.deploy import fold_batchnorm
 
@@ -324,7 +325,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
         shutil.copyfile(source, out)
         return
-    model = load_compressed(source, allow_modules=allow_modules)
+    model = load_compressed_for_cli(source, allow_modules)
     shape = payload.get("input_shape") or []
     if shape:
         x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -340,7 +341,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
     from rankopt.artifacts import load_compressed, read_compressed, save_compressed
-    from rankopt.cli.export_cmd import densify_slower
+    from rankopt.cli.export_cmd import densify_slower, load_compressed_for_cli
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):
@@ -354,7 +355,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     latency = result.config.latency
     model, kept, slower = densify_slower(
-        load_compressed(source, allow_modules=result.model_modules), source, payload, shape,
+        load_compressed_for_cli(source, result.model_modules), source, payload, shape,
         runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
         allow_modules=result.model_modules, done="written dense")
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}

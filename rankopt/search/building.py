@@ -22,7 +22,7 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     assert config.model is not None
     name, kwargs = config.model.name, dict(config.model.kwargs)
     if ":" in name:
-        factory = import_model_factory(name, "model.name")
+        factory = import_model_factory(name, "model.name", [config.model.path])
     else:
         factory = get_registry().record("models", name).factory
     from rankopt.config import _signature_names
@@ -35,6 +35,8 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not an nn.Module")
     base = {"callable": name, "kwargs": kwargs} if ":" in name else {"model": name, "kwargs": kwargs}
+    if ":" in name and config.model.path:  # where its module was found (model files record it)
+        base["path"] = config.model.path
     return model, base
 
 
