@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rankopt.config_sections import SPACE_KEY, Choices, Range, parse_param_value
-from rankopt.errors import ConfigError
+from rankopt.errors import ConfigError, did_you_mean
 from rankopt.own_model import import_module_from, is_own_function, not_found_message
 
 if TYPE_CHECKING:
@@ -185,8 +185,9 @@ def _check_plugin_params(
     known = set(plugin.defaults()) | set(plugin.search_space())
     unknown = sorted(set(params) - known)
     if unknown and (known or family == "strategy"):
+        close = did_you_mean(unknown[0], known) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{where}: {family} {name!r} has no parameter(s) {unknown}; its parameters are "
+            f"{where}: {family} {name!r} has no parameter(s) {unknown}{close}; its parameters are "
             f"{sorted(known) or '(none)'}"
         )
     parsed = {k: parse_param_value(v, f"{where}.{k}") for k, v in params.items()}

@@ -198,6 +198,12 @@ class StudyResult:
         attrs = trial.user_attrs
         decomposers = attrs.get("decomposers", {})
         ranks = attrs.get("ranks", {})
+        hyperparameters = dict(attrs.get("hyperparameters", {}))
+        train_epochs = float(attrs.get("train_epochs", 0.0))
+        if attrs.get("continued_from") is not None and isinstance(hyperparameters.get("epochs"), (int, float)):
+            # a continuation carries its source's values: report the epochs this trial
+            # trained (train_epochs), not the source's "epochs: 2.0"
+            hyperparameters["epochs"] = round(train_epochs, 3)
         return TrialRecord(
             trial=trial.number,
             accuracy=float(attrs["accuracy"]),
@@ -207,7 +213,7 @@ class StudyResult:
             flops_compression=float(attrs.get("flops_compression", math.nan)),
             strategy=str(attrs.get("strategy", "")),
             selector=str(attrs.get("selector", "")),
-            hyperparameters=dict(attrs.get("hyperparameters", {})),
+            hyperparameters=hyperparameters,
             selector_params=dict(attrs.get("selector_params", {})),
             ranks_summary=str(attrs.get("ranks_summary", "")),
             spec={
@@ -223,7 +229,7 @@ class StudyResult:
                 if k.split(".", 1)[0] in (attrs.get("selector"), attrs.get("strategy")) and "." in k
             },
             fidelity=int(attrs.get("fidelity", 0)),
-            train_epochs=float(attrs.get("train_epochs", 0.0)),
+            train_epochs=train_epochs,
             repeat_of=attrs.get("repeat_of"),
             continued_from=attrs.get("continued_from"),
         )

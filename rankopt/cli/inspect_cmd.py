@@ -194,6 +194,8 @@ def inspect_rows(
                 ranks = selector.select(module, dec, cache=cache, name=layer.name, options=options, **params)
                 new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, options)
                 reason = cost_increase_reason(dec.name, ranks, new, original, flops_known, min_saving)
+                if reason is None and row.get("dense"):  # a study leaves a thin stem full
+                    reason = f"kept dense: {layer.in_channels} input channel(s) < min_in_channels {min_in_channels}"
                 row["methods"][label] = {
                     "ranks": list(ranks),
                     "params": new.params,

@@ -51,9 +51,19 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
     heads = ["trial", "accuracy"] + (["test acc"] if test else []) + [
         "params", "FLOPs", "params x", "FLOPs x"] + (["ms", "speed-up"] if timed else []) + [
         "strategy", "selector"] + (["fidelity", "epochs"] if staged else []) + searched
-    body = []
-    for row in rows:
+    body, compact = [], []
+    abbrev: dict[str, str] = {}
+    for record in records:
+        for entry in record.spec.values():
+            abbrev.setdefault(entry["decomposer"], _ABBREV.get(entry["decomposer"], entry["decomposer"] + ":"))
+    for row, record in zip(rows, records):
         summary = row["ranks"]
+        if ranks:  # "T5x10 T10x10 S12": one short token per compressed layer, in order
+            compact.append(" ".join(abbrev[e["decomposer"]] + "x".join(str(r) for r in e["ranks"])
+                                    for e in record.spec.values()) or "none")
+        else:  # "3/3": the column says "layers"
+            compact.append(summary[summary.rfind("(") + 1:].rstrip(")").removesuffix(" layers")
+                           if "(" in summary else summary)
         cells = [str(row["trial"]), f"{row['accuracy']:.4f}"]
         if test:
             cells.append(fmt_value("test_accuracy", row.get("test_accuracy")))
@@ -71,37 +81,64 @@ def _print_front(records: list[Any], title: str, *, ranks: bool = False,
             cells.append(summary[summary.rfind("(") + 1:].rstrip(")") if "(" in summary else summary)
         body.append(cells)
     heads.append("ranks" if ranks else "layers")
-    table = _fitted_table(title, caption, heads, body, searched)
+    legend = ("ranks: " + ", ".join(f"{a.rstrip(':')} = {d}" for d, a in abbrev.items() if a != d + ":")
+              + " (per compressed layer, in order)") if ranks and abbrev else ""
+    table = _fitted_table(title, caption, heads, body, searched, narrow_last=(compact, legend))
     console.print(table)
 
 
-def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[str]], searched: list[str]) -> Table:
-    """The front table at the console's width. Where all of it does not fit (an 80-column
-    terminal) the searched values go (csv and json keep them), a strategy, selector, fidelity or
-    epochs column with one value in every row moves to the caption, and the borders thin out, so that the figures are
-    never cut to "0.9…"."""
+# short names of the built-in decomposers in the compact --ranks column of a narrow table
+_ABBREV = {"tucker2": "T", "svd": "S", "cp": "C", "tt": "TT"}
+
+
+def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[str]], searched: list[str],
+                  narrow_last: tuple[list[str], str] | None = None) -> Any:
+    """The front table at the console's width, one line per row. Where all of it does not
+    fit (an 80-column terminal) the last column takes its short form (``narrow_last``:
+    "3/3", compact ranks), the searched values go (csv and json keep them), a strategy,
+    selector, fidelity or epochs column with one value in every row moves to the caption,
+    the borders thin out, and while it is still too wide the ratio columns, then the
+    selector, go too (named in the caption), so that the figures are never cut to "0.9…".
+    The caption is printed under the table, wrapped at words at the console's width."""
     from rich import box
+    from rich.console import Group
+    from rich.text import Text
 
     widths = [max([len(col)] + [len(cells[i]) for cells in body]) for i, col in enumerate(heads)]
     shown = list(range(len(heads)))
     notes = [caption]
     narrow = sum(w + 3 for w in widths) + 1 > console.width
+    if narrow and narrow_last is not None:  # the last column's short form ("3/3", "T5x10 S12")
+        cells, legend = narrow_last
+        body = [row[:-1] + [cell] for row, cell in zip(body, cells)]
+        widths[-1] = max([len(heads[-1])] + [len(c) for c in cells])
+        if legend:
+            notes.append(legend)
     if narrow:
         same = {i for i, col in enumerate(heads) if col in ("strategy", "selector", "fidelity", "epochs")
                 and body and len({cells[i] for cells in body}) == 1}
         notes += [f"{heads[i]}: {body[0][i]}" for i in sorted(same)]
         shown = [i for i in shown if heads[i] not in searched and i not in same]
-        if searched:
-            notes.append(f"{len(searched)} searched values not shown at this width (see --format csv)")
-    table = Table(title=title, caption="; ".join(notes), box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD,
-                  pad_edge=not narrow)
+        dropped: list[str] = []
+        for col in ("FLOPs x", "params x", "selector", "strategy"):
+            # SIMPLE_HEAD without edge padding: a column takes its width plus 2 spaces
+            if sum(widths[i] + 2 for i in shown) - 2 <= console.width or col not in heads:
+                break
+            if heads.index(col) in shown:
+                shown.remove(heads.index(col))
+                dropped.append(col)
+        dropped += [f"{len(searched)} searched values"] if searched else []
+        if dropped:
+            notes.append(f"{', '.join(dropped)} not shown at this width (see --format csv)")
+    table = Table(title=title, box=box.SIMPLE_HEAD if narrow else box.HEAVY_HEAD, pad_edge=not narrow)
     for i in shown:
         text = heads[i] in ("strategy", "selector", "ranks", "layers") or heads[i] in searched
+        short = narrow and heads[i] in ("layers", "selector", "strategy")  # "3/3" never wraps
         table.add_column(heads[i], overflow="fold", min_width=None if text else widths[i],
-                         justify="left" if text else "right")
+                         justify="left" if text else "right", no_wrap=short)
     for cells in body:
         table.add_row(*[cells[i] for i in shown])
-    return table
+    return Group(table, Text("; ".join(notes), style="dim italic"))
 
 
 @app.command("run")
@@ -163,8 +200,19 @@ def status_command(
     format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Trials by state, the baseline, the front size and the hypervolume."""
+    from rankopt.cli.empty_run import empty_run_message
+
     _check_format(format, ("table", "json"))
-    status = _open(run_dir).status()
+    result = _open(run_dir)
+    empty = empty_run_message(result)
+    if empty is not None and not reference_path(result.run_dir).is_file():
+        if format == "json":  # what is known: no reference, the trials' states
+            typer.echo(json.dumps({"study": result.config.name, "reference": None,
+                                   "trials": _state_counts(result), "message": empty}))
+        else:
+            console.print(empty, highlight=False, soft_wrap=True)
+        return
+    status = result.status()
     if format == "json":
         console.print_json(json.dumps(status))
         return
@@ -187,6 +235,24 @@ def status_command(
     console.print(table)
 
 
+def _state_counts(result: Any) -> dict[str, int]:
+    from rankopt.errors import ConfigError
+
+    counts: dict[str, int] = {}
+    try:
+        for t in result.study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    except ConfigError:
+        pass
+    return counts
+
+
+def reference_path(run_dir: Path) -> Path:
+    from rankopt.results import reference_path as path
+
+    return path(run_dir)
+
+
 @app.command("pareto")
 def pareto_command(
     run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
@@ -196,8 +262,11 @@ def pareto_command(
     """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
     from rankopt.evaluation import cached_accuracies
 
+    from rankopt.cli.empty_run import refuse_empty_run
+
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
+    refuse_empty_run(result)
     front = result.front()
     test = {r.trial: a for r, a in ((r, cached_accuracies(result.run_dir).get(r.trial)) for r in front)
             if a is not None}
@@ -230,9 +299,12 @@ def report_command(
     trial: Optional[int] = typer.Option(None, "--trial", help="Whose per-layer ranks to plot (default: the most accurate front point)."),
 ) -> None:
     """Write plots (fronts, hypervolume, per-layer ranks) and summary.md into RUN_DIR/report/."""
+    from rankopt.cli.empty_run import refuse_empty_run
     from rankopt.report import write_report
 
-    files = write_report(_open(run_dir), trial=trial)
+    result = _open(run_dir)
+    refuse_empty_run(result)
+    files = write_report(result, trial=trial)
     for f in files:
         console.print(str(f), highlight=False)
 
@@ -258,7 +330,10 @@ def pick_command(
     from rankopt.artifacts import read_compressed
     from rankopt.errors import ArtifactError
 
+    from rankopt.cli.empty_run import refuse_empty_run
+
     result = _open(run_dir)
+    refuse_empty_run(result)
     record = result.pick(trial=trial, max_params=max_params, max_flops=max_flops, min_accuracy=min_accuracy)
     source = Path(record.model_path)
     if not source.is_file():
