@@ -77,7 +77,8 @@ def export_command(
         None, "--data", help="A run directory whose validation images verify a picked file (default: SOURCE's, when a run)."
     ),
     batch: int = typer.Option(32, "--batch", help="How many inputs the exported file is verified on."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="The largest absolute output difference accepted."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="The absolute part of the accepted output difference."),
+    rtol: float = typer.Option(1e-4, "--rtol", help="The relative part: accepted up to tolerance + rtol * max|output|."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="Fold BatchNorm into the preceding conv first."),
     keep_faster: bool = typer.Option(
         False, "--keep-faster", help="Time every decomposed layer against the dense layer it computes in the "
@@ -142,12 +143,14 @@ def export_command(
                                      allow_modules=allowed)
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
-        model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance
+        model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance,
+        rtol=rtol,
     )
     what = "validation images" if inputs is not None else "seeded random inputs (give --data RUN_DIR for real ones)"
     console.print(
         f"wrote {result.path} ({format}, dynamic batch); largest |difference| from PyTorch on "
-        f"{result.batch} {what}: {result.max_abs_diff:.3g} (tolerance {tolerance:g})",
+        f"{result.batch} {what}: {result.max_abs_diff:.3g}, {result.max_rel_diff:.3g} of the largest "
+        f"output (tolerance {tolerance:g} + rtol {rtol:g})",
         highlight=False,
         soft_wrap=True,
     )

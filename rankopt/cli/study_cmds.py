@@ -121,9 +121,11 @@ def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[st
         shown = [i for i in shown if heads[i] not in searched and i not in same]
         dropped: list[str] = []
         for col in ("FLOPs x", "params x", "selector", "strategy"):
-            # SIMPLE_HEAD without edge padding: a column takes its width plus 2 spaces
-            if sum(widths[i] + 2 for i in shown) - 2 <= console.width or col not in heads:
+            # SIMPLE_HEAD: a column takes its width plus 3 (padding and the separator)
+            if sum(widths[i] + 3 for i in shown) - 1 <= console.width:
                 break
+            if col not in heads:
+                continue
             if heads.index(col) in shown:
                 shown.remove(heads.index(col))
                 dropped.append(col)

@@ -1,0 +1,191 @@
+"""The first ten minutes: the quickstart's test split, tables at 80 columns, a busy
+dashboard port, empty runs, hints and short errors with "did you mean"."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+import rankopt
+from rankopt.cli import main
+from rankopt.config import load_config
+from rankopt.errors import ConfigError, ExportError
+from rankopt.results import StudyResult, TrialRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "name": "tiny",
+    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
+    "data": {"name": "digits", "batch_size": 128, "kwargs": {"test_fraction": 0.15}},
+    "reference": {"epochs": 1, "lr": 0.05},
+    "decomposers": ["tucker2", "svd"],
+    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
+    "sampler": {"name": "random", "seed": 0},
+    "trials": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("first")
+    (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    out = work / "run"
+    assert main(["run", str(work / "tiny.yaml"), "--run-dir", str(out), "-q"]) == 0
+    return out
+
+
+def test_the_quickstart_holds_out_a_test_split() -> None:
+    from rankopt.evaluation import config_splits
+
+    config = load_config(ROOT / "studies" / "quickstart.yaml")
+    splits = config_splits(config)
+    assert splits.test is not None and len(splits.test) > 100  # type: ignore[arg-type]
+
+
+def _record(trial: int, accuracy: float, selector: str, spec: dict) -> TrialRecord:
+    return TrialRecord(
+        trial=trial, accuracy=accuracy, params=6116 + 1000 * trial, flops=270_760 + 100_000 * trial,
+        params_compression=10.82, flops_compression=13.28, strategy="finetune", selector=selector,
+        hyperparameters={"epochs": 4.0, "lr": 0.05}, searched={"finetune.lr": 0.05, f"{selector}.p": 0.6},
+        ranks_summary="3 tucker2 5x10, 7 tucker2 10x10, 12 svd 2 (3/3 layers)", spec=spec,
+    )
+
+
+SPEC = {"3": {"decomposer": "tucker2", "ranks": [5, 10]}, "7": {"decomposer": "tucker2", "ranks": [10, 10]},
+        "12": {"decomposer": "svd", "ranks": [2]}}
+
+
+def _front_at_80(monkeypatch: pytest.MonkeyPatch, **kwargs: object) -> str:
+    from rich.console import Console
+
+    import rankopt.cli.study_cmds as study_cmds
+
+    narrow = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(study_cmds, "console", narrow)
+    records = [_record(t, 0.56 + 0.08 * t, "fixed" if t % 2 else "energy", SPEC) for t in range(5)]
+    study_cmds._print_front(records, "Pareto front of quickstart (5 points)",
+                            test={t: 0.6 + 0.07 * t for t in range(5)}, **kwargs)  # type: ignore[arg-type]
+    return narrow.export_text()
+
+
+def test_the_front_at_80_columns_is_one_line_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _front_at_80(monkeypatch)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    rows = [line for line in lines if line.strip()[:1].isdigit()]
+    assert len(rows) == 5 and all(line.rstrip().endswith("3/3") for line in rows), out
+    assert "layers" in out and "…" not in out
+    # the caption is whole, wrapped at words
+    words = " ".join(out.split())
+    assert "accuracy: validation (what the search optimized)" in words
+    assert "not shown at this width (see --format csv)" in words
+
+
+def test_the_ranks_at_80_columns_are_compact(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _front_at_80(monkeypatch, ranks=True)
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    rows = [line for line in lines if line.strip()[:1].isdigit()]
+    assert len(rows) == 5 and all("T5x10 T10x10 S2" in line for line in rows), out
+    assert "T = tucker2, S = svd" in " ".join(out.split())
+
+
+def test_evaluate_split_val_shows_one_val_column(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", str(tiny_run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("val accuracy") == 2  # the title and one column
+    assert main(["evaluate", str(tiny_run)]) == 0  # the test split held out by test_fraction
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_a_busy_dashboard_port_is_one_line(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("optuna_dashboard")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["dashboard", str(tiny_run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--port {port}" in err and "free port" in err, err
+
+
+def test_an_empty_run_gets_one_clear_line(tiny_run: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    record = yaml.safe_load((tiny_run / "resolved-study.yaml").read_text())
+    record["run_dir"] = str(empty)
+    (empty / "resolved-study.yaml").write_text("# the resolved study config\n" + yaml.safe_dump(record))
+    optuna.create_study(storage=f"sqlite:///{empty / 'optuna.db'}", study_name="tiny",
+                        directions=["maximize", "minimize", "minimize"])
+    assert main(["status", str(empty)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "no finished trial yet" in out, out
+    for args in (["evaluate", str(empty)], ["pick", str(empty), "--trial", "0", "--out", str(tmp_path / "m.pt")],
+                 ["pareto", str(empty)], ["report", str(empty)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no finished trial yet" in err and "--run-dir" in err, err
+
+
+def test_unknown_names_get_did_you_mean_in_a_short_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({**TINY, "model": {"name": "small_cn"}})
+    assert "did you mean 'small_cnn'" in str(info.value) and len(str(info.value)) < 300
+    with pytest.raises(ConfigError) as info:
+        load_config({**TINY, "trails": 3})
+    assert "did you mean 'trials'" in str(info.value) and len(str(info.value)) < 300
+    with pytest.raises(ConfigError) as info:
+        load_config({**TINY, "strategies": {"finetune": {"epoch": 3}}})
+    assert "did you mean 'epochs'" in str(info.value)
+    with pytest.raises(rankopt.UnknownNameError, match="did you mean 'tucker2'"):
+        rankopt.decomposer("tuker2")
+
+
+def test_a_continued_trial_reports_the_epochs_it_trained() -> None:
+    frozen = optuna.trial.create_trial(
+        values=[0.9, 100, 1000], user_attrs={
+            "accuracy": 0.9, "params": 100, "flops": 1000, "strategy": "finetune", "selector": "fixed",
+            "hyperparameters": {"epochs": 2.0, "lr": 0.05}, "train_epochs": 4.0, "fidelity": 1,
+            "continued_from": 3})
+    result = object.__new__(StudyResult)
+    result.run_dir = Path("run")
+    record = result._record(frozen)
+    assert record.hyperparameters["epochs"] == 4.0 and record.train_epochs == 4.0
+
+
+def test_inspect_json_and_csv_never_mark_a_thin_stem_compressed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "small_cnn", "--format", "json"]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    stem = next(layer for layer in layers if layer["S"] == 1)
+    assert all(not m["compressed"] and m["reason"] for m in stem["methods"].values())
+    assert any("kept dense" in m["reason"] for m in stem["methods"].values())
+    assert main(["inspect", "small_cnn", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = lines[0].split(",")
+    stem_line = next(line.split(",") for line in lines[1:] if line.split(",")[2] == "1")
+    assert all(stem_line[i] == "False" for i, h in enumerate(head) if h.endswith("_compressed"))
+
+
+def test_export_checks_a_relative_tolerance() -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    big = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        big[1].weight.mul_(1e4)  # logits ~1e4: float rounding alone passes 1e-4 absolute
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = rankopt.export(big, Path(folder) / "m.onnx", input_shape=(1, 1, 8, 8), fold_bn=False)
+        assert result.max_rel_diff <= 1e-4 and result.rtol == 1e-4
+        assert result.max_rel_diff == pytest.approx(result.max_abs_diff / 1e4, rel=10)
+        with pytest.raises(ExportError, match="of the largest output"):
+            rankopt.export(big, Path(folder) / "n.onnx", input_shape=(1, 1, 8, 8), fold_bn=False,
+                           tolerance=1e-12, rtol=1e-12)
