@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.errors import ArtifactError
+from rankopt.errors import ArtifactError, RankoptError
 from rankopt.surgery import compress, normalize_spec
 
 __all__ = ["save_compressed", "load_base", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
@@ -226,6 +226,26 @@ def load_base(path: str | os.PathLike[str], *, allow_modules: Sequence[str] = ()
     return model.eval()
 
 
+def _first_detail(exc: BaseException) -> str:
+    """The first telling line of a load_state_dict or surgery error (its header says nothing)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("size mismatch", "Missing key", "Unexpected key")) or "is not a submodule" in line:
+            return line.split(";")[0].rstrip(".")[:160]
+    return (lines[-1] if lines else type(exc).__name__).split(";")[0][:160]
+
+
+def _describe_base(base: Any) -> str:
+    base = base if isinstance(base, dict) else {}
+    if base.get("model"):
+        return f"registered model {base['model']!r}"
+    if base.get("callable"):
+        return f"factory {base['callable']!r}"
+    if base.get("class"):
+        return f"a module of class {str(base['class']).rpartition('.')[2]}"
+    return "an unnamed architecture"
+
+
 def load_compressed(
     path: str | os.PathLike[str],
     model: nn.Module | None = None,
@@ -248,19 +268,25 @@ def load_compressed(
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
     payload = read_compressed(path)
+    passed = model is not None
     if model is None:
         factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
         _check_shapes(factory, kwargs, payload, path, what)
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise ArtifactError(f"model file {str(path)!r}: {what} returned {type(model).__name__}")
-    skeleton = compress(model, payload["spec"], initialize=False)
     try:
+        skeleton = compress(model, payload["spec"], initialize=False)
         skeleton.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(
-            f"model file {str(path)!r} does not match its spec: {str(exc).splitlines()[0]}"
-        ) from None
+    except (RuntimeError, RankoptError) as exc:
+        detail = _first_detail(exc)
+        if passed:  # the module passed is the suspect, not the file
+            raise ArtifactError(
+                f"model file {str(path)!r} was compressed from {_describe_base(payload['base'])}; the "
+                f"model= passed ({type(model).__name__}) is another architecture: {detail}; pass an "
+                "uncompressed instance of the file's architecture"
+            ) from None
+        raise ArtifactError(f"model file {str(path)!r} does not match its spec: {detail}") from None
     skeleton.eval()
     if (payload.get("metadata") or {}).get("fold_bn"):  # written by `rankopt pick --fold-bn`
         from rankopt.deploy import fold_batchnorm

@@ -189,3 +189,45 @@ def test_export_checks_a_relative_tolerance() -> None:
         with pytest.raises(ExportError, match="of the largest output"):
             rankopt.export(big, Path(folder) / "n.onnx", input_shape=(1, 1, 8, 8), fold_bn=False,
                            tolerance=1e-12, rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def python_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A study run from Python on a module and data passed in (with a test split)."""
+    from rankopt.evaluation import hold_out_test
+    from rankopt.plugins.models.small_cnn import small_cnn
+
+    out = tmp_path_factory.mktemp("python") / "run"
+    splits = hold_out_test(rankopt.dataset("digits"), 0.15, 0)
+    config = {k: v for k, v in TINY.items() if k not in ("model", "data")}
+    rankopt.Study({**config, "name": "frompython", "run_dir": str(out)}, model=small_cnn(width=8),
+                  data=splits, progress=False).run()
+    return out
+
+
+def test_hints_for_a_python_run_say_what_to_pass(python_run: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    picked = tmp_path / "m.pt"
+    assert main(["pick", str(python_run), "--trial", "0", "--out", str(picked)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "data came from Python" in out and "no test split" not in out
+    assert main(["inspect", str(python_run)]) == 2
+    err = capsys.readouterr().err
+    assert "inspect_rows" not in err and "rankopt.find_layers(model, input_shape)" in err
+    for args in (["export", str(python_run), "--trial", "0", "--out", str(tmp_path / "m.onnx")],
+                 ["pick", str(python_run), "--trial", "0", "--out", str(tmp_path / "f.pt"), "--fold-bn"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "rankopt.load_compressed(path, model=SmallCNN(...))" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_wrong_architecture_names_the_model_passed(tiny_run: Path) -> None:
+    from rankopt.errors import ArtifactError
+    from rankopt.plugins.models.small_cnn import small_cnn
+
+    path = StudyResult(tiny_run).pick(trial=0).model_path
+    with pytest.raises(ArtifactError) as info:
+        rankopt.load_compressed(path, model=small_cnn(width=16))
+    text = str(info.value)
+    assert "the model= passed (SmallCNN) is another architecture" in text and "size mismatch" in text
+    assert "registered model 'small_cnn'" in text and len(text) < 400

@@ -310,7 +310,8 @@ def load_run_reference(
     if base.get("class"):
         raise ConfigError(
             f"run {str(run_dir)!r} was run on a module passed from Python ({base['class']}), "
-            "which inspect cannot rebuild; from Python: inspect_rows(model, input_shape)"
+            "which inspect cannot rebuild; in Python, rankopt.find_layers(model, input_shape) lists "
+            "its layers, or `rankopt inspect module:factory --weights reference/model.pt`"
         )
     from rankopt.results import StudyResult
 

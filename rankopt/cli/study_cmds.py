@@ -344,10 +344,11 @@ def pick_command(
     read_compressed(source)  # refuse to copy a torn or foreign file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
+    written = None  # (params, flops) of the file when --keep-faster made layers dense
     if keep_faster:
         dense = out.with_name(f".{out.name}.dense.tmp")
         try:
-            _write_faster(source, dense, result)
+            written = _write_faster(source, dense, result)
             if fold_bn:
                 _write_folded(dense, tmp, allow_modules=result.model_modules)
             else:
@@ -359,11 +360,20 @@ def pick_command(
     else:
         shutil.copyfile(source, tmp)
     tmp.replace(out)
-    console.print(
-        f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
-        f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
-        highlight=False,
-    )
+    if written is not None:  # the file's own figures, after densifying
+        ref = result.reference
+        console.print(
+            f"trial {record.trial}: accuracy {record.accuracy:.4f}, {written[0]:,} params "
+            f"({ref['params'] / max(written[0], 1):.2f}x fewer), {written[1]:,} FLOPs with the slower "
+            f"layers dense (the trial: {record.params:,} params) -> {out}",
+            highlight=False, soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
+            f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
+            highlight=False,
+        )
     console.print(_held_out_line(result, record.trial), highlight=False)
     base = result.reference.get("base", {})
     if base.get("class"):
@@ -384,6 +394,9 @@ def _held_out_line(result: Any, trial: int) -> str:
     if trial in cached:
         return (f"test accuracy {cached[trial]:.4f} on the held-out test split (stored in "
                 f"{result.run_dir / 'evaluation.json'})")
+    if result.config.data.name is None:  # data passed from Python: its test split is not on disk
+        return ("accuracy above is a validation number; the run's data came from Python, so measure "
+                f"the test split there: StudyResult({str(result.run_dir)!r}).evaluate({trial}, data=splits)")
     return ("accuracy above is a validation number (what the search optimized): the study has "
             "no test split; set data.test_fraction to hold one out")
 
@@ -414,7 +427,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
 
 
-def _write_faster(source: Path, out: Path, result: Any) -> None:
+def _write_faster(source: Path, out: Path, result: Any) -> tuple[int, int] | None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
     from rankopt.artifacts import load_compressed, read_compressed, save_compressed
@@ -424,7 +437,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
     if (payload.get("metadata") or {}).get("fold_bn"):
         shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
         console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
-        return
+        return None
     shape = tuple(payload.get("input_shape") or ())
     if not shape:
         from rankopt.errors import ArtifactError
@@ -437,13 +450,13 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
         allow_modules=result.model_modules, done="written dense")
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
     save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
-    if slower:  # the line below names the trial's figures; the file differs from them
-        from rankopt.accounting import count
-
-        cost = count(model, shape)
-        console.print(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
-                      "those layers dense", highlight=False, soft_wrap=True)
     load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
+    if not slower:
+        return None
+    from rankopt.accounting import count
+
+    cost = count(model, shape)
+    return cost.params, cost.flops
 
 
 def _check_out(out: Path, source: Path) -> None:
