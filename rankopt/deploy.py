@@ -327,8 +327,8 @@ def export(
             tmp.unlink()
         raise ExportError(
             f"the exported {format} model differs from PyTorch by up to {diff:.3g} ({relative:.3g} of "
-            f"the largest output) on {len(inputs)} inputs, above tolerance {tolerance:g} + rtol "
-            f"{rtol:g}; nothing was written to {str(out)!r}"
+            f"the largest output) on {len(inputs)} inputs, above the tolerance {tolerance:g} + rtol "
+            f"{rtol:g} x {scale:.3g}; nothing was written to {str(out)!r}"
         )
     os.replace(tmp, out)  # only a verified file ever appears under the requested name
     return ExportResult(out, format, diff, tolerance, len(inputs), relative, rtol)

@@ -149,8 +149,8 @@ def export_command(
     what = "validation images" if inputs is not None else "seeded random inputs (give --data RUN_DIR for real ones)"
     console.print(
         f"wrote {result.path} ({format}, dynamic batch); largest |difference| from PyTorch on "
-        f"{result.batch} {what}: {result.max_abs_diff:.3g}, {result.max_rel_diff:.3g} of the largest "
-        f"output (tolerance {tolerance:g} + rtol {rtol:g})",
+        f"{result.batch} {what}: {result.max_abs_diff:.3g} ({result.max_rel_diff:.3g} of the largest "
+        f"output; accepted up to {tolerance:g} + {rtol:g} x the largest output)",
         highlight=False,
         soft_wrap=True,
     )

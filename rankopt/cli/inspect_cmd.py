@@ -86,6 +86,7 @@ def load_model(
     kwargs: dict[str, Any] = {}
     sample_shape: tuple[int, ...] | None = None
     label = source
+    data_shape = None
     folders: list[str | None] = [os.getcwd()]  # `rankopt inspect mynet:factory` beside mynet.py
     if source.endswith(STUDY_SUFFIXES):
         from rankopt.config import load_config
@@ -97,6 +98,7 @@ def load_model(
             )
         name, kwargs = config.model.name, dict(config.model.kwargs)
         folders = [config.model.path]
+        data_shape = _study_data_shape(config)  # the study's own images, not 3x32x32
         if weights is None and config.reference.weights:
             weights = Path(config.reference.weights)
         label = f"{name} (from {source})"
@@ -111,6 +113,11 @@ def load_model(
         factory = record.factory
         sample_shape = getattr(record, "input_shape", None)
         kwargs = {**dict(getattr(record, "defaults", {}) or {}), **kwargs}
+    if data_shape is not None:
+        sample_shape, classes = data_shape
+        for key, value in (("num_classes", classes), ("in_channels", sample_shape[0])):
+            if key not in kwargs and _accepts(factory, key):
+                kwargs[key] = value
     if num_classes is not None:
         if not _accepts(factory, "num_classes"):
             raise ConfigError(f"--num-classes: model {name!r} takes no num_classes argument")
@@ -139,6 +146,20 @@ def load_model(
     if input_shape is None:
         input_shape = (1, *(sample_shape or DEFAULT_SAMPLE_SHAPE))
     return model.eval(), tuple(input_shape), label
+
+
+def _study_data_shape(config: Any) -> tuple[tuple[int, ...], int] | None:
+    """(one input's shape, number of classes) of a study's dataset, or None when it cannot
+    be loaded here (then the usual default shape applies)."""
+    from rankopt.manager import get_registry
+
+    if config.data.name is None:
+        return None
+    try:
+        splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+    except Exception:  # missing files, no network: inspect still runs on the default shape
+        return None
+    return tuple(int(d) for d in splits.input_shape), int(splits.num_classes)
 
 
 def inspect_rows(

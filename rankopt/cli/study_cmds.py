@@ -140,7 +140,21 @@ def _fitted_table(title: str, caption: str, heads: list[str], body: list[list[st
                          justify="left" if text else "right", no_wrap=short)
     for cells in body:
         table.add_row(*[cells[i] for i in shown])
-    return Group(table, Text("; ".join(notes), style="dim italic"))
+    return Group(table, Text("\n".join(_note_lines(notes, console.width)), style="dim italic"))
+
+
+def _note_lines(notes: list[str], width: int) -> list[str]:
+    """The caption's notes joined with "; " into lines of at most ``width``, a note never
+    split unless it is longer than a line (then the console wraps it at words)."""
+    lines: list[str] = []
+    for note in notes:
+        if lines and len(lines[-1]) + 2 + len(note) <= width:
+            lines[-1] += "; " + note
+        else:
+            if lines:
+                lines[-1] += ";"
+            lines.append(note)
+    return lines
 
 
 @app.command("run")
