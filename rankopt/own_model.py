@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rankopt.errors import ConfigError
 
-__all__ = ["module_file_in", "import_module_from", "is_own_function", "LOOKUP_HINT"]
+__all__ = ["module_file_in", "import_module_from", "is_own_function", "not_found_message", "LOOKUP_HINT"]
 
 LOOKUP_HINT = "looked beside the study file, then on the import path (PYTHONPATH)"
 
@@ -66,8 +65,23 @@ def import_module_from(module_name: str, folders: Sequence[str | os.PathLike[str
         if loaded is not None and (loaded_file is None or Path(loaded_file).resolve() != found.resolve()):
             _forget(top)
         with _first_on_path(str(Path(folder).resolve())):  # type: ignore[arg-type]
-            return importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
+        _pickle_by_value(module)
+        return module
     return importlib.import_module(module_name)
+
+
+def _pickle_by_value(module: Any) -> None:
+    """Ray workers on other machines have no study folder to import the module from:
+    cloudpickle (Ray's pickler) then ships the module's code with the model."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return
+    try:
+        cloudpickle.register_pickle_by_value(sys.modules[module.__name__.split(".")[0]])
+    except (ValueError, KeyError):
+        pass
 
 
 def _library_dirs() -> list[Path]:
@@ -108,8 +122,3 @@ def not_found_message(where: str, spec: str, module_name: str, folder: str | Non
     if not isinstance(exc, ModuleNotFoundError) or exc.name not in (module_name, top):
         text += f" ({type(exc).__name__}: {str(exc)[:80]})"
     return text
-
-
-def check_folder(value: Any) -> None:
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"model.path: must be a folder path, got {value!r}")
