@@ -231,3 +231,21 @@ def test_a_wrong_architecture_names_the_model_passed(tiny_run: Path) -> None:
     text = str(info.value)
     assert "the model= passed (SmallCNN) is another architecture" in text and "size mismatch" in text
     assert "registered model 'small_cnn'" in text and len(text) < 400
+
+
+@pytest.mark.parametrize("args", [["plugins"], ["inspect", "small_cnn"]])
+def test_other_tables_fit_80_columns_one_line_a_row(args: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "rankopt", *args], capture_output=True, text=True,
+                         env=env, check=True, timeout=300).stdout
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    if args == ["plugins"]:  # every plugin row starts with its family: no continuation lines
+        body = [line for line in lines if line.startswith("│")]
+        assert body and all(line.split("│")[1].strip() for line in body), out
+    else:  # the long notes are footnotes, not folded rows
+        assert "(note 1)" in out and "note 1: 0: kept dense by studies" in " ".join(out.split())

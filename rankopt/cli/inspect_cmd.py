@@ -252,6 +252,7 @@ def _si(n: float) -> str:
 def _print_table(label: str, shape: Sequence[int], decomposer: str, methods: Sequence[str],
                  rows: Sequence[Mapping[str, Any]], totals: Mapping[str, Any]) -> None:
     """The NRMF layer-table layout: a row per layer, then a row per method under it."""
+    notes: list[str] = []
     table = Table(title=f"{label}: {decomposer} ranks per layer (input {list(shape)})")
     table.add_column("layer", overflow="fold")
     for col in ("S", "T", "kernel", "ranks", "params", "ratio"):
@@ -269,14 +270,17 @@ def _print_table(label: str, shape: Sequence[int], decomposer: str, methods: Seq
                 f"  {m.replace('energy@', 'p=')}", "", "", "", "/".join(str(x) for x in e["ranks"]),
                 _si(e["params"]), ratio,
             )
-        if "note" in r:
-            table.add_row(f"  ({r['note']})", "", "", "", "", "", "")
+        if "note" in r:  # as a footnote under the table: a long note would fold the layer column
+            notes.append(f"{r['layer']}: {r['note']}")
+            table.add_row(f"  (note {len(notes)})", "", "", "", "", "", "")
         table.add_section()
     table.add_row("model", "", "", "", "", _si(totals["params"]), "")
     for m in methods:
         t = totals["methods"][m]
         table.add_row(f"  {m.replace('energy@', 'p=')}", "", "", "", "", _si(t["params"]), f"x{t['ratio']:.2f}")
     console.print(table)
+    for i, note in enumerate(notes, 1):
+        console.print(f"note {i}: {note}", highlight=False)
 
 
 def _csv(methods: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
