@@ -125,7 +125,8 @@ def _checksum(payload: Mapping[str, Any]) -> str:
 
 
 def _build_base(
-    base: Any, path: str | os.PathLike[str], allow_modules: Sequence[str] = ()
+    base: Any, path: str | os.PathLike[str], allow_modules: Sequence[str] = (),
+    module_folders: Sequence[str | None] = (),
 ) -> tuple[Any, dict[str, Any], str]:
     """The factory, keyword arguments and description of the architecture a file names.
 
@@ -167,9 +168,9 @@ def _build_base(
         from rankopt.config import import_model_factory
         from rankopt.errors import ConfigError
 
-        # the study file's folder the run recorded, then the model file's own, then the
-        # import path
-        folders = [base.get("path") if isinstance(base.get("path"), str) else None, str(Path(path).parent)]
+        # the folders the caller trusts (a run's study folder), then the model file's own,
+        # then the import path; never a folder the file names (anyone may have written it)
+        folders = [*module_folders, str(Path(path).parent)]
         try:
             factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable", folders)
         except ConfigError as exc:
@@ -211,14 +212,15 @@ def _check_shapes(
             )
 
 
-def load_base(path: str | os.PathLike[str], *, allow_modules: Sequence[str] = ()) -> nn.Module:
+def load_base(path: str | os.PathLike[str], *, allow_modules: Sequence[str] = (),
+              module_folders: Sequence[str | None] = ()) -> nn.Module:
     """The uncompressed architecture a model file names (freshly initialized weights), as
     :func:`load_compressed` builds it before applying the file's spec; the same rules on
     what it may import."""
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
     payload = read_compressed(path)
-    factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+    factory, kwargs, what = _build_base(payload["base"], path, allow_modules, module_folders)
     _check_shapes(factory, kwargs, payload, path, what)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
@@ -252,13 +254,16 @@ def load_compressed(
     *,
     map_location: str | torch.device = "cpu",
     allow_modules: Sequence[str] = (),
+    module_folders: Sequence[str | None] = (),
 ) -> nn.Module:
     """Rebuild a compressed model written by ``rankopt pick`` or :func:`save_compressed`.
 
     The base architecture comes from ``model`` (an uncompressed instance of the same
     architecture) when given, else from the registered model the file names. Loading
     never imports a module: a file naming a factory by import path needs ``model=``, or
-    ``allow_modules`` listing the module prefixes the caller trusts (off by default).
+    ``allow_modules`` listing the module prefixes the caller trusts (off by default); an
+    allowed module is looked up in ``module_folders`` (e.g. the study file's folder), then
+    beside the file, then on the import path.
     ``base.kwargs`` are checked against the file's tensor shapes on the ``meta`` device
     before the model is built.
     A file written with ``pick --fold-bn`` (``metadata["fold_bn"]``) keeps the trained
@@ -270,7 +275,7 @@ def load_compressed(
     payload = read_compressed(path)
     passed = model is not None
     if model is None:
-        factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+        factory, kwargs, what = _build_base(payload["base"], path, allow_modules, module_folders)
         _check_shapes(factory, kwargs, payload, path, what)
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):

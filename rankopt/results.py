@@ -417,7 +417,8 @@ class StudyResult:
 
         path = self.pick(trial=trial).model_path
         try:
-            return load_compressed(path, model=model, allow_modules=self.model_modules)
+            return load_compressed(path, model=model, allow_modules=self.model_modules,
+                                   module_folders=self.model_folders)
         except ArtifactError as exc:
             if model is not None or "names no registered base model" not in str(exc):
                 raise
@@ -460,6 +461,13 @@ class StudyResult:
         from it (a model file on its own never is; see :func:`rankopt.load_compressed`)."""
         model = self.config.model
         return [model.name.partition(":")[0]] if model is not None and ":" in model.name else []
+
+    @property
+    def model_folders(self) -> list[str]:
+        """Where the study found its model's module (its study file's folder), searched
+        first when the run's models are rebuilt."""
+        model = self.config.model
+        return [model.path] if model is not None and model.path else []
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

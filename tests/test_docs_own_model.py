@@ -41,11 +41,11 @@ def test_the_page_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     for command in page_commands():
         assert main(shlex.split(command)[1:]) == 0, command
-    for name in ("mine.onnx", "mine-picked.onnx", "vit.onnx", "mine.pt"):
+    for name in ("mine.onnx", "mine-picked.onnx", "vit.onnx", "myproject/mine.pt"):
         assert (tmp_path / name).stat().st_size > 0, name
     # the Python snippet that loads the picked file
     snippet = next(body for lang, body in CODE_BLOCK.findall(PAGE.read_text())
-                   if lang == "python" and "load_compressed(\"mine.pt\"" in body)
+                   if lang == "python" and "load_compressed(\"myproject/mine.pt\"" in body)
     scope: dict = {}
     exec(compile(snippet, "own-model.md", "exec"), scope)
     import torch

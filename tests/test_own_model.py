@@ -122,3 +122,34 @@ def test_fold_bn_keeps_the_class_and_the_function() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_picked_file_finds_an_allowed_module_beside_it_never_where_it_says(
+    own_run: Path, project: Path, tmp_path: Path
+) -> None:
+    """In fresh processes (no module cached): beside the file it is found; a folder named
+    inside the file (anyone may write one) is not followed."""
+    import os
+    import subprocess
+
+    from rankopt.artifacts import _checksum
+
+    pytest.importorskip("onnxruntime")
+    beside = project / "picked.pt"
+    assert main(["pick", str(own_run), "--trial", "0", "--out", str(beside)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1"}
+
+    def export(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rankopt", "export", str(path), "--out",
+                               str(tmp_path / "x.onnx"), "--allow-module", "mynet"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    assert export(beside).returncode == 0
+    payload = torch.load(beside, weights_only=True)
+    payload["base"] = {**payload["base"], "path": str(project)}  # a file naming a folder
+    payload["sha256"] = _checksum(payload)
+    elsewhere = tmp_path / "elsewhere" / "picked.pt"
+    elsewhere.parent.mkdir()
+    torch.save(payload, elsewhere)
+    refused = export(elsewhere)
+    assert refused.returncode == 1 and "cannot import module 'mynet'" in refused.stderr, refused.stderr

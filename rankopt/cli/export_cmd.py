@@ -27,7 +27,7 @@ def _real_inputs(run_dir: Path, batch: int) -> Any:
 
 def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tuple[int, ...], *, runtime: str,
                    batch: int, threads: int = 1, rounds: int = 15, allow_modules: Any = (),
-                   done: str = "made dense again") -> tuple[Any, dict[str, Any], list[str]]:
+                   done: str = "made dense again", module_folders: Any = ()) -> tuple[Any, dict[str, Any], list[str]]:
     """``model`` (loaded from ``model_file``) with the layers that run slower factorized
     than dense in ``runtime`` made dense again, the spec it keeps, and those layers; each
     layer's reason and a summary line are printed (``export`` and ``pick --keep-faster``)."""
@@ -36,7 +36,7 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     from rankopt.latency import keep_faster_layers
     from rankopt.surgery import find_layers
 
-    base = load_base(model_file, allow_modules=allow_modules)
+    base = load_base(model_file, allow_modules=allow_modules, module_folders=module_folders)
     spec = payload["spec"]
     kept, slower = keep_faster_layers(base, spec, find_layers(base, input_shape), batch=batch, runtime=runtime,
                                       threads=threads, repeats=rounds)
@@ -47,14 +47,14 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     return (densify(model, base, slower) if slower else model), kept, sorted(slower)
 
 
-def load_compressed_for_cli(model_file: Path, allow_modules: list[str]) -> Any:
+def load_compressed_for_cli(model_file: Path, allow_modules: list[str], module_folders: Any = ()) -> Any:
     """``load_compressed`` with the CLI's words for what to pass when the file's model
     cannot be rebuilt from the command line (a module passed from Python)."""
     from rankopt.artifacts import load_compressed, read_compressed
     from rankopt.errors import ArtifactError, ConfigError
 
     try:
-        return load_compressed(model_file, allow_modules=allow_modules)
+        return load_compressed(model_file, allow_modules=allow_modules, module_folders=module_folders)
     except ArtifactError as exc:
         base = read_compressed(model_file).get("base") or {}
         if not base.get("class"):
@@ -110,7 +110,10 @@ def export_command(
         raise ConfigError(f"--tolerance must be a positive number, got {tolerance}")
     if latency_batch < 1:
         raise ConfigError(f"--latency-batch must be a positive integer, got {latency_batch}")
+    import os
+
     allowed = list(allow_module)
+    folders: list[Any] = [os.getcwd()]  # an allowed module beside where the command runs
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")
@@ -118,6 +121,7 @@ def export_command(
         record = result.pick(trial=trial)
         model_file = Path(record.model_path)
         allowed += result.model_modules  # the run's own study named (and imported) it
+        folders = result.model_folders + folders
         data = data or source
     elif source.is_file():
         if trial is not None:
@@ -131,7 +135,7 @@ def export_command(
     input_shape = payload.get("input_shape")
     if not input_shape:
         raise ConfigError(f"model file {str(model_file)!r} records no input shape; use rankopt.export(..., input_shape=...)")
-    model = load_compressed_for_cli(model_file, allowed)
+    model = load_compressed_for_cli(model_file, allowed, folders)
     if keep_faster:
         if (payload.get("metadata") or {}).get("fold_bn"):
             raise ConfigError(
@@ -140,7 +144,7 @@ def export_command(
             )
         model, _, _ = densify_slower(model, model_file, payload, tuple(input_shape), batch=latency_batch,
                                      runtime="onnxruntime" if format == "onnx" else "torchscript",
-                                     allow_modules=allowed)
+                                     allow_modules=allowed, module_folders=folders)
     inputs = _real_inputs(data, batch) if data is not None else None
     result = export(
         model, out, format, input_shape=tuple(input_shape), inputs=inputs, fold_bn=fold_bn, tolerance=tolerance,

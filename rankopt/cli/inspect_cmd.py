@@ -341,7 +341,8 @@ def load_run_reference(
     from rankopt.results import StudyResult
 
     try:  # the run's own study file was trusted to import its factory; nothing else is
-        factory, kwargs, _ = _build_base(base, metrics_file, StudyResult(run_dir).model_modules)
+        run = StudyResult(run_dir)
+        factory, kwargs, _ = _build_base(base, metrics_file, run.model_modules, run.model_folders)
         model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None

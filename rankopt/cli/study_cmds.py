@@ -364,13 +364,13 @@ def pick_command(
         try:
             written = _write_faster(source, dense, result)
             if fold_bn:
-                _write_folded(dense, tmp, allow_modules=result.model_modules)
+                _write_folded(dense, tmp, allow_modules=result.model_modules, folders=result.model_folders)
             else:
                 dense.replace(tmp)
         finally:
             dense.unlink(missing_ok=True)
     elif fold_bn:
-        _write_folded(source, tmp, allow_modules=result.model_modules)
+        _write_folded(source, tmp, allow_modules=result.model_modules, folders=result.model_folders)
     else:
         shutil.copyfile(source, tmp)
     tmp.replace(out)
@@ -415,7 +415,7 @@ def _held_out_line(result: Any, trial: int) -> str:
             "no test split; set data.test_fraction to hold one out")
 
 
-def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
+def _write_folded(source: Path, out: Path, *, allow_modules: list[str], folders: Any = ()) -> None:
     """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
@@ -429,7 +429,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
         shutil.copyfile(source, out)
         return
-    model = load_compressed_for_cli(source, allow_modules)
+    model = load_compressed_for_cli(source, allow_modules, folders)
     shape = payload.get("input_shape") or []
     if shape:
         x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -459,12 +459,12 @@ def _write_faster(source: Path, out: Path, result: Any) -> tuple[int, int] | Non
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     latency = result.config.latency
     model, kept, slower = densify_slower(
-        load_compressed_for_cli(source, result.model_modules), source, payload, shape,
+        load_compressed_for_cli(source, result.model_modules, result.model_folders), source, payload, shape,
         runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
-        allow_modules=result.model_modules, done="written dense")
+        allow_modules=result.model_modules, done="written dense", module_folders=result.model_folders)
     metadata = {**(payload.get("metadata") or {}), "dense_again": slower}
     save_compressed(out, model, kept, base=payload["base"], input_shape=shape, metadata=metadata)
-    load_compressed(out, allow_modules=result.model_modules)  # the file must load as written
+    load_compressed(out, allow_modules=result.model_modules, module_folders=result.model_folders)  # loads as written
     if not slower:
         return None
     from rankopt.accounting import count

@@ -35,8 +35,6 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not an nn.Module")
     base = {"callable": name, "kwargs": kwargs} if ":" in name else {"model": name, "kwargs": kwargs}
-    if ":" in name and config.model.path:  # where its module was found (model files record it)
-        base["path"] = config.model.path
     return model, base
 
 
