@@ -56,7 +56,7 @@ def test_front_holds_a_3x_smaller_model_within_2_points(quickstart: StudyResult)
 
 
 def test_points_match_count_and_reload_with_their_accuracy(quickstart: StudyResult) -> None:
-    splits = rankopt.dataset("digits")
+    splits = rankopt.dataset("digits", **quickstart.config.data.kwargs)  # its test split held out
     loader = make_loader(splits.val, batch_size=256)
     input_shape = tuple(quickstart.reference["input_shape"])
     for rec in quickstart.front():
