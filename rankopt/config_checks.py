@@ -142,8 +142,9 @@ def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tu
     ]
     unknown = sorted(set(kwargs) - set(names) - set(extra))
     if unknown:
+        close = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{where}: unknown parameter(s) {unknown}; accepted parameters are {names}"
+            f"{where}: unknown parameter(s) {unknown}{close}; accepted parameters are {names}"
         )
 
 
