@@ -101,7 +101,9 @@ def is_own_function(fn: Any) -> bool:
     target = inspect.unwrap(fn)
     module = sys.modules.get(getattr(target, "__module__", "") or "")
     top = (getattr(target, "__module__", "") or "").split(".")[0]
-    if module is None or top in sys.stdlib_module_names or top == "builtins":
+    # rankopt itself counts as a library even from a source checkout (its own functions
+    # are annotated where they build a model)
+    if module is None or top in sys.stdlib_module_names or top in ("builtins", "rankopt"):
         return False
     file = getattr(module, "__file__", None)
     if not file:
