@@ -158,6 +158,9 @@ class WithOptions(DocumentedWithoutOptions):
 
 
 def test_the_documented_signature_without_options_fails_the_kit_as_it_fails_the_selectors() -> None:
+    # the kit draws its own sample Linear from torch's global generator: seed it, or the two
+    # random 12x10 layers below may fall on either side of an energy rank (7 vs 8)
+    torch.manual_seed(0)
     linear = nn.Linear(12, 10)
     with pytest.raises(TypeError):  # what a study hit
         EnergyRankSelector().select(linear, DocumentedWithoutOptions())

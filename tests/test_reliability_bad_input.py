@@ -94,7 +94,7 @@ CATALOGUE: list[tuple[str, Build, tuple[str, ...]]] = [
     ("unknown-decomposer", run_with({"decomposers": ["tucker3"]}), ("decomposers[0]", "tucker3", "'tucker2'")),
     ("unknown-selector", run_with({"selectors": {"enrgy": {}}}), ("selectors", "enrgy", "'energy'")),
     ("unknown-strategy", run_with({"strategies": {"nrmff": {}}}), ("strategies", "nrmff", "'nrmf'")),
-    ("unknown-model", run_with({"model": {"name": "resnet1000"}}), ("model", "resnet1000", "'small_cnn'")),
+    ("unknown-model", run_with({"model": {"name": "resnet1000"}}), ("model", "resnet1000", "did you mean")),
     ("unknown-dataset", run_with({"data": {"name": "imagenet22k"}}), ("data", "imagenet22k", "'digits'")),
     ("unknown-sampler", run_with({"sampler": {"name": "cmaes"}}), ("sampler.name", "cmaes", "nsgaii")),
     ("unknown-strategy-param", run_with({"strategies": {"finetune": {"epochz": 1}}}),

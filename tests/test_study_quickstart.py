@@ -56,7 +56,7 @@ def test_front_holds_a_3x_smaller_model_within_2_points(quickstart: StudyResult)
 
 
 def test_points_match_count_and_reload_with_their_accuracy(quickstart: StudyResult) -> None:
-    splits = rankopt.dataset("digits")
+    splits = rankopt.dataset("digits", **quickstart.config.data.kwargs)  # its test split held out
     loader = make_loader(splits.val, batch_size=256)
     input_shape = tuple(quickstart.reference["input_shape"])
     for rec in quickstart.front():
@@ -114,3 +114,25 @@ def test_torch_threads_follow_resources_and_are_restored() -> None:
     with rankopt.study.torch_threads(1.0):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_after_the_quickstart_evaluate_works_and_pareto_fits_80_columns(quickstart: StudyResult) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from rankopt.cli import main
+
+    assert main(["evaluate", str(quickstart.run_dir)]) == 0  # the quickstart holds out a test split
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for extra in ([], ["--ranks"]):
+        out = subprocess.run([sys.executable, "-m", "rankopt", "pareto", str(quickstart.run_dir), *extra],
+                             capture_output=True, text=True, env=env, check=True, timeout=300).stdout
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= 80, out
+        front = quickstart.front()
+        rows = [line for line in lines if line.strip()[:1].isdigit()]
+        assert len(rows) == len(front), out  # one line a row
+        for record in front:
+            row = next(line for line in rows if line.split()[0] == str(record.trial))
+            assert f"{record.accuracy:.4f}" in row and f"{record.params:,}" in row

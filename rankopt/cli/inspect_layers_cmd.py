@@ -56,6 +56,7 @@ def _print_table(table_: Any) -> None:
     table.add_column("layer", overflow="fold")
     for col in ("S", "T", "kernel", "ranks", "params", "ratio"):
         table.add_column(col, justify="right")
+    notes: list[str] = []
     for r in table_.layers:
         table.add_row(
             r["layer"], str(r["S"]), str(r["T"]), "x".join(str(k) for k in r["kernel"]), "", _si(r["params"]), "",
@@ -69,14 +70,17 @@ def _print_table(table_: Any) -> None:
                 f"  {m.replace('energy@', 'p=')}", "", "", "", "/".join(str(x) for x in e["ranks"]),
                 _si(e["params"]), ratio,
             )
-        if "note" in r:
-            table.add_row(f"  ({r['note']})", "", "", "", "", "", "")
+        if "note" in r:  # as a footnote under the table: a long note would fold the layer column
+            notes.append(f"{r['layer']}: {r['note']}")
+            table.add_row(f"  (note {len(notes)})", "", "", "", "", "", "")
         table.add_section()
     table.add_row("model", "", "", "", "", _si(table_.total["params"]), "")
     for m in methods:
         t = table_.total["methods"][m]
         table.add_row(f"  {m.replace('energy@', 'p=')}", "", "", "", "", _si(t["params"]), f"x{t['ratio']:.2f}")
     console.print(table)
+    for i, note in enumerate(notes, 1):
+        console.print(f"note {i}: {note}", highlight=False)
 
 
 @app.command("inspect")

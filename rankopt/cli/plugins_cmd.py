@@ -91,14 +91,28 @@ def plugins_command(
         console.print_json(json.dumps(out))
     else:
         table = Table(title="rankopt plugins")
-        for col in ("family", "name", "distribution", "version"):
+        listed = _compact(rows) if not family else rows
+        cols = ["family", "name", "distribution", "version"]
+
+        def width(names: list[str]) -> int:
+            return sum(max([len(c)] + [len(str(r[c])) for r in listed]) + 3 for c in names)
+
+        # the listing is one line a plugin: at a narrow terminal the distribution and
+        # version go (--format json keeps them) and the description is cut with "…"
+        narrow = not family and width(cols) + 34 > console.width
+        if narrow:
+            cols = ["family", "name"]
+        for col in cols:
             table.add_column(col, overflow="fold")  # wrap, never cut off a name
-        table.add_column("description", overflow="fold")
-        for r in _compact(rows) if not family else rows:
-            cells = [str(r[c]) for c in ("family", "name", "distribution", "version", "description")]
+        table.add_column("description", overflow="fold" if family else "ellipsis", no_wrap=not family,
+                         max_width=None if family else max(12, console.width - width(cols) - 4))
+        for r in listed:
+            cells = [str(r[c]) for c in (*cols, "description")]
             if not family and len(cells[-1]) > DESCRIPTION_CHARS:  # `--family`/json: whole
                 cells[-1] = cells[-1][: DESCRIPTION_CHARS - 3] + "..."
             table.add_row(*(escape(c) for c in cells))
+        if narrow:
+            table.caption = "distribution and version: rankopt plugins --format json"
         console.print(table)
         for c in conflicts:
             console.print(

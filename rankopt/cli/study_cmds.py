@@ -91,8 +91,19 @@ def status_command(
     format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
     """Trials by state, the baseline, the front size and the hypervolume."""
+    from rankopt.cli.empty_run import empty_run_message
+
     _check_format(format, ("table", "json"))
-    status = _open(run_dir).status()
+    result = _open(run_dir)
+    empty = empty_run_message(result)
+    if empty is not None and not reference_path(result.run_dir).is_file():
+        if format == "json":  # what is known: no reference, the trials' states
+            typer.echo(json.dumps({"study": result.config.name, "reference": None,
+                                   "trials": _state_counts(result), "message": empty}))
+        else:
+            console.print(empty, highlight=False, soft_wrap=True)
+        return
+    status = result.status()
     if format == "json":
         console.print_json(json.dumps(status))
         return
@@ -115,6 +126,24 @@ def status_command(
     console.print(table)
 
 
+def _state_counts(result: Any) -> dict[str, int]:
+    from rankopt.core.errors import ConfigError
+
+    counts: dict[str, int] = {}
+    try:
+        for t in result.study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    except ConfigError:
+        pass
+    return counts
+
+
+def reference_path(run_dir: Path) -> Path:
+    from rankopt.results.reading import reference_path as path
+
+    return path(run_dir)
+
+
 @app.command("pareto")
 def pareto_command(
     run_dir: Path = typer.Argument(..., help=RUN_DIR_HELP),
@@ -124,8 +153,11 @@ def pareto_command(
     """The Pareto front: accuracy, params, FLOPs, compression ratios, strategy, searched values."""
     from rankopt.results.evaluation import cached_accuracies
 
+    from rankopt.cli.empty_run import refuse_empty_run
+
     _check_format(format, ("table", "csv", "json"))
     result = _open(run_dir)
+    refuse_empty_run(result)
     front = result.front()
     cached = cached_accuracies(result.run_dir)  # read (and each file hashed) once
     test = {r.trial: cached[r.trial] for r in front if r.trial in cached}
@@ -158,9 +190,12 @@ def report_command(
     trial: Optional[int] = typer.Option(None, "--trial", help="Whose per-layer ranks to plot (default: the most accurate front point)."),
 ) -> None:
     """Write plots (fronts, hypervolume, per-layer ranks) and summary.md into RUN_DIR/report/."""
+    from rankopt.cli.empty_run import refuse_empty_run
     from rankopt.results.report import write_report
 
-    files = write_report(_open(run_dir), trial=trial)
+    result = _open(run_dir)
+    refuse_empty_run(result)
+    files = write_report(result, trial=trial)
     for f in files:
         console.print(str(f), highlight=False)
 
@@ -194,7 +229,10 @@ def pick_command(
     from rankopt.core.errors import ArtifactError
     from rankopt.deploy.picking import LatencySettings, write_picked
 
+    from rankopt.cli.empty_run import refuse_empty_run
+
     result = _open(run_dir)
+    refuse_empty_run(result)
     record = result.pick(trial=trial, max_params=max_params, max_flops=max_flops, min_accuracy=min_accuracy)
     source = Path(result.local_model(record).model_path)
     if not source.is_file():
@@ -204,6 +242,7 @@ def pick_command(
     latency = result.config.latency
     picked = write_picked(
         source, out, fold_bn=fold_bn, allow_modules=result.model_modules, allow_unchecked=allow_unchecked,
+        module_folders=result.model_folders,
         keep_faster=LatencySettings(latency.runtime, latency.batch, latency.threads, latency.rounds)
         if keep_faster else None,
     )
@@ -229,7 +268,7 @@ def _loads(payload: Any, source: Path, result: Any) -> None:
 
     base = payload.get("base") or {}
     if base.get("model") or base.get("callable"):
-        build_compressed(payload, source, allow_modules=result.model_modules)
+        build_compressed(payload, source, allow_modules=result.model_modules, module_folders=result.model_folders)
 
 
 def _held_out_line(result: Any, trial: int, *, allow_unchecked: bool = False) -> str:
@@ -244,6 +283,9 @@ def _held_out_line(result: Any, trial: int, *, allow_unchecked: bool = False) ->
     if trial in cached:
         return (f"test accuracy {cached[trial]:.4f} on the held-out test split (stored in "
                 f"{result.run_dir / 'evaluation.json'})")
+    if result.config.data.name is None:  # data passed from Python: its test split is not on disk
+        return ("accuracy above is a validation number; the run's data came from Python, so measure "
+                f"the test split there: StudyResult({str(result.run_dir)!r}).evaluate({trial}, data=splits)")
     return ("accuracy above is a validation number (what the search optimized): the study has "
             "no test split; set data.test_fraction to hold one out")
 

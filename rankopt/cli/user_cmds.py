@@ -42,7 +42,10 @@ def evaluate_command(
         raise ConfigError(f"--format must be one of ['table', 'json'], got {format!r}")
     if trial is not None and front:
         raise ConfigError("give --trial N or --front, not both")
+    from rankopt.cli.empty_run import refuse_empty_run
+
     result = StudyResult(run_dir)
+    refuse_empty_run(result)
     records = {r.trial: r for r in result.trials()}
     numbers = [trial] if trial is not None else [r.trial for r in result.front()]
     if not numbers:
@@ -59,12 +62,14 @@ def evaluate_command(
              for n, a in accuracies.items()], indent=2))
         return
     table = Table(title=f"{result.config.name}: {split} accuracy")
-    for col in ("trial", "val accuracy", f"{split} accuracy", "params", "params x"):
+    # --split val measures what the search stored already: one column (measured again)
+    heads = ["trial"] + (["val accuracy"] if split != "val" else []) + [f"{split} accuracy", "params", "params x"]
+    for col in heads:
         table.add_column(col, justify="right", no_wrap=True)
     for n, acc in accuracies.items():
         r = records[n]
-        table.add_row(str(n), f"{r.accuracy:.4f}", f"{acc:.4f}", f"{r.params:,}",
-                      f"{r.params_compression:.2f}x")
+        table.add_row(str(n), *([f"{r.accuracy:.4f}"] if split != "val" else []), f"{acc:.4f}",
+                      f"{r.params:,}", f"{r.params_compression:.2f}x")
     console.print(table)
 
 
@@ -111,11 +116,40 @@ def dashboard_command(
             style="bold red", highlight=False, soft_wrap=True,
         )
     mode = "read-write (--allow-writes)" if allow_writes else "read-only"
+    _check_port_free(host, port)
     err_console.print(
         f"serving study {result.config.name!r} at http://{host}:{port}/dashboard/ ({mode}; Ctrl-C stops)",
         highlight=False,
     )
-    serve(app_, host=host, port=port)
+    try:
+        serve(app_, host=host, port=port)
+    except OSError as exc:  # taken between the check and the bind
+        raise ConfigError(_busy(host, port, exc)) from None
+
+
+def _busy(host: str, port: int, exc: OSError) -> str:
+    return (f"--port {port}: cannot serve on {host}:{port} ({exc.strerror or exc}); another "
+            "program uses it: give a free port, e.g. --port 8081")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind the port once before serving, so a busy port is one line (exit 2), not the web
+    server's traceback after "serving..."."""
+    import socket
+
+    from rankopt.core.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"--host: cannot resolve {host!r} ({exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(_busy(host, port, exc)) from None
 
 
 def name_objectives(study: Any, objectives: list[str]) -> None:

@@ -8,16 +8,16 @@ relative data paths.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rankopt.config.own_model import import_module_from, is_own_function, not_found_message
 from rankopt.config.sections import Choices, Range, parse_param_value
-from rankopt.core.errors import ConfigError
+from rankopt.core.errors import ConfigError, did_you_mean
 
 __all__ = [
     "check_artifacts_url",
@@ -68,18 +68,17 @@ def _signature_names(fn: Any) -> set[str] | None:
     return {p.name for p in params}
 
 
-def import_callable(spec: str, where: str) -> Any:
-    """The callable named by ``"package.module:attribute"`` (an installed or importable module)."""
+def import_callable(spec: str, where: str, folders: Sequence[str | None] = ()) -> Any:
+    """The callable named by ``"package.module:attribute"``: its module is looked up in
+    ``folders`` first (a study file's folder), then on the import path."""
     if not CALLABLE_PATTERN.match(spec):
         raise ConfigError(f"{where}: {spec!r} is not of the form 'package.module:callable'")
     module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = import_module_from(module_name, folders)
     except ImportError as exc:
-        raise ConfigError(
-            f"{where}: cannot import module {module_name!r} named in {spec!r} ({exc}); "
-            "install the package that provides it or fix the name"
-        ) from None
+        folder = next((str(f) for f in folders if f), None)
+        raise ConfigError(not_found_message(where, spec, module_name, folder, exc)) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{where}: module {module_name!r} has no attribute {attr!r}")
@@ -90,7 +89,8 @@ def import_callable(spec: str, where: str) -> Any:
 
 
 def builds_a_module(factory: Any) -> bool:
-    """True for an ``nn.Module`` subclass, or a Python function annotated to return one:
+    """True for an ``nn.Module`` subclass, a Python function annotated to return one, or a
+    plain unannotated function of the user's own code (:func:`rankopt.config.own_model.is_own_function`):
     the only callables rankopt calls as a model factory (never ``os.system``...)."""
     import typing
 
@@ -101,6 +101,8 @@ def builds_a_module(factory: Any) -> bool:
     target = inspect.unwrap(factory) if inspect.isfunction(factory) else None
     if target is None:
         return False
+    if is_own_function(factory):
+        return True
     try:
         returns = typing.get_type_hints(target).get("return")
     except Exception:  # unresolvable annotations: not provably a module factory
@@ -108,18 +110,18 @@ def builds_a_module(factory: Any) -> bool:
     return inspect.isclass(returns) and issubclass(returns, nn.Module)
 
 
-def import_model_factory(spec: str, where: str) -> Any:
+def import_model_factory(spec: str, where: str, folders: Sequence[str | None] = ()) -> Any:
     """``import_callable`` for a model factory, refused unless :func:`builds_a_module`.
 
     A study file is trusted like a script (it may import its own module); the check
     still keeps ``model: {name: "os:system", kwargs: {command: ...}}`` from being called.
     """
-    factory = import_callable(spec, where)
+    factory = import_callable(spec, where, folders)
     if not builds_a_module(factory):
         raise ConfigError(
             f"{where}: {spec!r} is neither an nn.Module subclass nor a function annotated to "
-            "return one, so rankopt will not call it; name a model class, or annotate the "
-            "factory `-> nn.Module`"
+            "return one (nor a plain function of your own code), so rankopt will not call it; "
+            "name a model class, or annotate the factory `-> nn.Module`"
         )
     return factory
 
@@ -136,8 +138,9 @@ def _check_kwargs(factory: Any, kwargs: Mapping[str, Any], where: str, extra: tu
     ]
     unknown = sorted(set(kwargs) - set(names) - set(extra))
     if unknown:
+        close = did_you_mean(unknown[0], names) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{where}: unknown parameter(s) {unknown}; accepted parameters are {names}"
+            f"{where}: unknown parameter(s) {unknown}{close}; accepted parameters are {names}"
         )
 
 
@@ -179,8 +182,9 @@ def _check_plugin_params(
     known = set(plugin.defaults()) | set(plugin.search_space())
     unknown = sorted(set(params) - known)
     if unknown and (known or family == "strategy"):
+        close = did_you_mean(unknown[0], known) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"{where}: {family} {name!r} has no parameter(s) {unknown}; its parameters are "
+            f"{where}: {family} {name!r} has no parameter(s) {unknown}{close}; its parameters are "
             f"{sorted(known) or '(none)'}"
         )
     parsed = {k: parse_param_value(v, f"{where}.{k}") for k, v in params.items()}

@@ -340,7 +340,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
         _check_finite(value, field)
     if config.model is not None:
         if ":" in config.model.name:
-            factory = import_model_factory(config.model.name, "model.name")
+            factory = import_model_factory(config.model.name, "model.name", [config.model.path])
         else:
             factory = reg.record("models", config.model.name).factory
         _check_kwargs(factory, config.model.kwargs, "model.kwargs")
@@ -457,6 +457,7 @@ def load_config(
             )
         raw.setdefault("name", path.stem)
         _resolve_data_paths(raw, path.parent)
+        _note_own_module(raw, path.parent)
     for key, value in overrides.items():
         if value is None:
             continue
@@ -475,6 +476,18 @@ def load_config(
     if check_plugins:
         check_config(config, check_paths=check_paths)
     return config
+
+
+def _note_own_module(raw: dict[str, Any], folder: Path) -> None:
+    """``model.path``: the study file's folder, when the module a ``module:factory`` model
+    name names lies there (looked up before the import path; see rankopt.config.own_model)."""
+    from rankopt.config.own_model import module_file_in
+
+    model = raw.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and ":" in name and model.get("path") is None:
+        if module_file_in(folder, name.partition(":")[0]) is not None:
+            model["path"] = str(folder.resolve())
 
 
 def config_to_yaml(config: StudyConfig) -> str:

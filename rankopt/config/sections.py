@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from rankopt.core.errors import ConfigError
+from rankopt.core.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ModelConfig",
@@ -127,10 +127,16 @@ def _number(value: Any) -> Any:
 
 
 class ModelConfig(_Strict):
-    """The model: a registered name (``rankopt plugins``) or ``package.module:callable``."""
+    """The model: a registered name (``rankopt plugins``) or ``module:callable``.
+
+    ``path``: the folder where the module of a ``module:callable`` name is looked up
+    first, before the import path; set to the study file's folder when the module lies
+    beside it (``mynet.py`` next to ``study.yaml``).
+    """
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
 
 
 class DataConfig(_Strict):
@@ -305,7 +311,11 @@ def format_errors(exc: ValidationError, prefix: str = "", root: type[BaseModel] 
         where = ".".join(p for p in (prefix, loc) if p) or "study file"
         kind = err["type"]
         if kind == "extra_forbidden":
-            lines.append(f"{where}: unknown key (value {_short(err['input'])}); {_allowed_keys(exc, err, root)}")
+            allowed = _allowed_keys(exc, err, root)
+            close = did_you_mean(err["loc"][-1], allowed[1]) if allowed[1] else ""
+            # a close match is the answer; the whole list only when there is none
+            tail = "" if close else f"; {allowed[0]}"
+            lines.append(f"{where}: unknown key{close} (value {_short(err['input'], 60)}){tail}")
         elif kind == "missing":
             lines.append(f"{where}: required but missing")
         elif kind == "value_error":
@@ -322,7 +332,7 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _allowed_keys(exc: ValidationError, err: Any, root: type[BaseModel] | None) -> str:
+def _allowed_keys(exc: ValidationError, err: Any, root: type[BaseModel] | None) -> tuple[str, list[str]]:
     model: Any = None if root is None else {root.__name__: root}.get(exc.title, None)
     if model is None:
         model = {
@@ -340,5 +350,6 @@ def _allowed_keys(exc: ValidationError, err: Any, root: type[BaseModel] | None) 
             None,
         )
     if model is None:
-        return "check the spelling"
-    return "allowed keys are " + ", ".join(repr(k) for k in model.model_fields)
+        return "check the spelling", []
+    keys = list(model.model_fields)
+    return "allowed keys are " + ", ".join(repr(k) for k in keys), keys

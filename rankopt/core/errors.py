@@ -21,7 +21,19 @@ __all__ = [
     "ArtifactError",
     "ExportError",
     "StudyInterrupted",
+    "did_you_mean",
 ]
+
+
+MAX_LISTED = 12  # an error lists the known names when there are at most this many
+
+
+def did_you_mean(name: object, known: Iterable[str]) -> str:
+    """``": did you mean 'resnet20'?"`` for the closest known names (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.6)
+    return f": did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class RankoptError(Exception):
@@ -42,12 +54,16 @@ class UnknownNameError(ConfigError, KeyError):
         self.family = family
         self.name = name
         self.known = sorted(known)
-        listed = ", ".join(repr(k) for k in self.known) or "(none registered)"
         plural = f"{family[:-1]}ies" if family.endswith("y") else f"{family}s"
+        close = did_you_mean(name, self.known)
+        if len(self.known) <= MAX_LISTED:
+            listed = ", ".join(repr(k) for k in self.known) or "(none registered)"
+            known_text = f"known {plural} are {listed}"
+        else:  # a long list (every torchvision model) would bury the answer
+            known_text = f"{len(self.known)} {plural} are known (`rankopt plugins` lists them)"
         super().__init__(
-            f"unknown {family} {name!r}: known {plural} are {listed}; "
-            "check the spelling, or install the plugin that provides it "
-            "(`rankopt plugins` lists what is installed)"
+            f"unknown {family} {name!r}{close}; {known_text}; check the spelling or install the "
+            "plugin that provides it"
         )
 
     def __str__(self) -> str:  # KeyError would otherwise add quotes

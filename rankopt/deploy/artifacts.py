@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rankopt.core.errors import ArtifactError
+from rankopt.core.errors import ArtifactError, RankoptError
 from rankopt.core.safe_load import DEFAULT_MAX_BYTES, load_checked
 from rankopt.compression.surgery import compress, normalize_spec
 
@@ -181,7 +181,8 @@ def _checksum(payload: Mapping[str, Any]) -> str:
 
 
 def _build_base(
-    base: Any, path: str | os.PathLike[str], allow_modules: Sequence[str] = ()
+    base: Any, path: str | os.PathLike[str], allow_modules: Sequence[str] = (),
+    module_folders: Sequence[str | None] = (),
 ) -> tuple[Any, dict[str, Any], str]:
     """The factory, keyword arguments and description of the architecture a file names.
 
@@ -214,18 +215,21 @@ def _build_base(
     if isinstance(target, str) and target:
         module = target.partition(":")[0]
         allowed = any(module == p or module.startswith(p + ".") for p in allow_modules)
+        top = module.split(".")[0]
         if not allowed:
             raise ArtifactError(
-                f"model file {str(path)!r} names the factory {target!r} by import path; "
-                "loading a file never imports a module (that would run its code): " + how
-                + (", or allow its package: load_compressed(path, allow_modules="
-                   f"[{module.split('.')[0]!r}])")
+                f"model file {str(path)!r} names the factory {target!r}; loading a file never imports a module "
+                f"unless allowed: `--allow-module {top}` (CLI), load_compressed(path, "
+                f"allow_modules=[{top!r}]), or load_compressed(path, model=MyNet())"
             )
         from rankopt.config.schema import import_model_factory
         from rankopt.core.errors import ConfigError
 
+        # the folders the caller trusts (a run's study folder), then the model file's own,
+        # then the import path; never a folder the file names (anyone may have written it)
+        folders = [*module_folders, str(Path(path).parent)]
         try:
-            factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable")
+            factory = import_model_factory(str(target), f"model file {str(path)!r}: base.callable", folders)
         except ConfigError as exc:
             raise ArtifactError(str(exc)) from None
         return factory, dict(kwargs), f"factory {target!r}"
@@ -320,19 +324,40 @@ def check_dtypes(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any],
 
 
 def load_base(path: str | os.PathLike[str], *, allow_modules: Sequence[str] = (),
-              allow_unchecked: bool = False, max_bytes: int = DEFAULT_MAX_BYTES) -> nn.Module:
+              module_folders: Sequence[str | None] = (), allow_unchecked: bool = False,
+              max_bytes: int = DEFAULT_MAX_BYTES) -> nn.Module:
     """The uncompressed architecture a model file names (freshly initialized weights), as
     :func:`load_compressed` builds it before applying the file's spec; the same rules on
     what it may import."""
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
     payload = read_compressed(path, allow_unchecked=allow_unchecked, max_bytes=max_bytes)
-    factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+    factory, kwargs, what = _build_base(payload["base"], path, allow_modules, module_folders)
     _check_shapes(factory, kwargs, payload, path, what)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ArtifactError(f"model file {str(path)!r}: {what} returned {type(model).__name__}")
     return model.eval()
+
+
+def _first_detail(exc: BaseException) -> str:
+    """The first telling line of a load_state_dict or surgery error (its header says nothing)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("size mismatch", "Missing key", "Unexpected key")) or "is not a submodule" in line:
+            return line.split(";")[0].rstrip(".")[:160]
+    return (lines[-1] if lines else type(exc).__name__).split(";")[0][:160]
+
+
+def _describe_base(base: Any) -> str:
+    base = base if isinstance(base, dict) else {}
+    if base.get("model"):
+        return f"registered model {base['model']!r}"
+    if base.get("callable"):
+        return f"factory {base['callable']!r}"
+    if base.get("class"):
+        return f"a module of class {str(base['class']).rpartition('.')[2]}"
+    return "an unnamed architecture"
 
 
 def load_compressed(
@@ -341,6 +366,7 @@ def load_compressed(
     *,
     map_location: str | torch.device = "cpu",
     allow_modules: Sequence[str] = (),
+    module_folders: Sequence[str | None] = (),
     allow_unchecked: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> nn.Module:
@@ -349,7 +375,9 @@ def load_compressed(
     The base architecture comes from ``model`` (an uncompressed instance of the same
     architecture) when given, else from the registered model the file names. Loading
     never imports a module: a file naming a factory by import path needs ``model=``, or
-    ``allow_modules`` listing the module prefixes the caller trusts (off by default).
+    ``allow_modules`` listing the module prefixes the caller trusts (off by default); an
+    allowed module is looked up in ``module_folders`` (e.g. the study file's folder), then
+    beside the file, then on the import path.
     ``base.kwargs`` are checked against the file's tensor shapes on the ``meta`` device
     before the model is built; every size the file declares is checked before anything
     is allocated (``max_bytes`` bounds its tensors), its checksum is required (a file
@@ -361,7 +389,8 @@ def load_compressed(
     :func:`rankopt.fold_batchnorm`).
     """
     payload = read_compressed(path, allow_unchecked=allow_unchecked, max_bytes=max_bytes)
-    return build_compressed(payload, path, model, map_location=map_location, allow_modules=allow_modules)
+    return build_compressed(payload, path, model, map_location=map_location, allow_modules=allow_modules,
+                            module_folders=module_folders)
 
 
 def build_compressed(
@@ -371,25 +400,32 @@ def build_compressed(
     *,
     map_location: str | torch.device = "cpu",
     allow_modules: Sequence[str] = (),
+    module_folders: Sequence[str | None] = (),
 ) -> nn.Module:
     """The model of a file's contents already read by :func:`read_compressed` (so a
     caller that checked them loads exactly what it checked); see :func:`load_compressed`."""
     if isinstance(allow_modules, str):
         allow_modules = [allow_modules]
+    passed = model is not None
     if model is None:
-        factory, kwargs, what = _build_base(payload["base"], path, allow_modules)
+        factory, kwargs, what = _build_base(payload["base"], path, allow_modules, module_folders)
         _check_shapes(factory, kwargs, payload, path, what)
         model = factory(**kwargs)
         if not isinstance(model, nn.Module):
             raise ArtifactError(f"model file {str(path)!r}: {what} returned {type(model).__name__}")
-    skeleton = compress(model, payload["spec"], initialize=False)
-    check_dtypes(skeleton.state_dict(), payload["state_dict"], f"model file {str(path)!r}")
     try:
+        skeleton = compress(model, payload["spec"], initialize=False)
+        check_dtypes(skeleton.state_dict(), payload["state_dict"], f"model file {str(path)!r}")
         skeleton.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(
-            f"model file {str(path)!r} does not match its spec: {str(exc).splitlines()[0]}"
-        ) from None
+    except (RuntimeError, RankoptError) as exc:
+        detail = _first_detail(exc)
+        if passed:  # the module passed is the suspect, not the file
+            raise ArtifactError(
+                f"model file {str(path)!r} was compressed from {_describe_base(payload['base'])}; the "
+                f"model= passed ({type(model).__name__}) is another architecture: {detail}; pass an "
+                "uncompressed instance of the file's architecture"
+            ) from None
+        raise ArtifactError(f"model file {str(path)!r} does not match its spec: {detail}") from None
     skeleton.eval()
     if (payload.get("metadata") or {}).get("fold_bn"):  # written by `rankopt pick --fold-bn`
         from rankopt.deploy.exporting import fold_batchnorm

@@ -35,7 +35,8 @@ class Densified:
 
 def densify_slower(model: nn.Module, model_file: Path, payload: Mapping[str, Any], input_shape: Sequence[int], *,
                    runtime: str, batch: int, threads: int = 1, rounds: int = 15,
-                   allow_modules: Sequence[str] = (), allow_unchecked: bool = False) -> Densified:
+                   allow_modules: Sequence[str] = (), allow_unchecked: bool = False,
+                   module_folders: Sequence[str | None] = ()) -> Densified:
     """``model`` (loaded from ``model_file``, whose ``payload`` :func:`read_compressed` gave)
     with the layers that run slower factorized than dense in ``runtime`` made dense again."""
     from rankopt.compression.latency import keep_faster_layers
@@ -43,7 +44,8 @@ def densify_slower(model: nn.Module, model_file: Path, payload: Mapping[str, Any
     from rankopt.deploy.artifacts import load_base
     from rankopt.deploy.exporting import densify
 
-    base = load_base(model_file, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+    base = load_base(model_file, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
+                     module_folders=module_folders)
     spec = payload["spec"]
     kept, slower = keep_faster_layers(base, spec, find_layers(base, tuple(input_shape)), batch=batch,
                                       runtime=runtime, threads=threads, repeats=rounds)

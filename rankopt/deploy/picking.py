@@ -54,7 +54,8 @@ def check_out_path(out: Path, source: Path) -> None:
 
 
 def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster: LatencySettings | None = None,
-                 allow_modules: Sequence[str] = (), allow_unchecked: bool = False) -> PickedFile:
+                 allow_modules: Sequence[str] = (), allow_unchecked: bool = False,
+                 module_folders: Sequence[str | None] = ()) -> PickedFile:
     """Copy the model file ``source`` to ``out`` (atomically: a reader never sees half a
     file), with BatchNorm folded and/or the slower layers dense (``keep_faster``)."""
     from rankopt.deploy.artifacts import read_compressed
@@ -69,22 +70,24 @@ def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster:
     if keep_faster is not None:
         dense = out.with_name(f".{out.name}.dense.tmp")
         try:
-            picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked)
+            picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked, module_folders)
             if fold_bn:
-                _write_folded(dense, tmp, allow_modules=allow_modules)
+                _write_folded(dense, tmp, allow_modules=allow_modules, module_folders=module_folders)
             else:
                 dense.replace(tmp)
         finally:
             dense.unlink(missing_ok=True)
     elif fold_bn:
-        _write_folded(source, tmp, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+        _write_folded(source, tmp, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
+                      module_folders=module_folders)
     else:
         shutil.copyfile(source, tmp)
     tmp.replace(out)
     return picked
 
 
-def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allow_unchecked: bool = False) -> None:
+def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allow_unchecked: bool = False,
+                  module_folders: Sequence[str | None] = ()) -> None:
     """``source`` re-written with ``metadata.fold_bn`` after checking the folded model
     equals the unfolded one to 1e-5 on a seeded batch (``load_compressed`` folds)."""
     import torch
@@ -96,7 +99,8 @@ def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allo
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
         shutil.copyfile(source, out)
         return
-    model = load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+    model = load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
+                            module_folders=module_folders)
     shape = payload.get("input_shape") or []
     if shape:
         x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(0))
@@ -109,7 +113,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allo
 
 
 def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modules: Sequence[str],
-                  allow_unchecked: bool = False) -> list[str]:
+                  allow_unchecked: bool = False, module_folders: Sequence[str | None] = ()) -> list[str]:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
     from rankopt.compression.accounting import count
@@ -124,9 +128,10 @@ def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modul
     if not shape:
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
     done = densify_slower(
-        load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked), source, payload,
+        load_compressed(source, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
+                        module_folders=module_folders), source, payload,
         shape, runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
-        allow_modules=allow_modules, allow_unchecked=allow_unchecked)
+        allow_modules=allow_modules, allow_unchecked=allow_unchecked, module_folders=module_folders)
     notes = done.lines("written dense")
     metadata: dict[str, Any] = {**(payload.get("metadata") or {}), "dense_again": sorted(done.slower)}
     save_compressed(out, done.model, done.kept, base=payload["base"], input_shape=shape, metadata=metadata)
@@ -134,5 +139,5 @@ def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modul
         cost = count(done.model, shape)
         notes.append(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
                      "those layers dense")
-    load_compressed(out, allow_modules=allow_modules)  # the file must load as written
+    load_compressed(out, allow_modules=allow_modules, module_folders=module_folders)  # it must load as written
     return notes

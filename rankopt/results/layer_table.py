@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,8 @@ def load_model(
     kwargs: dict[str, Any] = {}
     sample_shape: tuple[int, ...] | None = None
     label = source
+    data_shape = None
+    folders: list[str | None] = [os.getcwd()]  # `rankopt inspect mynet:factory` beside mynet.py
     if source.endswith(STUDY_SUFFIXES):
         from rankopt.config.schema import load_config
 
@@ -68,6 +71,8 @@ def load_model(
                 f"study file {source!r} names no model (model.name); `rankopt inspect` needs one"
             )
         name, kwargs = config.model.name, dict(config.model.kwargs)
+        folders = [config.model.path]
+        data_shape = _study_data_shape(config)  # the study's own images, not 3x32x32
         if weights is None and config.reference.weights:
             weights = Path(config.reference.weights)
         label = f"{name} (from {source})"
@@ -76,12 +81,17 @@ def load_model(
     if ":" in name:
         from rankopt.config.schema import import_model_factory
 
-        factory = import_model_factory(name, "MODEL_OR_STUDY")
+        factory = import_model_factory(name, "MODEL_OR_STUDY", folders)
     else:
         record = get_registry().record("models", name)
         factory = record.factory
         sample_shape = getattr(record, "input_shape", None)
         kwargs = {**dict(getattr(record, "defaults", {}) or {}), **kwargs}
+    if data_shape is not None:
+        sample_shape, classes = data_shape
+        for key, value in (("num_classes", classes), ("in_channels", sample_shape[0])):
+            if key not in kwargs and _accepts(factory, key):
+                kwargs[key] = value
     if num_classes is not None:
         if not _accepts(factory, "num_classes"):
             raise ConfigError(f"--num-classes: model {name!r} takes no num_classes argument")
@@ -110,6 +120,20 @@ def load_model(
     if input_shape is None:
         input_shape = (1, *(sample_shape or DEFAULT_SAMPLE_SHAPE))
     return model.eval(), tuple(input_shape), label
+
+
+def _study_data_shape(config: Any) -> tuple[tuple[int, ...], int] | None:
+    """(one input's shape, number of classes) of a study's dataset, or None when it cannot
+    be loaded here (then the usual default shape applies)."""
+    from rankopt.contract.manager import get_registry
+
+    if config.data.name is None:
+        return None
+    try:
+        splits = get_registry().create("datasets", config.data.name, **config.data.kwargs)
+    except Exception:  # missing files, no network: inspect still runs on the default shape
+        return None
+    return tuple(int(d) for d in splits.input_shape), int(splits.num_classes)
 
 
 def inspect_rows(
@@ -167,6 +191,8 @@ def inspect_rows(
                 ranks = selector.select(module, dec, cache=cache, name=layer.name, options=options, **params)
                 new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, options)
                 reason = cost_increase_reason(dec.name, ranks, new, original, flops_known, min_saving)
+                if reason is None and row.get("dense"):  # a study leaves a thin stem full
+                    reason = f"kept dense: {layer.in_channels} input channel(s) < min_in_channels {min_in_channels}"
                 row["methods"][label] = {
                     "ranks": list(ranks),
                     "params": new.params,
@@ -225,12 +251,14 @@ def load_run_reference(
     if base.get("class"):
         raise ConfigError(
             f"run {str(run_dir)!r} was run on a module passed from Python ({base['class']}), "
-            "which inspect cannot rebuild; from Python: inspect_rows(model, input_shape)"
+            "which inspect cannot rebuild; in Python, rankopt.find_layers(model, input_shape) lists "
+            "its layers, or `rankopt inspect module:factory --weights reference/model.pt`"
         )
     from rankopt.results.reading import StudyResult
 
     try:  # the run's own study file was trusted to import its factory; nothing else is
-        factory, kwargs, _ = _build_base(base, metrics_file, StudyResult(run_dir).model_modules)
+        run = StudyResult(run_dir)
+        factory, kwargs, _ = _build_base(base, metrics_file, run.model_modules, run.model_folders)
         model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None

@@ -156,6 +156,12 @@ class StudyResult:
         attrs = trial.user_attrs
         decomposers = attrs.get("decomposers", {})
         ranks = attrs.get("ranks", {})
+        hyperparameters = dict(attrs.get("hyperparameters", {}))
+        train_epochs = float(attrs.get("train_epochs", 0.0))
+        if attrs.get("continued_from") is not None and isinstance(hyperparameters.get("epochs"), (int, float)):
+            # a continuation carries its source's values: report the epochs this trial
+            # trained (train_epochs), not the source's "epochs: 2.0"
+            hyperparameters["epochs"] = round(train_epochs, 3)
         return TrialRecord(
             trial=trial.number,
             accuracy=float(attrs["accuracy"]),
@@ -165,7 +171,7 @@ class StudyResult:
             flops_compression=float(attrs.get("flops_compression", math.nan)),
             strategy=str(attrs.get("strategy", "")),
             selector=str(attrs.get("selector", "")),
-            hyperparameters=dict(attrs.get("hyperparameters", {})),
+            hyperparameters=hyperparameters,
             selector_params=dict(attrs.get("selector_params", {})),
             ranks_summary=str(attrs.get("ranks_summary", "")),
             spec={
@@ -181,7 +187,7 @@ class StudyResult:
                 if k.split(".", 1)[0] in (attrs.get("selector"), attrs.get("strategy")) and "." in k
             },
             fidelity=int(attrs.get("fidelity", 0)),
-            train_epochs=float(attrs.get("train_epochs", 0.0)),
+            train_epochs=train_epochs,
             repeat_of=attrs.get("repeat_of"),
             continued_from=attrs.get("continued_from"),
         )
@@ -389,7 +395,8 @@ class StudyResult:
         record = self.pick(trial=trial)
         payload = self.trial_payload(record, allow_unchecked=allow_unchecked)
         try:
-            return build_compressed(payload, record.model_path, model=model, allow_modules=self.model_modules)
+            return build_compressed(payload, record.model_path, model=model, allow_modules=self.model_modules,
+                                    module_folders=self.model_folders)
         except ArtifactError as exc:
             if model is not None or "names no registered base model" not in str(exc):
                 raise
@@ -434,6 +441,13 @@ class StudyResult:
         from it (a model file on its own never is; see :func:`rankopt.load_compressed`)."""
         model = self.config.model
         return [model.name.partition(":")[0]] if model is not None and ":" in model.name else []
+
+    @property
+    def model_folders(self) -> list[str]:
+        """Where the study found its model's module (its study file's folder), searched
+        first when the run's models are rebuilt."""
+        model = self.config.model
+        return [model.path] if model is not None and model.path else []
 
     def __repr__(self) -> str:
         return f"StudyResult({str(self.run_dir)!r})"

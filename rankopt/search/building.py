@@ -22,7 +22,7 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     assert config.model is not None
     name, kwargs = config.model.name, dict(config.model.kwargs)
     if ":" in name:
-        factory = import_model_factory(name, "model.name")
+        factory = import_model_factory(name, "model.name", [config.model.path])
     else:
         factory = get_registry().record("models", name).factory
     from rankopt.config.schema import _signature_names

@@ -2,9 +2,11 @@
 one's study), and reconciliation of ``trials/<n>/`` with the storage after an
 interruption (the storage is the truth).
 
-A run directory belongs to one study: its name, model, seed and objectives. A run that
-differs in any of them is refused before a single byte changes, since its trials would
-mix with (or overwrite) the first study's.
+A run directory belongs to one study: everything that decides what a trial means
+(:data:`rankopt.search.run_meaning.MEANING_KEYS`: name, model, data, reference,
+decomposers, selectors, strategies, objectives, fidelity...). A run that differs in any
+of them is refused before a single byte changes, since its trials would mix with the
+first study's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from rankopt.search.layout import LEGACY_STUDY_FILE, STUDY_FILE
 __all__ = ["check_run_dir", "check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
 
 INTERRUPTED_REASON = "interrupted"
-# what makes two runs one study: a difference in any of them makes trials incomparable
-_IDENTITY = ("name", "model", "seed", "objectives")
 LEGACY_HEADER = "# the resolved study config"  # the first line of every record a run writes
 
 
@@ -60,17 +60,23 @@ def check_existing_run_dir(
         return
     recorded = _recorded_config(run_dir)
     if recorded is not None:
+        from rankopt.search.run_meaning import describe_changes, meaning_changes
+
         now = config.model_dump(mode="json")
-        for key in _IDENTITY:
-            if key == "model" and (user_model or recorded.get("model") is None):
-                continue  # a Python model: the reference key below compares its weights
-            if recorded.get(key) != now.get(key):
-                raise ConfigError(
-                    f"run directory {str(run_dir)!r} holds study {recorded.get('name')!r} with "
-                    f"{key} {_show(recorded.get(key))}; this run has {key} {_show(now.get(key))}. "
-                    "Its trials would not be comparable: give a new --run-dir (nothing was "
-                    "changed in this one)"
-                )
+        # a Python model: the reference key below compares its weights
+        skip = ("model",) if user_model or recorded.get("model") is None else ()
+        changes = meaning_changes(recorded, now, skip=skip)
+        # with no completed trial there is no front to mix (a run whose every trial failed
+        # may be fixed and run again in place)
+        done = any(m.get("state") == "COMPLETE" for m in _trial_metrics(run_dir))
+        identity = [c for c in changes if c[0].split(".")[0] in ("name", "model", "seed", "objectives")]
+        if changes and (done or identity):
+            changes = changes if done else identity
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} holds trials of other settings ("
+                f"{describe_changes(changes)}); they would not be comparable: give a new --run-dir "
+                "(nothing was changed here)"
+            )
     for metrics in _trial_metrics(run_dir):
         other = metrics.get("reference_key")
         if metrics.get("state") == "COMPLETE" and other not in (None, reference_key):
