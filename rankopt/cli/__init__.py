@@ -30,6 +30,7 @@ __all__ = ["app", "main"]
 # each module adds its commands to `app`
 COMMAND_MODULES: tuple[str, ...] = (
     "rankopt.cli.study_cmds",
+    "rankopt.cli.pick_cmd",
     "rankopt.cli.plugins_cmd",
     "rankopt.cli.inspect_layers_cmd",
     "rankopt.cli.export_cmd",

@@ -12,7 +12,7 @@ from typing import Any
 
 from rankopt.core.errors import ArtifactError, ConfigError, ExportError
 
-__all__ = ["LatencySettings", "check_out_path", "write_picked"]
+__all__ = ["LatencySettings", "check_builds", "check_out_path", "write_picked"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,18 @@ def check_out_path(out: Path, source: Path) -> None:
         out.exists() and not os.access(out, os.W_OK)
     ):
         raise ConfigError(f"--out: {text!r} cannot be written by this user; give a writable path")
+
+
+def check_builds(payload: Any, source: Path, *, allow_modules: Sequence[str] = (),
+                 module_folders: Sequence[str | None] = ()) -> None:
+    """Build the model of a checked trial file, so a file that cannot load is never
+    copied (a run on a module passed from Python cannot be rebuilt here: its tensors were
+    checked against the spec only)."""
+    from rankopt.deploy.artifacts import build_compressed
+
+    base = payload.get("base") or {}
+    if base.get("model") or base.get("callable"):
+        build_compressed(payload, source, allow_modules=allow_modules, module_folders=module_folders)
 
 
 def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster: LatencySettings | None = None,
