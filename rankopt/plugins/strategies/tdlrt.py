@@ -109,6 +109,13 @@ class TDLRTStrategy(Strategy):
             "lr": FloatDistribution(1e-4, 1e-1, log=True),
         }
 
+    def paper_preset(self) -> dict[str, Any]:
+        # seed 003: training from scratch (random orthonormal bases), ranks from tau only
+        return {"init": "random", "initial_rank_fraction": 1.0, "finetune_epochs": 0.0}
+
+    def paper_search_space(self) -> dict[str, BaseDistribution]:
+        return self.search_space()
+
     def defaults(self) -> dict[str, Any]:
         return {
             "tau": 0.1,
