@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 "\n\npaper = `preset: paper` (the paper's loss and schedule, no distillation; NRMF alpha 1e-2 "
                 "lr 1e-4, ADMM once per epoch rho 1e-3 lr 0.1, TDLRT random init and the paper's integrator); "
                 "default = the strategy's defaults (distillation in the fine-tuning, ADMM per step at rho 1, "
-                "TDLRT from the reference with the carried remainder). Same budget per row. "
+                "TDLRT from the trained reference). Same budget per row. "
                 f"Load average: {load} (machine shared by nine engineers).\n"
             )
             record("Training strategies on MNIST: paper preset against default", table + note, command)

@@ -17,16 +17,17 @@ Choices the paper leaves open, made here:
   decomposition of the trained reference at the initial ranks, as every other
   strategy of a study does; ``init="random"`` starts from random orthonormal bases
   and a random core, as the paper trains from scratch.
-* Rank growth: ``carry_truncated=True`` (default) keeps what each truncation cuts in the
-  pending update, so directions the gradient keeps pushing accumulate until they pass
-  ``tau`` and ranks rise (a layer needing rank 16 started at rank 2 reaches 16 at tau
-  0.1); the paper's integrator (``False``, ``preset: paper``) drops it, and then one step's
-  update must exceed ``tau * ||C||`` alone, so in practice ranks only fall. The remainder
-  (below the tolerance) is dropped when the layer becomes a ``tucker2`` module.
+* Rank growth: the paper's integrator (``carry_truncated=False``, default) drops what each
+  truncation cuts, so one step's update must exceed ``tau * ||C||`` by itself for a rank
+  to grow: from rank 2 a layer needing rank 16 reaches it at tau 0.02 but stays at 2 at
+  tau 0.1. ``carry_truncated=True`` keeps the cut part in the pending update, so
+  directions the gradient keeps pushing accumulate until they pass ``tau`` (rank 2 -> 16
+  at tau 0.1). Not the default: from a trained reference it also keeps every rank the
+  reference has (small_cnn on digits at tau 0.1: no layer saved parameters), and the
+  remainder is dropped when the layer becomes a ``tucker2`` module.
 * ``preset: paper``: ``init="random"`` (training from scratch), the paper's integrator,
   no fine-tuning; ``tau`` and ``lr`` searched. TDLRT never distills. What the default
-  adds: the reference start (a study compresses a trained model) and the carried
-  remainder (docs/methods.md). Not as the paper: the forward convolves with the
+  adds: the reference start (a study compresses a trained model; docs/methods.md). Not as the paper: the forward convolves with the
   reconstructed kernel, not through the three factor convolutions, so training takes
   the memory of dense training.
 * Only Conv2d targets the ``tucker2`` decomposer supports are trained in Tucker
@@ -137,7 +138,7 @@ class TDLRTStrategy(Strategy):
             "min_rank": 1,
             "init": "reference",
             "finetune_epochs": 0.0,
-            "carry_truncated": True,
+            "carry_truncated": False,
         }
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
