@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -185,3 +186,55 @@ def test_degeneracy_no_ridge_can_fix_is_an_error_naming_layer_and_rank() -> None
     assert "init='random'" in text and "max_term_ratio=0.5" in text
     with pytest.raises(rankopt.ConfigError, match="max_term_ratio must be a number > 0, got -1"):
         CPDecomposer().build(conv, (2,), options={"max_term_ratio": -1})
+
+
+RESNET20 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "resnet20_cifar10.pt"
+
+
+def _trained_kernel(name: str) -> torch.Tensor:
+    if not RESNET20.exists():
+        pytest.skip(f"the trained ResNet-20 checkpoint is not at {RESNET20}")
+    return torch.load(RESNET20, map_location="cpu")["state_dict"][name].double()
+
+
+def _plain_error(dec: CPDecomposer, w: torch.Tensor, rank: int) -> float:
+    run = dec._als(w, w.norm(), rank, "svd", 0.0, dec._options({}))
+    assert not isinstance(run, str)
+    return run.rel
+
+
+@pytest.mark.parametrize(
+    ("kernel", "rank"),
+    [
+        # a near-exact high-rank fit: terms 11.6x the kernel but settled; the old guard's
+        # ridge fallback raised the error 0.0005 -> 0.0017
+        ("layer1.0.conv1.weight", 108),
+        # a low-rank fit whose terms drift while the error stalls; the bounded ridge run
+        # fits worse (0.489 against 0.487), so plain ALS stays
+        ("layer2.1.conv1.weight", 36),
+    ],
+)
+def test_the_guard_keeps_plain_als_where_it_fits_better_on_trained_kernels(kernel: str, rank: int) -> None:
+    dec, w = CPDecomposer(), _trained_kernel(kernel)
+    plain = _plain_error(dec, w, rank)
+    guarded = rel_error(torch.einsum("tr,sr,hr,wr->tshw", *dec.factors(w, (rank,))), w)
+    assert guarded <= plain * (1 + 1e-9)
+
+
+def test_the_guard_replaces_a_drifting_fit_by_a_ridge_run_that_fits_better() -> None:
+    dec, w = CPDecomposer(), _trained_kernel("layer2.1.conv1.weight")
+    plain = _plain_error(dec, w, 72)  # terms 11.6x the kernel, grew 1.4x over the last 100 iterations
+    factors = dec.factors(w, (72,))
+    guarded = rel_error(torch.einsum("tr,sr,hr,wr->tshw", *factors), w)
+    assert guarded < plain * 0.97
+    assert cp_module.term_ratio(torch.ones(72, dtype=w.dtype), factors, w.norm()) <= 3.0
+
+
+def test_the_border_rank_signs_are_read_from_the_iterations() -> None:
+    dec, w = CPDecomposer(), _border_rank_conv().weight.detach()
+    run = dec._als(w, w.norm(), 2, "svd", 0.0, dec._options({"n_iter_max": 1000}))
+    assert not isinstance(run, str)
+    assert run.suspect(2.5) and run.bought_by_growth()  # terms growing, the error falling in step
+    trained = _trained_kernel("layer1.0.conv1.weight")
+    settled = dec._als(trained, trained.norm(), 108, "svd", 0.0, dec._options({}))
+    assert not isinstance(settled, str) and settled.ratio > 3.0 and not settled.suspect(3.0)

@@ -112,3 +112,11 @@ def test_bad_tiles_are_refused_with_the_value_and_the_rule() -> None:
         dec.build(nn.Linear(6, 4), (3,), options={"tiles": [2, 2]})
     with pytest.raises(NotImplementedError, match="fixed selector"):
         dec.rank_matrices(torch.zeros(4, 6), {"tiles": [2, 2]})
+
+
+def test_the_docstring_and_the_error_say_tiles_must_divide_the_matrix_evenly() -> None:
+    doc = " ".join((SVDDecomposer.__doc__ or "").split())
+    assert "as equal as possible" not in doc
+    assert "must divide the matrix's rows and columns evenly" in doc
+    with pytest.raises(ConfigError, match=r"tiles=\[3, 2\] must divide the 10 x 8 weight matrix evenly"):
+        SVDDecomposer().build(nn.Linear(8, 10), (1,), options={"tiles": [3, 2]})

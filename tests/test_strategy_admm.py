@@ -84,3 +84,31 @@ def test_the_smallest_interval_of_the_default_space_converges_at_the_defaults(de
     assert history[-1] < 0.05 * history[0] and history[-1] < 0.02
     assert max(history) <= history[0]  # never above the start
     assert outcome.extra["accuracy_after_compression"] >= outcome.extra["accuracy_before_compression"] - 0.02
+
+
+@pytest.mark.parametrize("decomposer", ["tucker2", "tt"])
+@pytest.mark.parametrize("schedule", ["steps", "epoch"])
+def test_both_schedules_of_the_default_space_end_under_a_residual_of_0_01(decomposer: str, schedule: str) -> None:
+    """The authors' once-per-epoch schedule is a first-class option; both end near the low-rank set."""
+    strategy = rankopt.strategy("admm")
+    assert schedule in strategy.search_space()["schedule"].choices
+    ctx = make_context(decomposers=decomposer)
+    outcome = strategy.run(ctx, {"schedule": schedule, "finetune_epochs": 0})
+    interval = outcome.extra["admm_update_interval"]
+    assert interval == (ctx.steps_per_epoch if schedule == "epoch" else strategy.defaults()["update_interval"])
+    assert outcome.extra["admm_final_residual"] < 0.01
+    assert max(ctx.reported["admm_final_residuals"].values()) < 0.01
+    assert outcome.extra["accuracy_after_compression"] >= outcome.extra["accuracy_before_compression"] - 0.02
+
+
+def test_an_interval_under_the_momentum_horizon_trains_with_plain_sgd() -> None:
+    from rankopt.plugins.strategies.admm import momentum_horizon
+
+    assert momentum_horizon(0.9) == 10 and momentum_horizon(0.0) == 1 and momentum_horizon(0.5) == 2
+    ctx = make_context()
+    outcome = rankopt.strategy("admm").run(ctx, {"update_interval": 1, "rho": 50.0, "epochs": 1, "finetune_epochs": 0})
+    assert outcome.extra["admm_momentum"] == 0.0  # the per-step form: plain SGD, which converges
+    history = ctx.reported["admm_residual_history"]
+    assert history[-1] < history[0] and history[-1] < 0.05
+    wide = rankopt.strategy("admm").run(make_context(), {"update_interval": 10, "epochs": 1, "finetune_epochs": 0})
+    assert wide.extra["admm_momentum"] == 0.9

@@ -119,3 +119,21 @@ def test_a_decomposer_whose_module_cannot_reconstruct_is_refused_before_training
         assert ctx.train_results == []  # nothing trained
     finally:
         rankopt.reset_registry()
+
+
+def test_the_default_distortion_range_is_the_papers_scaled_to_the_run() -> None:
+    from rankopt.plugins.strategies.deeptwist import scaled_distortion_steps
+
+    strategy = rankopt.strategy("deeptwist")
+    space = strategy.search_space()["distortion_steps"]
+    assert (space.low, space.high) == (100, 5000)  # seed 002: "100 to 5000 steps"
+    assert 100 <= strategy.defaults()["distortion_steps"] <= 5000
+    # the rule: at most half the run's steps, so that every run distorts at least twice
+    assert scaled_distortion_steps(5000, 40) == 20
+    assert scaled_distortion_steps(200, 100_000) == 200
+    assert scaled_distortion_steps(200, None) == 200
+    ctx = make_context()
+    outcome = strategy.run(ctx, {"epochs": 1.0, "finetune_epochs": 0.0})
+    per_epoch = ctx.steps_per_epoch
+    assert outcome.extra["distortion_steps_used"] == per_epoch // 2
+    assert outcome.extra["distortions"] >= 2

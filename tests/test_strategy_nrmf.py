@@ -122,5 +122,30 @@ def test_ranks_and_initialization_come_from_the_model_each_option_names() -> Non
     assert sum(map(sum, seen["regularized", "regularized"].values())) < sum(
         map(sum, seen["reference", "reference"].values())
     )
-    with pytest.raises(rankopt.ConfigError, match=r"'init_from' must be one of \['regularized', 'reference'\], got 'vbmf'"):
+    with pytest.raises(rankopt.ConfigError, match=r"'init_from' must be one of \['regularized', 'normal', 'reference'\], got 'vbmf'"):
         rankopt.strategy("nrmf").validate_params({"init_from": "vbmf"})
+
+
+class _TrainCountingContext(LocalTrialContext):
+    """Records (epochs, lr, regularized?) of every train call."""
+
+    calls: list[tuple[float, float, bool]]
+
+    def train(self, model: nn.Module, **kw: Any):  # type: ignore[override]
+        self.calls = [*getattr(self, "calls", []), (kw["epochs"], kw["lr"], kw.get("extra_loss") is not None)]
+        return super().train(model, **kw)
+
+
+@pytest.mark.parametrize("ranks_from", ["regularized", "normal"])
+@pytest.mark.parametrize("init_from", ["regularized", "normal"])
+def test_the_four_rows_of_the_table_get_equal_training(ranks_from: str, init_from: str) -> None:
+    """Seed 000's rows: the normal model is the same start trained as long without the regularizer."""
+    reference, splits = trained_reference()
+    ctx = _TrainCountingContext(reference, splits, input_shape=(1, 1, 8, 8), device="cpu", seed=0, batch_size=64)
+    hp = {"alpha": 0.03, "epochs": 0.5, "finetune_epochs": 0.25, "lr": 0.05,
+          "ranks_from": ranks_from, "init_from": init_from}
+    outcome = rankopt.strategy("nrmf").run(ctx, hp)
+    normal = "normal" in (ranks_from, init_from)
+    expected = [(0.5, 0.05, True)] + ([(0.5, 0.05, False)] if normal else []) + [(0.25, 0.05, False)]
+    assert ctx.calls == expected
+    assert ("accuracy_normal" in outcome.extra) == normal

@@ -36,7 +36,8 @@ def test_defaults_and_search_space_are_valid(name: str) -> None:
     assert checked == {**strategy.defaults(), **checked}
     # every value at the edges of the default search space is accepted
     for key, dist in space.items():
-        for edge in (dist.low, dist.high):  # type: ignore[attr-defined]
+        edges = dist.choices if hasattr(dist, "choices") else (dist.low, dist.high)  # type: ignore[attr-defined]
+        for edge in edges:
             strategy.validate_params({key: edge})
 
 
@@ -84,3 +85,39 @@ def test_out_of_range_value_fails_before_work(name: str, key: str, value: Any) -
 def test_passes_the_strategy_contract(name: str) -> None:
     # a tiny trial on CPU: valid spec, model matching it, finite logits, JSON extras
     assert_strategy(rankopt.strategy(name))
+
+
+@pytest.mark.parametrize("name", PAPER_STRATEGIES)
+def test_the_paper_preset_fixes_the_papers_recipe_without_distillation(name: str) -> None:
+    strategy = rankopt.strategy(name)
+    paper = strategy.validate_params({"preset": "paper"})
+    default = strategy.validate_params({})
+    assert paper != default
+    assert paper.get("distill_weight", 0.0) == 0.0 and paper.get("distill_features", 0.0) == 0.0
+    # a value the study fixes beats the preset's
+    assert strategy.validate_params({"preset": "paper", "lr": 0.5})["lr"] == 0.5
+    # the preset's own space: fixed values are not searched
+    space = strategy.search_space_for({"preset": "paper"})
+    assert not set(space) & {k for k, v in strategy.paper_preset().items()}
+    with pytest.raises(ConfigError, match="'preset' must be one of .*got 'papr'"):
+        strategy.validate_params({"preset": "papr"})
+
+
+def test_the_paper_presets_hold_the_papers_numbers() -> None:
+    nrmf = rankopt.strategy("nrmf").validate_params({"preset": "paper"})
+    assert (nrmf["alpha"], nrmf["lr"], nrmf["epochs"]) == (1e-2, 1e-4, 50.0)
+    admm = rankopt.strategy("admm").validate_params({"preset": "paper"})
+    assert (admm["schedule"], admm["rho"], admm["lr"]) == ("epoch", 1e-3, 0.1)
+    assert rankopt.strategy("tdlrt").validate_params({"preset": "paper"})["init"] == "random"
+    space = rankopt.strategy("deeptwist").search_space_for({"preset": "paper"})
+    assert (space["distortion_steps"].low, space["distortion_steps"].high) == (100, 5000)
+
+
+def test_a_study_with_the_paper_preset_checks_and_samples_its_space() -> None:
+    from rankopt.config.checks import _check_plugin_params
+    from rankopt.search.space import _method_space
+
+    strategy = rankopt.strategy("deeptwist")
+    _check_plugin_params(strategy, "strategy", "deeptwist", {"preset": "paper"}, "strategies.deeptwist")
+    space = _method_space({"preset": "paper"}, strategy.search_space_for({"preset": "paper"}), "x")
+    assert space.fixed == {"preset": "paper"} and set(space.searched) == {"distortion_steps", "lr"}

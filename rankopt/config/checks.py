@@ -179,7 +179,7 @@ def _check_plugin_params(
 ) -> None:
     """Parameter names against the plugin's declared ones; fixed values and range ends against
     the plugin's own ``validate_params``."""
-    known = set(plugin.defaults()) | set(plugin.search_space())
+    known = set(plugin.defaults()) | set(plugin.search_space()) | ({"preset"} if family == "strategy" else set())
     unknown = sorted(set(params) - known)
     if unknown and (known or family == "strategy"):
         close = did_you_mean(unknown[0], known) if len(unknown) == 1 else ""

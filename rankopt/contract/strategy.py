@@ -79,6 +79,34 @@ class Strategy(ABC):
         """The default search space of this strategy's hyperparameters."""
         return {}
 
+    def paper_preset(self) -> dict[str, Any]:
+        """The fixed hyperparameters of ``preset: paper``: the paper's own recipe (loss,
+        schedule, training length as far as the paper gives them; no distillation).
+        Empty: the strategy has no paper preset."""
+        return {}
+
+    def paper_search_space(self) -> dict[str, BaseDistribution]:
+        """The ranges ``preset: paper`` searches: those the paper gives (others are fixed)."""
+        return {}
+
+    def search_space_for(self, configured: Mapping[str, Any]) -> dict[str, BaseDistribution]:
+        """The search space under the study's ``configured`` parameters (``preset`` picks it)."""
+        if self.preset_of(configured) == "paper":
+            return self.paper_search_space()
+        return self.search_space()
+
+    def preset_of(self, params: Mapping[str, Any]) -> str:
+        """The ``preset`` named in ``params`` ("default" when none), checked."""
+        from rankopt.core.errors import ConfigError
+
+        preset = params.get("preset", "default")
+        allowed = ["default", "paper"] if self.paper_preset() else ["default"]
+        if preset not in allowed:
+            raise ConfigError(
+                f"strategy {self.name!r}: hyperparameter 'preset' must be one of {allowed}, got {preset!r}"
+            )
+        return str(preset)
+
     def defaults(self) -> dict[str, Any]:
         """Hyperparameter values used when a study fixes and searches none."""
         return {}
@@ -87,14 +115,17 @@ class Strategy(ABC):
         """Fill defaults and reject unknown hyperparameter names (never drop them)."""
         from rankopt.core.errors import ConfigError
 
-        known = set(self.defaults()) | set(self.search_space())
+        known = set(self.defaults()) | set(self.search_space()) | {"preset"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(
                 f"strategy {self.name!r} has no hyperparameter(s) {unknown}; "
                 f"known are {sorted(known)}"
             )
-        return {**self.defaults(), **dict(params)}
+        preset = self.paper_preset() if self.preset_of(params) == "paper" else {}
+        merged = {**self.defaults(), **preset, **dict(params)}
+        merged.pop("preset", None)
+        return merged
 
     @abstractmethod
     def run(self, ctx: TrialContext, params: Mapping[str, Any]) -> TrialOutcome:

@@ -109,7 +109,7 @@ class SearchSpace:
         self.strategies: dict[str, MethodSpace] = {}
         for name, params in config.strategies.items():
             plugin = registry.create("strategies", name)
-            self.strategies[name] = _method_space(params, plugin.search_space(), f"strategies.{name}")
+            self.strategies[name] = _method_space(params, plugin.search_space_for(params), f"strategies.{name}")
         self.selectors: dict[str, MethodSpace] = {}
         for name, params in config.selectors.items():
             plugin = registry.create("rank_selectors", name)

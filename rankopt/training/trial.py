@@ -189,6 +189,11 @@ class LocalTrialContext:
             self._val_loader = loader_for(self.splits.val, batch_size=self.batch_size)
         return self._train_loader, self._val_loader
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps (batches) in one epoch of :meth:`train`."""
+        return len(self._loaders()[0])
+
     # -- the operations ------------------------------------------------------------------
     def train(
         self,

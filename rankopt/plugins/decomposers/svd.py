@@ -88,7 +88,8 @@ class SVDDecomposer(Decomposer):
     ``sqrt(s)`` on each factor, which keeps both factors on the same scale for
     fine-tuning), ``"first"`` (all on the first layer, the second is orthonormal) or
     ``"second"``. ``tiles`` (default None: one tile) ``[a, b]`` cuts the matrix into
-    ``a`` row blocks and ``b`` column blocks (as equal as possible) and gives each tile
+    ``a`` row blocks and ``b`` column blocks of equal size (``a`` and ``b`` must divide the
+    matrix's rows and columns evenly, else a ConfigError names the divisors) and gives each tile
     its own truncated SVD at rank ``r``, at most the smallest tile side (DeepTwist's
     tiling-based SVD for skewed lowered kernels); params ``r * (a*n + b*m)`` for an
     ``m x n`` matrix. Spectrum-reading selectors do not apply to tiles (one rank for

@@ -132,8 +132,18 @@ class TuckerTrainingConv2d(nn.Module):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
 
     @torch.no_grad()
-    def integrate(self, tau: float) -> None:
-        """Fold the pending update ``delta`` into the factors (K-steps, S-step, truncation)."""
+    def integrate(self, tau: float, *, carry: bool = False) -> None:
+        """Fold the pending update ``delta`` into the factors (K-steps, S-step, truncation).
+
+        ``carry=False`` (the paper's integrator) drops what the truncation cuts, and ``delta``
+        returns to zero. ``carry=True`` keeps it in ``delta``: the layer then computes
+        exactly what it did before the step, and a direction the gradient keeps pushing
+        accumulates across steps until its singular value passes the tolerance. Without it
+        one step's update must exceed ``tau * ||C||`` by itself for a rank to grow (at
+        tau 0.1 a layer that needs rank 16 started at rank 2 stays at 2; with it, it rises
+        to 16, the rank tau gives the target).
+        """
+        before = self.low_rank_weight() + self.delta.detach() if carry else None
         update = self.delta.detach().to(self.core.dtype)
         core, u_out, u_in = self.core, self.u_out, self.u_in
         r_out, r_in = core.shape[:2]
@@ -159,7 +169,10 @@ class TuckerTrainingConv2d(nn.Module):
         self.core = torch.einsum("xykl,xa,yb->abkl", core_aug, new_out, new_in).contiguous()
         self.u_out = (aug_out @ new_out).contiguous()
         self.u_in = (aug_in @ new_in).contiguous()
-        self.delta.zero_()
+        if before is not None:
+            self.delta.copy_((before - self.low_rank_weight()).to(self.delta.dtype))
+        else:
+            self.delta.zero_()
 
     def _truncate(
         self, core: torch.Tensor, mode: int, threshold: float, max_rank: int

@@ -36,7 +36,20 @@ from rankopt.plugins.strategies._common import (
 from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
 
-__all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort"]
+__all__ = ["DeepTwistStrategy", "adopt_compressed", "check_reconstructable", "distort", "scaled_distortion_steps"]
+
+# seed 002: "S_D falls in the range of 100 to 5000 steps" (its CIFAR-10 runs use 200)
+PAPER_DISTORTION_STEPS = (100, 5000)
+
+
+def scaled_distortion_steps(distortion_steps: int, total_steps: int | None) -> int:
+    """S_D for a run of ``total_steps``: at most half of them, so that at least two
+    distortions happen during training (the paper's 100-5000 steps are CIFAR-10/ImageNet
+    runs of tens of thousands of steps; a short trial on a small data set would otherwise
+    distort once, at the end, which is plain training then projection)."""
+    if total_steps is None or total_steps < 2:
+        return distortion_steps
+    return max(1, min(distortion_steps, total_steps // 2))
 
 
 @torch.no_grad()
@@ -84,8 +97,13 @@ class DeepTwistStrategy(Strategy):
 
     Hyperparameters:
         distortion_steps: S_D, the optimizer steps between two distortions. The paper
-            uses 100 to 5000 on CIFAR-10; large S_D lets training settle near a flat
-            minimum, too large leaves few chances to escape a sharp one.
+            uses 100 to 5000 (its CIFAR-10 runs 200): the default space searches 100-5000
+            (log), the default is 200. Scaled to the data set by one rule
+            (:func:`scaled_distortion_steps`): S_D is at most half the run's steps
+            (epochs x batches per epoch), so every run distorts at least twice; the
+            trial reports the S_D it used (``distortion_steps_used``). Large S_D lets
+            training settle near a flat minimum, too large leaves few chances to escape
+            a sharp one.
         epochs: training epochs of the full model with distortions.
         lr: learning rate of training and fine-tuning.
         finetune_epochs: fine-tuning of the compressed model after the last distortion
@@ -95,6 +113,10 @@ class DeepTwistStrategy(Strategy):
             from the current weights at each distortion; with a threshold selector the
             ranks then only shrink, since each projection cuts the tail of the spectrum
             the next selection measures.
+
+    ``preset: paper``: the paper's recipe, plain cross-entropy, no fine-tuning, S_D and
+    lr searched in the paper's range. What the default adds: distillation in the
+    (optional, off by default) fine-tuning; nothing else (docs/methods.md).
     """
 
     name = "deeptwist"
@@ -102,13 +124,23 @@ class DeepTwistStrategy(Strategy):
 
     def search_space(self) -> dict[str, BaseDistribution]:
         return {
-            "distortion_steps": IntDistribution(10, 2000, log=True),
+            "distortion_steps": IntDistribution(*PAPER_DISTORTION_STEPS, log=True),
+            "lr": FloatDistribution(1e-4, 1e-1, log=True),
+        }
+
+    def paper_preset(self) -> dict[str, Any]:
+        # seed 002: plain training with distortions, no fine-tuning, no distillation
+        return {"finetune_epochs": 0.0, "reselect": False, "distill_weight": 0.0, "distill_features": 0.0}
+
+    def paper_search_space(self) -> dict[str, BaseDistribution]:
+        return {
+            "distortion_steps": IntDistribution(*PAPER_DISTORTION_STEPS, log=True),
             "lr": FloatDistribution(1e-4, 1e-1, log=True),
         }
 
     def defaults(self) -> dict[str, Any]:
         return {
-            "distortion_steps": 100,
+            "distortion_steps": 200,
             "epochs": 2.0,
             "lr": 0.01,
             "finetune_epochs": 0.0,
@@ -136,10 +168,13 @@ class DeepTwistStrategy(Strategy):
         check_reconstructable(model, spec)  # refuse before training, not after
         distortions = 0
         last_distorted = 0
+        per_epoch = getattr(ctx, "steps_per_epoch", None)
+        total = None if per_epoch is None else max(1, round(hp["epochs"] * per_epoch))
+        every = scaled_distortion_steps(hp["distortion_steps"], total)
 
         def on_step(net: nn.Module, step: int) -> None:
             nonlocal spec, distortions, last_distorted
-            if step % hp["distortion_steps"] == 0:
+            if step % every == 0:
                 if hp["reselect"]:
                     spec = ctx.select_ranks(net)
                 distort(net, spec)
@@ -164,6 +199,7 @@ class DeepTwistStrategy(Strategy):
         extra["accuracy_before_compression"] = ctx.evaluate(model)
         extra["accuracy_after_compression"] = ctx.evaluate(compressed)
         extra["distortions"] = distortions
+        extra["distortion_steps_used"] = every
         if hp["finetune_epochs"] > 0:
             ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(

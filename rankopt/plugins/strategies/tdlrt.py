@@ -17,6 +17,19 @@ Choices the paper leaves open, made here:
   decomposition of the trained reference at the initial ranks, as every other
   strategy of a study does; ``init="random"`` starts from random orthonormal bases
   and a random core, as the paper trains from scratch.
+* Rank growth: the paper's integrator (``carry_truncated=False``, default) drops what each
+  truncation cuts, so one step's update must exceed ``tau * ||C||`` by itself for a rank
+  to grow: from rank 2 a layer needing rank 16 reaches it at tau 0.02 but stays at 2 at
+  tau 0.1. ``carry_truncated=True`` keeps the cut part in the pending update, so
+  directions the gradient keeps pushing accumulate until they pass ``tau`` (rank 2 -> 16
+  at tau 0.1). Not the default: from a trained reference it also keeps every rank the
+  reference has (small_cnn on digits at tau 0.1: no layer saved parameters), and the
+  remainder is dropped when the layer becomes a ``tucker2`` module.
+* ``preset: paper``: ``init="random"`` (training from scratch), the paper's integrator,
+  no fine-tuning; ``tau`` and ``lr`` searched. TDLRT never distills. What the default
+  adds: the reference start (a study compresses a trained model; docs/methods.md). Not as the paper: the forward convolves with the
+  reconstructed kernel, not through the three factor convolutions, so training takes
+  the memory of dense training.
 * Only Conv2d targets the ``tucker2`` decomposer supports are trained in Tucker
   format; other targets (Linear layers) stay dense and train normally. The trial's
   rank selector and decomposer choice are not used: the ranks come from ``tau``.
@@ -37,7 +50,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
-from rankopt.plugins.strategies._common import check_choice, check_int, check_number
+from rankopt.plugins.strategies._common import check_bool, check_choice, check_int, check_number
 from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, tucker2_convs
 from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
 from rankopt.core.records import StrategyInfo
@@ -109,6 +122,13 @@ class TDLRTStrategy(Strategy):
             "lr": FloatDistribution(1e-4, 1e-1, log=True),
         }
 
+    def paper_preset(self) -> dict[str, Any]:
+        # seed 003: training from scratch (random orthonormal bases), ranks from tau only
+        return {"init": "random", "initial_rank_fraction": 1.0, "finetune_epochs": 0.0, "carry_truncated": False}
+
+    def paper_search_space(self) -> dict[str, BaseDistribution]:
+        return self.search_space()
+
     def defaults(self) -> dict[str, Any]:
         return {
             "tau": 0.1,
@@ -118,6 +138,7 @@ class TDLRTStrategy(Strategy):
             "min_rank": 1,
             "init": "reference",
             "finetune_epochs": 0.0,
+            "carry_truncated": False,
         }
 
     def validate_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -134,6 +155,7 @@ class TDLRTStrategy(Strategy):
             ),
             "min_rank": check_int(self.name, "min_rank", hp["min_rank"], low=1),
             "init": check_choice(self.name, "init", hp["init"], INITS),
+            "carry_truncated": check_bool(self.name, "carry_truncated", hp["carry_truncated"]),
             "finetune_epochs": check_number(
                 self.name, "finetune_epochs", hp["finetune_epochs"], low=0.0
             ),
@@ -171,7 +193,7 @@ class TDLRTStrategy(Strategy):
 
         def on_step(net: nn.Module, step: int) -> None:
             for _conv, layer, _info in layers.values():
-                layer.integrate(hp["tau"])
+                layer.integrate(hp["tau"], carry=hp["carry_truncated"])
             ranks = {n: list(lay.ranks) for n, (_, lay, _) in layers.items()}
             if ranks != history[-1]["ranks"]:
                 history.append({"step": step, "ranks": ranks})
