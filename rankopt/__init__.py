@@ -47,6 +47,7 @@ from rankopt.records import (
 )
 from rankopt.spectral import SpectralCache
 from rankopt.surgery import LayerInfo, compress, find_layers
+from rankopt.layer_census import LayerCensus, layer_census
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -72,6 +73,8 @@ __all__ = [
     "count",
     "LayerInfo",
     "find_layers",
+    "layer_census",
+    "LayerCensus",
     "compress",
     "save_compressed",
     "load_compressed",

@@ -163,9 +163,11 @@ def inspect_rows(
     methods: list[tuple[str, Any, dict[str, Any]]] = [("vbmf", rankopt.rank_selector("vbmf"), {})]
     energy = rankopt.rank_selector("energy")
     methods += [(f"energy@{p:g}", energy, {"p": p}) for p in thresholds]
+    from rankopt.surgery import get_submodule
+
     rows = []
     for layer in rankopt.find_layers(model, tuple(input_shape)):
-        module = model.get_submodule(layer.name)
+        module = get_submodule(model, layer.name)
         row: dict[str, Any] = {
             "layer": layer.name,
             "kind": layer.kind,
@@ -401,13 +403,15 @@ def inspect_command(
         min_saving=min_saving,
     )
     totals = _totals(model, methods, rows)
+    census = rankopt.layer_census(model, shape)  # with a study's default decomposers
     if format == "json":
         out = {
             "model": label, "trained": trained, "input_shape": list(shape), "decomposer": decomposer,
-            "methods": methods, "layers": rows, "total": totals,
+            "methods": methods, "layers": rows, "total": totals, "census": census.as_dict(),
         }
         typer.echo(json.dumps(out, indent=2))
     elif format == "csv":
         typer.echo(_csv(methods, rows), nl=False)
     else:
         _print_table(label, shape, decomposer, methods, rows, totals)
+        console.print(f"layers ({', '.join(census.decomposers)}): {census.summary()}", highlight=False)
