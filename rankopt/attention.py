@@ -257,7 +257,7 @@ def projection_view(mha: nn.MultiheadAttention, leaf: str) -> nn.Linear | None:
     if leaf in _SEPARATE and mha.in_proj_bias is not None:  # share the bias slice too
         i = _SEPARATE.index(leaf)
         e = mha.embed_dim
-        lin.bias = None
+        del lin._parameters["bias"]
         lin.register_buffer("bias", mha.in_proj_bias[i * e : (i + 1) * e], persistent=False)
     return lin
 
@@ -283,13 +283,25 @@ def _separate_bias_native(module: ModularMultiheadAttention) -> bool:
 
 
 def _save_native_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """Rename plain-Linear projections' keys to MultiheadAttention's, in its key order."""
     assert isinstance(module, ModularMultiheadAttention)
-    for ours, native in _native_names(module).items():
-        if prefix + ours in state_dict:
-            state_dict[prefix + native] = state_dict.pop(prefix + ours)
-    if _separate_bias_native(module):
-        parts = [state_dict.pop(f"{prefix}{leaf}.bias") for leaf in _SEPARATE]
-        state_dict[prefix + "in_proj_bias"] = torch.cat(parts)
+    names = _native_names(module)
+    merge_bias = _separate_bias_native(module)
+    mine = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    items: list[tuple[str, Any]] = []
+    biases = []
+    for key, value in mine:
+        local = key[len(prefix):]
+        if merge_bias and local in {f"{leaf}.bias" for leaf in _SEPARATE}:
+            biases.append(value)
+            continue
+        if merge_bias and local.startswith("out_proj.") and biases:
+            items.append((prefix + "in_proj_bias", torch.cat(biases)))
+            biases = []
+        items.append((prefix + names.get(local, local), value))
+    if biases:
+        items.append((prefix + "in_proj_bias", torch.cat(biases)))
+    state_dict.update(items)
 
 
 def _load_native_keys(

@@ -57,11 +57,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     its last factor. A BatchNorm after a layer that does not end in an ``nn.Conv2d``
     module stays (TT ends in a reshape, the tensor_ring contrib in a conv of computed
     weights) and runs as its own op. The result is a ``torch.fx.GraphModule``
-    computing the same function (to float rounding, ~1e-6). ``model`` is left untouched.
+    computing the same function (to float rounding, ~1e-6); a model without BatchNorm
+    comes back as an eval-mode copy. ``model`` is left untouched.
     """
     from torch.fx.experimental.optimization import fuse
 
     net = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return net  # nothing to fold (transformers): no need for fx to trace it
     try:
         return fuse(net, inplace=True)
     except Exception as exc:  # fx cannot trace data-dependent control flow
