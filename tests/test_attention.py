@@ -22,15 +22,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).detach().norm() / a.detach().norm())
 
 
-def _spec(layers: list[rankopt.LayerInfo], fraction: float) -> dict[str, dict[str, object]]:
-    """svd on Linear, tucker2 on Conv2d, every rank at ``fraction`` of its largest."""
+def _spec(net: nn.Module, layers: list[rankopt.LayerInfo], fraction: float) -> dict[str, dict[str, object]]:
+    """svd on Linear, tucker2 on dense Conv2d, every rank at ``fraction`` of its largest."""
+    from rankopt.surgery import get_submodule
+
     out: dict[str, dict[str, object]] = {}
     for la in layers:
-        if la.kind == "linear":
-            out[la.name] = {"decomposer": "svd", "ranks": [max(1, int(min(la.in_channels, la.out_channels) * fraction))]}
-        elif la.groups == 1:
-            out[la.name] = {"decomposer": "tucker2",
-                            "ranks": [max(1, int(la.in_channels * fraction)), max(1, int(la.out_channels * fraction))]}
+        if la.groups != 1:
+            continue
+        dec = "svd" if la.kind == "linear" else "tucker2"
+        largest = rankopt.decomposer(dec).max_ranks(get_submodule(net, la.name))
+        out[la.name] = {"decomposer": dec, "ranks": [max(1, int(r * fraction)) for r in largest]}
     return out
 
 
@@ -85,13 +87,13 @@ def test_vit_lists_attention_projections_and_compresses_them() -> None:
     census = rankopt.layer_census(net, (1, 3, 32, 32))
     assert len(census.compressible) == 10 and not census.refused and not census.skipped
     x = torch.randn(3, 3, 32, 32)
-    full = rankopt.compress(net, _spec(layers, 1.0))
+    full = rankopt.compress(net, _spec(net, layers, 1.0))
     with torch.no_grad():
         assert _rel(net(x), full(x)) < 1e-5
     attn = full.encoder.layers.encoder_layer_0.self_attention
     assert isinstance(attn, ModularMultiheadAttention) and isinstance(attn.in_proj, SVDLinear)
     assert isinstance(attn.out_proj, SVDLinear) and not hasattr(attn.in_proj, "weight")  # no dense weight
-    half = rankopt.compress(net, _spec(layers, 0.5))
+    half = rankopt.compress(net, _spec(net, layers, 0.5))
     with torch.no_grad():
         out = half(x)
     assert out.shape == (3, 10) and 1e-3 < _rel(net(x), out)
@@ -131,10 +133,10 @@ def test_separate_projection_mha_is_compressible() -> None:
     assert [la.name for la in layers] == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"]
     assert [(la.in_channels, la.out_channels) for la in layers] == [(16, 16), (12, 16), (10, 16), (16, 16)]
     x = torch.randn(2, 4, 16)
-    full = rankopt.compress(net, _spec(layers, 1.0))
+    full = rankopt.compress(net, _spec(net, layers, 1.0))
     with torch.no_grad():
         assert _rel(net(x), full(x)) < 1e-5
-        assert rankopt.compress(net, _spec(layers, 0.5))(x).shape == x.shape
+        assert rankopt.compress(net, _spec(net, layers, 0.5))(x).shape == x.shape
 
 
 # -- torchvision Swin window attention -----------------------------------------------------------
@@ -151,10 +153,10 @@ def test_swin_window_attention_projections_are_compressible(version: int) -> Non
     assert {"features.1.0.attn.qkv", "features.1.0.attn.proj", "features.3.0.attn.qkv"} <= names
     assert sum(la.kind == "linear" for la in layers) == before  # every Linear, qkv/proj included
     x = torch.randn(2, 3, 32, 32)
-    full = rankopt.compress(net, _spec(layers, 1.0))
+    full = rankopt.compress(net, _spec(net, layers, 1.0))
     with torch.no_grad():
         assert _rel(net(x), full(x)) < 1e-5
-        assert rankopt.compress(net, _spec(layers, 0.5))(x).shape == (2, 10)
+        assert rankopt.compress(net, _spec(net, layers, 0.5))(x).shape == (2, 10)
     assert isinstance(full.features[1][0].attn.qkv, SVDLinear)
 
 
