@@ -408,7 +408,8 @@ def _make_swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[N
             return _window_attention(self, x, self.logit_scale)
 
     for cls in (ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2):
-        cls.__module__ = __name__  # pickles and deep-copies as rankopt.attention.<name>
+        cls.__module__ = __name__  # pickles as rankopt.attention.<name>
+        cls.__qualname__ = cls.__name__
     return ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2
 
 

@@ -272,3 +272,17 @@ def test_study_default_decomposers_cover_conv_and_linear() -> None:
     from rankopt.config import StudyConfig
 
     assert StudyConfig(name="x").decomposers == ["tucker2", "svd"]
+
+
+def test_compressed_attention_models_pickle() -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[2, 2],
+                           num_classes=10).eval()
+    for net, shape in ((small_vit(), (1, 3, 32, 32)), (swin, (1, 3, 32, 32))):
+        small = rankopt.compress(net, _spec(net, rankopt.find_layers(net, shape), 0.5))
+        again = pickle.loads(pickle.dumps(small))
+        x = torch.randn(2, *shape[1:])
+        with torch.no_grad():
+            assert torch.equal(again(x), small(x))
