@@ -4,6 +4,7 @@ forward check, and the layer census."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,3 +287,53 @@ def test_compressed_attention_models_pickle() -> None:
         x = torch.randn(2, *shape[1:])
         with torch.no_grad():
             assert torch.equal(again(x), small(x))
+
+
+# -- in a study ------------------------------------------------------------------------------------
+
+class TinyTransformer(nn.Module):
+    """Patches of a 1x6x6 image -> one attention block -> a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 16, 2, stride=2)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        t = t + self.mlp(t)
+        return self.head(t.mean(1))
+
+
+def test_a_study_searches_and_compresses_attention_projections_by_default(tmp_path: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from rankopt import DatasetSplits
+    from rankopt.study import Study
+
+    def blobs(n: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randn(n, 1, 6, 6, generator=g) * 0.3
+        x[y == 0, :, :3] += 1.0
+        x[y == 1, :, 3:] += 1.0
+        return TensorDataset(x, y)
+
+    torch.manual_seed(0)
+    splits = DatasetSplits(train=blobs(96, 0), val=blobs(48, 1), num_classes=2, input_shape=(1, 6, 6))
+    study = {"name": "attn", "reference": {"epochs": 1, "lr": 0.05},  # no decomposers: the default
+             "selectors": {"fixed": {"fraction": {"low": 0.3, "high": 0.6}}},
+             "strategies": {"finetune": {"epochs": 0}}, "sampler": {"name": "random", "seed": 0},
+             "trials": 2, "run_dir": str(tmp_path / "run"), "targets": {"dense_input_channels": 0}}
+    result = Study(study, model=TinyTransformer(), data=splits).run()
+    best = result.front()[0]
+    model = result.load_model(best.trial, model=TinyTransformer())
+    attn = model.attn
+    assert isinstance(attn, ModularMultiheadAttention)
+    assert isinstance(attn.in_proj, SVDLinear) and isinstance(attn.out_proj, SVDLinear)
+    assert rankopt.count(model, (1, 1, 6, 6)).params == best.params
+    with torch.no_grad():
+        assert model(torch.randn(3, 1, 6, 6)).shape == (3, 2)
