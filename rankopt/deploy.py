@@ -89,12 +89,14 @@ def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rt
     :class:`~rankopt.ConfigError` names the layer. ``model`` is left untouched; the copy
     stays on its device, in its dtype.
     """
+    from rankopt.surgery import get_submodule
+
     net = copy.deepcopy(model).eval()
     for name in layers:
         try:
             factored = net.get_submodule(name)
-            original = reference.get_submodule(name)
-        except AttributeError:
+            original = get_submodule(reference, name)  # a MultiheadAttention's in_proj too
+        except (AttributeError, ConfigError):
             raise ConfigError(f"densify: no layer {name!r} in the model and its reference") from None
         if not isinstance(original, (nn.Conv2d, nn.Linear)) or not hasattr(factored, "reconstruct_weight"):
             raise ConfigError(

@@ -337,3 +337,16 @@ def test_a_study_searches_and_compresses_attention_projections_by_default(tmp_pa
     assert rankopt.count(model, (1, 1, 6, 6)).params == best.params
     with torch.no_grad():
         assert model(torch.randn(3, 1, 6, 6)).shape == (3, 2)
+
+
+def test_densify_a_factorized_attention_projection() -> None:
+    from rankopt.deploy import densify
+
+    net = small_vit()
+    name = "encoder.layers.encoder_layer_0.self_attention.in_proj"
+    small = rankopt.compress(net, {name: {"decomposer": "svd", "ranks": [8]}}, input_shape=(1, 3, 32, 32))
+    dense = densify(small, net, [name])
+    assert type(dense.get_submodule(name)) is nn.Linear
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), small(x), atol=1e-5)
