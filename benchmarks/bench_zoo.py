@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--max-params", type=float, default=32e6)
     parser.add_argument("--models", default="", help="comma-separated names (default: the zoo)")
     parser.add_argument("--onnx", default=",".join(ONNX_SAMPLE), help="models whose half-rank form is exported")
+    parser.add_argument("--first", default="vit_b_16,swin_t,maxvit_t", help="models run first (the done-when ones)")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_zoo.jsonl"))
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
@@ -187,7 +188,9 @@ def main() -> None:
     onnx = set(args.onnx.split(",")) if args.onnx else set()
     tmp = args.cache.parent / "bench_zoo_onnx"
     tmp.mkdir(exist_ok=True)
-    for name, params in models:
+    first = args.first.split(",") if args.first else []
+    order = sorted(models, key=lambda item: item[0] not in first)  # stable: by size otherwise
+    for name, params in order:
         if name in done:
             continue
         try:

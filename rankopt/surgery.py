@@ -95,7 +95,6 @@ def find_layers(
     exclude: Sequence[str] = (),
     types: tuple[type[nn.Module], ...] = COMPRESSIBLE_TYPES,
 ) -> list[LayerInfo]:
-    original = model
     """The Conv2d and Linear layers of ``model``, in module order, with the input size each sees.
 
     Attention projections count as Linear layers: ``nn.MultiheadAttention``'s ``in_proj``
@@ -105,6 +104,7 @@ def find_layers(
     pass is left out (:func:`rankopt.layer_census` says which, and why).
     ``include``/``exclude`` are glob patterns on qualified names.
     """
+    original = model
     if needs_modularizing(model):  # list the projections as the compressed model calls them
         model = modularized_copy(model)
     chosen = [
