@@ -24,6 +24,11 @@ from rankopt.errors import ConfigError, UnsupportedModuleError
 __all__ = ["check_compressed_runs", "check_parents_call", "sample_input"]
 
 
+# they read their children's weights only on their fused fast path, which a rewritten
+# attention (rankopt.attention.ModularMultiheadAttention: no in_proj_bias) never takes
+_FAST_PATH_PARENTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_source(cls: type) -> str:
     try:
@@ -38,6 +43,8 @@ def check_parents_call(model: nn.Module, names: Sequence[str]) -> None:
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, _FAST_PATH_PARENTS):
+            continue
         source = _forward_source(type(parent))
         if re.search(rf"self\.{re.escape(leaf)}\.(weight|bias)\b", source):
             raise UnsupportedModuleError(

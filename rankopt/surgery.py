@@ -230,9 +230,9 @@ def compress(
     (``example_input``, else zeros of ``input_shape``, else the shape :func:`find_layers`
     last used for ``model``, else a usual shape the model accepts) and raises
     :class:`~rankopt.UnsupportedModuleError` naming the layer if the compressed model
-    fails it or skips a compressed layer. Where no sample input is known, only the static
-    check runs: a layer whose parent's forward source reads ``self.<layer>.weight`` is
-    refused (always checked, before anything is built).
+    fails it or skips a compressed layer. Where no sample input is known (or ``check`` is
+    False) a static check runs instead, before anything is built: a layer whose parent's
+    forward source reads ``self.<layer>.weight`` is refused.
     """
     from rankopt.forward_check import check_compressed_runs, check_parents_call, sample_input
     from rankopt.manager import get_registry
@@ -258,7 +258,8 @@ def compress(
                 f"layer {name!r} cannot be compressed: its weight is shared with {owner!r} (tied "
                 "weights), which a factorized module would untie; exclude one of them"
             )
-    check_parents_call(target, list(spec))
+    if example is None:  # no forward pass to run: read the parents' source instead
+        check_parents_call(target, list(spec))
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
         try:
