@@ -14,6 +14,7 @@ get normal(0, 0.02) weights, so that logits are not all 0) and:
    Linear), compressible, refused and skipped, with the reasons;
 2. every compressible layer at full rank (svd on Linear, tucker2 on Conv2d): the largest
    relative error of the logits, ``||y - y'|| / ||y||`` on a batch of 2 N(0, 1) inputs;
+   (with the logits' dependence on the input, ``||y0 - y1|| / ||y||``, next to it);
 3. the same at half of every largest rank: the model must run and keep its output shape;
 4. for a sample (``--onnx``), the half-rank model exported with :func:`rankopt.export`:
    the largest absolute difference between ONNX Runtime and PyTorch (checked <= 1e-3),
@@ -111,6 +112,7 @@ def measure(name: str, params: int, onnx: bool, tmp: Path) -> dict[str, Any]:
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         want = net(x)
+        row["signal"] = signal(want)
         full = rankopt.compress(net, spec_at(net, layers, keep, 1.0), input_shape=shape)
         row["full_rank_rel_err"] = float((full(x) - want).norm() / want.norm())
         del full
@@ -127,21 +129,43 @@ def measure(name: str, params: int, onnx: bool, tmp: Path) -> dict[str, Any]:
     return row
 
 
+def signal(logits: torch.Tensor) -> float:
+    """How much the logits depend on the input: ||y0 - y1|| / ||y|| over the two samples.
+    Near 0, the logits are the head's bias (activations vanish in a random deep net) and the
+    full-rank error says little about the body."""
+    return float((logits[0] - logits[1]).norm() / logits.norm())
+
+
+def add_signal(cache: Path) -> None:
+    """Fill ``signal`` into cached rows measured before it was recorded (same seed, same input)."""
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    for row in rows:
+        if "signal" in row or "error" in row:
+            continue
+        net = build(row["model"])
+        x = torch.randn(2, 3, row["input"], row["input"])
+        with torch.no_grad():
+            row["signal"] = signal(net(x))
+        print(row["model"], row["signal"], flush=True)
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _reasons(counts: dict[str, int]) -> str:
     return "; ".join(f"{k} {reason}" for reason, k in counts.items()) or "0"
 
 
 def render(rows: list[dict[str, Any]], note: str, zoo_size: int) -> str:
-    header = ["model", "params", "listed (Linear)", "compressible", "refused", "skipped", "full-rank rel. err",
+    header = ["model", "params", "listed (Linear)", "compressible", "refused", "skipped", "logit signal", "full-rank rel. err",
               "half rank runs", "ONNX max abs diff", "s"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["model"], f"{r['params'] / 1e6:.1f}M", "", "", "", "", "", f"error: {r['error']}", "", ""])
+            body.append([r["model"], f"{r['params'] / 1e6:.1f}M", "", "", "", "", "", "", f"error: {r['error']}", "", ""])
             continue
         body.append([
             r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['listed']} ({r['linear']})", str(r["compressible"]),
-            _reasons(r["refused"]), _reasons(r["skipped"]), f"{r['full_rank_rel_err']:.1e}",
+            _reasons(r["refused"]), _reasons(r["skipped"]),
+            f"{r['signal']:.0e}" if "signal" in r else "", f"{r['full_rank_rel_err']:.1e}",
             "yes" if r["half_rank_runs"] else "NO",
             (f"{r['onnx_max_abs_diff']:.1e}" + (f" ({r['onnx_rel_diff']:.0e} rel.)" if "onnx_rel_diff" in r else ""))
             if "onnx_max_abs_diff" in r else "",
@@ -155,6 +179,7 @@ def render(rows: list[dict[str, Any]], note: str, zoo_size: int) -> str:
             for reason, k in src.items():
                 dst[reason] = dst.get(reason, 0) + k
     worst = max((r["full_rank_rel_err"] for r in ok), default=float("nan"))
+    weak = [r["model"] for r in ok if r.get("signal", 1.0) < 1e-3]
     summary = (
         f"{len(rows)} of the {zoo_size} zoo models run, {len(ok)} without error; {sum(r['listed'] for r in ok)} layers listed "
         f"({sum(r['linear'] for r in ok)} Linear, attention projections included), "
@@ -162,7 +187,9 @@ def render(rows: list[dict[str, Any]], note: str, zoo_size: int) -> str:
         f"({_reasons(refused)}), {sum(skipped.values())} skipped ({_reasons(skipped)}). "
         f"Largest full-rank relative error {worst:.1e}; half rank runs with the same output shape on "
         f"{sum(r['half_rank_runs'] for r in ok)}/{len(ok)}; ONNX checked on "
-        f"{sum('onnx_max_abs_diff' in r for r in ok)}."
+        f"{sum('onnx_max_abs_diff' in r for r in ok)}. Logit signal = ||y0 - y1|| / ||y||: below 1e-3 "
+        f"({', '.join(weak) or 'none'}) a random-weight net's logits are its head's bias, and the "
+        "full-rank error says little about the body."
     )
     return f"{summary}\n\n{note}\n\n{markdown_table(header, body)}\n"
 
@@ -175,6 +202,7 @@ def main() -> None:
     parser.add_argument("--first", default="vit_b_16,swin_t,maxvit_t", help="models run first (the done-when ones)")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_zoo.jsonl"))
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--add-signal", action="store_true", help="fill the logit signal into cached rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = load()
@@ -183,6 +211,8 @@ def main() -> None:
         wanted = set(args.models.split(","))
         models = [(n, p) for n, p in models if n in wanted]
     args.cache.parent.mkdir(parents=True, exist_ok=True)
+    if args.add_signal and args.cache.exists():
+        add_signal(args.cache)
     done = {}
     if args.cache.exists():
         for line in args.cache.read_text().splitlines():
