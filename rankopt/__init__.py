@@ -53,6 +53,7 @@ from rankopt.core.records import (
 )
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo, compress, find_layers
+from rankopt.compression.layer_census import LayerCensus, layer_census
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -79,6 +80,8 @@ __all__ = [
     "count",
     "LayerInfo",
     "find_layers",
+    "layer_census",
+    "LayerCensus",
     "compress",
     "save_compressed",
     "load_compressed",

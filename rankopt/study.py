@@ -189,6 +189,9 @@ class Study:
         check_model_on_data(model, splits, config.data.batch_size,
                             given="model" if self.user_model is not None else "model.name")
         check_reference_weights(config, model)
+        from rankopt.compression.attention import modularize_attention
+
+        modularize_attention(model)  # attention calls its projections as modules (same state_dict)
         targets = find_targets(config, model, input_shape)
         check_against_model(config, model, targets)
         space = SearchSpace(config, model, targets)

@@ -141,3 +141,6 @@ def inspect_command(
                 highlight=False,
             )
         _print_table(table)
+        if table.census is not None:
+            console.print(f"layers ({', '.join(table.census.decomposers)}): {table.census.summary()}",
+                          highlight=False)

@@ -213,6 +213,11 @@ def select_spec(
         raise ConfigError(f"min_saving must be a number in [0, 1), got {min_saving!r}")
     sel = resolve_selector(selector)
     checked = sel.validate_params(params if params is not None else {})
+    from rankopt.compression.attention import needs_modularizing
+    from rankopt.compression.surgery import modularized_copy
+
+    if needs_modularizing(model):  # attention projections as modules, named as find_layers lists them
+        model = modularized_copy(model)
     considered, per_layer = _resolve_decomposers(model, layers, decomposers)
 
     reasons: dict[str, str] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from rankopt.compression.accounting import Cost, layer_cost
-from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.compression.attention import modularize_attention, needs_modularizing, projection_view
+from rankopt.core.errors import ConfigError, DecompositionError, UnsupportedModuleError
 from rankopt.core.types import LayerInfo, Spec
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "get_submodule",
     "set_submodule",
     "compress",
+    "modularized_copy",
     "normalize_spec",
     "Spec",
 ]
@@ -27,10 +30,26 @@ __all__ = [
 COMPRESSIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
+# the input shape find_layers last probed each model with: compress's default sample input
+_PROBED_SHAPES: weakref.WeakKeyDictionary[nn.Module, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``; a MultiheadAttention's input projection (``in_proj``,
+    ``q_proj``, ``k_proj``, ``v_proj``, listed by :func:`find_layers`) is given as an
+    ``nn.Linear`` sharing its parameters."""
     try:
         return model.get_submodule(name)
     except AttributeError:
+        parent_name, _, leaf = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        if isinstance(parent, nn.MultiheadAttention):
+            view = projection_view(parent, leaf)
+            if view is not None:
+                return view
         raise ConfigError(
             f"layer {name!r} is not a submodule of {type(model).__name__}; use a qualified "
             "name as listed by `rankopt inspect` (e.g. 'layer1.0.conv1')"
@@ -57,10 +76,16 @@ def find_layers(
 ) -> list[LayerInfo]:
     """The Conv2d and Linear layers of ``model``, in module order, with the input size each sees.
 
-    ``input_shape`` (batch included, e.g. ``(1, 3, 32, 32)``) is needed for conv FLOPs;
-    a layer never reached by the forward pass is left out. ``include``/``exclude``
-    are glob patterns on qualified names.
+    Attention projections count as Linear layers: ``nn.MultiheadAttention``'s ``in_proj``
+    (or ``q_proj``/``k_proj``/``v_proj``) and ``out_proj``, torchvision Swin's ``qkv`` and
+    ``proj`` (see :mod:`rankopt.compression.attention`). ``input_shape`` (batch included, e.g.
+    ``(1, 3, 32, 32)``) is needed for conv FLOPs; a layer never reached by the forward
+    pass is left out (:func:`rankopt.compression.layer_census` says which, and why).
+    ``include``/``exclude`` are glob patterns on qualified names.
     """
+    original = model
+    if needs_modularizing(model):  # list the projections as the compressed model calls them
+        model = modularized_copy(model)
     chosen = [
         (n, m)
         for n, m in model.named_modules()
@@ -87,6 +112,7 @@ def find_layers(
             model.train(was_training)
             for h in handles:
                 h.remove()
+        _PROBED_SHAPES[original] = tuple(int(d) for d in input_shape)
     out = []
     for n, m in chosen:
         if input_shape is not None and n not in seen_hw:
@@ -105,6 +131,24 @@ def find_layers(
             )
         out.append(info)
     return out
+
+
+def modularized_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose attention parents call their projections as modules."""
+    clone = copy.deepcopy(model)
+    modularize_attention(clone)
+    return clone
+
+
+def _shared_owner(model: nn.Module, name: str, layer: nn.Module) -> str | None:
+    """Another module holding one of ``layer``'s parameters (tied weights), if any."""
+    mine = {id(p) for p in layer.parameters(recurse=False)}
+    for other_name, other in model.named_modules():
+        if other is layer or other_name == name:
+            continue
+        if any(id(p) in mine for p in other.parameters(recurse=False)):
+            return other_name
+    return None
 
 
 def normalize_spec(spec: Mapping[str, Mapping[str, Any]]) -> Spec:
@@ -146,14 +190,30 @@ def compress(
     *,
     initialize: bool = True,
     inplace: bool = False,
+    input_shape: Sequence[int] | None = None,
+    example_input: torch.Tensor | None = None,
+    check: bool | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with the layers named in ``spec`` replaced by factorized modules.
 
     ``spec`` is ``{qualified_name: {"decomposer": name, "ranks": [...], "options": {...}}}``.
-    The whole spec is checked (names, decomposers, supported modules, ranks) before
-    anything is built; the original model is untouched unless ``inplace``.
+    The whole spec is checked (names, decomposers, supported modules, ranks, tied
+    weights) before anything is built; the original model is untouched unless ``inplace``.
     ``initialize=False`` builds the structure only (for loading a state_dict).
+
+    Attention parents that read their projections' weights (``nn.MultiheadAttention``,
+    torchvision's Swin window attention) become their module-calling equivalents of
+    :mod:`rankopt.compression.attention`, so a factorized projection is used by attention's own forward.
+
+    ``check`` (default: when ``initialize``) runs one forward pass on a sample input
+    (``example_input``, else zeros of ``input_shape``, else the shape :func:`find_layers`
+    last used for ``model``, else a usual shape the model accepts) and raises
+    :class:`~rankopt.UnsupportedModuleError` naming the layer if the compressed model
+    fails it or skips a compressed layer. Where no sample input is known (or ``check`` is
+    False) a static check runs instead, before anything is built: a layer whose parent's
+    forward source reads ``self.<layer>.weight`` is refused.
     """
+    from rankopt.compression.forward_check import check_compressed_runs, check_parents_call, sample_input
     from rankopt.contract.manager import get_registry
 
     spec = normalize_spec(spec)
@@ -165,7 +225,20 @@ def compress(
         dec.check_module(module, name=name)
         ranks = dec.check_ranks(module, entry["ranks"], name=name, options=entry.get("options"))
         plan.append((name, module, dec, ranks, entry.get("options")))
+    if check is None:
+        check = initialize
+    example = sample_input(model, input_shape, example_input, _PROBED_SHAPES.get(model)) if check and plan else None
     target = model if inplace else copy.deepcopy(model)
+    modularize_attention(target)
+    for name, *_ in plan:
+        owner = _shared_owner(target, name, target.get_submodule(name))
+        if owner is not None:
+            raise UnsupportedModuleError(
+                f"layer {name!r} cannot be compressed: its weight is shared with {owner!r} (tied "
+                "weights), which a factorized module would untie; exclude one of them"
+            )
+    if example is None:  # no forward pass to run: read the parents' source instead
+        check_parents_call(target, list(spec))
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
         try:
@@ -176,4 +249,6 @@ def compress(
         if p is not None:
             new = new.to(device=p.device, dtype=p.dtype)
         set_submodule(target, name, new)
+    if example is not None:
+        check_compressed_runs(model, target, list(spec), example)
     return target

@@ -129,7 +129,7 @@ class StudyConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
-    decomposers: list[str] = Field(default_factory=lambda: ["tucker2"], min_length=1)
+    decomposers: list[str] = Field(default_factory=lambda: ["tucker2", "svd"], min_length=1)
     selectors: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"energy": {}}, min_length=1)
     strategies: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"finetune": {}}, min_length=1

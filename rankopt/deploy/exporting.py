@@ -64,11 +64,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     GraphModule) computing the same function (to float rounding, ~1e-6). A BatchNorm after
     a layer that does not end in an ``nn.Conv2d``/``nn.Linear`` module stays (TT ends in a
     reshape). ``model`` is left untouched.
+    A model without BatchNorm comes back as an eval-mode copy.
     """
     import torch.fx as fx
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     net = copy.deepcopy(model).eval()
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return net  # nothing to fold (transformers): no need for fx to trace it
     try:
         graph = fx.symbolic_trace(net).graph
     except Exception as exc:  # fx cannot trace data-dependent control flow
@@ -118,12 +121,14 @@ def densify(model: nn.Module, reference: nn.Module, layers: Iterable[str], *, rt
     :class:`~rankopt.ConfigError` names the layer. ``model`` is left untouched; the copy
     stays on its device, in its dtype.
     """
+    from rankopt.compression.surgery import get_submodule
+
     net = copy.deepcopy(model).eval()
     for name in layers:
         try:
             factored = net.get_submodule(name)
-            original = reference.get_submodule(name)
-        except AttributeError:
+            original = get_submodule(reference, name)  # a MultiheadAttention's in_proj too
+        except (AttributeError, ConfigError):
             raise ConfigError(f"densify: no layer {name!r} in the model and its reference") from None
         if not isinstance(original, (nn.Conv2d, nn.Linear)) or not hasattr(factored, "reconstruct_weight"):
             raise ConfigError(

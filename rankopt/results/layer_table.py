@@ -163,9 +163,11 @@ def inspect_rows(
     methods: list[tuple[str, Any, dict[str, Any]]] = [("vbmf", registry.create("rank_selectors", "vbmf"), {})]
     energy = registry.create("rank_selectors", "energy")
     methods += [(f"energy@{p:g}", energy, {"p": p}) for p in thresholds]
+    from rankopt.compression.surgery import get_submodule
+
     rows = []
     for layer in find_layers(model, tuple(input_shape)):
-        module = model.get_submodule(layer.name)
+        module = get_submodule(model, layer.name)
         row: dict[str, Any] = {
             "layer": layer.name,
             "kind": layer.kind,
@@ -287,13 +289,17 @@ class LayerTable:
     methods: list[str]
     layers: list[dict[str, Any]]
     total: dict[str, Any] = field(default_factory=dict)
+    census: Any = None  # the layers compressible, refused and skipped (rankopt.compression.layer_census)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form ``rankopt inspect --format json`` prints."""
-        return {
+        out = {
             "model": self.label, "trained": self.trained, "input_shape": list(self.input_shape),
             "decomposer": self.decomposer, "methods": self.methods, "layers": self.layers, "total": self.total,
         }
+        if self.census is not None:
+            out["census"] = self.census.as_dict()
+        return out
 
     def to_csv(self) -> str:
         """One line per layer, five columns per method (``rankopt inspect --format csv``)."""
@@ -387,4 +393,8 @@ def inspect_layers(
         model, shape, decomposer=decomposer, thresholds=ps, cache=cache, min_in_channels=min_in_channels,
         min_saving=min_saving,
     )
-    return LayerTable(label, trained, tuple(shape), decomposer, methods, rows, layer_totals(model, methods, rows))
+    from rankopt.compression.layer_census import layer_census
+
+    census = layer_census(model, shape)  # with a study's default decomposers
+    return LayerTable(label, trained, tuple(shape), decomposer, methods, rows, layer_totals(model, methods, rows),
+                      census)

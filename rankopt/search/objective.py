@@ -336,7 +336,7 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
             flops_compression=env.baseline["flops"] / cost.flops if cost.flops else math.inf,
             ranks={name: entry["ranks"] for name, entry in spec.items()},
             decomposers={name: entry["decomposer"] for name, entry in spec.items()},
-            ranks_summary=ranks_summary(spec, len(env.targets)),
+            ranks_summary=ranks_summary(spec, len(env.space.layer_options)),  # compressible targets
             fidelity=0,
             extra=dict(outcome.extra),
             reported=dict(ctx.reported),

@@ -304,7 +304,7 @@ class LocalTrialContext:
     def compress(self, model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> nn.Module:
         """A compressed copy of ``model`` on :attr:`device` (``model`` is left untouched)."""
         self.compressed_layers = list(spec)  # the layers distillation's features match
-        return compress_model(model, spec).to(self.device)
+        return compress_model(model, spec, input_shape=self.input_shape).to(self.device)
 
     def report(self, **metrics: Any) -> None:
         """Record extra metrics of the trial; they end up in the trial's ``metrics.json``."""
