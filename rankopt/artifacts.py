@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.errors import ArtifactError
+from rankopt.safe_paths import atomic_write
 from rankopt.surgery import compress, normalize_spec
 
 __all__ = ["save_compressed", "load_base", "load_compressed", "read_compressed", "FORMAT", "VERSION"]
@@ -62,10 +63,8 @@ def save_compressed(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     payload["sha256"] = _checksum(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    # a temporary beside it (never through a link), fsync, rename; ENOSPC leaves nothing
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.errors import ConfigError
+from rankopt.safe_paths import atomic_write_text
 from rankopt.plugins.datasets.base import DatasetSplits
 
 if TYPE_CHECKING:
@@ -98,9 +99,8 @@ def _store(run_dir: Path, split: str, accuracies: Mapping[int, float]) -> None:
         except (OSError, ValueError):
             raw = {}
     raw.setdefault(split, {}).update({str(k): v for k, v in accuracies.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
-    tmp.replace(path)  # atomic: a crash never leaves a torn cache
+    # atomic (a crash never leaves a torn cache), never through a link in the run directory
+    atomic_write_text(path, json.dumps(raw, indent=2, sort_keys=True), root=run_dir)
 
 
 def evaluate_trials(

@@ -31,6 +31,7 @@ from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message
 from rankopt.search.local import quiet_optuna, torch_threads
+from rankopt.safe_paths import atomic_write_text
 from rankopt.search.objective import TrialEnv, clean_trial_dir, interrupt_guard, write_json
 from rankopt.search.reference import (
     check_reference_key,
@@ -251,9 +252,11 @@ class Study:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_threads(config.resources.cpus))
             stack.enter_context(setup)
-            (run_dir / STUDY_FILE).write_text(
+            atomic_write_text(
+                run_dir / STUDY_FILE,
                 "# the resolved study config, as run (storage: null is optuna.db here)\n"
-                + config_to_yaml(config)
+                + config_to_yaml(config),
+                root=run_dir,
             )
             if storage is None:
                 storage = open_storage(default_storage_url(run_dir))

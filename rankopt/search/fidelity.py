@@ -31,6 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rankopt.accounting import count
 from rankopt.artifacts import load_compressed, save_compressed
+from rankopt.errors import UnsafePathError
+from rankopt.safe_paths import make_dirs
 from rankopt.search.objective import (
     TrialEnv,
     _finish,
@@ -141,7 +143,10 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     assert mf is not None
     start = time.perf_counter()
     trial_dir = env.trial_dir(number)
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(env.run_dir, trial_dir)
+    except UnsafePathError as exc:  # a link or file planted where the folder goes: write nothing
+        return {"trial": number, "state": "FAIL", "reason": f"UnsafePathError: {exc}"}
     attrs = source.user_attrs
     hp = dict(attrs.get("hyperparameters", {}))
     metrics: dict[str, Any] = {

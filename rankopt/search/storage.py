@@ -317,7 +317,8 @@ class _FileLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # never through a link planted at the lock's name
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 try:

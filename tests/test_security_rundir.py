@@ -1,0 +1,242 @@
+"""Issue 26, item 1: a run directory never acts outside itself.
+
+Each test plants a symbolic link where a run removes or writes (an unknown trial folder,
+a failed trial's folder, a folder a killed run left RUNNING, a file inside a trial
+folder, ``trials`` itself, the folder the next trial will use) and checks that nothing
+outside the run directory changes and that the run ends without a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from rankopt import safe_paths
+from rankopt.cli import main
+from rankopt.errors import DiskFullError, UnsafePathError
+from reliability_support import tree_snapshot
+
+FAST = {
+    "name": "sec",
+    "model": {"name": "small_cnn", "kwargs": {"width": 4}},
+    "data": {"name": "digits", "batch_size": 256},
+    "reference": {"epochs": 0.2, "lr": 0.05},
+    "decomposers": ["tucker2"],
+    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
+    "strategies": {"finetune": {"epochs": 0.05, "lr": 0.02}},
+    "sampler": {"name": "random", "seed": 0},
+    "skip_repeats": False,
+    "trials": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("sec")
+    study = work / "study.yaml"
+    study.write_text(yaml.safe_dump(FAST))
+    run_dir = work / "R"
+    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 0
+    return study, run_dir
+
+
+@pytest.fixture()
+def run_copy(first_run: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A fresh copy of the one-trial run, and a victim folder outside it."""
+    study, run_dir = first_run
+    copy = tmp_path / "R"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("keep me")
+    (victim / "sub" / "deep.txt").write_text("keep me too")
+    (victim / "metrics.json").write_text('{"mine": true}')
+    (victim / "model.pt").write_text("not a model")
+    return study, copy, victim
+
+
+def _open_study(run_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name="sec", storage=f"sqlite:///{run_dir / 'optuna.db'}")
+
+
+@pytest.fixture()
+def capsys(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> object:
+    """stderr, with the log's warnings (pytest captures those apart) after it."""
+    class Both:
+        def readouterr(self) -> tuple[str, str]:
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            return "", err + "".join(f"{r.getMessage()}\n" for r in caplog.records
+                                     if r.levelname == "WARNING" and r.name == "rankopt.study")
+    return Both()
+
+
+def _rerun(study: Path, run_dir: Path, capsys: object, trials: int = 2) -> tuple[int, str]:
+    code = main(["run", str(study), "--run-dir", str(run_dir), "--trials", str(trials), "-q"])
+    return code, capsys.readouterr()[1]  # type: ignore[attr-defined]
+
+
+def test_an_unknown_trial_folder_that_links_outside_is_left_alone(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    study, run_dir, victim = run_copy
+    before = tree_snapshot(victim)
+    (run_dir / "trials" / "99").symlink_to(victim)  # the issue's reproduction
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 0
+    assert tree_snapshot(victim) == before
+    assert "trials/99" in err and "symbolic link" in err  # reported, not removed
+    assert (run_dir / "trials" / "99").is_symlink()
+
+
+def test_a_failed_trials_folder_replaced_by_a_link_is_left_alone(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    study, run_dir, victim = run_copy
+    s = _open_study(run_dir)
+    trial = s.ask()
+    s.tell(trial, state=TrialState.FAIL)
+    before = tree_snapshot(victim)
+    (run_dir / "trials" / str(trial.number)).symlink_to(victim)
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 0
+    assert tree_snapshot(victim) == before
+    assert f"trials/{trial.number}" in err
+
+
+def test_a_running_trials_folder_replaced_by_a_link_keeps_the_whole_subtree(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    study, run_dir, victim = run_copy
+    s = _open_study(run_dir)
+    trial = s.ask()  # RUNNING with no live worker: the next run marks it FAIL as stale
+    before = tree_snapshot(victim)
+    (run_dir / "trials" / str(trial.number)).symlink_to(victim)
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 0
+    assert tree_snapshot(victim) == before
+    assert s.trials[trial.number].state == TrialState.FAIL
+    assert f"trials/{trial.number}" in err
+
+
+def test_links_inside_a_failed_trials_folder_are_reported_not_followed(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    study, run_dir, victim = run_copy
+    s = _open_study(run_dir)
+    trial = s.ask()
+    s.tell(trial, state=TrialState.FAIL)
+    folder = run_dir / "trials" / str(trial.number)
+    folder.mkdir()
+    (folder / "model.pt").symlink_to(victim / "model.pt")
+    (folder / "sub").symlink_to(victim / "sub")
+    (folder / "real").mkdir()
+    (folder / "real" / "inner").symlink_to(victim)  # a link deeper down: unlinked, not followed
+    before = tree_snapshot(victim)
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 0
+    assert tree_snapshot(victim) == before
+    assert (folder / "model.pt").is_symlink() and (folder / "sub").is_symlink()
+    assert "model.pt" in err
+    assert not (folder / "real").exists()
+
+
+def test_the_folder_the_next_trial_uses_planted_as_a_link_fails_that_trial_only(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    study, run_dir, victim = run_copy
+    next_number = len(_open_study(run_dir).trials)
+    (run_dir / "trials" / str(next_number)).symlink_to(victim)
+    before = tree_snapshot(victim)
+    code, err = _rerun(study, run_dir, capsys, trials=3)
+    assert code == 3, err  # the documented "some trials failed" status
+    assert tree_snapshot(victim) == before
+    trial = _open_study(run_dir).trials[next_number]
+    assert trial.state == TrialState.FAIL
+    assert "symbolic link" in trial.user_attrs["reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in _open_study(run_dir).trials) == 2
+
+
+@pytest.mark.parametrize("entry", ["trials", "reference", "cache"])
+def test_a_run_dir_whose_own_folder_is_a_link_is_refused_in_one_line(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str], entry: str) -> None:
+    study, run_dir, victim = run_copy
+    if (run_dir / entry).exists():
+        shutil.rmtree(run_dir / entry)
+    (run_dir / entry).symlink_to(victim)
+    before = tree_snapshot(victim)
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 2
+    assert tree_snapshot(victim) == before
+    assert err.splitlines()[0].startswith("error:") and "symbolic link" in err and entry in err
+
+
+@pytest.mark.parametrize("entry", ["trials", "reference"])
+def test_a_file_where_a_run_folder_belongs_is_one_line(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str], entry: str) -> None:
+    study, run_dir, _ = run_copy
+    shutil.rmtree(run_dir / entry)
+    (run_dir / entry).write_text("in the way")
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 2
+    assert err.splitlines()[0].startswith("error:") and f"{entry!r} must be a folder" in err
+    assert (run_dir / entry).read_text() == "in the way"
+
+
+# -- the helper itself ---------------------------------------------------------------------
+
+def test_check_inside_refuses_dotdot_and_links(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    (root / "trials").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (root / "trials" / "5").symlink_to(tmp_path / "out")
+    assert safe_paths.check_inside(root, "trials/4/model.pt") == root.resolve() / "trials/4/model.pt"
+    with pytest.raises(UnsafePathError, match="outside the run directory"):
+        safe_paths.check_inside(root, root / ".." / "out" / "x")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        safe_paths.check_inside(root, root / "trials" / "5" / "metrics.json")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        safe_paths.remove_tree(root, root / "trials" / "5")
+    assert (tmp_path / "out").is_dir()
+
+
+def test_a_run_dir_that_is_itself_a_link_is_the_users_choice(tmp_path: Path) -> None:
+    real = tmp_path / "disk" / "run"
+    real.mkdir(parents=True)
+    (tmp_path / "run").symlink_to(real)
+    path = safe_paths.atomic_write_text(tmp_path / "run" / "trials" / "0" / "metrics.json", "{}",
+                                        root=tmp_path / "run")
+    assert path.read_text() == "{}" and (real / "trials" / "0" / "metrics.json").is_file()
+
+
+def test_atomic_write_never_follows_a_link_at_the_name(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    (root / "metrics.json").symlink_to(outside)
+    with pytest.raises(UnsafePathError):
+        safe_paths.atomic_write_text(root / "metrics.json", "x", root=root)
+    assert outside.read_text() == "keep"
+    # without a root (an output file): the link itself is replaced, its target kept
+    safe_paths.atomic_write_text(root / "metrics.json", "new")
+    assert outside.read_text() == "keep" and not (root / "metrics.json").is_symlink()
+
+
+def test_a_full_disk_leaves_no_half_file_and_names_the_path(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old whole file")
+
+    def writer(f: object) -> None:
+        f.write(b"half")  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError) as info:
+        safe_paths.atomic_write(target, writer)
+    message = str(info.value)
+    assert str(target) in message and "free" in message and "\n" not in message
+    assert target.read_bytes() == b"old whole file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary left
