@@ -59,6 +59,7 @@ from rankopt.config_sections import (
 )
 from rankopt.config_yaml import MAX_YAML_NODES, load_yaml, merge_set, parse_set
 from rankopt.errors import ConfigError
+from rankopt.limits import MAX_RANK_MULTIPLE
 
 __all__ = [
     "StudyConfig",
@@ -159,7 +160,7 @@ class StudyConfig(_Strict):
     # the serving runtime the latency objective and keep_faster_layers measure in
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
-    rank_multiple: int = Field(1, ge=1)
+    rank_multiple: int = Field(1, ge=1, le=MAX_RANK_MULTIPLE)  # rankopt.limits
     # try many rank choices without training first; start the search from the best
     screening: ScreeningConfig | None = None
     # a trial whose resolved ranks and hyperparameters equal a finished trial's reports

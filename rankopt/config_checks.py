@@ -211,6 +211,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
                          ("model.kwargs", config.model.kwargs if config.model else {}),
                          ("data.kwargs", config.data.kwargs)):
         _check_finite(value, field)
+        _check_epochs(value, field)
     if config.model is not None:
         if ":" in config.model.name:
             factory = import_model_factory(config.model.name, "model.name")
@@ -291,6 +292,30 @@ def _check_finite(value: Any, where: str) -> None:
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_finite(item, f"{where}[{i}]")
+
+
+def _check_epochs(value: Any, where: str, inside: bool = False) -> None:
+    """Every number under a key named ``epochs`` (a value or a searched range) at most
+    :data:`~rankopt.limits.MAX_EPOCHS`: ``epochs: 1e9`` would train for years."""
+    from rankopt.limits import MAX_EPOCHS
+
+    number = value
+    if isinstance(value, str):  # YAML 1.1 reads 1e9 as a string; the strategy converts it
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if inside and isinstance(number, (int, float)) and not isinstance(number, bool) and number > MAX_EPOCHS:
+        raise ConfigError(
+            f"{where}: {value!r} is above the limit of {MAX_EPOCHS:,} epochs (allowed: 0 to "
+            f"{MAX_EPOCHS:,}); give fewer epochs"
+        )
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_epochs(item, f"{where}.{key}", inside or str(key).endswith("epochs"))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_epochs(item, f"{where}[{i}]", inside)
 
 
 def _enqueue_key_ok(key: str, config: StudyConfig) -> bool:

@@ -28,7 +28,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -46,12 +46,18 @@ __all__ = [
     "disk_full_error",
     "RUN_DIR_ENTRIES",
     "check_layout",
+    "check_output",
+    "temp_beside",
+    "publish",
 ]
 
 # the run directory's own entries: folders, and the files a run writes at its top
 RUN_DIR_FOLDERS = ("trials", "reference", "cache", "report")
 RUN_DIR_FILES = ("optuna.db", "resolved-study.yaml")
 RUN_DIR_ENTRIES = RUN_DIR_FOLDERS + RUN_DIR_FILES
+# what an output (pick/export --out) may not overwrite without --force: a run's own files
+_RUN_OWN = RUN_DIR_ENTRIES + ("study.yaml", "summary.json", "evaluation.json", "screening.json")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -281,3 +287,95 @@ def check_layout(run_dir: str | os.PathLike[str]) -> None:
                 f"{str(path)!r} in run directory {str(root)!r} is {what}, but {name!r} must be "
                 f"{belongs}; move it away (rankopt does not remove it) or give a new --run-dir"
             )
+
+
+def _is_storage(path: Path) -> bool:
+    """An Optuna storage: any SQLite database (by its header), or ``optuna.db`` and its
+    journal beside a run's files."""
+    if path.name.startswith("optuna.db") and any(
+            os.path.lexists(path.parent / name) for name in ("resolved-study.yaml", "trials")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_SQLITE_MAGIC)) == _SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def _owning_run(path: Path) -> tuple[Path, str] | None:
+    """The run directory whose own files ``path`` is among, and the entry (or None)."""
+    for folder in path.parents:
+        if (folder / "optuna.db").is_file() or (folder / "resolved-study.yaml").is_file():
+            entry = path.relative_to(folder).parts[0]
+            if entry in _RUN_OWN or entry.startswith("optuna.db"):
+                return folder, entry
+    return None
+
+
+def check_output(out: str | os.PathLike[str], *, force: bool = False, option: str = "--out") -> None:
+    """Refuse (:class:`UnsafePathError`) an output path among a run directory's own files
+    (``optuna.db``, ``trials/``, ``reference/``, ``cache/``, its records), this run's or
+    another's, unless ``force``; a storage (``optuna.db``, or any SQLite file) is refused
+    even then. The path as given and the path it resolves to (through links) are both
+    checked."""
+    given = Path(os.path.abspath(out))
+    for path in dict.fromkeys((given, Path(os.path.realpath(out)))):
+        if _is_storage(path):
+            raise UnsafePathError(
+                f"{option}: {str(out)!r} is a study's storage ({str(path)!r}); writing a model "
+                "there would destroy every trial's record, so it is refused even with --force: "
+                "give another file name"
+            )
+        owner = _owning_run(path)
+        if owner is not None and not force:
+            run_dir, entry = owner
+            raise UnsafePathError(
+                f"{option}: {str(out)!r} lies in {entry!r} of run directory {str(run_dir)!r}, "
+                "among the run's own files, which an output must not overwrite; give a path "
+                "outside it (or add --force to write there anyway)"
+            )
+
+
+@contextlib.contextmanager
+def temp_beside(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new, unique temporary path beside ``out`` (created empty with ``O_EXCL |
+    O_NOFOLLOW``, so no planted link is followed), removed on the way out unless
+    :func:`publish` moved it to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(out) from exc
+        raise
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def publish(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Move the finished temporary ``tmp`` to ``out``: ``fsync`` it, rename it (a link at
+    ``out`` is replaced, never followed), ``fsync`` the folder."""
+    out = Path(out)
+    try:
+        fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(out) from exc
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(out.parent, os.O_RDONLY | _CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return out

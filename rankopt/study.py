@@ -215,6 +215,10 @@ class Study:
         config = prep.config
         key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
         check_existing_run_dir(config, prep.run_dir, key, user_model=self.user_model is not None)
+        if config.artifacts is not None:  # probed before the run directory exists
+            from rankopt.search.artifact_store import ArtifactStore
+
+            ArtifactStore(config.artifacts, config.name).probe()
         storage = open_storage(prep.storage_url) if prep.storage_url else None
         started_ray = False
         if config.backend == "ray":

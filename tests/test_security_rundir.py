@@ -240,3 +240,136 @@ def test_a_full_disk_leaves_no_half_file_and_names_the_path(tmp_path: Path,
     assert str(target) in message and "free" in message and "\n" not in message
     assert target.read_bytes() == b"old whole file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary left
+
+
+# -- item 4: outputs that cannot destroy inputs ----------------------------------------------
+
+def _digest(path: Path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+@pytest.mark.parametrize("command", ["pick", "export"])
+@pytest.mark.parametrize("force", [False, True])
+def test_an_output_never_overwrites_a_storage(run_copy: tuple[Path, Path, Path], tmp_path: Path,
+                                              capsys: object, command: str, force: bool) -> None:
+    _, run_dir, _ = run_copy
+    db = run_dir / "optuna.db"
+    before = _digest(db)
+    alias = tmp_path / "innocent.pt"
+    alias.symlink_to(db)  # a link to the storage counts as the storage
+    for out in (db, alias):
+        args = [command, str(run_dir), "--trial", "0", "--out", str(out)] + (["--force"] if force else [])
+        assert main(args) == 2
+        err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+        assert err.startswith("error: --out:") and "storage" in err and err.count("\n") == 1
+    assert _digest(db) == before and alias.is_symlink()
+
+
+def test_pick_refuses_another_runs_own_files_unless_forced(run_copy: tuple[Path, Path, Path], tmp_path: Path,
+                                                           capsys: object) -> None:
+    _, run_dir, _ = run_copy
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    victims = [other / "trials" / "0" / "model.pt", other / "reference" / "model.pt",
+               run_dir / "reference" / "model.pt", other / "resolved-study.yaml"]
+    before = [_digest(v) for v in victims]
+    for out in victims:
+        assert main(["pick", str(run_dir), "--trial", "0", "--out", str(out)]) == 2
+        err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+        assert "among the run's own files" in err and "--force" in err
+    assert [_digest(v) for v in victims] == before
+    # --force: the user's explicit choice, outside the storage
+    assert main(["pick", str(run_dir), "--trial", "0", "--out", str(victims[0]), "--force"]) == 0
+    assert _digest(victims[0]) == _digest(run_dir / "trials" / "0" / "model.pt")
+
+
+def test_pick_on_a_full_disk_leaves_the_old_file_whole(run_copy: tuple[Path, Path, Path], tmp_path: Path,
+                                                       capsys: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, run_dir, _ = run_copy
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "model.pt"
+    out.write_bytes(b"the user's earlier model")
+
+    def full(src: object, dst: object, *args: object) -> None:
+        dst.write(src.read(100))  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", full)
+    assert main(["pick", str(run_dir), "--trial", "0", "--out", str(out)]) == 1
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.count("\n") == 1 and "no space left" in err and str(out) in err and "free" in err
+    assert out.read_bytes() == b"the user's earlier model"
+    assert [p.name for p in out_dir.iterdir()] == ["model.pt"]  # no temporary left behind
+
+
+def test_export_on_a_full_disk_writes_nothing(run_copy: tuple[Path, Path, Path], tmp_path: Path,
+                                              capsys: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rankopt.deploy as deploy
+
+    _, run_dir, _ = run_copy
+    out = tmp_path / "m.pt"
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(deploy, "_write_torchscript", full)
+    code = main(["export", str(run_dir), "--trial", "0", "--format", "torchscript", "--out", str(out)])
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert code == 1 and "no space left" in err and str(out) in err
+    assert not out.exists()
+    assert not any(p.name.endswith((".tmp", ".part")) for p in tmp_path.iterdir())
+
+
+# -- item 6: every check before the first write ----------------------------------------------
+
+@pytest.mark.parametrize("url, needle", [
+    ("ftp://127.0.0.1:1/x", "cannot reach"),
+    ("/proc/rankopt", "cannot create a folder in"),
+    ("memory://x", "keeps nothing after this process ends"),
+])
+def test_a_bad_artifact_store_fails_before_the_run_directory_exists(
+        tmp_path: Path, capsys: object, url: str, needle: str) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({**FAST, "artifacts": url}))
+    run_dir = tmp_path / "R"
+    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.startswith("error: artifacts:") and needle in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_a_usable_artifact_store_is_probed_and_left_clean(tmp_path: Path) -> None:
+    from rankopt.search.artifact_store import ArtifactStore
+
+    store = tmp_path / "store"
+    ArtifactStore(str(store), "sec").probe()
+    assert [p.name for p in store.iterdir()] == ["sec"] and list((store / "sec").iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("rank_multiple=1000000000", "rank_multiple: 1000000000"),
+    ("reference.epochs=1e9", "reference.epochs"),
+    ("strategies.finetune.epochs=1e9", "strategies.finetune.epochs: '1e9' is above the limit of 10,000"),
+    ("strategies.finetune.epochs={low: 1, high: 1e12}", "strategies.finetune.epochs.high"),
+    ("train.epochs=20000", "train.epochs: 20000"),
+    ("multi_fidelity.epochs=1e9", "multi_fidelity"),
+    ("model.kwargs.width=100000", "above the limit of 2,147,483,648"),
+])
+def test_sizes_that_mean_forever_are_refused_before_any_work(
+        tmp_path: Path, capsys: object, setting: str, needle: str) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(FAST))
+    run_dir = tmp_path / "R"
+    assert main(["run", str(study), "--run-dir", str(run_dir), "-q", "--set", setting]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.startswith("error:") and needle in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_inspect_refuses_a_huge_input_shape_in_one_line(capsys: object) -> None:
+    assert main(["inspect", "small_cnn", "--input-shape", "1,1,100000,100000"]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.startswith("error: --input-shape:") and "268,435,456" in err and err.count("\n") == 1

@@ -65,6 +65,10 @@ def export_command(
         "time) and ship the dense one where the factorized form is slower: the same function, more params.",
     ),
     latency_batch: int = typer.Option(1, "--latency-batch", help="The batch --keep-faster times at."),
+    force: bool = typer.Option(
+        False, "--force", help="Write --out even among a run directory's own files (trials/, reference/, "
+        "cache/); a study's storage (optuna.db) is never overwritten.",
+    ),
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
 
@@ -85,6 +89,9 @@ def export_command(
         raise ConfigError(f"--tolerance must be a positive number, got {tolerance}")
     if latency_batch < 1:
         raise ConfigError(f"--latency-batch must be a positive integer, got {latency_batch}")
+    from rankopt.safe_paths import check_output
+
+    check_output(out, force=force)  # never a run's own files; never a storage
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,7 @@ import typer
 from rich.table import Table
 
 from rankopt.cli.app import app, console, err_console
+from rankopt.safe_paths import check_output, disk_full_error, publish, temp_beside
 
 FAILED_TRIALS_EXIT = 3  # `rankopt run` finished, but some of its trials failed
 RUN_DIR_HELP = "A run directory written by `rankopt run` (e.g. runs/quickstart)."
@@ -253,6 +255,10 @@ def pick_command(
         "study's latency runtime and batch (eager by default) and write the slower ones dense: the same "
         "function, more params.",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Write --out even among a run directory's own files (trials/, reference/, "
+        "cache/); a study's storage (optuna.db) is never overwritten.",
+    ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads."""
     from rankopt.artifacts import read_compressed
@@ -264,24 +270,22 @@ def pick_command(
     if not source.is_file():
         raise ArtifactError(f"trial {record.trial}'s model file {str(source)!r} is missing")
     _check_out(out, source)
+    check_output(out, force=force)  # never a run's own files; never a storage
     read_compressed(source)  # refuse to copy a torn or foreign file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")  # a reader of --out never sees half a file
-    if keep_faster:
-        dense = out.with_name(f".{out.name}.dense.tmp")
-        try:
-            _write_faster(source, dense, result)
-            if fold_bn:
-                _write_folded(dense, tmp, allow_modules=result.model_modules)
-            else:
-                dense.replace(tmp)
-        finally:
-            dense.unlink(missing_ok=True)
-    elif fold_bn:
-        _write_folded(source, tmp, allow_modules=result.model_modules)
-    else:
-        shutil.copyfile(source, tmp)
-    tmp.replace(out)
+    # a reader of --out never sees half a file: temporaries beside it, then one rename
+    with temp_beside(out) as tmp:
+        if keep_faster:
+            with temp_beside(out) as dense:
+                _write_faster(source, dense, result)
+                if fold_bn:
+                    _write_folded(dense, tmp, allow_modules=result.model_modules)
+                else:
+                    os.replace(dense, tmp)
+        elif fold_bn:
+            _write_folded(source, tmp, allow_modules=result.model_modules)
+        else:
+            _copy_into(source, tmp, out)
+        publish(tmp, out)
     console.print(
         f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
         f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
@@ -293,6 +297,20 @@ def pick_command(
         console.print(f"load it with rankopt.load_compressed({str(out)!r}, model=...) given an "
                       f"uncompressed {base['class']} (the run used a module passed from Python)",
                       highlight=False)
+
+
+def _copy_into(source: Path, tmp: Path, out: Path) -> None:
+    """Copy ``source`` into the temporary ``tmp`` that :func:`temp_beside` made for ``out``
+    (a full disk names ``out`` and the size needed)."""
+    import errno
+
+    try:
+        with open(source, "rb") as src, os.fdopen(os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(out, source.stat().st_size) from exc
+        raise
 
 
 def _held_out_line(result: Any, trial: int) -> str:
@@ -322,7 +340,7 @@ def _write_folded(source: Path, out: Path, *, allow_modules: list[str]) -> None:
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):  # folded already
-        shutil.copyfile(source, out)
+        _copy_into(source, out, out)
         return
     model = load_compressed(source, allow_modules=allow_modules)
     shape = payload.get("input_shape") or []
@@ -344,7 +362,7 @@ def _write_faster(source: Path, out: Path, result: Any) -> None:
 
     payload = read_compressed(source)
     if (payload.get("metadata") or {}).get("fold_bn"):
-        shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
+        _copy_into(source, out, out)  # a folded file's layers are not the spec's any more
         console.print("--keep-faster: the trial's file has BatchNorm folded; written as it is", highlight=False)
         return
     shape = tuple(payload.get("input_shape") or ())

@@ -25,6 +25,8 @@ from rankopt.errors import ArtifactError, ConfigError
 
 __all__ = ["ArtifactStore", "file_sha256", "check_artifacts_url", "TRIAL_FILES"]
 
+# fsspec protocols that cannot persist a run's files beyond this process
+_VOLATILE = frozenset({"memory"})
 # metrics.json last: its presence in the store means the folder is complete
 TRIAL_FILES = ("model.pt", "metrics.json")
 REFERENCE_FILES = ("model.pt", "metrics.json")
@@ -44,6 +46,12 @@ def check_artifacts_url(url: str) -> str:
     import fsspec
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in _VOLATILE:
+        raise ConfigError(
+            f"artifacts: {url!r} uses protocol {protocol!r}, which keeps nothing after this "
+            "process ends (other machines, and a later pick, would find no trial); give a "
+            "shared folder or an s3://, gs://, sftp://... URL"
+        )
     try:
         fsspec.get_filesystem_class(protocol)
     except (ValueError, ImportError) as exc:
@@ -84,6 +92,37 @@ class ArtifactStore:
 
     def describe(self, *parts: str) -> str:
         return "/".join([self.url.rstrip("/"), self.study, *parts])
+
+    def probe(self) -> None:
+        """Write, read back and delete a marker under ``<url>/<study>/``; a
+        :class:`ConfigError` (one line) when any step fails. Called before a run writes
+        anything, so that a store nobody can use fails before the run directory exists."""
+        marker = f".rankopt-probe-{uuid.uuid4().hex}"
+        payload = marker.encode()
+        step = "reach"
+        try:
+            fs = self.fs
+            remote = self._path(marker)
+            step = "create a folder in"
+            fs.makedirs(self._path(), exist_ok=True)
+            step = "write to"
+            fs.pipe_file(remote, payload)
+            step = "read from"
+            back = fs.cat_file(remote)
+            step = "delete from"
+            fs.rm_file(remote)
+        except Exception as exc:  # noqa: BLE001 - any transport failure is the user's to fix
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ConfigError(
+                f"artifacts: cannot {step} {self.describe()!r} ({type(exc).__name__}: {text}); "
+                "give a URL or shared folder this machine can write (checked before the run "
+                "directory was created: nothing was written)"
+            ) from None
+        if back != payload:
+            raise ConfigError(
+                f"artifacts: {self.describe()!r} gave back other bytes than were written to "
+                f"{marker!r}; give a store that keeps what it is given"
+            )
 
     # -- folders --------------------------------------------------------------------------
     def _put(self, local: Path, remote: str, names: tuple[str, ...]) -> None:

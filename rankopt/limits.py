@@ -1,0 +1,42 @@
+"""Upper bounds on sizes that would otherwise mean "for ever" (or "all the memory").
+
+A study file or a command-line value beyond these is refused before any work, with the
+field, the value and the allowed range. They are far above any real use (ResNet-152 on
+ImageNet has 60 M parameters; a long fine-tune is a few hundred epochs) and exist so
+that a typo (``epochs: 1e9``, ``width: 100000``) fails in one line instead of running
+for years or dying in the allocator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rankopt.errors import ConfigError
+
+__all__ = ["MAX_EPOCHS", "MAX_RANK_MULTIPLE", "MAX_MODEL_PARAMS", "MAX_INPUT_ELEMENTS",
+           "check_input_shape", "check_model_size"]
+
+MAX_EPOCHS = 10_000  # any epochs setting: reference, strategies, multi_fidelity, train
+MAX_RANK_MULTIPLE = 4096  # wider than any SIMD/tensor-core tile
+MAX_MODEL_PARAMS = 2**31  # 8 GiB of float32 weights
+MAX_INPUT_ELEMENTS = 2**28  # one input batch of 1 GiB float32
+
+
+def check_input_shape(shape: Sequence[int], where: str) -> None:
+    """Refuse an input shape of more than :data:`MAX_INPUT_ELEMENTS` elements."""
+    n = math.prod(int(d) for d in shape)
+    if n > MAX_INPUT_ELEMENTS:
+        raise ConfigError(
+            f"{where}: {','.join(str(d) for d in shape)} is {n:,} elements per batch, above the "
+            f"limit of {MAX_INPUT_ELEMENTS:,} (1 GiB of float32); give a smaller shape"
+        )
+
+
+def check_model_size(params: int, where: str, value: object) -> None:
+    """Refuse a model of more than :data:`MAX_MODEL_PARAMS` parameters."""
+    if params > MAX_MODEL_PARAMS:
+        raise ConfigError(
+            f"{where}: {value!r} builds a model of {params:,} parameters, above the limit of "
+            f"{MAX_MODEL_PARAMS:,} (8 GiB of float32); give smaller sizes"
+        )
