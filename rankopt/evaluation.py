@@ -100,7 +100,14 @@ def _store(run_dir: Path, split: str, accuracies: Mapping[int, float]) -> None:
             raw = {}
     raw.setdefault(split, {}).update({str(k): v for k, v in accuracies.items()})
     # atomic (a crash never leaves a torn cache), never through a link in the run directory
-    atomic_write_text(path, json.dumps(raw, indent=2, sort_keys=True), root=run_dir)
+    try:
+        atomic_write_text(path, json.dumps(raw, indent=2, sort_keys=True), root=run_dir)
+    except OSError as exc:  # read-only or full: the numbers are still given, just not kept
+        import logging
+
+        logging.getLogger("rankopt").warning(
+            "could not keep the accuracies in %s (%s); they are measured again next time",
+            path, exc.strerror or exc)
 
 
 def evaluate_trials(

@@ -44,6 +44,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "disk_full_error",
+    "disk_full_in",
+    "describe_os_error",
     "RUN_DIR_ENTRIES",
     "check_layout",
     "check_output",
@@ -79,16 +81,15 @@ def _link_text(path: Path) -> str:
 
 
 def check_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
-    """``path`` (absolute, or relative to ``root``) as an absolute path below the resolved
+    """``path`` (absolute, or relative to the working directory) as an absolute path below the resolved
     ``root``; :class:`UnsafePathError` when it leaves ``root`` or any existing component
     below ``root`` (``path`` itself included) is a symbolic link. Missing components are
     fine (they are created later through :func:`make_dirs`)."""
     root_path = Path(os.path.abspath(root))
     real_root = Path(os.path.realpath(root))
-    target = Path(path)
-    if not target.is_absolute():
-        target = root_path / target
-    target = Path(os.path.abspath(target))  # '..' lexically; links are checked below
+    # relative paths are relative to the working directory, like ``root`` itself;
+    # '..' is resolved lexically, and links are checked component by component below
+    target = Path(os.path.abspath(path))
     rel: Path | None = None
     for base in (root_path, real_root):
         with contextlib.suppress(ValueError):
@@ -206,6 +207,35 @@ def disk_full_error(path: str | os.PathLike[str], needed: int | None = None) -> 
         "free some space (or use a run directory on another disk) and run again: what was "
         "written before is intact and the run resumes where it stopped",
     )
+
+
+def disk_full_in(exc: BaseException | None) -> bool:
+    """Whether a full disk is anywhere in ``exc``'s chain: an ENOSPC ``OSError``, or
+    SQLite's "database or disk is full" (which Optuna and SQLAlchemy wrap, and Optuna
+    ends with ``AssertionError: Should not reach.``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "database or disk is full" in str(exc) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError`` that reached the command line: what, where, the fix."""
+    if isinstance(exc, DiskFullError):
+        return str(exc)
+    where = exc.filename if exc.filename is not None else "?"
+    if exc.errno == errno.ENOSPC:
+        return str(disk_full_error(where))
+    what = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {str(where)!r}: {what}; run this command where it may write (a "
+                "copy of the run directory, or a writable output path)")
+    return f"{what}: {str(where)!r}"
 
 
 def _size(n: int) -> str:

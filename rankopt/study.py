@@ -25,13 +25,13 @@ import torch.nn as nn
 from optuna.trial import TrialState
 
 from rankopt.config import StudyConfig, config_to_yaml, load_config
-from rankopt.errors import ConfigError, StudyInterrupted
+from rankopt.errors import ConfigError, DiskFullError, StudyInterrupted
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.results import STUDY_FILE, StudyResult
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message
 from rankopt.search.local import quiet_optuna, torch_threads
-from rankopt.safe_paths import atomic_write_text
+from rankopt.safe_paths import atomic_write_text, disk_full_error, disk_full_in
 from rankopt.search.objective import TrialEnv, clean_trial_dir, interrupt_guard, write_json
 from rankopt.search.reference import (
     check_reference_key,
@@ -94,6 +94,23 @@ class _Prepared:
     storage_url: str
     enqueue: list[dict[str, Any]]
     sampler: optuna.samplers.BaseSampler
+
+
+def run_dir_full(run_dir: Path, storage: str | None) -> DiskFullError:
+    """The one-line error for a run that filled its disk: the storage file (or the run
+    directory), the free space there and about what the next trial needs (its model file,
+    the size of the reference's, and its records). SQLite rolled the failed write back,
+    so the storage is consistent; the trial left RUNNING is failed on the next run."""
+    where = run_dir / "optuna.db"
+    if storage and storage.startswith("sqlite:///"):
+        where = Path(storage[len("sqlite:///"):])
+    elif storage:
+        where = run_dir / "trials"
+    try:
+        needed = (run_dir / "reference" / "model.pt").stat().st_size + (1 << 16)
+    except OSError:
+        needed = 1 << 20
+    return disk_full_error(where, needed)
 
 
 class Study:
@@ -230,6 +247,14 @@ class Study:
                 return self._run(prep, storage)
         except KeyboardInterrupt:
             raise StudyInterrupted(interrupted_message(prep.config, prep.run_dir)) from None
+        except DiskFullError:
+            raise
+        except Exception as exc:
+            # a full disk surfaces as SQLite's error wrapped by SQLAlchemy and Optuna (ending
+            # in "Should not reach."): one line naming where, and the free space there
+            if disk_full_in(exc):
+                raise run_dir_full(prep.run_dir, config.storage) from None
+            raise
         finally:
             if started_ray:
                 import ray
@@ -249,7 +274,13 @@ class Study:
 
         config = prep.config
         run_dir = prep.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # /proc/x, a read-only or vanished parent: the first write
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} cannot be created ({exc.strerror or exc}); give "
+                "a --run-dir on a writable file system (nothing was written)"
+            ) from None
         # the setup (storage, stale trials, reference) is one process at a time; trials are
         # not: other processes may run this study at the same time (see RunLock)
         setup = RunLock(run_dir)

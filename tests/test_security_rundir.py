@@ -73,8 +73,10 @@ def capsys(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture)
         def readouterr(self) -> tuple[str, str]:
             err = capsys.readouterr().err
             assert "Traceback" not in err
-            return "", err + "".join(f"{r.getMessage()}\n" for r in caplog.records
-                                     if r.levelname == "WARNING" and r.name == "rankopt.study")
+            logged = "".join(f"{r.getMessage()}\n" for r in caplog.records
+                             if r.levelname == "WARNING" and r.name.startswith("rankopt"))
+            caplog.clear()
+            return "", err + logged
     return Both()
 
 
@@ -84,10 +86,13 @@ def _rerun(study: Path, run_dir: Path, capsys: object, trials: int = 2) -> tuple
 
 
 def test_an_unknown_trial_folder_that_links_outside_is_left_alone(
-        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     study, run_dir, victim = run_copy
+    monkeypatch.chdir(run_dir.parent)
+    run_dir = Path(run_dir.name)  # relative, as in the issue's reproduction
     before = tree_snapshot(victim)
-    (run_dir / "trials" / "99").symlink_to(victim)  # the issue's reproduction
+    (run_dir / "trials" / "99").symlink_to(victim)
     code, err = _rerun(study, run_dir, capsys)
     assert code == 0
     assert tree_snapshot(victim) == before
@@ -187,12 +192,16 @@ def test_a_file_where_a_run_folder_belongs_is_one_line(
 
 # -- the helper itself ---------------------------------------------------------------------
 
-def test_check_inside_refuses_dotdot_and_links(tmp_path: Path) -> None:
+def test_check_inside_refuses_dotdot_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
     (root / "trials").mkdir(parents=True)
     (tmp_path / "out").mkdir()
     (root / "trials" / "5").symlink_to(tmp_path / "out")
-    assert safe_paths.check_inside(root, "trials/4/model.pt") == root.resolve() / "trials/4/model.pt"
+    assert safe_paths.check_inside(root, root / "trials/4/model.pt") == root.resolve() / "trials/4/model.pt"
+    # relative paths are the working directory's, as for the run directory
+    assert safe_paths.check_inside("run", "run/trials/4") == root.resolve() / "trials/4"
+    assert safe_paths.make_dirs("run", "run/report") == root.resolve() / "report"
     with pytest.raises(UnsafePathError, match="outside the run directory"):
         safe_paths.check_inside(root, root / ".." / "out" / "x")
     with pytest.raises(UnsafePathError, match="symbolic link"):
@@ -373,3 +382,113 @@ def test_inspect_refuses_a_huge_input_shape_in_one_line(capsys: object) -> None:
     assert main(["inspect", "small_cnn", "--input-shape", "1,1,100000,100000"]) == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err.startswith("error: --input-shape:") and "268,435,456" in err and err.count("\n") == 1
+
+
+# -- items 8 and 11: faults give one line ----------------------------------------------------
+
+@pytest.mark.parametrize("text, needle", [
+    ("{{{ garbage: [\n", "cannot be read (ParserError at line 2)"),
+    ("[1, 2]\n", "holds a list, not a study config"),
+    ("name: 3\n", "resolved-study.yaml: name: 3"),
+    ("- " * 5000 + "x\n", "resolved-study.yaml"),
+])
+def test_a_damaged_study_record_is_one_line_in_status(run_copy: tuple[Path, Path, Path], capsys: object,
+                                                       text: str, needle: str) -> None:
+    _, run_dir, _ = run_copy
+    (run_dir / "resolved-study.yaml").write_text(text)
+    for command in ("status", "pareto"):
+        assert main([command, str(run_dir)]) == 2
+        err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+        assert err.startswith("error: run directory") and needle in err and err.count("\n") == 1
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path: Path, capsys: object) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(FAST))
+    assert main(["run", str(study), "--run-dir", "/proc/rankopt-x", "-q"]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.startswith("error: run directory '/proc/rankopt-x' cannot be created") and err.count("\n") == 1
+
+
+def test_a_read_only_run_dir_still_evaluates_and_report_says_why_in_one_line(
+        run_copy: tuple[Path, Path, Path], capsys: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rankopt.evaluation
+    import rankopt.report
+
+    _, run_dir, _ = run_copy
+
+    def read_only(path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(rankopt.evaluation, "atomic_write_text", read_only)
+    monkeypatch.setattr(rankopt.report, "make_dirs", lambda root, path: read_only(path))
+    assert main(["evaluate", str(run_dir), "--trial", "0", "--split", "val"]) == 0
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert "could not keep the accuracies" in err
+    assert main(["report", str(run_dir)]) == 1
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err == f"error: cannot write {str(run_dir / 'report')!r}: Read-only file system; run this " \
+                  "command where it may write (a copy of the run directory, or a writable output path)\n"
+
+
+def test_a_full_disk_in_the_storage_is_one_line(run_copy: tuple[Path, Path, Path], capsys: object,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Optuna gives on a full disk: SQLite's error under SQLAlchemy's, under
+    ``AssertionError: Should not reach.`` (four chained tracebacks before)."""
+    import sqlite3
+
+    import rankopt.study
+
+    study, run_dir, _ = run_copy
+
+    def full(self: object, prep: object, storage: object) -> None:
+        try:
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as exc:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit") from exc
+        except optuna.exceptions.StorageInternalError:
+            raise AssertionError("Should not reach.")  # noqa: B904 - as Optuna raises it
+
+    monkeypatch.setattr(rankopt.study.Study, "_run", full)
+    code, err = _rerun(study, run_dir, capsys)
+    assert code == 1
+    assert err.startswith(f"error: DiskFullError: no space left on the device writing "
+                          f"{str(run_dir / 'optuna.db')!r} (") and "free in" in err and "needed" in err
+    assert err.count("\n") == 1
+
+
+def _can_mount() -> bool:
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount(), reason="needs root and unshare -m to mount a small tmpfs (a real full disk)")
+def test_a_real_full_disk_is_one_line_and_the_run_resumes(first_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run on a 200 KiB tmpfs fills it; then, given room, the same run completes."""
+    import subprocess
+    import sys
+
+    study, _ = first_run
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rankopt_cmd = f"{sys.executable} -m rankopt run {study} --run-dir {mnt}/R -q --trials 12"
+    script = (f"mount -t tmpfs -o size=200k tmpfs {mnt} && "
+              f"{rankopt_cmd} 2> {tmp_path}/first.err; echo $? > {tmp_path}/first.rc; "
+              f"mount -o remount,size=8m {mnt} && "
+              f"{rankopt_cmd} 2> {tmp_path}/second.err; echo $? > {tmp_path}/second.rc")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, check=True, timeout=600)
+    first = (tmp_path / "first.err").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "1", first
+    assert "Traceback" not in first
+    errors = [line for line in first.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on the device writing" in errors[0] and "free in" in errors[0]
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
