@@ -18,9 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from rankopt import safe_paths
 from rankopt.cli import main
-from rankopt.errors import DiskFullError, UnsafePathError
 from reliability_support import tree_snapshot
 
 FAST = {
@@ -193,6 +191,9 @@ def test_a_file_where_a_run_folder_belongs_is_one_line(
 # -- the helper itself ---------------------------------------------------------------------
 
 def test_check_inside_refuses_dotdot_and_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rankopt import safe_paths
+    from rankopt.errors import DiskFullError, UnsafePathError  # noqa: F401
+
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
     (root / "trials").mkdir(parents=True)
@@ -212,6 +213,9 @@ def test_check_inside_refuses_dotdot_and_links(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_run_dir_that_is_itself_a_link_is_the_users_choice(tmp_path: Path) -> None:
+    from rankopt import safe_paths
+    from rankopt.errors import DiskFullError, UnsafePathError  # noqa: F401
+
     real = tmp_path / "disk" / "run"
     real.mkdir(parents=True)
     (tmp_path / "run").symlink_to(real)
@@ -221,6 +225,9 @@ def test_a_run_dir_that_is_itself_a_link_is_the_users_choice(tmp_path: Path) -> 
 
 
 def test_atomic_write_never_follows_a_link_at_the_name(tmp_path: Path) -> None:
+    from rankopt import safe_paths
+    from rankopt.errors import DiskFullError, UnsafePathError  # noqa: F401
+
     root = tmp_path / "run"
     root.mkdir()
     outside = tmp_path / "outside.txt"
@@ -236,6 +243,9 @@ def test_atomic_write_never_follows_a_link_at_the_name(tmp_path: Path) -> None:
 
 def test_a_full_disk_leaves_no_half_file_and_names_the_path(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from rankopt import safe_paths
+    from rankopt.errors import DiskFullError, UnsafePathError  # noqa: F401
+
     target = tmp_path / "model.pt"
     target.write_bytes(b"old whole file")
 

@@ -136,16 +136,21 @@ class ArtifactStore:
                 fs.put_file(str(src), tmp)
                 fs.mv(tmp, f"{remote}/{name}")
 
-    def _get(self, remote: str, local: Path, names: tuple[str, ...]) -> bool:
+    def _get(self, remote: str, local: Path, names: tuple[str, ...], root: Path) -> bool:
+        """Copy ``remote``'s files into ``local`` (below the run directory ``root``, no link
+        on the way: :mod:`rankopt.safe_paths`), each through a temporary and a rename."""
+        from rankopt.safe_paths import check_inside, make_dirs, publish, temp_beside
+
         fs = self.fs
         if not fs.exists(f"{remote}/metrics.json"):
             return False
-        local.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, local)
         for name in names:
             if fs.exists(f"{remote}/{name}"):
-                tmp = local / f".{name}.fetch{os.getpid()}"
-                fs.get_file(f"{remote}/{name}", str(tmp))
-                tmp.replace(local / name)
+                final = check_inside(root, local / name)
+                with temp_beside(final) as tmp:
+                    fs.get_file(f"{remote}/{name}", str(tmp))
+                    publish(tmp, final)
         return True
 
     def put_trial(self, number: int, local: Path) -> None:
@@ -154,7 +159,7 @@ class ArtifactStore:
     def fetch_trial(self, number: int, local: Path) -> bool:
         """Copy trial ``number``'s folder into ``local``; False when the store lacks it."""
         try:
-            return self._get(self._path("trials", str(number)), local, TRIAL_FILES)
+            return self._get(self._path("trials", str(number)), local, TRIAL_FILES, Path(local).parent.parent)
         except OSError as exc:
             raise ArtifactError(
                 f"artifacts: cannot fetch trial {number} from {self.describe('trials', str(number))!r} "
@@ -171,4 +176,4 @@ class ArtifactStore:
         self._put(local, self._path("reference"), REFERENCE_FILES)
 
     def fetch_reference(self, local: Path) -> bool:
-        return self._get(self._path("reference"), local, REFERENCE_FILES)
+        return self._get(self._path("reference"), local, REFERENCE_FILES, Path(local).parent)
