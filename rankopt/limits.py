@@ -10,12 +10,13 @@ for years or dying in the allocator.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from rankopt.errors import ConfigError
 
 __all__ = ["MAX_EPOCHS", "MAX_RANK_MULTIPLE", "MAX_MODEL_PARAMS", "MAX_INPUT_ELEMENTS",
-           "check_input_shape", "check_model_size"]
+           "check_input_shape", "check_model_size", "check_size_on_meta"]
 
 MAX_EPOCHS = 10_000  # any epochs setting: reference, strategies, multi_fidelity, train
 MAX_RANK_MULTIPLE = 4096  # wider than any SIMD/tensor-core tile
@@ -40,3 +41,19 @@ def check_model_size(params: int, where: str, value: object) -> None:
             f"{where}: {value!r} builds a model of {params:,} parameters, above the limit of "
             f"{MAX_MODEL_PARAMS:,} (8 GiB of float32); give smaller sizes"
         )
+
+
+def check_size_on_meta(factory: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
+    """Build ``factory(**kwargs)`` on PyTorch's meta device first (no memory) and refuse a
+    model above :data:`MAX_MODEL_PARAMS`, so that ``width: 100000`` fails in one line
+    instead of in the allocator. A factory that cannot build on meta is left to the real
+    build, which reports its own error."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            meta = factory(**kwargs)
+        params = sum(t.numel() for t in meta.parameters()) if isinstance(meta, torch.nn.Module) else 0
+    except Exception:  # noqa: BLE001 - not meta-safe: the real build says what is wrong
+        return
+    check_model_size(params, where, dict(kwargs))

@@ -502,3 +502,22 @@ def test_a_real_full_disk_is_one_line_and_the_run_resumes(first_run: tuple[Path,
     errors = [line for line in first.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no space left on the device writing" in errors[0] and "free in" in errors[0]
     assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.err").read_text()
+
+
+def test_inspect_refuses_a_huge_model_from_a_study_or_a_runs_reference(
+        run_copy: tuple[Path, Path, Path], tmp_path: Path, capsys: object) -> None:
+    import json
+
+    study = tmp_path / "huge.yaml"
+    study.write_text(yaml.safe_dump({**FAST, "model": {"name": "small_cnn", "kwargs": {"width": 100000}}}))
+    assert main(["inspect", str(study)]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err.startswith("error: model kwargs: {'width': 100000} builds a model of") and err.count("\n") == 1
+    _, run_dir, _ = run_copy
+    record = run_dir / "reference" / "metrics.json"
+    data = json.loads(record.read_text())
+    data["base"]["kwargs"]["width"] = 100000
+    record.write_text(json.dumps(data))
+    assert main(["inspect", str(run_dir)]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert "base.kwargs" in err and "above the limit of 2,147,483,648" in err and err.count("\n") == 1

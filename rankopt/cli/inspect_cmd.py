@@ -37,6 +37,12 @@ def _parse_floats(text: str, what: str) -> list[float]:
     return values
 
 
+def check_size_on_meta(factory: Any, kwargs: Any, where: str) -> None:
+    from rankopt.limits import check_size_on_meta as check
+
+    check(factory, kwargs, where)
+
+
 def _parse_shape(text: str) -> tuple[int, ...]:
     from rankopt.errors import ConfigError
 
@@ -115,6 +121,7 @@ def load_model(
         if not _accepts(factory, "num_classes"):
             raise ConfigError(f"--num-classes: model {name!r} takes no num_classes argument")
         kwargs["num_classes"] = num_classes
+    check_size_on_meta(factory, kwargs, "model kwargs")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(**kwargs)
@@ -314,6 +321,7 @@ def load_run_reference(
 
     try:  # the run's own study file was trusted to import its factory; nothing else is
         factory, kwargs, _ = _build_base(base, metrics_file, StudyResult(run_dir).model_modules)
+        check_size_on_meta(factory, kwargs, f"{str(metrics_file)!r}: base.kwargs")
         model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None

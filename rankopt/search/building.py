@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from rankopt.config import StudyConfig, import_model_factory
 from rankopt.errors import ConfigError
-from rankopt.limits import check_model_size
+from rankopt.limits import check_size_on_meta
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.surgery import LayerInfo, find_layers
 
@@ -33,25 +32,12 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     for key, value in (("num_classes", splits.num_classes), ("in_channels", splits.input_shape[0])):
         if key not in kwargs and (accepts is None or key in accepts):
             kwargs[key] = int(value)
-    _check_size_on_meta(factory, kwargs)
+    check_size_on_meta(factory, kwargs, "model.kwargs")
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not an nn.Module")
     base = {"callable": name, "kwargs": kwargs} if ":" in name else {"model": name, "kwargs": kwargs}
     return model, base
-
-
-def _check_size_on_meta(factory: Any, kwargs: dict[str, Any]) -> None:
-    """Build the model on PyTorch's meta device first (no memory) and refuse one above
-    :data:`~rankopt.limits.MAX_MODEL_PARAMS`, so that ``width: 100000`` fails in one line
-    instead of in the allocator. A factory that cannot build on meta is built for real."""
-    try:
-        with torch.device("meta"):
-            meta = factory(**kwargs)
-        params = sum(t.numel() for t in meta.parameters()) if isinstance(meta, nn.Module) else 0
-    except Exception:  # noqa: BLE001 - not meta-safe: the real build reports its own error
-        return
-    check_model_size(params, "model.kwargs", kwargs)
 
 
 def thin_conv(model: nn.Module, name: str, max_channels: int) -> bool:
