@@ -123,7 +123,9 @@ def check_inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
 
 def make_dirs(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Create ``path`` and its missing parents below ``root``, refusing links and files
-    on the way (see :func:`check_inside`)."""
+    on the way (see :func:`check_inside`). ``root`` itself is created when missing (it is
+    the caller's choice, and may be a link)."""
+    os.makedirs(root, exist_ok=True)
     target = check_inside(root, path)
     real_root = Path(os.path.realpath(root))
     current = real_root

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rankopt.errors import UnsafePathError
 from rankopt.safe_paths import atomic_write
 
 __all__ = [
@@ -197,7 +198,10 @@ class SpectralCache:
             return
         data = tuple(value) if isinstance(value, tuple) else value
         # atomic (concurrent processes never read half a file), never through a link
-        atomic_write(path, lambda f: torch.save(data, f))
+        try:
+            atomic_write(path, lambda f: torch.save(data, f), root=self.directory)
+        except UnsafePathError:  # a planted link: not written through; a miss next time
+            return
 
 
 _default = SpectralCache()
