@@ -25,12 +25,13 @@ import torch.nn as nn
 from optuna.trial import TrialState
 
 from rankopt.config.schema import StudyConfig, config_to_yaml, load_config
-from rankopt.core.errors import ConfigError, StudyInterrupted
 from rankopt.contract.dataset import DatasetSplits
 from rankopt.results.reading import STUDY_FILE, StudyResult
+from rankopt.core.errors import ConfigError, DiskFullError, StudyInterrupted
 from rankopt.search.building import build_model, find_targets
 from rankopt.search.finish import call_study_hook, call_trial_hook, check_failures, interrupted_message
 from rankopt.search.local import quiet_optuna, torch_threads
+from rankopt.core.safe_paths import atomic_write_text, disk_full_error, disk_full_in
 from rankopt.search.objective import TrialEnv, clean_trial_dir, interrupt_guard, write_json
 from rankopt.search.reference import (
     check_reference_key,
@@ -93,6 +94,23 @@ class _Prepared:
     storage_url: str
     enqueue: list[dict[str, Any]]
     sampler: optuna.samplers.BaseSampler
+
+
+def run_dir_full(run_dir: Path, storage: str | None) -> DiskFullError:
+    """The one-line error for a run that filled its disk: the storage file (or the run
+    directory), the free space there and about what the next trial needs (its model file,
+    the size of the reference's, and its records). SQLite rolled the failed write back,
+    so the storage is consistent; the trial left RUNNING is failed on the next run."""
+    where = run_dir / "optuna.db"
+    if storage and storage.startswith("sqlite:///"):
+        where = Path(storage[len("sqlite:///"):])
+    elif storage:
+        where = run_dir / "trials"
+    try:
+        needed = (run_dir / "reference" / "model.pt").stat().st_size + (1 << 16)
+    except OSError:
+        needed = 1 << 20
+    return disk_full_error(where, needed)
 
 
 class Study:
@@ -217,6 +235,10 @@ class Study:
         config = prep.config
         key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
         check_existing_run_dir(config, prep.run_dir, key, user_model=self.user_model is not None)
+        if config.artifacts is not None:  # probed before the run directory exists
+            from rankopt.search.artifact_store import ArtifactStore
+
+            ArtifactStore(config.artifacts, config.name).probe()
         storage = open_storage(prep.storage_url) if prep.storage_url else None
         started_ray = False
         if config.backend == "ray":
@@ -228,6 +250,14 @@ class Study:
                 return self._run(prep, storage)
         except KeyboardInterrupt:
             raise StudyInterrupted(interrupted_message(prep.config, prep.run_dir)) from None
+        except DiskFullError:
+            raise
+        except Exception as exc:
+            # a full disk surfaces as SQLite's error wrapped by SQLAlchemy and Optuna (ending
+            # in "Should not reach."): one line naming where, and the free space there
+            if disk_full_in(exc):
+                raise run_dir_full(prep.run_dir, config.storage) from None
+            raise
         finally:
             if started_ray:
                 import ray
@@ -247,16 +277,24 @@ class Study:
 
         config = prep.config
         run_dir = prep.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # /proc/x, a read-only or vanished parent: the first write
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} cannot be created ({exc.strerror or exc}); give "
+                "a --run-dir on a writable file system (nothing was written)"
+            ) from None
         # the setup (storage, stale trials, reference) is one process at a time; trials are
         # not: other processes may run this study at the same time (see RunLock)
         setup = RunLock(run_dir)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch_threads(config.resources.cpus))
             stack.enter_context(setup)
-            (run_dir / STUDY_FILE).write_text(
+            atomic_write_text(
+                run_dir / STUDY_FILE,
                 "# the resolved study config, as run (storage: null is optuna.db here)\n"
-                + config_to_yaml(config)
+                + config_to_yaml(config),
+                root=run_dir,
             )
             if storage is None:
                 storage = open_storage(default_storage_url(run_dir))

@@ -31,7 +31,7 @@ FAULT_PLAN = [
     ({"faulty.fault": "oom"}, "FAIL", "OutOfMemoryError"),
     ({"faulty.fault": "plugin_error"}, "FAIL", "PluginError"),
     ({"faulty.fault": "cp_divergence"}, "FAIL", "DecompositionError"),
-    ({"faulty.fault": "disk_full"}, "FAIL", "OSError"),
+    ({"faulty.fault": "disk_full"}, "FAIL", "DiskFullError: no space left on the device writing"),  # names the path (issue 26)
     ({"faulty.fault": "none", "decomposer.12": "diverging_cp"}, "FAIL", "DecompositionError"),
     ({"faulty.fault": "none"}, "COMPLETE", None),
 ]

@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("Interrupted.")
         return 130
+    except OSError as exc:  # the file system said no (read-only, full, gone): one line
+        if state["debug"]:
+            raise
+        from rankopt.core.safe_paths import describe_os_error
+
+        err_console.print(f"error: {describe_os_error(exc)}", highlight=False, soft_wrap=True, markup=False)
+        return 1
     return 0
 
 

@@ -94,6 +94,10 @@ def export_command(
         [], "--allow-module", help="Let a picked file rebuild its model from this module (a "
         "`module:factory` model; a run directory trusts the module its study named). Repeatable.",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Write --out even among a run directory's own files (trials/, reference/, "
+        "cache/); a study's storage (optuna.db) is never overwritten.",
+    ),
 ) -> None:
     """Write a compressed model as ONNX (dynamic batch) or TorchScript, verified against PyTorch.
 
@@ -118,6 +122,9 @@ def export_command(
 
     allowed = list(allow_module)
     folders: list[Any] = [os.getcwd()]  # an allowed module beside where the command runs
+    from rankopt.core.safe_paths import check_output
+
+    check_output(out, force=force)  # never a run's own files; never a storage
     if source.is_dir():
         if trial is None:
             raise ConfigError(f"{str(source)!r} is a run directory: say which trial with --trial N (see `rankopt pareto`)")

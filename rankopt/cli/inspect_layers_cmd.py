@@ -39,6 +39,9 @@ def _parse_shape(text: str) -> tuple[int, ...]:
             f"--input-shape must be positive integers separated by commas, batch first "
             f"(e.g. 1,3,32,32), got {text!r}"
         )
+    from rankopt.core.limits import check_input_shape
+
+    check_input_shape(shape, "--input-shape")
     return shape
 
 

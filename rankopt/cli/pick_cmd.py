@@ -31,6 +31,10 @@ def pick_command(
         False, "--allow-unchecked", help="Accept a trial file without a checksum or without the study and "
         "trial that wrote it (written by an older rankopt), with a warning.",
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Write --out even among a run directory's own files (trials/, reference/, "
+        "cache/); a study's storage (optuna.db) is never overwritten.",
+    ),
 ) -> None:
     """Write one model off the front to a file that rankopt.load_compressed reads.
 
@@ -53,6 +57,7 @@ def pick_command(
     latency = result.config.latency
     picked = write_picked(
         source, out, fold_bn=fold_bn, allow_modules=result.model_modules, allow_unchecked=allow_unchecked,
+        force=force,
         module_folders=result.model_folders,
         keep_faster=LatencySettings(latency.runtime, latency.batch, latency.threads, latency.rounds)
         if keep_faster else None,

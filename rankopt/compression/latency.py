@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from rankopt.core.errors import ConfigError
 from rankopt.compression.surgery import LayerInfo, Spec, get_submodule, normalize_spec
+from rankopt.core.safe_paths import atomic_write_text
 
 __all__ = [
     "RUNTIMES",
@@ -250,11 +251,10 @@ def _disk_get(cache_dir: Path | None, key: tuple[Any, ...]) -> tuple[float, floa
 def _disk_put(cache_dir: Path | None, key: tuple[Any, ...], value: tuple[float, float]) -> None:
     if cache_dir is None:
         return
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{_digest(key)}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": [str(k) for k in key], "original_s": value[0], "decomposed_s": value[1]}))
-    tmp.replace(path)  # atomic: concurrent trials never read half a file
+    # atomic (concurrent trials never read half a file), never through a link
+    atomic_write_text(path, json.dumps({"key": [str(k) for k in key], "original_s": value[0],
+                                        "decomposed_s": value[1]}))
 
 
 def _digest(key: tuple[Any, ...]) -> str:

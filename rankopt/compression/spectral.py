@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from rankopt.core.errors import UnsafePathError
+from rankopt.core.safe_paths import atomic_write
+
 __all__ = [
     "SpectralCache",
     "SVD",
@@ -230,10 +233,12 @@ class SpectralCache:
         path = self._path(key, kind)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        torch.save(tuple(value) if isinstance(value, tuple) else value, tmp)
-        tmp.replace(path)  # atomic, so concurrent processes never read half a file
+        data = tuple(value) if isinstance(value, tuple) else value
+        # atomic (concurrent processes never read half a file), never through a link
+        try:
+            atomic_write(path, lambda f: torch.save(data, f), root=self.directory)
+        except UnsafePathError:  # a planted link: not written through; a miss next time
+            return
 
 
 _default = SpectralCache()

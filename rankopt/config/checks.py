@@ -214,6 +214,30 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(item, f"{where}[{i}]")
 
 
+def _check_epochs(value: Any, where: str, inside: bool = False) -> None:
+    """Every number under a key named ``epochs`` (a value or a searched range) at most
+    :data:`~rankopt.core.limits.MAX_EPOCHS`: ``epochs: 1e9`` would train for years."""
+    from rankopt.core.limits import MAX_EPOCHS
+
+    number = value
+    if isinstance(value, str):  # YAML 1.1 reads 1e9 as a string; the strategy converts it
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if inside and isinstance(number, (int, float)) and not isinstance(number, bool) and number > MAX_EPOCHS:
+        raise ConfigError(
+            f"{where}: {value!r} is above the limit of {MAX_EPOCHS:,} epochs (allowed: 0 to "
+            f"{MAX_EPOCHS:,}); give fewer epochs"
+        )
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_epochs(item, f"{where}.{key}", inside or str(key).endswith("epochs"))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_epochs(item, f"{where}[{i}]", inside)
+
+
 def _named(reg: Any, family: str, name: str, where: str) -> Any:
     from rankopt.core.errors import UnknownNameError
 
@@ -223,12 +247,22 @@ def _named(reg: Any, family: str, name: str, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+# artifact-store protocols that keep nothing once the process ends
+VOLATILE_PROTOCOLS = frozenset({"memory"})
+
+
 def check_artifacts_url(url: str) -> str:
     """``url`` made absolute when it is a local path; a ConfigError for an unknown protocol
     or a missing fsspec implementation (checked before any work)."""
     import fsspec
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in VOLATILE_PROTOCOLS:
+        raise ConfigError(
+            f"artifacts: {url!r} uses protocol {protocol!r}, which keeps nothing after this "
+            "process ends (other machines, and a later pick, would find no trial); give a "
+            "shared folder or an s3://, gs://, sftp://... URL"
+        )
     try:
         fsspec.get_filesystem_class(protocol)
     except (ValueError, ImportError) as exc:

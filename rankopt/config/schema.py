@@ -32,6 +32,7 @@ from rankopt.config import checks as _checks
 from rankopt.config.checks import (
     CALLABLE_PATTERN,
     _check_data_paths,
+    _check_epochs,
     _check_finite,
     _check_kwargs,
     _check_plugin_params,
@@ -65,6 +66,7 @@ from rankopt.config.sections import (
 )
 from rankopt.config.yaml_io import MAX_YAML_NODES, load_yaml, merge_set, parse_set
 from rankopt.core.errors import ConfigError
+from rankopt.core.limits import MAX_RANK_MULTIPLE
 
 __all__ = [
     "StudyConfig",
@@ -172,7 +174,7 @@ class StudyConfig(_Strict):
     # the serving runtime the latency objective and keep_faster_layers measure in
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
-    rank_multiple: int = Field(1, ge=1)
+    rank_multiple: int = Field(1, ge=1, le=MAX_RANK_MULTIPLE)  # rankopt.core.limits
     # try many rank choices without training first; start the search from the best
     screening: ScreeningConfig | None = None
     # a trial whose resolved ranks and hyperparameters equal a finished trial's reports
@@ -338,6 +340,7 @@ def check_config(config: StudyConfig, *, check_paths: bool = True) -> None:
                          ("model.kwargs", config.model.kwargs if config.model else {}),
                          ("data.kwargs", config.data.kwargs)):
         _check_finite(value, field)
+        _check_epochs(value, field)
     if config.model is not None:
         if ":" in config.model.name:
             factory = import_model_factory(config.model.name, "model.name", [config.model.path])

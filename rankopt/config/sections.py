@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from rankopt.core.errors import ConfigError, did_you_mean
+from rankopt.core.limits import MAX_EPOCHS
 
 __all__ = [
     "ModelConfig",
@@ -158,7 +159,7 @@ class ReferenceConfig(_Strict):
     """
 
     weights: str | None = None
-    epochs: float = Field(10.0, ge=0)
+    epochs: float = Field(10.0, ge=0, le=MAX_EPOCHS)  # rankopt.core.limits
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     schedule: Literal["cosine", "step", "constant"] = "cosine"
@@ -271,7 +272,7 @@ class MultiFidelityConfig(_Strict):
 
     rounds: int = Field(1, ge=1)
     # None: 2 epochs, or with first what keeps the study's epochs (continuation_epochs)
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)  # rankopt.core.limits
     keep: float = Field(0.25, gt=0, le=1)
     first: float | None = Field(None, gt=0, lt=1)
 

@@ -22,6 +22,8 @@ __all__ = [
     "ExportError",
     "StudyInterrupted",
     "did_you_mean",
+    "UnsafePathError",
+    "DiskFullError",
 ]
 
 
@@ -100,5 +102,18 @@ class ArtifactError(RankoptError):
 
 class ExportError(RankoptError):
     """An exported ONNX/TorchScript file could not be written or does not match PyTorch."""
+class UnsafePathError(ConfigError):
+    """A path in a run directory (or an output) that rankopt refuses to write or remove:
+    a symbolic link, a path leading outside the run directory, a run's own files as an
+    output, or a file where a folder belongs (one line, exit 2)."""
+
+
+class DiskFullError(RankoptError, OSError):
+    """No space left on the device: the message names the path and the free space (exit 1)."""
+
+    def __str__(self) -> str:  # OSError would add "[Errno 28]"
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
+
+
 class StudyInterrupted(RankoptError):
     """Ctrl-C (SIGINT) stopped a study; completed trials are kept (the CLI exits 130)."""

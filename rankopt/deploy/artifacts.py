@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from rankopt.core.errors import ArtifactError, RankoptError
 from rankopt.core.safe_load import DEFAULT_MAX_BYTES, load_checked
+from rankopt.core.safe_paths import atomic_write
 from rankopt.compression.surgery import compress, normalize_spec
 
 __all__ = ["save_compressed", "load_base", "load_compressed", "build_compressed", "read_compressed", "offline_kwargs",
@@ -67,10 +68,8 @@ def save_compressed(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     payload["sha256"] = _checksum(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    # a temporary beside it (never through a link), fsync, rename; ENOSPC leaves nothing
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path
 
 

@@ -19,9 +19,9 @@ exporter would do it anyway, TorchScript and eager gain +19-31 % on ResNet-20.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import copy
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.core.errors import ConfigError, ExportError
+from rankopt.core.safe_paths import disk_full_error, publish, temp_beside
 
 __all__ = ["densify", "export", "fold_batchnorm", "ExportResult", "EXPORT_FORMATS", "run_exported"]
 
@@ -245,6 +246,16 @@ def run_exported(path: str | os.PathLike[str], format: str, inputs: torch.Tensor
         return loaded(inputs.detach().cpu())  # type: ignore[no-any-return]
 
 
+def _no_space(exc: BaseException | None) -> bool:
+    """Whether a full disk is anywhere in ``exc``'s chain (exporters wrap OSError)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def export(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -306,34 +317,30 @@ def export(
         inputs = torch.randn((8, *shape[1:]), generator=gen)
     inputs = inputs.detach().cpu().float()
     example = torch.zeros(shape)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:
-        if format == "onnx":
-            _write_onnx(net, example, tmp, opset)
-        else:
-            _write_torchscript(net, example, tmp)
-        with torch.no_grad():
-            expected = original(inputs)
-        got = run_exported(tmp, format, inputs)
-        diff = float((got.float() - expected.float()).abs().max())
-        scale = float(expected.float().abs().max())
-    except ExportError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise ExportError(f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
-    relative = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-    if not diff <= tolerance + rtol * scale:  # also catches NaN
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise ExportError(
-            f"the exported {format} model differs from PyTorch by up to {diff:.3g} ({relative:.3g} of "
-            f"the largest output) on {len(inputs)} inputs, above the tolerance {tolerance:g} + rtol "
-            f"{rtol:g} x {scale:.3g}; nothing was written to {str(out)!r}"
-        )
-    os.replace(tmp, out)  # only a verified file ever appears under the requested name
+    # a unique temporary beside `out` (never through a planted link), verified, then renamed
+    with temp_beside(out) as tmp:
+        try:
+            if format == "onnx":
+                _write_onnx(net, example, tmp, opset)
+            else:
+                _write_torchscript(net, example, tmp)
+            with torch.no_grad():
+                expected = original(inputs)
+            got = run_exported(tmp, format, inputs)
+            diff = float((got.float() - expected.float()).abs().max())
+            scale = float(expected.float().abs().max())
+        except ExportError:
+            raise
+        except Exception as exc:
+            if _no_space(exc):
+                raise disk_full_error(out) from exc
+            raise ExportError(f"{format} export of {type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+        relative = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+        if not diff <= tolerance + rtol * scale:  # also catches NaN
+            raise ExportError(
+                f"the exported {format} model differs from PyTorch by up to {diff:.3g} ({relative:.3g} of "
+                f"the largest output) on {len(inputs)} inputs, above the tolerance {tolerance:g} + rtol "
+                f"{rtol:g} x {scale:.3g}; nothing was written to {str(out)!r}"
+            )
+        publish(tmp, out)  # only a verified file ever appears under the requested name
     return ExportResult(out, format, diff, tolerance, len(inputs), relative, rtol)

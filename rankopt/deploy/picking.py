@@ -67,35 +67,52 @@ def check_builds(payload: Any, source: Path, *, allow_modules: Sequence[str] = (
 
 def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster: LatencySettings | None = None,
                  allow_modules: Sequence[str] = (), allow_unchecked: bool = False,
-                 module_folders: Sequence[str | None] = ()) -> PickedFile:
-    """Copy the model file ``source`` to ``out`` (atomically: a reader never sees half a
-    file), with BatchNorm folded and/or the slower layers dense (``keep_faster``)."""
+                 module_folders: Sequence[str | None] = (), force: bool = False) -> PickedFile:
+    """Copy the model file ``source`` to ``out``, with BatchNorm folded and/or the slower
+    layers dense (``keep_faster``). ``out`` is never among a run directory's own files
+    (unless ``force``) and never a storage; a reader never sees half a file: temporaries
+    beside it (no link followed), fsync, one rename, and a full disk leaves the old file."""
+    from rankopt.core.safe_paths import check_output, publish, temp_beside
     from rankopt.deploy.artifacts import read_compressed
 
     if not source.is_file():
         raise ArtifactError(f"model file {str(source)!r} is missing")
     check_out_path(out, source)
+    check_output(out, force=force)
     read_compressed(source, allow_unchecked=allow_unchecked)  # refuse to copy a torn or foreign file
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     picked = PickedFile(out)
-    if keep_faster is not None:
-        dense = out.with_name(f".{out.name}.dense.tmp")
-        try:
-            picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked, module_folders)
-            if fold_bn:
-                _write_folded(dense, tmp, allow_modules=allow_modules, module_folders=module_folders)
-            else:
-                dense.replace(tmp)
-        finally:
-            dense.unlink(missing_ok=True)
-    elif fold_bn:
-        _write_folded(source, tmp, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
-                      module_folders=module_folders)
-    else:
-        shutil.copyfile(source, tmp)
-    tmp.replace(out)
+    with temp_beside(out) as tmp:
+        if keep_faster is not None:
+            with temp_beside(out) as dense:
+                picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked,
+                                              module_folders)
+                if fold_bn:
+                    _write_folded(dense, tmp, allow_modules=allow_modules, module_folders=module_folders)
+                else:
+                    os.replace(dense, tmp)
+        elif fold_bn:
+            _write_folded(source, tmp, allow_modules=allow_modules, allow_unchecked=allow_unchecked,
+                          module_folders=module_folders)
+        else:
+            _copy_into(source, tmp, out)
+        publish(tmp, out)
     return picked
+
+
+def _copy_into(source: Path, tmp: Path, out: Path) -> None:
+    """Copy ``source`` into the temporary ``tmp`` made for ``out`` (a full disk names
+    ``out`` and the size needed)."""
+    import errno
+
+    from rankopt.core.safe_paths import disk_full_error
+
+    try:
+        with open(source, "rb") as src, os.fdopen(os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise disk_full_error(out, source.stat().st_size) from exc
+        raise
 
 
 def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allow_unchecked: bool = False,

@@ -19,6 +19,7 @@ from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
 from rankopt.contract.dataset import DatasetSplits
 from rankopt.deploy.trial_files import file_digest
+from rankopt.core.safe_paths import atomic_write_text
 
 __all__ = ["SPLITS", "EVALUATION_FILE", "hold_out_test", "config_splits", "cached_accuracies",
            "evaluate_trials"]
@@ -132,9 +133,15 @@ def _store(run_dir: Path, split: str, accuracies: Mapping[int, float], files: Ma
     raw = _read(run_dir)
     raw.setdefault(split, {}).update({str(k): v for k, v in accuracies.items()})
     raw.setdefault("files", {}).setdefault(split, {}).update({str(k): v for k, v in files.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
-    tmp.replace(path)  # atomic: a crash never leaves a torn cache
+    # atomic (a crash never leaves a torn cache), never through a link in the run directory
+    try:
+        atomic_write_text(path, json.dumps(raw, indent=2, sort_keys=True), root=run_dir)
+    except OSError as exc:  # read-only or full: the numbers are still given, just not kept
+        import logging
+
+        logging.getLogger("rankopt").warning(
+            "could not keep the accuracies in %s (%s); they are measured again next time",
+            path, exc.strerror or exc)
 
 
 def evaluate_trials(

@@ -21,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 
 from rankopt.core.errors import ConfigError
+from rankopt.core.limits import check_size_on_meta
 
 __all__ = ["LayerTable", "inspect_layers", "inspect_rows", "load_model", "load_run_reference"]
 
@@ -96,6 +97,7 @@ def load_model(
         if not _accepts(factory, "num_classes"):
             raise ConfigError(f"--num-classes: model {name!r} takes no num_classes argument")
         kwargs["num_classes"] = num_classes
+    check_size_on_meta(factory, kwargs, "model kwargs")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = factory(**kwargs)
@@ -261,6 +263,7 @@ def load_run_reference(
     try:  # the run's own study file was trusted to import its factory; nothing else is
         run = StudyResult(run_dir)
         factory, kwargs, _ = _build_base(base, metrics_file, run.model_modules, run.model_folders)
+        check_size_on_meta(factory, kwargs, f"{str(metrics_file)!r}: base.kwargs")
         model = factory(**kwargs)
     except ArtifactError as exc:
         raise ConfigError(str(exc)) from None

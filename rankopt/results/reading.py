@@ -100,6 +100,30 @@ def compressed(record: TrialRecord) -> bool:
 # -- the result of a study --------------------------------------------------------------------
 
 
+def _recorded_config(study_file: Path) -> StudyConfig:
+    """The run's record of its config; a damaged record is one :class:`ConfigError` line
+    naming the file (never a YAML parser's traceback)."""
+    where = f"run directory {str(study_file.parent)!r}: its record {study_file.name}"
+    try:
+        raw = yaml.safe_load(study_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{where} cannot be read ({type(exc).__name__}{at}); it was damaged or replaced: "
+            "restore it from the study file you ran (rankopt writes it on every run)"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where} holds a {type(raw).__name__}, not a study config; it was damaged or "
+            "replaced: restore it from the study file you ran"
+        )
+    try:
+        return load_config(raw, check_plugins=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 class StudyResult:
     """The results in a run directory (what ``rankopt.run_study`` returns).
 
@@ -118,8 +142,7 @@ class StudyResult:
                     f"{str(self.run_dir)!r} is not a rankopt run directory (no {STUDY_FILE}); "
                     "give the directory `rankopt run` wrote, e.g. runs/quickstart"
                 )
-            raw = yaml.safe_load(study_file.read_text())
-            config = load_config(raw, check_plugins=False)
+            config = _recorded_config(study_file)
         self.config = config
         self._study: optuna.Study | None = None
 

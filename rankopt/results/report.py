@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.results.reading import StudyResult, TrialRecord, hypervolume_history, pareto_front_2d
+from rankopt.core.safe_paths import atomic_write, atomic_write_text, make_dirs
 
 __all__ = ["write_report", "front_table_rows", "layer_rows"]
 
@@ -140,7 +141,7 @@ def _front_plot(plt: Any, result: StudyResult, records: Sequence[TrialRecord],
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, metadata={"Description": "front trials " + " ".join(str(r.trial) for r in front)})
+    _savefig(fig, out, dpi=110, metadata={"Description": "front trials " + " ".join(str(r.trial) for r in front)})
     plt.close(fig)
     return out
 
@@ -164,7 +165,7 @@ def _hypervolume_plot(plt: Any, result: StudyResult, records: Sequence[TrialReco
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _savefig(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -192,7 +193,7 @@ def _ranks_plot(plt: Any, rows: Sequence[dict[str, Any]], record: TrialRecord, o
     bottom.set_xlabel("layer")
     bottom.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _savefig(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -209,7 +210,7 @@ def _optuna_front(plt: Any, result: StudyResult, out: Path) -> Path | None:
         warnings.simplefilter("ignore")  # ExperimentalWarning
         ax = plot_pareto_front(result.study, target_names=list(result.config.objectives))
     fig = ax.get_figure()
-    fig.savefig(out, dpi=110)
+    _savefig(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -254,6 +255,12 @@ def front_test_accuracies(result: StudyResult, front: Sequence[TrialRecord]) -> 
     return have or None
 
 
+def _savefig(fig: Any, out: Path, **kwargs: Any) -> None:
+    """``fig.savefig`` through a temporary and a rename, refusing a link at ``out``
+    (a planted link never makes the report write outside its folder)."""
+    atomic_write(out, lambda f: fig.savefig(f, format="png", **kwargs), root=out.parent)
+
+
 def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path | None = None,
                  evaluate_test: bool = True) -> list[Path]:
     """Write the plots and ``summary.md``; returns the files written.
@@ -266,7 +273,10 @@ def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path
 
     plt = _pyplot()
     out_dir = Path(out_dir) if out_dir is not None else result.run_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir == result.run_dir / "report":
+        make_dirs(result.run_dir, out_dir)  # a link planted as report/ is refused
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
     records = result.trials()
     if not records:
         raise ConfigError(f"study {result.config.name!r} has no completed trial to report yet")
@@ -313,6 +323,6 @@ def write_report(result: StudyResult, *, trial: int | None = None, out_dir: Path
         f"![ranks](ranks_trial{chosen.trial}.png)\n",
     ]
     summary = out_dir / "summary.md"
-    summary.write_text("\n".join(md))
+    atomic_write_text(summary, "\n".join(md), root=out_dir)
     files.append(summary)
     return files

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.config.checks import check_artifacts_url
-from rankopt.core.errors import ArtifactError
+from rankopt.core.errors import ArtifactError, ConfigError
 
 __all__ = ["ArtifactStore", "file_sha256", "check_artifacts_url", "TRIAL_FILES"]
 
+# fsspec protocols that cannot persist a run's files beyond this process
 # metrics.json last: its presence in the store means the folder is complete
 TRIAL_FILES = ("model.pt", "metrics.json")
 REFERENCE_FILES = ("model.pt", "metrics.json")
@@ -67,6 +68,37 @@ class ArtifactStore:
     def describe(self, *parts: str) -> str:
         return "/".join([self.url.rstrip("/"), self.study, *parts])
 
+    def probe(self) -> None:
+        """Write, read back and delete a marker under ``<url>/<study>/``; a
+        :class:`ConfigError` (one line) when any step fails. Called before a run writes
+        anything, so that a store nobody can use fails before the run directory exists."""
+        marker = f".rankopt-probe-{uuid.uuid4().hex}"
+        payload = marker.encode()
+        step = "reach"
+        try:
+            fs = self.fs
+            remote = self._path(marker)
+            step = "create a folder in"
+            fs.makedirs(self._path(), exist_ok=True)
+            step = "write to"
+            fs.pipe_file(remote, payload)
+            step = "read from"
+            back = fs.cat_file(remote)
+            step = "delete from"
+            fs.rm_file(remote)
+        except Exception as exc:  # noqa: BLE001 - any transport failure is the user's to fix
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ConfigError(
+                f"artifacts: cannot {step} {self.describe()!r} ({type(exc).__name__}: {text}); "
+                "give a URL or shared folder this machine can write (checked before the run "
+                "directory was created: nothing was written)"
+            ) from None
+        if back != payload:
+            raise ConfigError(
+                f"artifacts: {self.describe()!r} gave back other bytes than were written to "
+                f"{marker!r}; give a store that keeps what it is given"
+            )
+
     # -- folders --------------------------------------------------------------------------
     def _put(self, local: Path, remote: str, names: tuple[str, ...]) -> None:
         fs = self.fs
@@ -79,16 +111,21 @@ class ArtifactStore:
                 fs.put_file(str(src), tmp)
                 fs.mv(tmp, f"{remote}/{name}")
 
-    def _get(self, remote: str, local: Path, names: tuple[str, ...]) -> bool:
+    def _get(self, remote: str, local: Path, names: tuple[str, ...], root: Path) -> bool:
+        """Copy ``remote``'s files into ``local`` (below the run directory ``root``, no link
+        on the way: :mod:`rankopt.core.safe_paths`), each through a temporary and a rename."""
+        from rankopt.core.safe_paths import check_inside, make_dirs, publish, temp_beside
+
         fs = self.fs
         if not fs.exists(f"{remote}/metrics.json"):
             return False
-        local.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, local)
         for name in names:
             if fs.exists(f"{remote}/{name}"):
-                tmp = local / f".{name}.fetch{os.getpid()}"
-                fs.get_file(f"{remote}/{name}", str(tmp))
-                tmp.replace(local / name)
+                final = check_inside(root, local / name)
+                with temp_beside(final) as tmp:
+                    fs.get_file(f"{remote}/{name}", str(tmp))
+                    publish(tmp, final)
         return True
 
     def put_trial(self, number: int, local: Path) -> None:
@@ -97,7 +134,7 @@ class ArtifactStore:
     def fetch_trial(self, number: int, local: Path) -> bool:
         """Copy trial ``number``'s folder into ``local``; False when the store lacks it."""
         try:
-            return self._get(self._path("trials", str(number)), local, TRIAL_FILES)
+            return self._get(self._path("trials", str(number)), local, TRIAL_FILES, Path(local).parent.parent)
         except OSError as exc:
             raise ArtifactError(
                 f"artifacts: cannot fetch trial {number} from {self.describe('trials', str(number))!r} "
@@ -114,4 +151,4 @@ class ArtifactStore:
         self._put(local, self._path("reference"), REFERENCE_FILES)
 
     def fetch_reference(self, local: Path) -> bool:
-        return self._get(self._path("reference"), local, REFERENCE_FILES)
+        return self._get(self._path("reference"), local, REFERENCE_FILES, Path(local).parent)

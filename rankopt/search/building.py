@@ -10,6 +10,7 @@ from rankopt.config.schema import StudyConfig, import_model_factory
 from rankopt.core.errors import ConfigError
 from rankopt.contract.dataset import DatasetSplits
 from rankopt.compression.surgery import LayerInfo, find_layers
+from rankopt.core.limits import check_size_on_meta
 
 __all__ = ["build_model", "find_targets", "thin_conv"]
 
@@ -31,6 +32,7 @@ def build_model(config: StudyConfig, splits: DatasetSplits) -> tuple[nn.Module, 
     for key, value in (("num_classes", splits.num_classes), ("in_channels", splits.input_shape[0])):
         if key not in kwargs and (accepts is None or key in accepts):
             kwargs[key] = int(value)
+    check_size_on_meta(factory, kwargs, "model.kwargs")
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not an nn.Module")

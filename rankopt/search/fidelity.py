@@ -31,6 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rankopt.compression.accounting import count
 from rankopt.deploy.artifacts import load_compressed, save_compressed
+from rankopt.core.errors import UnsafePathError
+from rankopt.core.safe_paths import make_dirs
 from rankopt.search.objective import (
     TrialEnv,
     _finish,
@@ -178,7 +180,10 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     assert mf is not None
     start = time.perf_counter()
     trial_dir = env.trial_dir(number)
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(env.run_dir, trial_dir)
+    except UnsafePathError as exc:  # a link or file planted where the folder goes: write nothing
+        return {"trial": number, "state": "FAIL", "reason": f"UnsafePathError: {exc}"}
     attrs = source.user_attrs
     hp = dict(attrs.get("hyperparameters", {}))
     metrics: dict[str, Any] = {

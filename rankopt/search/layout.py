@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.config.schema import StudyConfig
+from rankopt.core.safe_paths import atomic_write_text
 from rankopt.search.repeats import jsonable
 
 __all__ = ["STUDY_FILE", "LEGACY_STUDY_FILE", "reference_path", "storage_url_of", "write_json"]
@@ -30,9 +31,21 @@ def storage_url_of(config: StudyConfig, run_dir: Path) -> str:
     return config.storage or default_storage_url(run_dir)
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=jsonable))
-    tmp.replace(path)
+def write_json(path: Path, data: Mapping[str, Any], *, root: Path | None = None) -> None:
+    """Write ``data`` as JSON atomically (readers never see half a file). With ``root``
+    (default: the run directory two levels up for ``trials/<n>/x``, else the parent), no
+    link on the way is followed (:mod:`rankopt.core.safe_paths`)."""
+    path = Path(path)
+    if root is None:
+        root = _run_dir_of(path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=jsonable), root=root)
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory a run's file lies in: ``RUN/trials/<n>/f`` and ``RUN/reference/f``."""
+    parent = path.parent
+    if parent.parent.name == "trials" and parent.name.isdigit():
+        return parent.parent.parent
+    if parent.name in ("reference", "trials", "cache"):
+        return parent.parent
+    return parent

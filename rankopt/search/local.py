@@ -6,7 +6,6 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,6 +15,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from rankopt.core.safe_paths import remove_tree
 from rankopt.search.objective import (
     TrialEnv,
     clean_trial_dir,
@@ -122,7 +122,8 @@ def run_local(
             # (even a finished metrics.json: storage is the truth, the trial did not complete)
             with contextlib.suppress(Exception):
                 trial.set_user_attr("reason", INTERRUPTED_REASON)
-            shutil.rmtree(env.trial_dir(trial.number), ignore_errors=True)
+            with contextlib.suppress(OSError):  # UnsafePathError too: a link is left alone
+                remove_tree(env.run_dir, env.trial_dir(trial.number))
             raise
         finished[trial.number] = (values, metrics)
         if metrics["state"] != "COMPLETE":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -29,8 +30,10 @@ from rankopt.compression.accounting import count
 from rankopt.deploy.artifacts import save_compressed
 from rankopt.config.schema import StudyConfig
 from rankopt.contract.dataset import DatasetSplits
+from rankopt.core.errors import UnsafePathError
+from rankopt.core.safe_paths import atomic_write_text, clear_dir, is_link, make_dirs
 from rankopt.search.artifact_store import ArtifactStore
-from rankopt.search.layout import write_json
+from rankopt.search.layout import _run_dir_of, write_json
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
 from rankopt.search.repeats import training_seed
 from rankopt.search.space import SearchSpace, TrialPlan
@@ -56,6 +59,8 @@ __all__ = [
     "INTERRUPTED",
     "INTERRUPT_SIGNAL",
 ]
+
+log = logging.getLogger("rankopt.study")
 
 # set by the SIGINT/SIGTERM handler of interrupt_guard: a KeyboardInterrupt with it set is
 # the user's Ctrl-C or a SIGTERM (stop the study); without it, a plugin raised it (fail
@@ -201,21 +206,23 @@ def clean_trial_dir(trial_dir: Path, *, reason: str | None = None) -> None:
 
     With ``reason`` (a trial a dead process left), also write its ``metrics.json`` as
     FAIL, since the process could not (when it had begun the folder).
+
+    Never acts outside the run directory: a ``trial_dir`` that is a symbolic link is
+    left alone (a warning names it), a link inside it is reported, not followed.
     """
+    run_dir = _run_dir_of(trial_dir / "metrics.json")
+    if is_link(trial_dir):
+        log.warning("left %s alone: it is a symbolic link, not a trial folder; remove it "
+                    "yourself", trial_dir)
+        return
     if not trial_dir.is_dir():
         return
-    if trial_dir.is_dir():
-        for path in trial_dir.iterdir():
-            if path.name != "metrics.json" or reason is not None:
-                if path.is_dir() and not path.is_symlink():
-                    import shutil
-
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+    keep = () if reason is not None else ("metrics.json",)
+    for stray in clear_dir(run_dir, trial_dir, keep=keep):
+        log.warning("left %s alone: it is a symbolic link in a trial folder; remove it yourself", stray)
     if reason is not None:
         write_json(trial_dir / "metrics.json",
-                   {"trial": int(trial_dir.name), "state": "FAIL", "reason": reason})
+                   {"trial": int(trial_dir.name), "state": "FAIL", "reason": reason}, root=run_dir)
 
 
 def trial_latency(model: nn.Module, env: TrialEnv, device: torch.device) -> dict[str, Any]:
@@ -295,7 +302,11 @@ def run_trial(env: TrialEnv, number: int, values: Mapping[str, Any]) -> dict[str
 
     start = time.perf_counter()
     trial_dir = env.trial_dir(number)
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(env.run_dir, trial_dir)
+    except UnsafePathError as exc:  # a link or file planted where the folder goes: write nothing
+        log.warning("trial %d: %s", number, exc)
+        return {"trial": number, "state": "FAIL", "reason": f"UnsafePathError: {exc}"}
     config = env.config
     metrics: dict[str, Any] = {"trial": number, "state": "RUNNING", "params_asked": dict(values)}
     ctx: LocalTrialContext | None = None

@@ -222,9 +222,14 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
                     f"model did not reach {where}; set artifacts: to an fsspec URL (or shared "
                     "folder) that every node reaches")}
         if metrics.get("state") != "COMPLETE":
+            from rankopt.core.errors import UnsafePathError
+
             clean_trial_dir(folder)
-            write_json(folder / "metrics.json", {
-                k: v for k, v in metrics.items() if k != "traceback"} | {"trial": number})
+            try:
+                write_json(folder / "metrics.json", {
+                    k: v for k, v in metrics.items() if k != "traceback"} | {"trial": number})
+            except UnsafePathError as exc:  # a planted link: nothing is written through it
+                log.warning("trial %d: %s", number, exc)
         return metrics
 
 

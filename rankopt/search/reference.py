@@ -30,6 +30,7 @@ from rankopt.search.layout import reference_path
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.layout import write_json
 from rankopt.compression.surgery import LayerInfo
+from rankopt.core.safe_paths import atomic_write
 
 __all__ = [
     "fingerprint_module",
@@ -208,11 +209,9 @@ def obtain_reference(
         ],
         "weights_sha256": fingerprint_module(model),
     }
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights_file.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(weights_file)
-    write_json(metrics_file, metrics)
+    state = model.state_dict()
+    atomic_write(weights_file, lambda f: torch.save(state, f), root=run_dir)
+    write_json(metrics_file, metrics, root=run_dir)
     if store is not None:
         store.put_reference(ref_dir)
     return model, metrics

@@ -12,8 +12,8 @@ first study's.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ from optuna.trial import TrialState
 from rankopt.config.schema import StudyConfig
 from rankopt.core.errors import ConfigError
 from rankopt.search.layout import LEGACY_STUDY_FILE, STUDY_FILE
+from rankopt.core.safe_paths import check_inside, check_layout, clear_dir, is_link
+
+log = logging.getLogger("rankopt.study")
 
 __all__ = ["check_run_dir", "check_existing_run_dir", "reconcile_trial_dirs", "INTERRUPTED_REASON"]
 
@@ -58,6 +61,7 @@ def check_existing_run_dir(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
+    check_layout(run_dir)  # links, or files where folders belong: refused before any write
     recorded = _recorded_config(run_dir)
     if recorded is not None:
         from rankopt.search.run_meaning import describe_changes, meaning_changes
@@ -113,40 +117,54 @@ def reconcile_trial_dirs(study: optuna.Study, run_dir: Path) -> list[int]:
     """Make ``trials/<n>/`` agree with the storage, which is the truth: a folder whose
     ``metrics.json`` says COMPLETE (or is missing) while the storage has the trial FAIL,
     or has no such trial, is rewritten as FAIL with the storage's reason and its model
-    removed. Folders of RUNNING and COMPLETE trials are left alone. Returns the numbers fixed."""
+    removed. Folders of RUNNING and COMPLETE trials are left alone. Returns the numbers fixed.
+
+    Every removal goes through :mod:`rankopt.core.safe_paths`: an entry of ``trials/`` that is
+    a symbolic link (or a link inside a folder) is reported in the log and left as it is,
+    never followed."""
     from rankopt.search.layout import write_json
 
     trials = Path(run_dir) / "trials"
+    if is_link(trials):
+        check_inside(run_dir, trials)  # raises, naming the link
     if not trials.is_dir():
         return []
     stored = {t.number: t for t in study.get_trials(deepcopy=False)}
     fixed = []
     for folder in sorted(trials.iterdir(), key=lambda p: p.name):
-        if not folder.name.isdigit() or not folder.is_dir():
+        if not folder.name.isdigit():
+            continue
+        if is_link(folder):
+            log.warning("left %s alone: it is a symbolic link (to %r), not a trial folder; "
+                        "remove it yourself", folder, os.readlink(folder))
+            continue
+        if not folder.is_dir():
             continue
         trial = stored.get(int(folder.name))
         if trial is not None and trial.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.WAITING):
             continue
         path = folder / "metrics.json"
         try:
-            state = json.loads(path.read_text()).get("state") if path.is_file() else None
+            state = json.loads(path.read_text()).get("state") if _plain_file(path) else None
         except (OSError, ValueError, AttributeError):
             state = None
-        if trial is not None and state == "FAIL" and not (folder / "model.pt").exists():
+        if trial is not None and state == "FAIL" and not os.path.lexists(folder / "model.pt"):
             continue  # already agrees
         reason = (trial.user_attrs.get("reason") if trial is not None else None) or INTERRUPTED_REASON
-        for child in folder.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-        if trial is None:
-            folder.rmdir()
-        else:
+        strays = clear_dir(run_dir, folder)
+        for stray in strays:
+            log.warning("left %s alone: it is a symbolic link in a trial folder; remove it yourself", stray)
+        if trial is None and not strays:
+            os.rmdir(folder)
+        elif trial is not None:
             write_json(path, {"trial": trial.number, "state": "FAIL", "reason": reason,
                               "reconciled": f"metrics.json said {state}; the storage has FAIL"})
         fixed.append(int(folder.name))
     return fixed
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not is_link(path)
 
 
 def check_run_dir(run_dir: Path) -> None:

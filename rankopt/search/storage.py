@@ -94,6 +94,10 @@ def open_storage(url: str) -> BaseStorage:
             "PostgreSQL install the 'postgres' extra: pip install 'rankopt[postgres]'"
         ) from None
     except Exception as exc:  # SQLAlchemy's errors for a bad URL or an unreachable server
+        from rankopt.core.safe_paths import disk_full_error, disk_full_in
+
+        if disk_full_in(exc) and is_local_sqlite(url):
+            raise disk_full_error(url.split("sqlite:///", 1)[-1]) from None
         raise ConfigError(
             f"storage: cannot open {_redact(url)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "give an Optuna RDB URL such as sqlite:///path/optuna.db or "
@@ -317,7 +321,8 @@ class _FileLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # never through a link planted at the lock's name
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
