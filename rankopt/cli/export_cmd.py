@@ -47,24 +47,34 @@ def densify_slower(model: Any, model_file: Path, payload: Any, input_shape: tupl
     return (densify(model, base, slower) if slower else model), kept, sorted(slower)
 
 
+def python_model_refusal(payload: Any, model_file: Path) -> Exception | None:
+    """The CLI's words for a file compressed from a module passed from Python (the CLI
+    cannot rebuild it), or None for a file it can rebuild."""
+    from rankopt.core.errors import ConfigError
+
+    base = payload.get("base") or {}
+    if not base.get("class"):
+        return None
+    name = str(base["class"]).rpartition(".")[2]
+    return ConfigError(
+        f"{str(model_file)!r} was compressed from a module passed from Python ({name}); the CLI "
+        f"cannot rebuild it: in Python, rankopt.load_compressed(path, model={name}(...)) "
+        "then rankopt.export(model, 'model.onnx', input_shape=...)"
+    )
+
+
 def build_for_cli(payload: Any, model_file: Path, allow_modules: list[str], module_folders: Any = ()) -> Any:
-    """``build_compressed`` with the CLI's words for what to pass when the file's model
-    cannot be rebuilt from the command line (a module passed from Python)."""
+    """``build_compressed``, or :func:`python_model_refusal` where the CLI cannot rebuild it."""
     from rankopt.deploy.artifacts import build_compressed
-    from rankopt.core.errors import ArtifactError, ConfigError
+    from rankopt.core.errors import ArtifactError
 
     try:
         return build_compressed(payload, model_file, allow_modules=allow_modules, module_folders=module_folders)
     except ArtifactError as exc:
-        base = payload.get("base") or {}
-        if not base.get("class"):
+        refusal = python_model_refusal(payload, model_file)
+        if refusal is None:
             raise
-        name = str(base["class"]).rpartition(".")[2]
-        raise ConfigError(
-            f"{str(model_file)!r} was compressed from a module passed from Python ({name}); the CLI "
-            f"cannot rebuild it: in Python, rankopt.load_compressed(path, model={name}(...)) "
-            "then rankopt.export(model, 'model.onnx', input_shape=...)"
-        ) from exc
+        raise refusal from exc
 
 
 @app.command("export")

@@ -54,6 +54,12 @@ def pick_command(
     # refuse to copy a torn, foreign or swapped file; and it must load
     check_builds(result.trial_payload(record, allow_unchecked=allow_unchecked), source,
                  allow_modules=result.model_modules, module_folders=result.model_folders)
+    if fold_bn or keep_faster:  # both rebuild the model from the file
+        from rankopt.cli.export_cmd import python_model_refusal
+
+        refusal = python_model_refusal(result.reference, source)
+        if refusal is not None:
+            raise refusal
     latency = result.config.latency
     picked = write_picked(
         source, out, fold_bn=fold_bn, allow_modules=result.model_modules, allow_unchecked=allow_unchecked,
