@@ -41,6 +41,7 @@ from rankopt.config_sections import (
     MAX_GPUS,
     MAX_SCREENING,
     SPACE_KEY,
+    CalibrationConfig,
     Choices,
     ConstraintsConfig,
     DataConfig,
@@ -158,6 +159,9 @@ class StudyConfig(_Strict):
     keep_faster_layers: bool = False
     # the serving runtime the latency objective and keep_faster_layers measure in
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    # data-aware decomposition: svd, tucker2 and cp minimise each layer's output error on
+    # these training images' activations (rankopt.calibration); null = weight space
+    calibration: CalibrationConfig | None = Field(default_factory=CalibrationConfig)
     # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
     rank_multiple: int = Field(1, ge=1)
     # try many rank choices without training first; start the search from the best

@@ -28,6 +28,7 @@ from tensorly.cp_tensor import CPTensor, cp_to_tensor
 from tensorly.decomposition import parafac
 
 from rankopt.accounting import Cost, conv2d_flops, conv2d_output_hw
+from rankopt.calibration import unwhiten_input_factor, whiten_input_channels, whitened
 from rankopt.errors import ConfigError, DecompositionError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
@@ -232,6 +233,16 @@ class CPDecomposer(Decomposer):
         w = weight.detach()
         return [mode_unfolding(w, 1), mode_unfolding(w, 0)]
 
+    def module_rank_matrices(
+        self, module: nn.Module, options: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
+        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
+        w = module.weight.detach()  # type: ignore[union-attr]
+        white = whitened(module, "channel", w.to(torch.float64), for_selection=True)
+        if white is None:
+            return super().module_rank_matrices(module, options)
+        return self.rank_matrices(whiten_input_channels(w.to(torch.float64), white[0]), options)
+
     def ranks_from_matrix_ranks(
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> tuple[int, ...]:
@@ -330,7 +341,14 @@ class CPDecomposer(Decomposer):
             make_conv(r, g.out_channels, (1, 1), bias=g.bias, **kw),
         )
         if initialize:
-            a_t, a_s, a_h, a_w = self.factors(weight, (r,), options)
+            # data-aware (rankopt.calibration): ALS on the kernel with its input channels
+            # whitened, the input factor mapped back (the Tucker-2 rule, on CP's init)
+            white = whitened(module, "channel", weight.detach().to(torch.float64))
+            target = weight if white is None else whiten_input_channels(
+                weight.detach().to(torch.float64), white[0]).to(compute_dtype(weight.dtype))
+            a_t, a_s, a_h, a_w = self.factors(target, (r,), options)
+            if white is not None:
+                a_s = unwhiten_input_factor(a_s.to(torch.float64), white[1]).to(a_t.dtype)
             with torch.no_grad():
                 built.pointwise_in.weight.copy_(a_s.T[:, :, None, None])
                 built.depthwise_h.weight.copy_(a_h.T[:, None, :, None])

@@ -23,6 +23,7 @@ from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
 from rankopt.accounting import Cost, conv2d_flops
+from rankopt.calibration import unwhiten_input_factor, whiten_input_channels, whitened
 from rankopt.errors import ConfigError, DecompositionError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
@@ -87,6 +88,13 @@ class Tucker2Decomposer(Decomposer):
 
     :meth:`project` computes its SVDs directly on the weight's device (the weight changes
     between calls, so caching would only miss).
+
+    Data-aware: when the layer carries input statistics (:mod:`rankopt.calibration`;
+    studies collect them by default), :meth:`build` decomposes the kernel with its
+    input-channel mode whitened by the channels' second moment and maps the input
+    factor back, so the truncation minimises the output error rather than the weight
+    error; spectrum-reading selectors read the whitened unfoldings. :meth:`project`
+    (DeepTwist, ADMM) stays in weight space.
     """
 
     name = "tucker2"
@@ -152,6 +160,16 @@ class Tucker2Decomposer(Decomposer):
         w = weight.detach()
         return [mode_unfolding(w, 1), mode_unfolding(w, 0)]
 
+    def module_rank_matrices(
+        self, module: nn.Module, options: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
+        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
+        w = module.weight.detach()  # type: ignore[union-attr]
+        white = whitened(module, "channel", w.to(torch.float64), for_selection=True)
+        if white is None:
+            return super().module_rank_matrices(module, options)
+        return self.rank_matrices(whiten_input_channels(w.to(torch.float64), white[0]), options)
+
     def ranks_from_matrix_ranks(
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> tuple[int, ...]:
@@ -159,17 +177,35 @@ class Tucker2Decomposer(Decomposer):
         return tuple(max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest))
 
     def factors(
-        self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
+        self,
+        weight: torch.Tensor,
+        ranks: Sequence[int],
+        options: Mapping[str, Any] | None = None,
+        whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(core, U_in, U_out)`` of ``weight`` on its device, in its (SVD-able) dtype."""
+        """``(core, U_in, U_out)`` of ``weight`` on its device, in its (SVD-able) dtype.
+
+        With ``whitening = (L, L^-1)`` of the input channels' second moment
+        (:mod:`rankopt.calibration`), the decomposition is of ``W x_1 L^T`` and the
+        input factor returned is ``L^-T U_in``: ``W ~ core x_0 U_out x_1 U_in`` still
+        holds, with the truncation chosen for the output error (exact at full rank).
+        """
         opts = self._options(options)
         r_in, r_out = self._weight_ranks(weight, ranks)
         w = weight.detach()
         dtype = compute_dtype(w.dtype)
+        if whitening is not None:
+            dtype = torch.float64
+            w = whiten_input_channels(w.to(dtype), whitening[0].to(w.device, dtype))
         cache = get_default_cache()
         u_in = cache.svd(mode_unfolding(w, 1))[0][:, :r_in].to(device=w.device, dtype=dtype)
         u_out = cache.svd(mode_unfolding(w, 0))[0][:, :r_out].to(device=w.device, dtype=dtype)
-        return self._core_and_factors(w.to(dtype), u_in, u_out, opts)
+        core, u_in, u_out = self._core_and_factors(w.to(dtype), u_in, u_out, opts)
+        if whitening is not None:
+            out_dtype = compute_dtype(weight.dtype)
+            u_in = unwhiten_input_factor(u_in, whitening[1].to(w.device, dtype))
+            core, u_in, u_out = (t.to(out_dtype) for t in (core, u_in, u_out))
+        return core, u_in, u_out
 
     def _core_and_factors(
         self, w: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor, opts: Mapping[str, Any]
@@ -214,7 +250,8 @@ class Tucker2Decomposer(Decomposer):
             make_conv(r_out, g.out_channels, (1, 1), bias=g.bias, **kw),
         )
         if initialize:
-            core, u_in, u_out = self.factors(weight, (r_in, r_out), options)
+            white = whitened(module, "channel", weight.detach().to(torch.float64))
+            core, u_in, u_out = self.factors(weight, (r_in, r_out), options, whitening=white)
             with torch.no_grad():
                 built.pointwise_in.weight.copy_(u_in.T[:, :, None, None])
                 built.core.weight.copy_(core)
