@@ -211,8 +211,9 @@ def test_a_study_collects_statistics_once_and_null_turns_it_off(tmp_path):
     files = list((tmp_path / "on" / "cache" / "calibration").glob("*.pt"))
     assert len(files) == 1
     stats = torch.load(files[0], weights_only=True)
-    assert set(stats) == {"0", "3", "7", "12"}  # every target: both convs and both Linears
-    assert [stats[n]["samples"] for n in ("7", "12")] == [64, 64]  # one vector per image
+    assert set(stats) == {"0", "3", "7", "12"}  # every target: three convs and the Linear
+    # a conv averages over pixels (8x8 digits, 4x4 after the pool), the Linear per image
+    assert [stats[n]["samples"] for n in ("0", "3", "7", "12")] == [64 * 64, 64 * 64, 64 * 16, 64]
     assert stats["0"]["patch"].shape == (9, 9)  # svd may lower the convs: patch moments too
     stamp = files[0].stat().st_mtime_ns
     rankopt.run_study({**cfg, "trials": 2}, run_dir=str(tmp_path / "on"))
