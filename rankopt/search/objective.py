@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from rankopt.accounting import count
 from rankopt.artifacts import save_compressed
-from rankopt.config import StudyConfig
+from rankopt.config import StudyConfig, resolve_rank_multiple
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key
@@ -222,7 +222,7 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
         train_options=config.train,
         cache=env.cache,
         keep_faster=config.keep_faster_layers,
-        rank_multiple=config.rank_multiple,
+        rank_multiple=resolve_rank_multiple(config),
         min_in_channels=config.targets.dense_input_channels + 1,
         min_saving=config.targets.min_saving,
         latency=config.latency.model_dump(),
