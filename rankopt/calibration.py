@@ -54,6 +54,7 @@ __all__ = [
     "attach_statistics",
     "calibrate",
     "collect_input_statistics",
+    "correct_bias",
     "detach_statistics",
     "input_statistics",
     "unwhiten_input_factor",
@@ -89,21 +90,30 @@ class InputStatistics:
     samples: int = 0
     damping: float = DEFAULT_DAMPING
     spectra: str = "output"
-    _factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    channel_mean: torch.Tensor | None = None
+    patch_mean: torch.Tensor | None = None
+    _factors: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def moment(self, kind: str) -> torch.Tensor | None:
         if kind not in KINDS:
             raise ValueError(f"statistics kind must be one of {list(KINDS)}, got {kind!r}")
         return self.channel if kind == "channel" else self.patch
 
-    def whitening(self, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(L, L^-1)``, float64 on the CPU, with ``L L^T`` the damped moment; None if absent."""
-        if kind in self._factors:
-            return self._factors[kind]
+    def mean(self, kind: str) -> torch.Tensor | None:
+        return self.channel_mean if kind == "channel" else self.patch_mean
+
+    def whitening(self, kind: str, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(L, L^-1)``, float64 on the CPU, with ``L L^T`` the damped moment (the
+        covariance about the mean when ``centered``); None if absent."""
+        if (kind, centered) in self._factors:
+            return self._factors[(kind, centered)]
         c = self.moment(kind)
-        if c is None:
+        mean = self.mean(kind)
+        if c is None or (centered and mean is None):
             return None
         c = c.to(torch.float64)
+        if centered:
+            c = c - torch.outer(mean, mean)
         scale = float(torch.diagonal(c).mean())
         if not scale > 0.0:  # an all-zero input: nothing to weight by
             scale = 1.0
@@ -114,8 +124,8 @@ class InputStatistics:
         inverse = torch.linalg.solve_triangular(
             lower, torch.eye(c.shape[0], dtype=torch.float64), upper=False
         )
-        self._factors[kind] = (lower, inverse)
-        return self._factors[kind]
+        self._factors[(kind, centered)] = (lower, inverse)
+        return self._factors[(kind, centered)]
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InputStatistics:
         return self  # read-only once collected: every trial's copy shares one
@@ -143,14 +153,42 @@ def whitened(
     module: nn.Module, kind: str, like: torch.Tensor, *, for_selection: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(L, L^-1)`` for ``module``'s ``kind`` statistics on ``like``'s device and dtype,
-    or None (weight space: no statistics, or selectors told to read the weight's own)."""
+    or None (weight space: no statistics, or selectors told to read the weight's own).
+
+    A layer with a bias is whitened by its inputs' covariance about their mean: the
+    mean's share of the error is then removed exactly by :func:`corrected_bias`. A
+    layer without one (a conv before BatchNorm) by the second moment about zero, since
+    nothing can absorb a mean shift there.
+    """
     stats = input_statistics(module)
     if stats is None or (for_selection and stats.spectra != "output"):
         return None
-    pair = stats.whitening(kind)
+    pair = stats.whitening(kind, centered=_centered(module, stats, kind))
     if pair is None:
         return None
     return pair[0].to(device=like.device, dtype=like.dtype), pair[1].to(device=like.device, dtype=like.dtype)
+
+
+def _centered(module: nn.Module, stats: InputStatistics, kind: str) -> bool:
+    return getattr(module, "bias", None) is not None and stats.mean(kind) is not None
+
+
+def correct_bias(built_bias: torch.Tensor | None, module: nn.Module, approx: torch.Tensor, kind: str) -> None:
+    """Add to ``built_bias`` the output shift the truncation makes at the inputs' mean,
+    ``(W - W') mu``, for a layer decomposed with centered whitening (:func:`whitened`);
+    a no-op otherwise. ``approx`` is ``W'`` in the weight's own shape."""
+    stats = input_statistics(module)
+    if built_bias is None or stats is None or not _centered(module, stats, kind):
+        return
+    weight = module.weight.detach().to(torch.float64)  # type: ignore[union-attr]
+    delta = weight - approx.detach().to(device=weight.device, dtype=torch.float64)
+    mean = stats.mean(kind).to(weight.device)  # type: ignore[union-attr]
+    if kind == "channel" and delta.dim() == 4:  # per-pixel channel mean: sum the kernel's taps
+        shift = delta.sum(dim=(2, 3)) @ mean
+    else:
+        shift = delta.reshape(delta.shape[0], -1) @ mean
+    with torch.no_grad():
+        built_bias.add_(shift.to(built_bias.dtype))
 
 
 def whiten_input_channels(weight: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
@@ -189,6 +227,8 @@ class _Accumulator:
         self.want_patch = want_patch
         self.channel: torch.Tensor | None = None
         self.patch: torch.Tensor | None = None
+        self.channel_sum: torch.Tensor | None = None
+        self.patch_sum: torch.Tensor | None = None
         self.samples = 0
         self.patch_samples = 0
 
@@ -199,20 +239,33 @@ class _Accumulator:
         else:
             chan = x.reshape(-1, x.shape[-1])
         self.channel = _add(self.channel, chan)
+        self.channel_sum = _sum(self.channel_sum, chan)
         self.samples += chan.shape[0]
         if self.want_patch and isinstance(module, nn.Conv2d):
             if isinstance(module.padding, str):
                 return  # 'same'/'valid' padding: no fixed im2col; stays weight space
             cols = F.unfold(x, module.kernel_size, dilation=module.dilation,
                             padding=module.padding, stride=module.stride)  # (N, S*k*k, L)
-            self.patch = _add(self.patch, cols.transpose(1, 2).reshape(-1, cols.shape[1]))
-            self.patch_samples += cols.shape[0] * cols.shape[2]
+            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+            self.patch = _add(self.patch, rows)
+            self.patch_sum = _sum(self.patch_sum, rows)
+            self.patch_samples += rows.shape[0]
 
-    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        chan = self.channel / max(self.samples, 1) if self.channel is not None else None
-        n = self.patch_samples
-        patch = self.patch / n if self.patch is not None and n else None
-        return chan, patch, self.samples
+    def result(self, damping: float, spectra: str) -> InputStatistics:
+        n, p = max(self.samples, 1), self.patch_samples
+        have_patch = self.patch is not None and p > 0
+        return InputStatistics(
+            self.channel / n if self.channel is not None else None,
+            self.patch / p if have_patch else None,
+            self.samples, damping=damping, spectra=spectra,
+            channel_mean=self.channel_sum / n if self.channel_sum is not None else None,
+            patch_mean=self.patch_sum / p if have_patch and self.patch_sum is not None else None,
+        )
+
+
+def _sum(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    column = rows.to(torch.float64).sum(dim=0).cpu()
+    return column if total is None else total + column
 
 
 def _add(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
@@ -274,11 +327,7 @@ def collect_input_statistics(
         model.train(was_training)
     if seen == 0:
         raise ConfigError("calibration saw no images: the training split is empty")
-    out = {}
-    for name, acc in accumulators.items():
-        chan, pat, n = acc.result()
-        out[name] = InputStatistics(chan, pat, n, damping=damping, spectra=spectra)
-    return out
+    return {name: acc.result(damping, spectra) for name, acc in accumulators.items()}
 
 
 def calibrate(
@@ -315,7 +364,8 @@ def save_statistics(path: Path, stats: Mapping[str, InputStatistics]) -> None:
     """Write statistics atomically (``torch.save`` of plain tensors, read back weights-only)."""
     data = {
         name: {"channel": s.channel, "patch": s.patch, "samples": s.samples,
-               "damping": s.damping, "spectra": s.spectra}
+               "damping": s.damping, "spectra": s.spectra,
+               "channel_mean": s.channel_mean, "patch_mean": s.patch_mean}
         for name, s in stats.items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,14 +392,21 @@ def load_statistics(path: Path, layers: Iterable[str]) -> dict[str, InputStatist
     for name, entry in data.items():
         try:
             moments = [entry["channel"], entry["patch"]]
-            for m in moments:
+            means = [entry["channel_mean"], entry["patch_mean"]]
+            for m, mu in zip(moments, means):
                 if m is not None and not (
                     isinstance(m, torch.Tensor) and m.dim() == 2 and m.shape[0] == m.shape[1]
                     and m.dtype == torch.float64 and bool(torch.isfinite(m).all())
                 ):
                     return None
+                if mu is not None and not (
+                    m is not None and isinstance(mu, torch.Tensor) and mu.shape == (m.shape[0],)
+                    and mu.dtype == torch.float64 and bool(torch.isfinite(mu).all())
+                ):
+                    return None
             out[name] = InputStatistics(moments[0], moments[1], int(entry["samples"]),
-                                        damping=float(entry["damping"]), spectra=str(entry["spectra"]))
+                                        damping=float(entry["damping"]), spectra=str(entry["spectra"]),
+                                        channel_mean=means[0], patch_mean=means[1])
         except (KeyError, TypeError, ValueError):
             return None
     return out

@@ -176,7 +176,7 @@ def test_energy_selector_reads_the_whitened_spectrum_and_weight_when_asked():
     plain = sel.select(lin, dec, cache=SpectralCache(), p=0.9)
     attach_statistics(nn.Sequential(lin), {"0": stats})
     aware = sel.select(lin, dec, cache=SpectralCache(), p=0.9)
-    lower, _ = stats.whitening("channel")
+    lower, _ = stats.whitening("channel", centered=True)  # a Linear with a bias: about its mean
     s = torch.linalg.svdvals(lin.weight.detach() @ lower).numpy()
     assert aware == (energy_rank(s, 0.9),)
     assert aware != plain  # the two spectra give different ranks on these inputs

@@ -25,7 +25,7 @@ from rankopt.config import StudyConfig
 from rankopt.devices import resolve_device
 from rankopt.plugins.datasets.base import DatasetSplits
 from rankopt.surgery import LayerInfo
-from rankopt.training import make_loader
+from rankopt.trial import loader_for
 
 __all__ = ["calibrate_reference"]
 
@@ -53,8 +53,9 @@ def calibrate_reference(
     if stats is None:
         device = resolve_device(config.device)
         model = copy.deepcopy(reference).to(device)
-        loader = make_loader(splits.train, batch_size=min(128, settings.images), shuffle=True,
-                             seed=config.seed)
+        # a user's own DataLoader is used as it comes
+        loader = loader_for(splits.train, batch_size=min(128, settings.images), shuffle=True,
+                            seed=config.seed)
         stats = collect_input_statistics(
             model, names, loader, images=settings.images, patch_layers=patch,
             damping=settings.damping, spectra=settings.spectra, device=device,

@@ -28,7 +28,7 @@ from tensorly.cp_tensor import CPTensor, cp_to_tensor
 from tensorly.decomposition import parafac
 
 from rankopt.accounting import Cost, conv2d_flops, conv2d_output_hw
-from rankopt.calibration import unwhiten_input_factor, whiten_input_channels, whitened
+from rankopt.calibration import correct_bias, unwhiten_input_factor, whiten_input_channels, whitened
 from rankopt.errors import ConfigError, DecompositionError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
@@ -355,6 +355,7 @@ class CPDecomposer(Decomposer):
                 built.depthwise_w.weight.copy_(a_w.T[:, None, None, :])
                 built.pointwise_out.weight.copy_(a_t[:, :, None, None])
             copy_bias(built.pointwise_out, module)
+            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
         return built
 
     def project(

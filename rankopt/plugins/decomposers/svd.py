@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.accounting import Cost, conv2d_flops, linear_flops
-from rankopt.calibration import whiten_columns, whitened
+from rankopt.calibration import correct_bias, whiten_columns, whitened
 from rankopt.errors import ConfigError, DecompositionError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
@@ -273,6 +273,7 @@ class SVDDecomposer(Decomposer):
                 first_layer.weight.copy_(first.reshape(first_layer.weight.shape))
                 second_layer.weight.copy_(second.reshape(second_layer.weight.shape))
             copy_bias(second_layer, module)
+            correct_bias(second_layer.bias, module, built.reconstruct_weight(), _kind(module))
         return built
 
     def _build_tiled(

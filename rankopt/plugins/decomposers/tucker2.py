@@ -23,7 +23,7 @@ from tensorly.decomposition import partial_tucker
 from tensorly.tenalg import multi_mode_dot
 
 from rankopt.accounting import Cost, conv2d_flops
-from rankopt.calibration import unwhiten_input_factor, whiten_input_channels, whitened
+from rankopt.calibration import correct_bias, unwhiten_input_factor, whiten_input_channels, whitened
 from rankopt.errors import ConfigError, DecompositionError
 from rankopt.hookspecs import hookimpl
 from rankopt.plugins.decomposers._layers import (
@@ -257,6 +257,7 @@ class Tucker2Decomposer(Decomposer):
                 built.core.weight.copy_(core)
                 built.pointwise_out.weight.copy_(u_out[:, :, None, None])
             copy_bias(built.pointwise_out, module)
+            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
         return built
 
     def project(
