@@ -107,6 +107,7 @@ class Setting:
     population: int  # NSGA-II population size
     seed_points: int  # seed_proposals: spread points per selector
     screening: int  # rankopt_screened: candidates tried without training
+    weights: Path | None = None  # a committed, fully trained reference (else trained here)
 
     def describe(self) -> str:
         limit = self.data.get("limit", {})
@@ -121,7 +122,10 @@ class Setting:
 def settings(quick: bool) -> dict[str, Setting]:
     """The two settings; ``quick`` shrinks data, epochs and N to fit a 2-core CPU."""
     mnist_limit = {"train": 10000, "val": 2000} if quick else {}
-    cifar_limit = {"train": 5000, "val": 1000} if quick else {}
+    # the 1-point line needs a validation set whose sampling error is well under a point:
+    # at 0.91 accuracy the standard error is 0.29 points on 10,000 images (batch 5) and
+    # 0.40 on the quick 5,000; fine-tuning draws from the 40,000 images the reference saw
+    cifar_limit = {"train": 10000, "val": 5000} if quick else {}
     mnist = Setting(
         key="mnist",
         title="LeNet-5 (Caffe variant) on MNIST",
@@ -141,14 +145,14 @@ def settings(quick: bool) -> dict[str, Setting]:
     )
     cifar = Setting(
         key="cifar",
-        title="ResNet-20 on CIFAR-10 (batches 1-2 train, batch 5 validation)",
+        title="ResNet-20 on CIFAR-10 (committed reference 0.912; batches 1-4 train, batch 5 validation)",
         model={"name": "resnet20_cifar"},
-        data={"train": ["cifar10_train_1.npz", "cifar10_train_2.npz"], "val": "cifar10_train_5.npz",
+        data={"train": [f"cifar10_train_{k}.npz" for k in (1, 2, 3, 4)], "val": "cifar10_train_5.npz",
               "root": str(DATA), "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
               "augment": True, **({"limit": cifar_limit} if quick else {})},
-        files=("cifar10_train_1.npz", "cifar10_train_2.npz", "cifar10_train_5.npz"),
+        files=tuple(f"cifar10_train_{k}.npz" for k in (1, 2, 3, 4, 5)),
         batch_size=64 if quick else 128,
-        reference_epochs=15 if quick else 60,
+        reference_epochs=40,  # the committed weights (not trained here)
         reference_lr=0.1,
         finetune_epochs=2 if quick else 5,
         finetune_lr=0.01,
@@ -156,6 +160,8 @@ def settings(quick: bool) -> dict[str, Setting]:
         population=6 if quick else 12,
         seed_points=0 if quick else 3,  # quick: only the selectors' defaults, N is small
         screening=60 if quick else 200,
+        # benchmarks/train_reference_cifar.py made it (and checks it): 40 epochs on batches 1-4
+        weights=ROOT / "benchmarks" / "references" / "resnet20_cifar10.pt",
     )
     return {"mnist": mnist, "cifar": cifar}
 
@@ -176,6 +182,8 @@ def reference_weights(setting: Setting, out: Path, device: str) -> Path:
     from rankopt.training.devices import resolve_device
     from rankopt.training.loop import make_loader, seed_everything, train
 
+    if setting.weights is not None:
+        return setting.weights
     path = out / setting.key / "reference.pt"
     if path.is_file():
         return path

@@ -345,6 +345,9 @@ class Study:
             )
             check_reference_key(study, key, run_dir, baseline.get("weights_sha256"))
             warn_weak_reference(baseline, prep.splits.num_classes)
+            from rankopt.search.reference_statistics import calibrate_reference
+
+            calibrate_reference(reference, config, prep.splits, prep.targets, run_dir, key)
             env = TrialEnv(
                 config=config,
                 run_dir=run_dir.resolve(),

@@ -120,7 +120,7 @@ def test_a_3_channel_stem_stays_dense_by_default_and_says_why() -> None:
     net = _net()
     layers = rankopt.find_layers(net, INPUT)
     config = load_config({"name": "s", "trials": 1}, check_plugins=False)
-    assert (config.targets.dense_input_channels, config.rank_multiple) == (3, 1)
+    assert (config.targets.dense_input_channels, config.rank_multiple) == (3, "auto")
     spec, choices = select_spec(
         net, layers, {"stem": "tucker2", "conv1": "tucker2"}, "fixed", {"fraction": 0.25},
         min_in_channels=config.targets.dense_input_channels + 1,
@@ -178,3 +178,34 @@ def test_inspect_follows_the_study_files_min_in_channels(tmp_path, capsys: pytes
     assert main(["inspect", "small_cnn", "--min-in-channels", "0"]) == 2
     err = capsys.readouterr().err
     assert "--min-in-channels must be an integer >= 1, got 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_aligns_only_layers_large_enough_and_follows_the_device() -> None:
+    from rankopt.contract.selector import RankAlignment, auto_rank_alignment
+
+    assert auto_rank_alignment("cuda") == RankAlignment(8, 32)
+    cpu = auto_rank_alignment("cpu")
+    assert cpu.multiple in (4, 8, 16) and cpu.min_largest == 4 * cpu.multiple
+    align = RankAlignment(8, 32)
+    assert align.apply((13, 21), (48, 40)) == (16, 24)  # a layer wide enough: rounded
+    assert align.apply((13, 21), (48, 24)) == (13, 21)  # one mode too small: exact ranks
+    net = _net()
+    layers = rankopt.find_layers(net, INPUT)
+    decs = {la.name: ("svd" if la.kind == "linear" else "tucker2") for la in layers}
+    plain, _ = select_spec(net, layers, decs, "fixed", {"fraction": 0.3}, input_shape=INPUT)
+    aligned, _ = select_spec(net, layers, decs, "fixed", {"fraction": 0.3}, input_shape=INPUT,
+                             rank_multiple=RankAlignment(8, 44))
+    # conv1 (largest 40, 48) is under 44 and keeps its ranks; conv2 (48, 44) is rounded
+    assert aligned["conv1"]["ranks"] == plain["conv1"]["ranks"]
+    assert aligned["conv2"]["ranks"] != plain["conv2"]["ranks"]
+    assert all(r % 8 == 0 for r in aligned["conv2"]["ranks"])
+
+
+def test_a_study_resolves_auto_on_its_device() -> None:
+    from rankopt.config.schema import resolve_rank_multiple
+    from rankopt.contract.selector import auto_rank_alignment
+
+    config = load_config({"name": "rm", "trials": 1, "device": "cpu"}, check_plugins=False)
+    assert config.rank_multiple == "auto"
+    assert resolve_rank_multiple(config) == auto_rank_alignment("cpu")
+    assert resolve_rank_multiple(load_config({"name": "rm", "rank_multiple": 8}, check_plugins=False)) == 8

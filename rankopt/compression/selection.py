@@ -27,9 +27,9 @@ from optuna.distributions import BaseDistribution
 from rankopt.compression.accounting import Cost, layer_cost
 from rankopt.core.errors import ConfigError
 from rankopt.contract.decomposer import Decomposer
-from rankopt.contract.selector import LayerChoice, RankSelector, round_ranks
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo, Spec, get_submodule
+from rankopt.contract.selector import LayerChoice, RankAlignment, RankSelector
 
 __all__ = [
     "select_spec",
@@ -174,7 +174,7 @@ def select_spec(
     *,
     cache: SpectralCache | None = None,
     input_shape: Sequence[int] | None = None,
-    rank_multiple: int = 1,
+    rank_multiple: int | RankAlignment = 1,
     min_in_channels: int = 1,
     min_saving: float = 0.0,
 ) -> tuple[Spec, list[LayerChoice]]:
@@ -192,7 +192,9 @@ def select_spec(
         input_shape: the model's input, batch included; global selectors that price
             FLOPs of the whole model (``budget``) need it, the others ignore it.
         rank_multiple: every selected rank is rounded to a multiple of this (or the
-            layer's largest rank), see :func:`~rankopt.contract.selector.round_ranks`.
+            layer's largest rank), see :func:`~rankopt.contract.selector.round_ranks`;
+            a :class:`~rankopt.contract.selector.RankAlignment` (what a study's
+            ``rank_multiple: auto`` resolves to) rounds only the layers large enough.
         min_in_channels: layers with fewer input channels stay full (a 3-channel stem
             saves almost nothing and costs an extra op); 1 considers every layer.
             Studies default to 4.
@@ -206,7 +208,8 @@ def select_spec(
         considered layer, in ``layers`` order (ranks None and a reason for those left
         full).
     """
-    for what, value in (("rank_multiple", rank_multiple), ("min_in_channels", min_in_channels)):
+    alignment = rank_multiple if isinstance(rank_multiple, RankAlignment) else RankAlignment(rank_multiple)
+    for what, value in (("rank_multiple", alignment.multiple), ("min_in_channels", min_in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
     if isinstance(min_saving, bool) or not isinstance(min_saving, (int, float)) or not 0 <= min_saving < 1:
@@ -266,8 +269,7 @@ def select_spec(
             choices.append(LayerChoice(layer.name, dec.name, None, choice.reason or "left full by the selector", opts))
             continue
         ranks = tuple(choice.ranks)
-        if rank_multiple > 1:
-            ranks = round_ranks(ranks, dec.max_ranks(module, opts or None), rank_multiple)
+        ranks = alignment.apply(ranks, dec.max_ranks(module, opts or None))
         ranks = dec.check_ranks(module, ranks, name=layer.name, options=opts or None)
         new, original, flops_known = layer_costs(dec, module, ranks, layer.input_hw, opts)
         why = cost_increase_reason(dec.name, ranks, new, original, flops_known, min_saving)

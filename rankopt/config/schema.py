@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
@@ -48,6 +48,7 @@ from rankopt.config.sections import (
     MAX_GPUS,
     MAX_SCREENING,
     SPACE_KEY,
+    CalibrationConfig,
     Choices,
     ConstraintsConfig,
     DataConfig,
@@ -70,6 +71,7 @@ from rankopt.core.limits import MAX_RANK_MULTIPLE
 
 __all__ = [
     "StudyConfig",
+    "resolve_rank_multiple",
     "auto_multi_fidelity",
     "ModelConfig",
     "DataConfig",
@@ -173,8 +175,13 @@ class StudyConfig(_Strict):
     keep_faster_layers: bool = False
     # the serving runtime the latency objective and keep_faster_layers measure in
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
-    # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512)
-    rank_multiple: int = Field(1, ge=1, le=MAX_RANK_MULTIPLE)  # rankopt.core.limits
+    # data-aware decomposition: svd, tucker2 and cp minimise each layer's output error on
+    # these training images' activations (rankopt.compression.calibration); null = weight space
+    calibration: CalibrationConfig | None = Field(default_factory=CalibrationConfig)
+    # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512);
+    # auto (default): the device's vector width, on layers large enough to gain
+    # (rankopt.contract.selector.auto_rank_alignment); 1 = exact ranks
+    rank_multiple: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=MAX_RANK_MULTIPLE)] = "auto"
     # try many rank choices without training first; start the search from the best
     screening: ScreeningConfig | None = None
     # a trial whose resolved ranks and hyperparameters equal a finished trial's reports
@@ -184,6 +191,16 @@ class StudyConfig(_Strict):
     # (default): every trial half its epochs, the better half a full epochs more, for
     # finetune-only studies of at least AUTO_MF_MIN_TRIALS trials (auto_multi_fidelity)
     multi_fidelity: MultiFidelityConfig | Literal["auto"] | None = "auto"
+
+    @field_validator("rank_multiple", mode="before")
+    @classmethod
+    def _rank_multiple(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK_MULTIPLE):
+            return v
+        raise ValueError(
+            f"must be 'auto' (the device's vector width) or an integer in [1, {MAX_RANK_MULTIPLE}] "
+            f"(1: exact ranks), got {v!r}"
+        )
 
     @field_validator("name")
     @classmethod
@@ -305,6 +322,18 @@ class StudyConfig(_Strict):
 # and with fewer models half of them is hardly a choice
 AUTO_MF_MIN_TRIALS = 8
 AUTO_MULTI_FIDELITY = {"rounds": 1, "keep": 0.5, "first": 0.5}
+
+
+def resolve_rank_multiple(config: StudyConfig, device: Any = None) -> Any:
+    """``config.rank_multiple`` for ``select_spec``: an int as given, or for ``auto`` the
+    :class:`~rankopt.contract.selector.RankAlignment` of the device the trials run
+    on (``device``, default the study's, resolved here)."""
+    if config.rank_multiple != "auto":
+        return config.rank_multiple
+    from rankopt.training.devices import resolve_device
+    from rankopt.contract.selector import auto_rank_alignment
+
+    return auto_rank_alignment(resolve_device(config.device if device is None else device))
 
 
 def auto_multi_fidelity(config: StudyConfig) -> MultiFidelityConfig | None:

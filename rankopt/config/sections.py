@@ -247,6 +247,18 @@ class ScreeningConfig(_Strict):
         return self
 
 
+class CalibrationConfig(_Strict):
+    """Data-aware decomposition (rankopt.compression.calibration): each target's input statistics from
+    ``images`` training images, collected once per reference and shared by every trial.
+    ``damping`` (relative to the mean input energy) keeps the whitening invertible;
+    ``spectra: output`` makes the spectrum-reading selectors' p and VBMF read the share
+    of output energy, ``weight`` the weight's own spectrum."""
+
+    images: StrictInt = Field(512, ge=1, le=100_000)
+    damping: float = Field(0.01, gt=0, le=1)
+    spectra: Literal["output", "weight"] = "output"
+
+
 class LatencyConfig(_Strict):
     """Where the ``latency`` objective and ``keep_faster_layers`` measure (rankopt.compression.latency):
     the serving runtime, the batch and the threads, timed interleaved with the reference."""

@@ -154,6 +154,24 @@ class Decomposer(ABC):
         """
         raise NotImplementedError(f"decomposer {self.name!r} does not expose rank matrices")
 
+    def module_rank_matrices(
+        self, module: nn.Module, options: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
+        """The rank matrices selectors read for ``module``.
+
+        By default :meth:`rank_matrices` of its weight. Data-aware decomposers override
+        it to whiten them by the module's input statistics
+        (:mod:`rankopt.compression.calibration`), so that a threshold p means a share of *output*
+        energy when the layer is decomposed data-aware.
+        """
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise UnsupportedModuleError(
+                f"rank selectors read a layer's weight, but {type(module).__name__} has no "
+                "'weight' tensor; exclude the layer"
+            )
+        return self.rank_matrices(weight, options)
+
     def ranks_from_matrix_ranks(
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from rankopt.compression.accounting import count
 from rankopt.deploy.artifacts import save_compressed
-from rankopt.config.schema import StudyConfig
+from rankopt.config.schema import StudyConfig, resolve_rank_multiple
 from rankopt.contract.dataset import DatasetSplits
 from rankopt.core.errors import UnsafePathError
 from rankopt.core.safe_paths import atomic_write_text, clear_dir, is_link, make_dirs
@@ -271,7 +271,7 @@ def trial_context(env: TrialEnv, plan: TrialPlan, *, seed: int) -> LocalTrialCon
         train_options=config.train,
         cache=env.cache,
         keep_faster=config.keep_faster_layers,
-        rank_multiple=config.rank_multiple,
+        rank_multiple=resolve_rank_multiple(config),
         min_in_channels=config.targets.dense_input_channels + 1,
         min_saving=config.targets.min_saving,
         latency=config.latency.model_dump(),

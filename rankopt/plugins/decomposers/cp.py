@@ -30,6 +30,13 @@ from tensorly.decomposition import parafac
 from rankopt.compression.accounting import Cost, conv2d_flops, conv2d_output_hw
 from rankopt.core.errors import ConfigError, DecompositionError
 from rankopt.contract.hookspecs import hookimpl
+from rankopt.compression.calibration import (
+    channel_whitened_matrices,
+    correct_bias,
+    unwhiten_input_factor,
+    whiten_input_channels,
+    whitened,
+)
 from rankopt.plugins.decomposers._layers import (
     input_output_unfoldings,
     check_options,
@@ -237,6 +244,11 @@ class CPDecomposer(Decomposer):
         """[mode-1 unfolding (input channels), mode-0 unfolding (output channels)]."""
         return input_output_unfoldings(weight)
 
+    def module_rank_matrices(self, module: nn.Module, options: Options = None) -> list[torch.Tensor]:
+        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
+        return channel_whitened_matrices(module, self.rank_matrices, options) or super().module_rank_matrices(
+            module, options)
+
     def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         (hi,) = self.max_ranks(module, options)
         return (max(1, min(max(int(r) for r in matrix_ranks), hi)),)
@@ -343,13 +355,21 @@ class CPDecomposer(Decomposer):
             make_conv(r, g.out_channels, (1, 1), bias=g.bias, **kw),
         )
         if initialize:
-            a_t, a_s, a_h, a_w = self.factors(weight, (r,), options)
+            # data-aware (rankopt.compression.calibration): ALS on the kernel with its input channels
+            # whitened, the input factor mapped back (the Tucker-2 rule, on CP's init)
+            white = whitened(module, "channel", weight.detach().to(torch.float64))
+            target = weight if white is None else whiten_input_channels(
+                weight.detach().to(torch.float64), white[0]).to(compute_dtype(weight.dtype))
+            a_t, a_s, a_h, a_w = self.factors(target, (r,), options)
+            if white is not None:
+                a_s = unwhiten_input_factor(a_s.to(torch.float64), white[1]).to(a_t.dtype)
             with torch.no_grad():
                 built.pointwise_in.weight.copy_(a_s.T[:, :, None, None])
                 built.depthwise_h.weight.copy_(a_h.T[:, None, :, None])
                 built.depthwise_w.weight.copy_(a_w.T[:, None, None, :])
                 built.pointwise_out.weight.copy_(a_t[:, :, None, None])
             copy_bias(built.pointwise_out, module)
+            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
         return built
 
     def project(

@@ -21,6 +21,7 @@ import torch.nn as nn
 from rankopt.compression.accounting import Cost, conv2d_flops, linear_flops
 from rankopt.core.errors import ConfigError, DecompositionError
 from rankopt.contract.hookspecs import hookimpl
+from rankopt.compression.calibration import correct_bias, whiten_columns, whitened
 from rankopt.plugins.decomposers._layers import (
     ConvGeometry,
     check_options,
@@ -71,6 +72,11 @@ class SVDConv2d(nn.Sequential):
         return w.reshape(-1, *self.spatial.weight.shape[1:])
 
 
+def _kind(module: nn.Module) -> str:
+    """The input statistics the SVD of this layer whitens by (:mod:`rankopt.compression.calibration`)."""
+    return "patch" if isinstance(module, nn.Conv2d) else "channel"
+
+
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
     """The 2-D matrix that is factorized: the weight itself, or a kernel as T x (S*kh*kw)."""
     if weight.dim() not in (2, 4):
@@ -95,6 +101,12 @@ class SVDDecomposer(Decomposer):
     ``m x n`` matrix. Spectrum-reading selectors do not apply to tiles (one rank for
     many spectra); use ``fixed`` ranks or fractions. :meth:`build` takes the SVD from the shared spectral cache;
     :meth:`project` computes it on the weight's device.
+
+    Data-aware: when the layer carries input statistics (:mod:`rankopt.compression.calibration`;
+    studies collect them by default, ``calibration:``), :meth:`build` truncates the
+    whitened matrix ``W L`` (a Linear's input features; a conv's im2col patches), which
+    minimises the output error on those inputs, and the spectrum-reading selectors read
+    ``W L``'s spectrum. Tiles and :meth:`project` stay in weight space.
     """
 
     name = "svd"
@@ -161,6 +173,14 @@ class SVDDecomposer(Decomposer):
             )
         return [_matrix(weight.detach())]
 
+    def module_rank_matrices(
+        self, module: nn.Module, options: Mapping[str, Any] | None = None
+    ) -> list[torch.Tensor]:
+        """``[W L]`` when the layer carries input statistics (output-energy spectrum)."""
+        (mat,) = super().module_rank_matrices(module, options)
+        white = whitened(module, _kind(module), mat.to(torch.float64), for_selection=True)
+        return [mat if white is None else whiten_columns(mat.to(torch.float64), white[0])]
+
     def ranks_from_matrix_ranks(
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
     ) -> tuple[int, ...]:
@@ -179,15 +199,28 @@ class SVDDecomposer(Decomposer):
         return vh, u * s
 
     def factors(
-        self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
+        self,
+        weight: torch.Tensor,
+        ranks: Sequence[int],
+        options: Mapping[str, Any] | None = None,
+        whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(first, second)`` matrices, ``(r, cols)`` and ``(rows, r)``, on the weight's device."""
+        """``(first, second)`` matrices, ``(r, cols)`` and ``(rows, r)``, on the weight's device.
+
+        With ``whitening = (L, L^-1)`` (:mod:`rankopt.compression.calibration`), the truncated SVD is
+        of ``W L`` and ``first`` is multiplied by ``L^-1``: the rank-r matrix with the
+        least output error on inputs of second moment ``L L^T`` (exact at full rank).
+        """
         opts = self._options(options)
         mat = _matrix(weight.detach())
         (r,) = validate_weight_ranks(self.name, self.rank_names, ranks, (min(mat.shape),))
+        if whitening is not None:
+            mat = whiten_columns(mat.to(torch.float64), whitening[0].to(mat.device, torch.float64))
         u, s, vh = get_default_cache().svd(mat)
         dtype = compute_dtype(weight.dtype)
         u, s, vh = (x.to(device=weight.device, dtype=dtype) for x in (u[:, :r], s[:r], vh[:r]))
+        if whitening is not None:
+            vh = vh @ whitening[1].to(device=weight.device, dtype=dtype)
         if not all(torch.isfinite(x).all() for x in (u, s, vh)):
             raise DecompositionError(
                 f"svd of a weight of shape {tuple(weight.shape)} produced non-finite factors; "
@@ -220,11 +253,13 @@ class SVDDecomposer(Decomposer):
             )
             first_layer, second_layer = built.spatial, built.pointwise_out
         if initialize:
-            first, second = self.factors(weight, (r,), options)
+            white = whitened(module, _kind(module), weight.detach().to(torch.float64))
+            first, second = self.factors(weight, (r,), options, whitening=white)
             with torch.no_grad():
                 first_layer.weight.copy_(first.reshape(first_layer.weight.shape))
                 second_layer.weight.copy_(second.reshape(second_layer.weight.shape))
             copy_bias(second_layer, module)
+            correct_bias(second_layer.bias, module, built.reconstruct_weight(), _kind(module))
         return built
 
     def _build_tiled(

@@ -25,6 +25,13 @@ from tensorly.tenalg import multi_mode_dot
 from rankopt.compression.accounting import Cost, conv2d_flops
 from rankopt.core.errors import ConfigError, DecompositionError
 from rankopt.contract.hookspecs import hookimpl
+from rankopt.compression.calibration import (
+    channel_whitened_matrices,
+    correct_bias,
+    unwhiten_input_factor,
+    whiten_input_channels,
+    whitened,
+)
 from rankopt.plugins.decomposers._layers import (
     input_output_unfoldings,
     check_options,
@@ -88,6 +95,13 @@ class Tucker2Decomposer(Decomposer):
 
     :meth:`project` computes its SVDs directly on the weight's device (the weight changes
     between calls, so caching would only miss).
+
+    Data-aware: when the layer carries input statistics (:mod:`rankopt.compression.calibration`;
+    studies collect them by default), :meth:`build` decomposes the kernel with its
+    input-channel mode whitened by the channels' second moment and maps the input
+    factor back, so the truncation minimises the output error rather than the weight
+    error; spectrum-reading selectors read the whitened unfoldings. :meth:`project`
+    (DeepTwist, ADMM) stays in weight space.
     """
 
     name = "tucker2"
@@ -145,22 +159,45 @@ class Tucker2Decomposer(Decomposer):
         """[mode-1 unfolding (S x T*kh*kw, governs r_in), mode-0 unfolding (T x S*kh*kw, r_out)]."""
         return input_output_unfoldings(weight)
 
+    def module_rank_matrices(self, module: nn.Module, options: Options = None) -> list[torch.Tensor]:
+        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
+        return channel_whitened_matrices(module, self.rank_matrices, options) or super().module_rank_matrices(
+            module, options)
+
     def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         largest = self.max_ranks(module, options)
         return tuple(max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest))
 
     def factors(
-        self, weight: torch.Tensor, ranks: Sequence[int], options: Mapping[str, Any] | None = None
+        self,
+        weight: torch.Tensor,
+        ranks: Sequence[int],
+        options: Mapping[str, Any] | None = None,
+        whitening: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(core, U_in, U_out)`` of ``weight`` on its device, in its (SVD-able) dtype."""
+        """``(core, U_in, U_out)`` of ``weight`` on its device, in its (SVD-able) dtype.
+
+        With ``whitening = (L, L^-1)`` of the input channels' second moment
+        (:mod:`rankopt.compression.calibration`), the decomposition is of ``W x_1 L^T`` and the
+        input factor returned is ``L^-T U_in``: ``W ~ core x_0 U_out x_1 U_in`` still
+        holds, with the truncation chosen for the output error (exact at full rank).
+        """
         opts = self._options(options)
         r_in, r_out = self._weight_ranks(weight, ranks)
         w = weight.detach()
         dtype = compute_dtype(w.dtype)
+        if whitening is not None:
+            dtype = torch.float64
+            w = whiten_input_channels(w.to(dtype), whitening[0].to(w.device, dtype))
         cache = get_default_cache()
         u_in = cache.svd(mode_unfolding(w, 1))[0][:, :r_in].to(device=w.device, dtype=dtype)
         u_out = cache.svd(mode_unfolding(w, 0))[0][:, :r_out].to(device=w.device, dtype=dtype)
-        return self._core_and_factors(w.to(dtype), u_in, u_out, opts)
+        core, u_in, u_out = self._core_and_factors(w.to(dtype), u_in, u_out, opts)
+        if whitening is not None:
+            out_dtype = compute_dtype(weight.dtype)
+            u_in = unwhiten_input_factor(u_in, whitening[1].to(w.device, dtype))
+            core, u_in, u_out = (t.to(out_dtype) for t in (core, u_in, u_out))
+        return core, u_in, u_out
 
     def _core_and_factors(
         self, w: torch.Tensor, u_in: torch.Tensor, u_out: torch.Tensor, opts: Mapping[str, Any]
@@ -197,12 +234,14 @@ class Tucker2Decomposer(Decomposer):
             make_conv(r_out, g.out_channels, (1, 1), bias=g.bias, **kw),
         )
         if initialize:
-            core, u_in, u_out = self.factors(weight, (r_in, r_out), options)
+            white = whitened(module, "channel", weight.detach().to(torch.float64))
+            core, u_in, u_out = self.factors(weight, (r_in, r_out), options, whitening=white)
             with torch.no_grad():
                 built.pointwise_in.weight.copy_(u_in.T[:, :, None, None])
                 built.core.weight.copy_(core)
                 built.pointwise_out.weight.copy_(u_out[:, :, None, None])
             copy_bias(built.pointwise_out, module)
+            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
         return built
 
     def project(

@@ -72,7 +72,8 @@ def layer_spectra(
     """The spectra of ``decomposer.rank_matrices`` of ``module``'s weight, from the cache."""
     cache = cache if cache is not None else get_default_cache()
     try:
-        matrices = decomposer.rank_matrices(layer_weight(module), options or None)
+        layer_weight(module)
+        matrices = decomposer.module_rank_matrices(module, options or None)
     except NotImplementedError as exc:
         raise ConfigError(
             f"{exc}; spectrum-based rank selectors need it (use the 'fixed' selector "
