@@ -53,6 +53,7 @@ from rankopt.core.records import (
 )
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo, compress, find_layers
+from rankopt.compression.calibration import calibrate
 from rankopt.compression.layer_census import LayerCensus, layer_census
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,6 +82,7 @@ __all__ = [
     "LayerInfo",
     "find_layers",
     "layer_census",
+    "calibrate",
     "LayerCensus",
     "compress",
     "save_compressed",
