@@ -229,8 +229,11 @@ def _fit(
     errors: dict[str, BaseException] = {}
     # failed trials are replaced: up to max_failures of them (as many as asked otherwise)
     budget = None if n_trials is None else n_trials + (config.max_failures or n_trials)
+    from rankopt.search.sampler import sampler_config
+
     searcher = RankoptOptunaSearch(
         env=env,
+        sampler_config=sampler_config(study.sampler, config),
         target=target,
         budget=budget,
         on_done=on_trial_done,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import threading
 import time
 import traceback
@@ -50,11 +51,15 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
 
     # live objects of this process: left out of the searcher state Tune pickles
     _LIVE = ("on_done", "errors", "_beat_stop", "_beat_thread", "_lock")
+    # rebuilt after unpickling (from the study config and the storage), never pickled:
+    # Optuna 5's samplers hold a threading lock, and the study and its trials hold the sampler
+    _REBUILT = ("_sampler", "_ot_study", "_ot_trials")
 
     def __init__(
         self,
         *args: Any,
         env: TrialEnv,
+        sampler_config: Any = None,
         target: int | None = None,
         budget: int | None = None,
         on_done: TrialDone | None = None,
@@ -63,6 +68,8 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
     ) -> None:
         super().__init__(*args, **kwargs)
         self.study_config = env.config
+        # the config (with its session's seed) the sampler is rebuilt from after unpickling
+        self.sampler_config = sampler_config if sampler_config is not None else env.config
         self.run_dir = env.run_dir
         self.store = env.store
         self.target = target
@@ -77,19 +84,52 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         self._beat_thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self._LIVE and k not in self._REBUILT}
+        # the Tune trial id -> Optuna trial id of the trials asked: enough to rebuild them
+        trials = self.__dict__.get("_ot_trials")
+        state["_ot_trial_ids"] = (state.get("_ot_trial_ids") or {}) if trials is None else {
+            tid: t._trial_id for tid, t in trials.items()}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.on_done, self.errors, self._beat_thread = None, {}, None
         self._lock, self._beat_stop = threading.Lock(), threading.Event()
+        # the study and its trials are rebuilt on first use (see __getattr__): unpickling
+        # needs no storage connection
+        from rankopt.search.sampler import make_sampler
+
+        self._sampler = make_sampler(self.sampler_config)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes missing from __dict__: the study of an unpickled copy
+        if name in ("_ot_study", "_ot_trials") and "_ot_trial_ids" in self.__dict__:
+            self._rebuild_study()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _rebuild_study(self) -> None:
+        import optuna
+
+        ids = self.__dict__.pop("_ot_trial_ids")
+        study = optuna.load_study(
+            study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        self._ot_study = study
+        self._ot_trials = {tid: optuna.Trial(study, trial_id) for tid, trial_id in ids.items()}
 
     def save(self, checkpoint_path: str) -> None:
-        hidden = {k: self.__dict__.pop(k) for k in self._LIVE if k in self.__dict__}
-        try:
-            super().save(checkpoint_path)
-        finally:
-            self.__dict__.update(hidden)
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self.__getstate__(), out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as src:
+            state = pickle.load(src)
+        live = {k: self.__dict__[k] for k in self._LIVE if k in self.__dict__}
+        for name in self._REBUILT:
+            self.__dict__.pop(name, None)
+        self.__setstate__(state)
+        self.__dict__.update(live)
 
     # -- leases ---------------------------------------------------------------------------
     def _heartbeats(self) -> bool:
