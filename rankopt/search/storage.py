@@ -82,7 +82,11 @@ def is_local_sqlite(url: str) -> bool:
 
 
 def open_storage(url: str) -> BaseStorage:
-    """An Optuna RDB storage for ``url`` (SQLite waits on locks; shared RDBs send heartbeats)."""
+    """An Optuna RDB storage for ``url`` (SQLite waits on locks; shared RDBs send heartbeats).
+    A PostgreSQL URL runs with whichever driver is installed (see ``storage_url``)."""
+    from rankopt.search.storage_url import normalize_storage_url
+
+    url = normalize_storage_url(url)
     try:
         if is_local_sqlite(url):
             # concurrent writers (threads, the Ray driver) wait instead of failing at once
