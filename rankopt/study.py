@@ -210,6 +210,10 @@ class Study:
         from rankopt.search.rundir import check_existing_run_dir
         from rankopt.search.storage import open_storage
 
+        if self.config.backend == "ray":  # a wrong address fails before the data is loaded
+            from rankopt.search.ray_checks import probe_configured_address
+
+            probe_configured_address(self.config.address)
         prep = self._prepare()
         config = prep.config
         key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)

@@ -45,14 +45,18 @@ def connect(config: StudyConfig) -> bool:
     """Start or join Ray and check it can give the resources a trial asks for.
 
     Returns True when this call started Ray (the caller shuts it down). Raises
-    :class:`ConfigError` at once when a trial asks for more GPUs or CPUs than the
-    cluster has (a trial would otherwise wait forever).
+    :class:`ConfigError` at once when nothing answers at the address (within
+    :data:`~rankopt.search.ray_checks.PROBE_TIMEOUT_S`), or when a trial asks for more
+    GPUs or CPUs than the largest node has (a trial would otherwise wait forever).
     """
     import ray
 
     started = False
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS") or None
+        from rankopt.search.ray_checks import probe_address
+
+        probe_address(address)  # ray.init retries an address where nothing answers for ever
         try:
             ray.init(
                 address=address,
@@ -66,30 +70,21 @@ def connect(config: StudyConfig) -> bool:
                 "with `ray start --head` or fix --address / RAY_ADDRESS"
             ) from None
         started = True
-    resources = ray.cluster_resources()
-    have_gpus = resources.get("GPU", 0.0)
-    have_cpus = resources.get("CPU", 0.0)
+    from rankopt.search.ray_checks import largest_node_problem
+
+    have_gpus = ray.cluster_resources().get("GPU", 0.0)
     want = config.resources
-    problem = None
-    if want.gpus > have_gpus:
-        problem = (
-            f"resources.gpus: {want.gpus:g} GPU(s) per trial requested, but the Ray cluster "
-            f"has {have_gpus:g}; set resources.gpus: 0 or run on a GPU cluster (--address)"
-        )
-    elif _names_cuda(config.device) and have_gpus == 0:
+    # a trial runs on one node: the largest node counts, not the cluster's total
+    problem = largest_node_problem(ray.nodes(), want.cpus, want.gpus)
+    if problem is None and _names_cuda(config.device) and have_gpus == 0:
         problem = (
             f"device: {config.device!r} with backend ray needs GPUs in the Ray cluster, which "
-            f"has none ({have_cpus:g} CPUs); use device: auto or cpu, or add GPU nodes"
+            f"has none; use device: auto or cpu, or add GPU nodes"
         )
-    elif _names_cuda(config.device) and want.gpus == 0:
+    elif problem is None and _names_cuda(config.device) and want.gpus == 0:
         problem = (
             f"resources.gpus: 0 with device {config.device!r}: Ray hides the GPUs from a "
             "trial that asks for none; set resources.gpus: 1 (one trial per GPU)"
-        )
-    elif want.cpus > have_cpus:
-        problem = (
-            f"resources.cpus: {want.cpus:g} CPU(s) per trial requested, but the Ray cluster "
-            f"has {have_cpus:g}; lower resources.cpus"
         )
     if problem is not None:
         if started:
