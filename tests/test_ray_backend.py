@@ -213,3 +213,22 @@ def test_every_sampler_runs_on_ray_from_python_and_the_cli(
     trials = StudyResult(run_dir).study.trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert all((run_dir / "trials" / str(t.number) / "model.pt").is_file() for t in trials)
+
+
+@pytest.mark.slow
+def test_a_repeat_is_a_complete_trial_on_ray(local_ray: Any, tmp_path: Path) -> None:
+    """A repeat (repeat_of) has no model.pt by design; the ray backend failed it as "its
+    model did not reach this machine" (issue 28, item 3)."""
+    run_dir = tmp_path / "run"
+    # small_cnn(width=8)'s layers are at most 48 wide, where ceil(0.49 r) == ceil(0.5 r)
+    config = tiny(run_dir, trials=2, max_concurrent=1, decomposers=["tucker2"],
+                  selectors={"fixed": {"fraction": {"low": 0.1, "high": 1.0}}},
+                  sampler={"name": "random", "seed": 0},
+                  enqueue=[{"fixed.fraction": 0.5}, {"fixed.fraction": 0.49}])
+    result = rankopt.run_study(config, progress=False)
+    assert [t.state.name for t in result.study.trials] == ["COMPLETE"] * 2
+    records = {r.trial: r for r in result.trials()}
+    assert records[1].repeat_of == 0 and records[1].accuracy == records[0].accuracy
+    assert not (run_dir / "trials" / "1" / "model.pt").exists()
+    assert json.loads((run_dir / "trials" / "1" / "metrics.json").read_text())["repeat_of"] == 0
+    assert result.status()["repeats"] == 1

@@ -176,5 +176,7 @@ echo $(( $(date +%s) - start )) > seconds.txt
     assert proc.returncode == 0, proc.stdout + proc.stderr
     err = (tmp_path / "err.txt").read_text().strip()
     assert (tmp_path / "rc.txt").read_text().strip() == "2", err
-    assert len(err.splitlines()) == 1 and "largest Ray node has 2" in err, err
+    # Ray's own C++ logs may precede it (no route out of the namespace): rankopt's is one line
+    ours = [line for line in err.splitlines() if not line.startswith("[")]
+    assert len(ours) == 1 and "largest Ray node has 2" in ours[0] and "Traceback" not in err, err
     assert int((tmp_path / "seconds.txt").read_text()) < 30

@@ -245,6 +245,14 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         from rankopt.search.objective import clean_trial_dir, write_json
 
         folder = self.run_dir / "trials" / str(number)
+        if metrics.get("state") == "COMPLETE" and metrics.get("repeat_of") is not None:
+            # a repeat has no model of its own by design (its model is repeat_of's): only
+            # its metrics come home, and they came with the result
+            if not _same_metrics(folder, metrics):
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / "metrics.json", {
+                    k: v for k, v in metrics.items() if k != "traceback"} | {"trial": number})
+            return metrics
         if metrics.get("state") == "COMPLETE":
             if not _same_run(folder, metrics) and self.store is not None:
                 try:
@@ -268,13 +276,18 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         return metrics
 
 
-def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
-    """True when ``folder`` holds this trial's model and its metrics (not an older copy)."""
+def _same_metrics(folder: Path, metrics: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds this trial's metrics (not an older copy)."""
     try:
         local = json.loads((folder / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    return (folder / "model.pt").is_file() and local.get("seconds") == metrics.get("seconds")
+    return bool(local.get("seconds") == metrics.get("seconds"))
+
+
+def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds this trial's model and its metrics (not an older copy)."""
+    return (folder / "model.pt").is_file() and _same_metrics(folder, metrics)
 
 
 def worker_failure(exc: BaseException | None) -> str:
