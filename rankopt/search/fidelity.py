@@ -87,8 +87,13 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
             on_trial_done: TrialDone | None = None) -> list[int]:
     """One round: continue the best share of the trials at ``fidelity``; returns the new
     trials' numbers (none for models continued before, e.g. in an earlier run)."""
+    from rankopt.search.continuations import claim_continuation, wait_for_rung
+    from rankopt.search.storage import default_storage_url
+
     mf = env.config.multi_fidelity
     assert mf is not None
+    # every driver ranks the same full rung (exact counts with several drivers)
+    wait_for_rung(study, env.config.storage or default_storage_url(env.run_dir), fidelity)
     rung = _rung(study, fidelity)
     continued = {t.user_attrs.get("continued_from") for t in study.get_trials(deepcopy=False)}
     keep = max(1, math.ceil(mf.keep * len(rung))) if rung else 0
@@ -98,7 +103,9 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
         trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
         if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
-        trial = _new_trial_like(study, source)
+        trial = claim_continuation(study, source, fidelity + 1)
+        if trial is None:  # another driver continues this source
+            continue
         values = dict(source.params)
         metrics = continue_trial(env, trial.number, source, fidelity + 1)
         for key, value in user_attrs(metrics).items():
@@ -153,6 +160,9 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     ctx = None
     try:
         ctx = trial_context(env, env.space.plan(source.params), seed=(env.config.seed + number) % 2**32)
+        if not (env.trial_dir(source.number) / "model.pt").is_file() and env.store is not None:
+            # the source ran on another driver or node: its model is in the artifact store
+            env.store.fetch_trial(source.number, env.trial_dir(source.number))
         model = load_compressed(env.trial_dir(source.number) / "model.pt",
                                 copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)
         ctx.compressed_layers = list(attrs.get("ranks", {}))  # what feature distillation matches
