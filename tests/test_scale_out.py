@@ -269,14 +269,16 @@ def test_a_stale_trial_whose_pid_now_belongs_to_a_live_process_is_detected(tmp_p
         live.wait()
 
 
-def test_worker_id_names_host_pid_and_start_time() -> None:
+def test_worker_id_names_host_pid_start_boot_and_pid_namespace() -> None:
     import socket
 
     from rankopt.search.storage import _start_time, worker_id
 
-    host, pid, start = worker_id().split(":")
+    host, pid, start, boot, pidns = worker_id().split(":")
     assert host == socket.gethostname() and int(pid) == os.getpid()
     assert int(start) == _start_time(os.getpid()) > 0
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert int(pidns) == os.stat("/proc/self/ns/pid").st_ino
 
 
 def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:

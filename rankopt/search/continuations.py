@@ -20,12 +20,20 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["claim_continuation", "wait_for_rung", "rung_running", "CLAIM_LOST_REASON"]
+__all__ = ["finished_elsewhere", "claim_continuation", "wait_for_rung", "rung_running", "CLAIM_LOST_REASON"]
 
 log = logging.getLogger("rankopt.study")
 
 CLAIM_LOST_REASON = "withdrawn: another worker claimed the continuation of this source first"
 POLL_S = 2.0
+
+
+def finished_elsewhere(exc: BaseException) -> bool:
+    """True for Optuna's error on telling (or writing to) a trial that another worker
+    already finished: it judged this worker dead and failed the trial."""
+    if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError):
+        return True
+    return isinstance(exc, ValueError) and str(exc).startswith("Cannot tell a ")
 
 
 def claim_continuation(study: optuna.Study, source: FrozenTrial, fidelity: int) -> optuna.Trial | None:

@@ -223,6 +223,14 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
             return
         raw = (result or {}).get(METRICS_KEY)
         number = ot_trial.number
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if stored.state.is_finished():
+            # another worker judged this driver dead and failed the trial meanwhile: the
+            # storage keeps that verdict (the count replaces the trial)
+            log.warning("trial %d was failed meanwhile by another worker (%s); not counted",
+                        number, stored.user_attrs.get("reason", stored.state.name))
+            self._ot_trials.pop(trial_id, None)
+            return
         if raw:
             metrics = json.loads(raw)
         else:
