@@ -371,26 +371,45 @@ class Study:
             ]
             with StudyProgress(missing, enabled=self.progress, baseline=baseline,
                                earlier=earlier) as progress:
+                def search(n_trials: int | None) -> None:
+                    if config.backend == "local":
+                        from rankopt.search.local import run_local
+
+                        run_local(
+                            env,
+                            study,
+                            n_trials=n_trials,
+                            timeout=config.timeout,
+                            n_jobs=config.max_concurrent,
+                            on_trial_done=on_trial_done,
+                            target=target,
+                            should_stop=too_many_failures,
+                        )
+                    else:
+                        from rankopt.search.ray_backend import run_ray
+
+                        run_ray(env, study, storage, n_trials=n_trials,
+                                on_trial_done=on_trial_done, should_stop=too_many_failures,
+                                target=target)
+
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
-                elif config.backend == "local":
-                    from rankopt.search.local import run_local
-
-                    run_local(
-                        env,
-                        study,
-                        n_trials=missing,
-                        timeout=config.timeout,
-                        n_jobs=config.max_concurrent,
-                        on_trial_done=on_trial_done,
-                        target=target,
-                        should_stop=too_many_failures,
-                    )
                 else:
-                    from rankopt.search.ray_backend import run_ray
+                    search(missing)
+                if config.trials is not None:
+                    # never end short while other workers hold trials: wait for them (dead
+                    # ones' trials fail as their leases expire), then run what is missing
+                    from rankopt.search.owed import wait_for_owed
+                    from rankopt.search.storage import worker_id
 
-                    run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
-                            should_stop=too_many_failures, target=target)
+                    while not too_many_failures() and wait_for_owed(
+                            study, url, worker_id(), progress.message):
+                        searched = sum(1 for t in study.get_trials(
+                            deepcopy=False, states=(TrialState.COMPLETE,))
+                            if t.user_attrs.get("continued_from") is None)
+                        if searched >= config.trials:
+                            break
+                        search(config.trials - searched)
                 if config.multi_fidelity is not None and not too_many_failures():
                     from rankopt.search.fidelity import run_promotions
 
