@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from rankopt.search.storage import open_storage
+from ray_cluster_support import require_namespaces
 from reliability_support import (
     cli_command,
     kill_group,
@@ -32,6 +33,12 @@ pytestmark = pytest.mark.slow
 TRIALS = 4
 
 
+def on_machine(name: str, command: list[str]) -> list[str]:
+    """``command`` as if on another machine: its own host name and PID namespace."""
+    return ["unshare", "-u", "-p", "-f", "--kill-child", "--mount-proc", "sh", "-c",
+            f'hostname {name} && exec "$@"', "sh", *command]
+
+
 def test_a_survivor_waits_for_the_dead_drivers_lease_and_finishes_the_count(tmp_path: Path) -> None:
     url = postgres_url()
     name = f"survivor-{uuid.uuid4().hex[:8]}"
@@ -42,7 +49,11 @@ def test_a_survivor_waits_for_the_dead_drivers_lease_and_finishes_the_count(tmp_
     # short leases, so that the test waits seconds rather than minutes
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANKOPT_HEARTBEAT_INTERVAL": "1",
            "RANKOPT_GRACE_PERIOD": "8"}
-    victim = subprocess.Popen(cli_command("run", str(study_file)), cwd=tmp_path, env=env,
+    require_namespaces()
+    # the victim is "another machine": its own host name and PID namespace, so only its
+    # lease (heartbeats) tells the survivor that it died
+    victim = subprocess.Popen(on_machine("machineB", cli_command("run", str(study_file))),
+                              cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               start_new_session=True)
     survivor = None
@@ -53,7 +64,7 @@ def test_a_survivor_waits_for_the_dead_drivers_lease_and_finishes_the_count(tmp_
             except KeyError:
                 return False
             return any(t.state.name == "RUNNING"
-                       and str(t.user_attrs.get("worker", "")).split(":")[1:2] == [str(victim.pid)]
+                       and str(t.user_attrs.get("worker", "")).startswith("machineB:")
                        for t in trials)
 
         wait_for(victim_running, 300, "the first driver to run a trial", victim)

@@ -98,16 +98,20 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
     continued = {t.user_attrs.get("continued_from") for t in study.get_trials(deepcopy=False)}
     keep = max(1, math.ceil(mf.keep * len(rung))) if rung else 0
     picked = [rung[i] for i in promotion_order([t.values for t in rung], study.directions, keep)]
+    from rankopt.search.continuation_runner import run_claimed
+
     numbers = []
+    claimed = []
     for source in picked:
         trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
         if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
         trial = claim_continuation(study, source, fidelity + 1)
-        if trial is None:  # another driver continues this source
-            continue
+        if trial is not None:  # None: another driver continues this source
+            claimed.append((trial, source))
+    # the study's backend runs them (Ray: its resources and max_concurrent)
+    for trial, source, metrics in run_claimed(env, claimed, fidelity + 1):
         values = dict(source.params)
-        metrics = continue_trial(env, trial.number, source, fidelity + 1)
         for key, value in user_attrs(metrics).items():
             trial.set_user_attr(key, value)
         set_constraints(trial, env.config, metrics)

@@ -97,13 +97,24 @@ def _names_cuda(device: str) -> bool:
     return device.strip().lower().startswith("cuda")
 
 
-def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
-    """One Ray trial: run it and report its metrics (Tune calls this in a worker)."""
+def _trainable(config: dict[str, Any], env: TrialEnv, inbox: Any = None,
+               driver_node: str = "") -> None:
+    """One Ray trial: run it and report its metrics (Tune calls this in a worker). With an
+    ``inbox`` (no artifact store), a trial on another node sends its folder home."""
     from ray import tune
 
     values = dict(config)
     number = int(values.pop(TRIAL_NUMBER_KEY))
     metrics = run_trial(env, number, values)
+    if inbox is not None and metrics["state"] == "COMPLETE" and metrics.get("repeat_of") is None:
+        from rankopt.search.ray_inbox import send_home
+
+        try:
+            metrics.update(send_home(inbox, driver_node, env.trial_dir(number), number))
+        except Exception as exc:  # noqa: BLE001 - the trial's model is lost to the driver
+            metrics.update(state="FAIL", reason=(
+                f"trial {number}'s model could not be sent to the driver's node "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"))
     report: dict[str, Any] = {METRICS_KEY: json.dumps(metrics, default=str)}
     complete = metrics["state"] == "COMPLETE"
     for objective in env.config.objectives:
@@ -242,7 +253,13 @@ def _fit(
     )
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, env=env), resources)
+    inbox, driver_node = None, ""
+    if env.store is None:  # models come home through Ray itself (see ray_inbox)
+        from rankopt.search.ray_inbox import start_inbox
+
+        inbox, driver_node = start_inbox(env.run_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, env=env, inbox=inbox, driver_node=driver_node), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -267,3 +284,7 @@ def _fit(
         tuner.fit()
     finally:
         searcher.stop_heartbeats()
+        if inbox is not None:
+            import ray
+
+            ray.kill(inbox)

@@ -10,7 +10,7 @@ from typing import Any
 
 from rankopt.errors import ConfigError
 
-__all__ = ["probe_address", "probe_configured_address", "largest_node_problem", "PROBE_TIMEOUT_S", "DEFAULT_GCS_PORT"]
+__all__ = ["is_ray_client", "probe_address", "probe_configured_address", "largest_node_problem", "PROBE_TIMEOUT_S", "DEFAULT_GCS_PORT"]
 
 PROBE_TIMEOUT_S = 15.0  # the whole probe, DNS included: well within the 30 s users wait
 CONNECT_TIMEOUT_S = 8.0
@@ -90,6 +90,15 @@ def probe_configured_address(address: str | None) -> None:
 
     if not ray.is_initialized():
         probe_address(address or os.environ.get("RAY_ADDRESS") or None)
+
+
+def is_ray_client() -> bool:
+    """True when this process drives Ray through a ``ray://`` client connection."""
+    try:
+        from ray.util.client import ray as client
+    except ImportError:  # pragma: no cover - a Ray without the client
+        return False
+    return bool(client.is_connected())
 
 
 def largest_node_problem(nodes: Iterable[Mapping[str, Any]], cpus: float, gpus: float) -> str | None:
