@@ -232,3 +232,21 @@ def test_a_repeat_is_a_complete_trial_on_ray(local_ray: Any, tmp_path: Path) -> 
     assert not (run_dir / "trials" / "1" / "model.pt").exists()
     assert json.loads((run_dir / "trials" / "1" / "metrics.json").read_text())["repeat_of"] == 0
     assert result.status()["repeats"] == 1
+
+
+def test_a_worker_death_names_the_node_and_rays_cause() -> None:
+    from ray.exceptions import ActorDiedError
+
+    from rankopt.search.ray_searcher import worker_failure
+
+    text = ("The actor died unexpectedly before finishing this task.\n\tclass_name: ImplicitFunc\n"
+            "\tpid: 4321\n\tip: 10.0.0.7\nThe actor is dead because its worker process has "
+            "died. Worker exit type: SYSTEM_ERROR Worker exit detail: killed by SIGKILL")
+    # the text Ray writes for a system-level death (ActorDiedErrorContext)
+    reason = worker_failure(type("Died", (ActorDiedError,), {"__str__": lambda self: text})())
+    assert reason.startswith("worker died on node 10.0.0.7 (pid 4321): Died: The actor is dead")
+    assert "killed by SIGKILL" in reason
+    placed = type("Died", (ActorDiedError,), {"__str__": lambda self: text})()
+    placed.rankopt_location = "worker-vm"  # Tune's placement of the trial wins
+    assert worker_failure(placed).startswith("worker died on node worker-vm (pid 4321)")
+    assert worker_failure(None) == "worker died: the Ray worker ended without reporting a result"

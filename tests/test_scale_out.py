@@ -116,7 +116,9 @@ wait $driver; echo $? > b.rc
     states = {t.number: t for t in StudyResult(run_b).study.trials}
     failed = [t for t in states.values() if t.state.name == "FAIL"]
     assert len(failed) == 1, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in states.values()]
-    assert failed[0].user_attrs["reason"].startswith("worker died: ")
+    # the node and Ray's cause are named
+    assert failed[0].user_attrs["reason"].startswith("worker died on node "), failed[0].user_attrs
+    assert "Worker exit" in failed[0].user_attrs["reason"] or "died" in failed[0].user_attrs["reason"]
     assert sum(t.state.name == "COMPLETE" for t in states.values()) == 2  # replaced
     folder = run_b / "trials" / str(failed[0].number)
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.json"]

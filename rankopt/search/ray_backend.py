@@ -203,18 +203,28 @@ class _StopWhen(Stopper):  # type: ignore[misc]
         return bool(self.should_stop is not None and self.should_stop())
 
 
+# Tune's per-trial bookkeeping that rankopt does not use (benchmarks/bench_ray_overhead.py):
+# its result loggers (json/csv/TensorBoard files per trial: rankopt writes metrics.json),
+# and frequent experiment-state snapshots (the Optuna storage is what a rerun resumes from)
+LEAN_TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "300"}
+
+
 @contextlib.contextmanager
 def _quiet_tune() -> Iterator[None]:
-    """Tune's legacy console output honours ``verbose=0``; the new one prints regardless."""
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    """Tune's legacy console output honours ``verbose=0``; the new one prints regardless.
+    Also :data:`LEAN_TUNE_ENV`, unless the user's environment sets those variables."""
+    changes = {"RAY_AIR_NEW_OUTPUT": "0",
+               **{k: v for k, v in LEAN_TUNE_ENV.items() if k not in os.environ}}
+    before = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _fit(
@@ -277,6 +287,9 @@ def _fit(
             verbose=0,
             stop=_StopWhen(should_stop),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            # trials report once and keep nothing for Tune to checkpoint or sync
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0,
+                                                    checkpoint_at_end=False),
         ),
     )
     searcher.start_heartbeats()

@@ -299,12 +299,25 @@ def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
 
 
 def worker_failure(exc: BaseException | None) -> str:
-    """``worker died: ...`` for a Ray worker (or its node) that ended without a result."""
+    """``worker died on node N (pid P): <Ray's cause>`` for a Ray worker (or its node) that
+    ended without a result: the node from Tune's placement of the trial (or the ``ip:``
+    of Ray's error), the cause from Ray's error text."""
     if exc is None:
         return "worker died: the Ray worker ended without reporting a result"
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(exc).__name__)
-    return f"worker died: {type(exc).__name__}: {first.strip()}"[:500]
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key in ("ip", "pid", "class_name", "actor_id", "name", "namespace"):
+            fields[key] = value.strip()
+    # Ray's cause: the first line that is neither its generic header nor a field
+    causes = [line for line in lines if line.partition(":")[0] not in fields
+              and not line.startswith("The actor died unexpectedly before finishing")]
+    cause = causes[0] if causes else (lines[0] if lines else type(exc).__name__)
+    where = getattr(exc, "rankopt_location", None) or fields.get("ip")
+    pid = fields.get("pid")
+    node = f" on node {where}" + (f" (pid {pid})" if pid else "") if where else ""
+    return f"worker died{node}: {type(exc).__name__}: {cause}"[:500]
 
 
 class RecordErrors(FIFOScheduler):  # type: ignore[misc]
@@ -323,6 +336,10 @@ class RecordErrors(FIFOScheduler):  # type: ignore[misc]
         with contextlib.suppress(Exception):
             exc = trial.get_pickled_error() or trial.get_error()
         if exc is not None:
+            with contextlib.suppress(Exception):  # where Tune placed it (no remote call)
+                place = trial.temporary_state.location
+                if place.hostname:
+                    exc.rankopt_location = place.hostname  # type: ignore[attr-defined]
             self.errors[trial.trial_id] = exc
             log.error("trial %s failed in Ray:\n%s", trial.trial_id,
                       "".join(traceback.format_exception(exc)))
