@@ -71,3 +71,17 @@ for n in 0 1 2 3; do rankopt pick {run_dir} --trial $n --out {picked}/$n.pt >> p
     assert (tmp_path / "pick.rc").read_text().split() == ["0"] * 4, (tmp_path / "pick.out").read_text()
     for n in range(4):
         assert rankopt.load_compressed(picked / f"{n}.pt") is not None
+
+
+def test_a_ray_client_driver_without_artifacts_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rankopt.errors import ConfigError
+    from rankopt.search import ray_checks
+    from rankopt.search.ray_inbox import start_inbox
+
+    # a ray:// client is not a node of the cluster: no actor can be pinned beside it
+    monkeypatch.setattr(ray_checks, "is_ray_client", lambda: True)
+    with pytest.raises(ConfigError, match=r"^artifacts: this driver is a Ray client \(ray://\)") as info:
+        start_inbox(tmp_path)
+    assert "\n" not in str(info.value)
