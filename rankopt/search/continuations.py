@@ -80,7 +80,12 @@ def wait_for_rung(study: optuna.Study, storage_url: str, fidelity: int,
     """Return once no trial of the rung at ``fidelity`` runs anywhere: live workers'
     trials finish; dead workers' trials are failed once their lease expires
     (:func:`~rankopt.search.storage.fail_stale_trials`). Ctrl-C interrupts the wait."""
-    from rankopt.search.storage import fail_stale_trials, is_local_sqlite
+    from rankopt.search.storage import (
+        _heartbeat_on,
+        fail_stale_trials,
+        is_local_sqlite,
+        same_process_space,
+    )
 
     said = 0.0
     while True:
@@ -91,6 +96,16 @@ def wait_for_rung(study: optuna.Study, storage_url: str, fidelity: int,
         running = rung_running(study, fidelity)
         if not running:
             return
+        if not _heartbeat_on(study._storage):  # no leases: never wait for the unseeable
+            blind = sorted({str(t.user_attrs.get("worker", "?")) for t in running
+                            if not same_process_space(t.user_attrs.get("worker"))})
+            if blind:
+                from rankopt.search.owed import TrialsOwed
+
+                raise TrialsOwed(
+                    f"{len(running)} trial(s) at fidelity {fidelity} still owed to worker "
+                    f"{', '.join(blind)} (no lease on this storage, and that process cannot "
+                    "be seen from here); rerun to finish once it has ended")
         if time.monotonic() - said > 30:
             said = time.monotonic()
             workers = sorted({str(t.user_attrs.get("worker", "?")) for t in running})
