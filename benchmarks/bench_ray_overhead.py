@@ -207,7 +207,9 @@ def main() -> None:
         "paid once per driver and only on the ray backend. `ray default`: Tune's result "
         "loggers and experiment snapshots on; `ray lean`: rankopt's settings "
         "(`LEAN_TUNE_ENV`, no checkpoints; actors reused). CPU counts the driver and every "
-        "process Ray started.\n\n### Model transfer through Ray (no `artifacts:`)\n\n"
+        "process Ray started. Each figure is (ray - local) / trials for one run, so it "
+        "includes Tune's per-run setup (the Tuner, its experiment folder, the model inbox "
+        "actor) spread over the trials.\n\n### Model transfer through Ray (no `artifacts:`)\n\n"
         + markdown_table(["model", "params", "bytes", "seconds per model (median)",
                           "throughput", "rounds"], moved)
         + "\n\nA Ray task sends the trial folder to the inbox actor on the driver's node "
