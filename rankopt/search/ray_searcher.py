@@ -320,6 +320,25 @@ def worker_failure(exc: BaseException | None) -> str:
     return f"worker died{node}: {type(exc).__name__}: {cause}"[:500]
 
 
+def _trial_error(trial: Any) -> BaseException | None:
+    """The error Tune just recorded for ``trial``: from the trial's local error files
+    (Tune writes them there at once; the copies under the storage path come later, with
+    the next sync, so ``get_pickled_error`` alone often finds nothing yet)."""
+    from ray import cloudpickle
+
+    for read in (
+        lambda: cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()),
+        lambda: RuntimeError(Path(trial.error_file).read_text().split("\n", 1)[1].strip()),
+        trial.get_pickled_error,
+        trial.get_error,
+    ):
+        with contextlib.suppress(Exception):
+            exc = read()
+            if isinstance(exc, BaseException):
+                return exc
+    return None
+
+
 class RecordErrors(FIFOScheduler):  # type: ignore[misc]
     """Tune tells the scheduler of a trial error before the searcher: keep the exception
     for the searcher's reason, and Ray's traceback for the log file."""
@@ -332,9 +351,7 @@ class RecordErrors(FIFOScheduler):  # type: ignore[misc]
         return {**self.__dict__, "errors": {}}
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-        exc: BaseException | None = None
-        with contextlib.suppress(Exception):
-            exc = trial.get_pickled_error() or trial.get_error()
+        exc = _trial_error(trial)
         if exc is not None:
             with contextlib.suppress(Exception):  # where Tune placed it (no remote call)
                 place = trial.temporary_state.location
