@@ -231,6 +231,10 @@ class Study:
         from rankopt.search.rundir import check_existing_run_dir
         from rankopt.search.storage import open_storage
 
+        if self.config.backend == "ray":  # a wrong address fails before the data is loaded
+            from rankopt.search.ray_checks import probe_configured_address
+
+            probe_configured_address(self.config.address)
         prep = self._prepare()
         config = prep.config
         key = reference_key(config, prep.base, prep.input_shape, self.user_model, self.user_data)
@@ -419,26 +423,45 @@ class Study:
             ]
             with StudyProgress(missing, enabled=self.progress, baseline=baseline,
                                earlier=earlier) as progress, _no_phantom(study, run_dir):
+                def search(n_trials: int | None) -> None:
+                    if config.backend == "local":
+                        from rankopt.search.local import run_local
+
+                        run_local(
+                            env,
+                            study,
+                            n_trials=n_trials,
+                            timeout=config.timeout,
+                            n_jobs=config.max_concurrent,
+                            on_trial_done=on_trial_done,
+                            target=target,
+                            should_stop=too_many_failures,
+                        )
+                    else:
+                        from rankopt.search.ray_backend import run_ray
+
+                        run_ray(env, study, storage, n_trials=n_trials,
+                                on_trial_done=on_trial_done, should_stop=too_many_failures,
+                                target=target)
+
                 if missing == 0:
                     progress.message(f"study {config.name!r}: all {config.trials} trials are done")
-                elif config.backend == "local":
-                    from rankopt.search.local import run_local
-
-                    run_local(
-                        env,
-                        study,
-                        n_trials=missing,
-                        timeout=config.timeout,
-                        n_jobs=config.max_concurrent,
-                        on_trial_done=on_trial_done,
-                        target=target,
-                        should_stop=too_many_failures,
-                    )
                 else:
-                    from rankopt.search.ray_backend import run_ray
+                    search(missing)
+                if config.trials is not None:
+                    # never end short while other workers hold trials: wait for them (dead
+                    # ones' trials fail as their leases expire), then run what is missing
+                    from rankopt.search.owed import wait_for_owed
+                    from rankopt.search.storage import worker_id
 
-                    run_ray(env, study, storage, n_trials=missing, on_trial_done=on_trial_done,
-                            should_stop=too_many_failures, target=target)
+                    while not too_many_failures() and wait_for_owed(
+                            study, url, worker_id(), progress.message):
+                        searched = sum(1 for t in study.get_trials(
+                            deepcopy=False, states=(TrialState.COMPLETE,))
+                            if t.user_attrs.get("continued_from") is None)
+                        if searched >= config.trials:
+                            break
+                        search(config.trials - searched)
                 if config.multi_fidelity is not None and not too_many_failures():
                     from rankopt.search.fidelity import run_promotions
 

@@ -27,7 +27,7 @@ CLUSTER = """\
 set -u
 ip link set lo up
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1
-ray start --head --num-cpus=0 --port={port} --include-dashboard=false \\
+ray start --head --num-cpus={head_cpus} --port={port} --include-dashboard=false \\
     --disable-usage-stats > {logs}/head.log 2>&1 || {{ cat {logs}/head.log; exit 90; }}
 unshare -m bash -c 'mount -t tmpfs tmpfs {hide} && exec ray start --address=127.0.0.1:{port} \\
     --num-cpus={cpus} --block' > {logs}/node2.log 2>&1 &
@@ -67,17 +67,19 @@ def require_namespaces() -> None:
 
 
 def run_in_cluster(
-    script: str, *, tmp: Path, hide: Path, cpus: int = 2, timeout: float = 420
+    script: str, *, tmp: Path, hide: Path, cpus: int = 2, timeout: float = 420,
+    head_cpus: int = 0,
 ) -> subprocess.CompletedProcess[str]:
     """Run the bash ``script`` on a fresh two-node cluster (``RAY_ADDRESS`` set); the
-    second node sees an empty folder at ``hide``. Returns the finished process."""
+    second node sees an empty folder at ``hide``; ``head_cpus``: the head node's CPUs (none
+    by default: no trial runs beside the driver). Returns the finished process."""
     logs = tmp / "cluster-logs"
     logs.mkdir(parents=True, exist_ok=True)
     hide.mkdir(parents=True, exist_ok=True)
     inner = tmp / "inner.sh"
     inner.write_text(script)
     outer = tmp / "cluster.sh"
-    outer.write_text(CLUSTER.format(port=PORT, logs=logs, hide=hide, cpus=cpus,
+    outer.write_text(CLUSTER.format(port=PORT, logs=logs, hide=hide, cpus=cpus, head_cpus=head_cpus,
                                     python=sys.executable, script=inner))
     env = {
         **os.environ,

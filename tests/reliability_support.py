@@ -262,8 +262,10 @@ def postgres_url() -> str:
         pytest.skip(f"no PostgreSQL server: set {POSTGRES_ENV} (.ci/run installs and starts one)")
     import sqlalchemy
 
+    from rankopt.search.storage_url import normalize_storage_url
+
     try:
-        with sqlalchemy.create_engine(url).connect():
+        with sqlalchemy.create_engine(normalize_storage_url(url)).connect():
             pass
     except Exception as exc:  # any driver or connection failure: say which
         pytest.skip(f"PostgreSQL at {POSTGRES_ENV} is not reachable: {type(exc).__name__}: {exc}")

@@ -101,7 +101,9 @@ wait $driver; echo $? > b.rc
     states = {t.number: t for t in StudyResult(run_b).study.trials}
     failed = [t for t in states.values() if t.state.name == "FAIL"]
     assert len(failed) == 1, [(t.number, t.state.name, t.user_attrs.get("reason")) for t in states.values()]
-    assert failed[0].user_attrs["reason"].startswith("worker died: ")
+    # the node and Ray's cause are named
+    assert failed[0].user_attrs["reason"].startswith("worker died on node "), failed[0].user_attrs
+    assert "Worker exit" in failed[0].user_attrs["reason"] or "died" in failed[0].user_attrs["reason"]
     assert sum(t.state.name == "COMPLETE" for t in states.values()) == 2  # replaced
     folder = run_b / "trials" / str(failed[0].number)
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.json"]
@@ -254,14 +256,16 @@ def test_a_stale_trial_whose_pid_now_belongs_to_a_live_process_is_detected(tmp_p
         live.wait()
 
 
-def test_worker_id_names_host_pid_and_start_time() -> None:
+def test_worker_id_names_host_pid_start_boot_and_pid_namespace() -> None:
     import socket
 
     from rankopt.search.storage import _start_time, worker_id
 
-    host, pid, start = worker_id().split(":")
+    host, pid, start, boot, pidns = worker_id().split(":")
     assert host == socket.gethostname() and int(pid) == os.getpid()
     assert int(start) == _start_time(os.getpid()) > 0
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert int(pidns) == os.stat("/proc/self/ns/pid").st_ino
 
 
 def test_artifact_store_round_trip_and_bad_urls(tmp_path: Path) -> None:

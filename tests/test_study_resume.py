@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -85,9 +87,23 @@ def test_a_live_workers_trial_is_left_running(tmp_path: Path) -> None:
     study = optuna.load_study(study_name="resume", storage=open_storage(default_storage_url(run_dir)))
     live = study.ask()
     live.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")
-    # another process joins the study: it neither fails the live trial nor runs its share
+    storage = study._storage
+
+    def live_worker_finishes() -> None:  # once the joiner has run its own trial
+        while states(run_dir)[2:] != ["COMPLETE"]:
+            time.sleep(0.2)
+        for key, value in {"accuracy": 0.5, "params": 100, "flops": 1000}.items():
+            storage.set_trial_user_attr(live._trial_id, key, value)
+        storage.set_trial_state_values(live._trial_id, optuna.trial.TrialState.COMPLETE,
+                                       [0.5, 100.0, 1000.0])
+
+    finisher = threading.Thread(target=live_worker_finishes, daemon=True)
+    finisher.start()
+    # another process joins the study: it never fails the live trial, nor runs its share;
+    # it does not end short either: it waits for the live worker's trial (issue 28, item 8)
     rankopt.run_study(tiny(run_dir, trials=3))
-    assert states(run_dir) == ["COMPLETE", "RUNNING", "COMPLETE"]
+    finisher.join(timeout=5)
+    assert states(run_dir) == ["COMPLETE", "COMPLETE", "COMPLETE"]
 
 
 def test_failed_trials_are_recorded_and_do_not_count(tmp_path: Path) -> None:

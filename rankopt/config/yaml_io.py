@@ -59,6 +59,9 @@ class _StudyLoader(yaml.SafeLoader):
     (the "billion laughs": a few lines that validation and error messages would expand)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # YAML 1.1 reads the keys on/off/yes/no/y/n as booleans: `reference: {on: cluster}`
+        # would be {True: 'cluster'}. A key written so is the word (values keep YAML's rule)
+        node.value = [(_word_key(k), v) for k, v in node.value]
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
@@ -73,6 +76,15 @@ class _StudyLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def _word_key(key: yaml.Node) -> yaml.Node:
+    if isinstance(key, yaml.ScalarNode) and key.tag == _BOOL_TAG and key.style is None:
+        return yaml.ScalarNode("tag:yaml.org,2002:str", key.value, key.start_mark, key.end_mark)
+    return key
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:

@@ -91,43 +91,60 @@ def promote(env: TrialEnv, study: optuna.Study, fidelity: int,
             on_trial_done: TrialDone | None = None) -> list[int]:
     """One round: continue the best share of the trials at ``fidelity``; returns the new
     trials' numbers (none for models continued before, e.g. in an earlier run)."""
+    from rankopt.search.continuations import claim_continuation, wait_for_rung
+    from rankopt.search.storage import default_storage_url
+
     mf = env.config.multi_fidelity
     assert mf is not None
+    # every driver ranks the same full rung (exact counts with several drivers)
+    wait_for_rung(study, env.config.storage or default_storage_url(env.run_dir), fidelity)
     rung = _rung(study, fidelity)
     # a continuation that failed or was interrupted is done again (not a FAIL one's source)
     continued = {t.user_attrs.get("continued_from") for t in study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))}
     keep = max(1, math.ceil(mf.keep * len(rung))) if rung else 0
     picked = [rung[i] for i in promotion_order([t.values for t in rung], study.directions, keep)]
+    from rankopt.search.continuation_runner import run_claimed
+
     numbers = []
+    claimed = []
     for source in picked:
         trained = float(source.user_attrs.get("hyperparameters", {}).get("epochs", 0.0))
         if source.number in continued or mf.continuation_epochs(trained) <= 0:
             continue
-        # a Ctrl-C or SIGTERM cuts the training only, never creating or storing the trial
+        # a Ctrl-C or SIGTERM cuts the training only, never claiming or storing a trial
         with interrupts(deferred=True):
-            trial = _new_trial_like(study, source, fidelity + 1)
-            values = dict(source.params)
-            try:
-                with interrupts(deferred=False):
-                    metrics = _continue_contained(env, trial.number, source, fidelity + 1)
-            except BaseException:  # the continuation must not stay RUNNING
+            trial = claim_continuation(study, source, fidelity + 1)
+        if trial is not None:  # None: another driver continues this source
+            claimed.append((trial, source))
+    told: set[int] = set()
+    try:
+        # the study's backend runs them (Ray: its resources and max_concurrent)
+        with interrupts(deferred=False):
+            for trial, source, metrics in run_claimed(env, claimed, fidelity + 1, here=continue_contained,
+                                                      remote=continue_trial):
+                with interrupts(deferred=True):
+                    values = dict(source.params)
+                    for key, value in user_attrs(metrics).items():
+                        trial.set_user_attr(key, value)
+                    set_constraints(trial, env.config, metrics)
+                    if metrics["state"] == "COMPLETE":
+                        study.tell(trial, objective_values(metrics, env.config.objectives))
+                    else:
+                        study.tell(trial, state=TrialState.FAIL)
+                    told.add(trial.number)
+                if on_trial_done is not None:
+                    on_trial_done(trial.number, values, metrics)
+                numbers.append(trial.number)
+    except BaseException:  # no continuation may stay RUNNING
+        for trial, _ in claimed:
+            if trial.number not in told:
                 _interrupted(env, study, trial)
-                raise
-            for key, value in user_attrs(metrics).items():
-                trial.set_user_attr(key, value)
-            set_constraints(trial, env.config, metrics)
-            if metrics["state"] == "COMPLETE":
-                study.tell(trial, objective_values(metrics, env.config.objectives))
-            else:
-                study.tell(trial, state=TrialState.FAIL)
-        if on_trial_done is not None:
-            on_trial_done(trial.number, values, metrics)
-        numbers.append(trial.number)
+        raise
     return numbers
 
 
-def _continue_contained(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
+def continue_contained(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
     """:func:`continue_trial`, in a child process under ``trial_timeout`` / ``isolate``."""
     from rankopt.search.watchdog import call_contained, contained
 
@@ -147,28 +164,6 @@ def _interrupted(env: TrialEnv, study: optuna.Study, trial: optuna.Trial) -> Non
         trial.set_user_attr("reason", INTERRUPTED_REASON)
         study.tell(trial, state=TrialState.FAIL)
     clean_trial_dir(env.trial_dir(trial.number), reason=INTERRUPTED_REASON)
-
-
-def _new_trial_like(study: optuna.Study, source: FrozenTrial, fidelity: int) -> optuna.Trial:
-    """A RUNNING trial with ``source``'s parameters (through the storage, not ``ask``:
-    ``ask`` would hand out the oldest waiting ``enqueue`` point instead), marked as the
-    continuation of ``source`` at ``fidelity``."""
-    from rankopt.search.storage import WORKER_ATTR, _heartbeat_on, worker_id
-
-    storage = study._storage
-    trial_id = storage.create_new_trial(study._study_id)
-    # named for this process at once, as every trial is: a worker thread still checking
-    # for stale trials otherwise fails a RUNNING trial that names no process
-    storage.set_trial_user_attr(trial_id, WORKER_ATTR, worker_id())
-    # what it is, from the start: a continuation a crash leaves is not requeued as a search trial
-    storage.set_trial_user_attr(trial_id, "continued_from", source.number)
-    storage.set_trial_user_attr(trial_id, "fidelity", fidelity)
-    if _heartbeat_on(storage):
-        storage.record_heartbeat(trial_id)
-    for name, value in source.params.items():
-        dist = source.distributions[name]
-        storage.set_trial_param(trial_id, name, dist.to_internal_repr(value), dist)
-    return optuna.Trial(study, trial_id)
 
 
 def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: int) -> dict[str, Any]:
@@ -196,6 +191,9 @@ def continue_trial(env: TrialEnv, number: int, source: FrozenTrial, fidelity: in
     try:
         seed = training_seed(env.config.seed, attrs.get("resolved_key") or source.params, fidelity=fidelity)
         ctx = trial_context(env, env.space.plan(source.params), seed=seed)
+        if not (env.trial_dir(source.number) / "model.pt").is_file() and env.store is not None:
+            # the source ran on another driver or node: its model is in the artifact store
+            env.store.fetch_trial(source.number, env.trial_dir(source.number))
         model = load_compressed(env.trial_dir(source.number) / "model.pt",
                                 copy.deepcopy(env.reference), map_location="cpu").to(ctx.device)
         ctx.compressed_layers = list(attrs.get("ranks", {}))  # what feature distillation matches

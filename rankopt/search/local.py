@@ -16,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from rankopt.core.safe_paths import remove_tree
+from rankopt.search.continuations import finished_elsewhere
 from rankopt.search.objective import (
     TrialEnv,
     clean_trial_dir,
@@ -179,11 +180,22 @@ def run_local(
                     claim.release()
                     time.sleep(WAIT_S)
                     continue
-                with interrupts(deferred=True):  # see objective: only the trial's work is cut
-                    study.optimize(
-                        objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
-                        gc_after_trial=False,
-                    )
+                try:
+                    with interrupts(deferred=True):  # see objective: only the trial's work is cut
+                        study.optimize(
+                            objective, n_trials=1, catch=(TrialFailed,), callbacks=[callback],
+                            gc_after_trial=False,
+                        )
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                    if not finished_elsewhere(exc):
+                        raise
+                    # another worker judged this one dead and failed its trial (see
+                    # storage.fail_stale_trials): the storage keeps that verdict, the
+                    # count replaces the trial
+                    log.warning("a trial that ran here was failed meanwhile by another "
+                                "worker (%s); it is not counted, and is replaced", exc)
+                    with counter_lock:
+                        started[0] -= 1
             finally:
                 claim.release()  # when the trial never started (a no-op otherwise)
 

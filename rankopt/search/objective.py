@@ -163,6 +163,9 @@ TRIAL_ATTRS = (
     "reference_weights",
     "node",
     "artifact_seconds",
+    # a model sent home through Ray (no artifact store): its bytes and seconds
+    "transfer_bytes",
+    "transfer_seconds",
 )
 
 

@@ -45,14 +45,18 @@ def connect(config: StudyConfig) -> bool:
     """Start or join Ray and check it can give the resources a trial asks for.
 
     Returns True when this call started Ray (the caller shuts it down). Raises
-    :class:`ConfigError` at once when a trial asks for more GPUs or CPUs than the
-    cluster has (a trial would otherwise wait forever).
+    :class:`ConfigError` at once when nothing answers at the address (within
+    :data:`~rankopt.search.ray_checks.PROBE_TIMEOUT_S`), or when a trial asks for more
+    GPUs or CPUs than the largest node has (a trial would otherwise wait forever).
     """
     import ray
 
     started = False
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS") or None
+        from rankopt.search.ray_checks import probe_address
+
+        probe_address(address)  # ray.init retries an address where nothing answers for ever
         try:
             ray.init(
                 address=address,
@@ -66,30 +70,21 @@ def connect(config: StudyConfig) -> bool:
                 "with `ray start --head` or fix --address / RAY_ADDRESS"
             ) from None
         started = True
-    resources = ray.cluster_resources()
-    have_gpus = resources.get("GPU", 0.0)
-    have_cpus = resources.get("CPU", 0.0)
+    from rankopt.search.ray_checks import largest_node_problem
+
+    have_gpus = ray.cluster_resources().get("GPU", 0.0)
     want = config.resources
-    problem = None
-    if want.gpus > have_gpus:
-        problem = (
-            f"resources.gpus: {want.gpus:g} GPU(s) per trial requested, but the Ray cluster "
-            f"has {have_gpus:g}; set resources.gpus: 0 or run on a GPU cluster (--address)"
-        )
-    elif _names_cuda(config.device) and have_gpus == 0:
+    # a trial runs on one node: the largest node counts, not the cluster's total
+    problem = largest_node_problem(ray.nodes(), want.cpus, want.gpus)
+    if problem is None and _names_cuda(config.device) and have_gpus == 0:
         problem = (
             f"device: {config.device!r} with backend ray needs GPUs in the Ray cluster, which "
-            f"has none ({have_cpus:g} CPUs); use device: auto or cpu, or add GPU nodes"
+            f"has none; use device: auto or cpu, or add GPU nodes"
         )
-    elif _names_cuda(config.device) and want.gpus == 0:
+    elif problem is None and _names_cuda(config.device) and want.gpus == 0:
         problem = (
             f"resources.gpus: 0 with device {config.device!r}: Ray hides the GPUs from a "
             "trial that asks for none; set resources.gpus: 1 (one trial per GPU)"
-        )
-    elif want.cpus > have_cpus:
-        problem = (
-            f"resources.cpus: {want.cpus:g} CPU(s) per trial requested, but the Ray cluster "
-            f"has {have_cpus:g}; lower resources.cpus"
         )
     if problem is not None:
         if started:
@@ -102,13 +97,24 @@ def _names_cuda(device: str) -> bool:
     return device.strip().lower().startswith("cuda")
 
 
-def _trainable(config: dict[str, Any], env: TrialEnv) -> None:
-    """One Ray trial: run it and report its metrics (Tune calls this in a worker)."""
+def _trainable(config: dict[str, Any], env: TrialEnv, inbox: Any = None,
+               driver_node: str = "") -> None:
+    """One Ray trial: run it and report its metrics (Tune calls this in a worker). With an
+    ``inbox`` (no artifact store), a trial on another node sends its folder home."""
     from ray import tune
 
     values = dict(config)
     number = int(values.pop(TRIAL_NUMBER_KEY))
     metrics = run_trial(env, number, values)
+    if inbox is not None and metrics["state"] == "COMPLETE" and metrics.get("repeat_of") is None:
+        from rankopt.search.ray_inbox import send_home
+
+        try:
+            metrics.update(send_home(inbox, driver_node, env.trial_dir(number), number))
+        except Exception as exc:  # noqa: BLE001 - the trial's model is lost to the driver
+            metrics.update(state="FAIL", reason=(
+                f"trial {number}'s model could not be sent to the driver's node "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"))
     report: dict[str, Any] = {METRICS_KEY: json.dumps(metrics, default=str)}
     complete = metrics["state"] == "COMPLETE"
     for objective in env.config.objectives:
@@ -197,18 +203,28 @@ class _StopWhen(Stopper):  # type: ignore[misc]
         return bool(self.should_stop is not None and self.should_stop())
 
 
+# Tune's per-trial bookkeeping that rankopt does not use (benchmarks/bench_ray_overhead.py):
+# its result loggers (json/csv/TensorBoard files per trial: rankopt writes metrics.json),
+# and frequent experiment-state snapshots (the Optuna storage is what a rerun resumes from)
+LEAN_TUNE_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": "300"}
+
+
 @contextlib.contextmanager
 def _quiet_tune() -> Iterator[None]:
-    """Tune's legacy console output honours ``verbose=0``; the new one prints regardless."""
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    """Tune's legacy console output honours ``verbose=0``; the new one prints regardless.
+    Also :data:`LEAN_TUNE_ENV`, unless the user's environment sets those variables."""
+    changes = {"RAY_AIR_NEW_OUTPUT": "0",
+               **{k: v for k, v in LEAN_TUNE_ENV.items() if k not in os.environ}}
+    before = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _fit(
@@ -229,8 +245,11 @@ def _fit(
     errors: dict[str, BaseException] = {}
     # failed trials are replaced: up to max_failures of them (as many as asked otherwise)
     budget = None if n_trials is None else n_trials + (config.max_failures or n_trials)
+    from rankopt.search.sampler import sampler_config
+
     searcher = RankoptOptunaSearch(
         env=env,
+        sampler_config=sampler_config(study.sampler, config),
         target=target,
         budget=budget,
         on_done=on_trial_done,
@@ -244,7 +263,13 @@ def _fit(
     )
     search_alg = ConcurrencyLimiter(searcher, max_concurrent=config.max_concurrent)
     resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, env=env), resources)
+    inbox, driver_node = None, ""
+    if env.store is None:  # models come home through Ray itself (see ray_inbox)
+        from rankopt.search.ray_inbox import start_inbox
+
+        inbox, driver_node = start_inbox(env.run_dir)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, env=env, inbox=inbox, driver_node=driver_node), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -262,6 +287,9 @@ def _fit(
             verbose=0,
             stop=_StopWhen(should_stop),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            # trials report once and keep nothing for Tune to checkpoint or sync
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0,
+                                                    checkpoint_at_end=False),
         ),
     )
     searcher.start_heartbeats()
@@ -269,3 +297,7 @@ def _fit(
         tuner.fit()
     finally:
         searcher.stop_heartbeats()
+        if inbox is not None:
+            import ray
+
+            ray.kill(inbox)

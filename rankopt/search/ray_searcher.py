@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import threading
 import time
 import traceback
@@ -50,11 +51,15 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
 
     # live objects of this process: left out of the searcher state Tune pickles
     _LIVE = ("on_done", "errors", "_beat_stop", "_beat_thread", "_lock")
+    # rebuilt after unpickling (from the study config and the storage), never pickled:
+    # Optuna 5's samplers hold a threading lock, and the study and its trials hold the sampler
+    _REBUILT = ("_sampler", "_ot_study", "_ot_trials")
 
     def __init__(
         self,
         *args: Any,
         env: TrialEnv,
+        sampler_config: Any = None,
         target: int | None = None,
         budget: int | None = None,
         on_done: TrialDone | None = None,
@@ -63,6 +68,8 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
     ) -> None:
         super().__init__(*args, **kwargs)
         self.study_config = env.config
+        # the config (with its session's seed) the sampler is rebuilt from after unpickling
+        self.sampler_config = sampler_config if sampler_config is not None else env.config
         self.run_dir = env.run_dir
         self.store = env.store
         self.target = target
@@ -77,19 +84,52 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         self._beat_thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._LIVE}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self._LIVE and k not in self._REBUILT}
+        # the Tune trial id -> Optuna trial id of the trials asked: enough to rebuild them
+        trials = self.__dict__.get("_ot_trials")
+        state["_ot_trial_ids"] = (state.get("_ot_trial_ids") or {}) if trials is None else {
+            tid: t._trial_id for tid, t in trials.items()}
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.on_done, self.errors, self._beat_thread = None, {}, None
         self._lock, self._beat_stop = threading.Lock(), threading.Event()
+        # the study and its trials are rebuilt on first use (see __getattr__): unpickling
+        # needs no storage connection
+        from rankopt.search.sampler import make_sampler
+
+        self._sampler = make_sampler(self.sampler_config)
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes missing from __dict__: the study of an unpickled copy
+        if name in ("_ot_study", "_ot_trials") and "_ot_trial_ids" in self.__dict__:
+            self._rebuild_study()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _rebuild_study(self) -> None:
+        import optuna
+
+        ids = self.__dict__.pop("_ot_trial_ids")
+        study = optuna.load_study(
+            study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        self._ot_study = study
+        self._ot_trials = {tid: optuna.Trial(study, trial_id) for tid, trial_id in ids.items()}
 
     def save(self, checkpoint_path: str) -> None:
-        hidden = {k: self.__dict__.pop(k) for k in self._LIVE if k in self.__dict__}
-        try:
-            super().save(checkpoint_path)
-        finally:
-            self.__dict__.update(hidden)
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self.__getstate__(), out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as src:
+            state = pickle.load(src)
+        live = {k: self.__dict__[k] for k in self._LIVE if k in self.__dict__}
+        for name in self._REBUILT:
+            self.__dict__.pop(name, None)
+        self.__setstate__(state)
+        self.__dict__.update(live)
 
     # -- leases ---------------------------------------------------------------------------
     def _heartbeats(self) -> bool:
@@ -183,6 +223,14 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
             return
         raw = (result or {}).get(METRICS_KEY)
         number = ot_trial.number
+        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if stored.state.is_finished():
+            # another worker judged this driver dead and failed the trial meanwhile: the
+            # storage keeps that verdict (the count replaces the trial)
+            log.warning("trial %d was failed meanwhile by another worker (%s); not counted",
+                        number, stored.user_attrs.get("reason", stored.state.name))
+            self._ot_trials.pop(trial_id, None)
+            return
         if raw:
             metrics = json.loads(raw)
         else:
@@ -205,6 +253,14 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         from rankopt.search.objective import clean_trial_dir, write_json
 
         folder = self.run_dir / "trials" / str(number)
+        if metrics.get("state") == "COMPLETE" and metrics.get("repeat_of") is not None:
+            # a repeat has no model of its own by design (its model is repeat_of's): only
+            # its metrics come home, and they came with the result
+            if not _same_metrics(folder, metrics):
+                folder.mkdir(parents=True, exist_ok=True)
+                write_json(folder / "metrics.json", {
+                    k: v for k, v in metrics.items() if k != "traceback"} | {"trial": number})
+            return metrics
         if metrics.get("state") == "COMPLETE":
             if not _same_run(folder, metrics) and self.store is not None:
                 try:
@@ -233,22 +289,59 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         return metrics
 
 
-def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
-    """True when ``folder`` holds this trial's model and its metrics (not an older copy)."""
+def _same_metrics(folder: Path, metrics: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds this trial's metrics (not an older copy)."""
     try:
         local = json.loads((folder / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    return (folder / "model.pt").is_file() and local.get("seconds") == metrics.get("seconds")
+    return bool(local.get("seconds") == metrics.get("seconds"))
+
+
+def _same_run(folder: Path, metrics: Mapping[str, Any]) -> bool:
+    """True when ``folder`` holds this trial's model and its metrics (not an older copy)."""
+    return (folder / "model.pt").is_file() and _same_metrics(folder, metrics)
 
 
 def worker_failure(exc: BaseException | None) -> str:
-    """``worker died: ...`` for a Ray worker (or its node) that ended without a result."""
+    """``worker died on node N (pid P): <Ray's cause>`` for a Ray worker (or its node) that
+    ended without a result: the node from Tune's placement of the trial (or the ``ip:``
+    of Ray's error), the cause from Ray's error text."""
     if exc is None:
         return "worker died: the Ray worker ended without reporting a result"
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if line.strip()), type(exc).__name__)
-    return f"worker died: {type(exc).__name__}: {first.strip()}"[:500]
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    fields = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if sep and key in ("ip", "pid", "class_name", "actor_id", "name", "namespace"):
+            fields[key] = value.strip()
+    # Ray's cause: the first line that is neither its generic header nor a field
+    causes = [line for line in lines if line.partition(":")[0] not in fields
+              and not line.startswith("The actor died unexpectedly before finishing")]
+    cause = causes[0] if causes else (lines[0] if lines else type(exc).__name__)
+    where = getattr(exc, "rankopt_location", None) or fields.get("ip")
+    pid = fields.get("pid")
+    node = f" on node {where}" + (f" (pid {pid})" if pid else "") if where else ""
+    return f"worker died{node}: {type(exc).__name__}: {cause}"[:500]
+
+
+def _trial_error(trial: Any) -> BaseException | None:
+    """The error Tune just recorded for ``trial``: from the trial's local error files
+    (Tune writes them there at once; the copies under the storage path come later, with
+    the next sync, so ``get_pickled_error`` alone often finds nothing yet)."""
+    from ray import cloudpickle
+
+    for read in (
+        lambda: cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()),
+        lambda: RuntimeError(Path(trial.error_file).read_text().split("\n", 1)[1].strip()),
+        trial.get_pickled_error,
+        trial.get_error,
+    ):
+        with contextlib.suppress(Exception):
+            exc = read()
+            if isinstance(exc, BaseException):
+                return exc
+    return None
 
 
 class RecordErrors(FIFOScheduler):  # type: ignore[misc]
@@ -263,10 +356,12 @@ class RecordErrors(FIFOScheduler):  # type: ignore[misc]
         return {**self.__dict__, "errors": {}}
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
-        exc: BaseException | None = None
-        with contextlib.suppress(Exception):
-            exc = trial.get_pickled_error() or trial.get_error()
+        exc = _trial_error(trial)
         if exc is not None:
+            with contextlib.suppress(Exception):  # where Tune placed it (no remote call)
+                place = trial.temporary_state.location
+                if place.hostname:
+                    exc.rankopt_location = place.hostname  # type: ignore[attr-defined]
             self.errors[trial.trial_id] = exc
             log.error("trial %s failed in Ray:\n%s", trial.trial_id,
                       "".join(traceback.format_exception(exc)))

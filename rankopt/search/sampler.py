@@ -19,7 +19,14 @@ __all__ = [
     "make_sampler",
     "create_study",
     "reseed_later_sessions",
+    "SAMPLER_CONFIG_ATTR",
+    "sampler_config",
 ]
+
+# the StudyConfig a sampler was built from (its seed as given to it): a pickled copy of the
+# study (Ray Tune's searcher state) rebuilds the sampler from it, since Optuna 5's samplers
+# hold a threading lock and do not pickle
+SAMPLER_CONFIG_ATTR = "_rankopt_study_config"
 
 # TPE options rankopt sets unless sampler.options names them (see SamplerConfig)
 TPE_DEFAULTS: dict[str, Any] = {"multivariate": True, "group": True}
@@ -75,9 +82,17 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
             # multivariate/group TPE are rankopt's defaults on purpose; Optuna's
             # "experimental" notice about them would only be noise in every study
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return cls(**kwargs)  # type: ignore[no-any-return]
+            sampler = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"sampler.options: {exc}") from None
+    setattr(sampler, SAMPLER_CONFIG_ATTR, config)
+    return sampler  # type: ignore[no-any-return]
+
+
+def sampler_config(sampler: optuna.samplers.BaseSampler, default: StudyConfig) -> StudyConfig:
+    """The config ``sampler`` was made from by :func:`make_sampler` (``default`` for a
+    sampler made elsewhere)."""
+    return getattr(sampler, SAMPLER_CONFIG_ATTR, default)  # type: ignore[no-any-return]
 
 
 def create_study(config: StudyConfig, storage: Any, sampler: optuna.samplers.BaseSampler) -> optuna.Study:

@@ -82,7 +82,11 @@ def is_local_sqlite(url: str) -> bool:
 
 
 def open_storage(url: str) -> BaseStorage:
-    """An Optuna RDB storage for ``url`` (SQLite waits on locks; shared RDBs send heartbeats)."""
+    """An Optuna RDB storage for ``url`` (SQLite waits on locks; shared RDBs send heartbeats).
+    A PostgreSQL URL runs with whichever driver is installed (see ``storage_url``)."""
+    from rankopt.search.storage_url import normalize_storage_url
+
+    url = normalize_storage_url(url)
     try:
         if is_local_sqlite(url):
             # concurrent writers (threads, the Ray driver) wait instead of failing at once
@@ -141,11 +145,28 @@ HEARTBEAT_REASON = (
 
 
 def worker_id() -> str:
-    """``host:pid:start`` of this process (``start``: its start time in clock ticks since
-    boot): stored on every trial it runs (user attr ``worker``). The start time tells a
-    process from a later one that reuses its PID (a restarted container is PID 1 again)."""
+    """``host:pid:start:boot:pidns`` of this process, stored on every trial it runs (user
+    attr ``worker``). ``start``: its start time in clock ticks since boot (tells a process
+    from a later one that reuses its PID: a restarted container is PID 1 again); ``boot``:
+    the kernel's boot id; ``pidns``: the inode of its PID namespace. Two containers with
+    one hostname (``--uts=host``) on one volume differ in ``pidns``: a PID means nothing
+    across PID namespaces, so there only heartbeats tell whether a worker lives."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or 0}"
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or 0}:{_boot_id()}:{_pid_namespace()}"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace(":", "")
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def _start_time(pid: int) -> int | None:
@@ -159,14 +180,29 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
-def _dead_here(worker: object) -> bool:
-    """True when ``worker`` names a process on this machine that no longer exists, or
-    whose PID now belongs to another process (a different start time)."""
+def same_process_space(worker: object) -> bool:
+    """True when ``worker``'s PID can be looked up from here: the same host name, and (when
+    it recorded them) the same boot and the same PID namespace."""
     if not isinstance(worker, str) or ":" not in worker:
         return False
     parts = worker.split(":")
-    host, pid = parts[0], parts[1] if len(parts) > 1 else ""
-    if host != socket.gethostname() or not pid.isdigit():
+    if parts[0] != socket.gethostname():
+        return False
+    boot = parts[3] if len(parts) > 3 else ""
+    pidns = parts[4] if len(parts) > 4 else ""
+    return (not boot or boot == _boot_id()) and (not pidns or pidns == _pid_namespace())
+
+
+def _dead_here(worker: object) -> bool:
+    """True when ``worker`` names a process of this machine's PID space (see
+    :func:`same_process_space`) that no longer exists, or whose PID now belongs to
+    another process (a different start time). A worker in another PID namespace or boot
+    is never judged by its PID (heartbeats decide there)."""
+    if not same_process_space(worker):
+        return False
+    parts = str(worker).split(":")
+    pid = parts[1] if len(parts) > 1 else ""
+    if not pid.isdigit():
         return False
     if not _alive(int(pid)):
         return True
