@@ -101,7 +101,7 @@ def measure(name: str, params: int, onnx: bool, tmp: Path) -> dict[str, Any]:
     shape = (1, 3, size, size)
     row: dict[str, Any] = {"model": name, "params": params, "input": size}
     net = build(name)
-    census = rankopt.compression.layer_census(net, shape)
+    census = rankopt.layer_census(net, shape)
     layers = rankopt.find_layers(net, shape)
     row.update(
         listed=len(layers), linear=sum(la.kind == "linear" for la in layers),

@@ -85,7 +85,7 @@ def test_vit_lists_attention_projections_and_compresses_them() -> None:
     assert sum(la.kind == "linear" for la in layers) == 2 * 4 + 1
     assert "encoder.layers.encoder_layer_0.self_attention.in_proj" in names
     assert "encoder.layers.encoder_layer_1.self_attention.out_proj" in names
-    census = rankopt.compression.layer_census(net, (1, 3, 32, 32))
+    census = rankopt.layer_census(net, (1, 3, 32, 32))
     assert len(census.compressible) == 10 and not census.refused and not census.skipped
     x = torch.randn(3, 3, 32, 32)
     full = rankopt.compress(net, _spec(net, layers, 1.0))
@@ -256,7 +256,7 @@ def test_tied_weights_are_refused() -> None:
     net[2].weight = net[0].weight
     with pytest.raises(UnsupportedModuleError, match=r"layer '0'.*shared with '2'"):
         rankopt.compress(net, {"0": {"decomposer": "svd", "ranks": [3]}}, input_shape=(1, 6))
-    census = rankopt.compression.layer_census(net, (1, 6))
+    census = rankopt.layer_census(net, (1, 6))
     assert census.compressible == () and set(census.refused) == {"0", "2"}
 
 
@@ -279,13 +279,13 @@ class Mixed(nn.Module):
 
 
 def test_census_counts_compressible_refused_and_skipped_with_reasons() -> None:
-    census = rankopt.compression.layer_census(Mixed(), (1, 3, 8, 8))
+    census = rankopt.layer_census(Mixed(), (1, 3, 8, 8))
     assert census.compressible == ("stem", "pw", "fc")
     assert census.refused == {"dw": "grouped/depthwise convolution (groups > 1)"}
     assert set(census.skipped) == {"seq", "aux"}
     assert "no decomposer" in census.skipped["seq"] and "never called" in census.skipped["aux"]
     assert census.summary().startswith("3 compressible, 1 refused (grouped/depthwise convolution (groups > 1) x1), 2 skipped")
-    only_tucker = rankopt.compression.layer_census(Mixed(), (1, 3, 8, 8), decomposers=["tucker2"])
+    only_tucker = rankopt.layer_census(Mixed(), (1, 3, 8, 8), decomposers=["tucker2"])
     assert only_tucker.compressible == ("stem", "pw") and "Linear is not supported" in only_tucker.refused["fc"]
 
 

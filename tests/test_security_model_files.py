@@ -259,6 +259,7 @@ def test_inspect_of_a_run_whose_reference_names_pretrained_weights_stays_offline
     class NoStudy:
         def __init__(self, run_dir: Path) -> None:
             self.model_modules: list[str] = []
+            self.model_folders: list[str] = []
 
     monkeypatch.setattr("rankopt.results.reading.StudyResult", NoStudy)
     model, shape, _ = inspect_cmd.load_run_reference(run)

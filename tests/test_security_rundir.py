@@ -512,7 +512,8 @@ def test_inspect_refuses_a_huge_model_from_a_study_or_a_runs_reference(
     study.write_text(yaml.safe_dump({**FAST, "model": {"name": "small_cnn", "kwargs": {"width": 100000}}}))
     assert main(["inspect", str(study)]) == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
-    assert err.startswith("error: model kwargs: {'width': 100000} builds a model of") and err.count("\n") == 1
+    assert err.startswith("error: model kwargs: {'width': 100000") and "builds a model of" in err
+    assert err.count("\n") == 1
     _, run_dir, _ = run_copy
     record = run_dir / "reference" / "metrics.json"
     data = json.loads(record.read_text())

@@ -56,7 +56,7 @@ SMALL = [
 def test_small_zoo_models_compress_at_half_rank_on_every_layer(name: str, size: int, counts: tuple[int, int, int]) -> None:
     net = _build(name)
     shape = (1, 3, size, size)
-    census = rankopt.compression.layer_census(net, shape)
+    census = rankopt.layer_census(net, shape)
     assert (len(census.compressible), len(census.refused), len(census.skipped)) == counts
     assert set(census.refused.values()) <= {"grouped/depthwise convolution (groups > 1)"}
     layers = rankopt.find_layers(net, shape)
@@ -68,7 +68,7 @@ def test_small_zoo_models_compress_at_half_rank_on_every_layer(name: str, size: 
 
 def test_inception_aux_head_is_skipped_with_its_reason() -> None:
     net = _build("inception_v3", aux_logits=True, init_weights=False)
-    census = rankopt.compression.layer_census(net, (1, 3, 299, 299))
+    census = rankopt.layer_census(net, (1, 3, 299, 299))
     assert sorted(census.skipped) == ["AuxLogits.conv0.conv", "AuxLogits.conv1.conv", "AuxLogits.fc"]
     assert all("never called by the forward pass in eval mode" in r for r in census.skipped.values())
     assert len(census.compressible) == 95 and not census.refused
@@ -77,7 +77,7 @@ def test_inception_aux_head_is_skipped_with_its_reason() -> None:
 def _done_when(net: nn.Module, shape: tuple[int, ...], min_linear: int, tmp_path: Path) -> rankopt.LayerCensus:
     """Every Linear (attention included) and every dense conv compressible; full rank equal
     to 1e-4 relative; half rank runs and exports to a checked ONNX file."""
-    census = rankopt.compression.layer_census(net, shape)
+    census = rankopt.layer_census(net, shape)
     layers = rankopt.find_layers(net, shape)
     linear = [la for la in layers if la.kind == "linear"]
     assert len(linear) >= min_linear

@@ -70,11 +70,20 @@ def pick_command(
     )
     for line in picked.notes:
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(
-        f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
-        f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
-        highlight=False,
-    )
+    if picked.params is not None:  # the file's own figures, after densifying
+        ref = result.reference
+        console.print(
+            f"trial {record.trial}: accuracy {record.accuracy:.4f}, {picked.params:,} params "
+            f"({ref['params'] / max(picked.params, 1):.2f}x fewer), {picked.flops:,} FLOPs with the slower "
+            f"layers dense (the trial: {record.params:,} params) -> {out}",
+            highlight=False, soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"trial {record.trial}: accuracy {record.accuracy:.4f}, {record.params:,} params "
+            f"({record.params_compression:.2f}x fewer), {record.flops:,} FLOPs -> {out}",
+            highlight=False,
+        )
     console.print(_held_out_line(result, record.trial, allow_unchecked=allow_unchecked), highlight=False)
     base = result.reference.get("base", {})
     if base.get("class"):

@@ -110,7 +110,7 @@ def layer_census(
 ) -> LayerCensus:
     """Sort ``model``'s weight layers into compressible, refused and skipped (see the module doc).
 
-    >>> census = rankopt.compression.layer_census(torchvision.models.mobilenet_v2(), (1, 3, 224, 224))
+    >>> census = rankopt.layer_census(torchvision.models.mobilenet_v2(), (1, 3, 224, 224))
     >>> census.summary()
     '35 compressible, 17 refused (grouped/depthwise convolution (groups > 1) x17), 0 skipped'
     """

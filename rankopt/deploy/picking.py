@@ -31,6 +31,9 @@ class PickedFile:
 
     path: Path
     notes: list[str] = field(default_factory=list)
+    # the file's own params and FLOPs where --keep-faster made layers dense (else None)
+    params: int | None = None
+    flops: int | None = None
 
 
 def check_out_path(out: Path, source: Path) -> None:
@@ -84,8 +87,7 @@ def write_picked(source: Path, out: Path, *, fold_bn: bool = False, keep_faster:
     with temp_beside(out) as tmp:
         if keep_faster is not None:
             with temp_beside(out) as dense:
-                picked.notes += _write_faster(source, dense, keep_faster, allow_modules, allow_unchecked,
-                                              module_folders)
+                _write_faster(picked, source, dense, keep_faster, allow_modules, allow_unchecked, module_folders)
                 if fold_bn:
                     _write_folded(dense, tmp, allow_modules=allow_modules, module_folders=module_folders)
                 else:
@@ -141,8 +143,9 @@ def _write_folded(source: Path, out: Path, *, allow_modules: Sequence[str], allo
     save_compressed(out, model, payload["spec"], base=payload["base"], input_shape=shape or None, metadata=metadata)
 
 
-def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modules: Sequence[str],
-                  allow_unchecked: bool = False, module_folders: Sequence[str | None] = ()) -> list[str]:
+def _write_faster(picked: PickedFile, source: Path, out: Path, latency: LatencySettings,
+                  allow_modules: Sequence[str], allow_unchecked: bool = False,
+                  module_folders: Sequence[str | None] = ()) -> None:
     """``source`` re-written with the layers that run slower factorized than dense (in the
     study's ``latency`` runtime and batch) made dense again (``rankopt.densify``)."""
     from rankopt.compression.accounting import count
@@ -152,7 +155,8 @@ def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modul
     payload = read_compressed(source, allow_unchecked=allow_unchecked)
     if (payload.get("metadata") or {}).get("fold_bn"):
         shutil.copyfile(source, out)  # a folded file's layers are not the spec's any more
-        return ["--keep-faster: the trial's file has BatchNorm folded; written as it is"]
+        picked.notes.append("--keep-faster: the trial's file has BatchNorm folded; written as it is")
+        return
     shape = tuple(payload.get("input_shape") or ())
     if not shape:
         raise ArtifactError(f"model file {str(source)!r} records no input shape, so its layers cannot be timed")
@@ -161,12 +165,10 @@ def _write_faster(source: Path, out: Path, latency: LatencySettings, allow_modul
                         module_folders=module_folders), source, payload,
         shape, runtime=latency.runtime, batch=latency.batch, threads=latency.threads, rounds=latency.rounds,
         allow_modules=allow_modules, allow_unchecked=allow_unchecked, module_folders=module_folders)
-    notes = done.lines("written dense")
+    picked.notes += done.lines("written dense")
     metadata: dict[str, Any] = {**(payload.get("metadata") or {}), "dense_again": sorted(done.slower)}
     save_compressed(out, done.model, done.kept, base=payload["base"], input_shape=shape, metadata=metadata)
-    if done.slower:  # the pick line names the trial's figures; the file differs from them
+    if done.slower:  # the file differs from the trial's figures: say what it holds
         cost = count(done.model, shape)
-        notes.append(f"--keep-faster: the file holds {cost.params:,} params and {cost.flops:,} FLOPs with "
-                     "those layers dense")
+        picked.params, picked.flops = cost.params, cost.flops
     load_compressed(out, allow_modules=allow_modules, module_folders=module_folders)  # it must load as written
-    return notes
