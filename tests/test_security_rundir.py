@@ -369,7 +369,7 @@ def test_a_usable_artifact_store_is_probed_and_left_clean(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("setting, needle", [
-    ("rank_multiple=1000000000", "rank_multiple: 1000000000"),
+    ("rank_multiple=1000000000", "rank_multiple: must be 'auto' (the device's vector width) or an integer in [1, 4,096]"),
     ("reference.epochs=1e9", "reference.epochs"),
     ("strategies.finetune.epochs=1e9", "strategies.finetune.epochs: '1e9' is above the limit of 10,000"),
     ("strategies.finetune.epochs={low: 1, high: 1e12}", "strategies.finetune.epochs.high"),

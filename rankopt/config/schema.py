@@ -198,7 +198,7 @@ class StudyConfig(_Strict):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RANK_MULTIPLE):
             return v
         raise ValueError(
-            f"must be 'auto' (the device's vector width) or an integer in [1, {MAX_RANK_MULTIPLE}] "
+            f"must be 'auto' (the device's vector width) or an integer in [1, {MAX_RANK_MULTIPLE:,}] "
             f"(1: exact ranks), got {v!r}"
         )
 
