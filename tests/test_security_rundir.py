@@ -20,28 +20,17 @@ from optuna.trial import TrialState
 
 from rankopt.cli import main
 from reliability_support import tree_snapshot
+from study_support import ENERGY, RANDOM, run_study_file, small_study
 
-FAST = {
-    "name": "sec",
-    "model": {"name": "small_cnn", "kwargs": {"width": 4}},
-    "data": {"name": "digits", "batch_size": 256},
-    "reference": {"epochs": 0.2, "lr": 0.05},
-    "decomposers": ["tucker2"],
-    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-    "strategies": {"finetune": {"epochs": 0.05, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 0},
-    "skip_repeats": False,
-    "trials": 1,
-}
+FAST = small_study("sec", model={"name": "small_cnn", "kwargs": {"width": 4}}, data={"name": "digits", "batch_size": 256},
+                   reference={"epochs": 0.2, "lr": 0.05}, selectors=ENERGY, sampler=RANDOM,
+                   strategies={"finetune": {"epochs": 0.05, "lr": 0.02}}, skip_repeats=False, trials=1)
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("sec")
-    study = work / "study.yaml"
-    study.write_text(yaml.safe_dump(FAST))
-    run_dir = work / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 0
+    code, study, run_dir = run_study_file(tmp_path_factory.mktemp("sec"), FAST, run_name="R")
+    assert code == 0
     return study, run_dir
 
 
@@ -351,10 +340,8 @@ def test_export_on_a_full_disk_writes_nothing(run_copy: tuple[Path, Path, Path],
 ])
 def test_a_bad_artifact_store_fails_before_the_run_directory_exists(
         tmp_path: Path, capsys: object, url: str, needle: str) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({**FAST, "artifacts": url}))
-    run_dir = tmp_path / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 2
+    code, _, run_dir = run_study_file(tmp_path, {**FAST, "artifacts": url}, run_name="R")
+    assert code == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err.startswith("error: artifacts:") and needle in err and err.count("\n") == 1
     assert not run_dir.exists()
@@ -379,10 +366,8 @@ def test_a_usable_artifact_store_is_probed_and_left_clean(tmp_path: Path) -> Non
 ])
 def test_sizes_that_mean_forever_are_refused_before_any_work(
         tmp_path: Path, capsys: object, setting: str, needle: str) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(FAST))
-    run_dir = tmp_path / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q", "--set", setting]) == 2
+    code, _, run_dir = run_study_file(tmp_path, FAST, "--set", setting, run_name="R")
+    assert code == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err.startswith("error:") and needle in err and err.count("\n") == 1
     assert not run_dir.exists()

@@ -16,27 +16,16 @@ import yaml
 from rankopt.deploy.artifacts import _checksum
 from rankopt.cli import main
 from rankopt.results.reading import StudyResult
+from study_support import digits_study, run_study_file
 
-TINY = {
-    "name": "bound",
-    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128, "test_fraction": 0.2},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 3},
-    "trials": 3,
-}
+TINY = digits_study("bound", data={"name": "digits", "batch_size": 128, "test_fraction": 0.2},
+                    sampler={"name": "random", "seed": 3}, trials=3)
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("bound")
-    study_file = base / "bound.yaml"
-    study_file.write_text(yaml.safe_dump(TINY))
-    out = base / "run"
-    assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
+    code, _, out = run_study_file(tmp_path_factory.mktemp("bound"), TINY, file_name="bound.yaml")
+    assert code == 0
     return out
 
 
