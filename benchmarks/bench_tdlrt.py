@@ -40,19 +40,10 @@ from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d  # noq
 
 
 def growth(carry: bool, tau: float = 0.1, steps: int = 300) -> list[tuple[int, tuple[int, int]]]:
-    g = torch.Generator().manual_seed(0)
-    channels, r = 32, 16
-    core = torch.randn(r, r, 3, 3, generator=g)
-    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
-    target /= target.norm()
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    layer = TuckerTrainingConv2d.from_factors(
-        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
-        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
-    )
-    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    from strategies_support import rank_2_layer_and_rank_16_target
+
+    g, target, layer, opt = rank_2_layer_and_rank_16_target()
+    channels = target.shape[0]
     out = [(0, layer.ranks)]
     for step in range(1, steps + 1):
         x = torch.randn(16, channels, 8, 8, generator=g)

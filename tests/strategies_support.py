@@ -60,3 +60,25 @@ def unfolding_rank(weight: torch.Tensor, mode: int) -> int:
     """The numerical rank of a float32 kernel's mode unfolding (float32 round-off tolerance)."""
     matrix = weight.detach().movedim(mode, 0).reshape(weight.shape[mode], -1).double()
     return int(torch.linalg.matrix_rank(matrix, rtol=1e-5))
+
+
+def rank_2_layer_and_rank_16_target(
+) -> tuple[torch.Generator, torch.Tensor, Any, torch.optim.Optimizer]:
+    """The TDLRT growth set-up: a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16)
+    and a rank-2 Tucker training layer with its SGD optimizer; (generator, target, layer,
+    optimizer), the generator seeded 0 and already used as the set-up used it."""
+    from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d
+
+    g = torch.Generator().manual_seed(0)
+    channels, r = 32, 16
+    core = torch.randn(r, r, 3, 3, generator=g)
+    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
+    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
+    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
+    target /= target.norm()
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    layer = TuckerTrainingConv2d.from_factors(
+        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
+        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
+    )
+    return g, target, layer, torch.optim.SGD([layer.delta], lr=0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from strategies_support import INPUT_SHAPE, make_context
+from strategies_support import INPUT_SHAPE, make_context, rank_2_layer_and_rank_16_target
 
 import rankopt
 from rankopt.core.errors import ConfigError
@@ -215,22 +215,9 @@ def _grow_from_rank_2(tau: float, carry: bool, steps: int = 300) -> tuple[tuple[
     """Train a rank-2 Tucker layer towards a kernel of Tucker-2 ranks (16, 16): (learned ranks, tau's rank)."""
     import torch.nn.functional as F
 
-    from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, truncation_rank
-
-    g = torch.Generator().manual_seed(0)
-    channels, r = 32, 16
-    core = torch.randn(r, r, 3, 3, generator=g)
-    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
-    target /= target.norm()
+    g, target, layer, opt = rank_2_layer_and_rank_16_target()
+    channels = target.shape[0]
     expected = truncation_rank(torch.linalg.svdvals(target.reshape(channels, -1)), tau * float(target.norm()))
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    layer = TuckerTrainingConv2d.from_factors(
-        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
-        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
-    )
-    opt = torch.optim.SGD([layer.delta], lr=0.5)
     for _ in range(steps):
         x = torch.randn(16, channels, 8, 8, generator=g)
         loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
