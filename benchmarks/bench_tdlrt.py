@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,21 +39,9 @@ from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d  # noq
 
 
 def growth(carry: bool, tau: float = 0.1, steps: int = 300) -> list[tuple[int, tuple[int, int]]]:
-    from strategies_support import rank_2_layer_and_rank_16_target
+    from strategies_support import grow_from_rank_2
 
-    g, target, layer, opt = rank_2_layer_and_rank_16_target()
-    channels = target.shape[0]
-    out = [(0, layer.ranks)]
-    for step in range(1, steps + 1):
-        x = torch.randn(16, channels, 8, 8, generator=g)
-        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        layer.integrate(tau, carry=carry)
-        if step in (25, 50, 100, 200, 300):
-            out.append((step, layer.ranks))
-    return out
+    return grow_from_rank_2(tau, carry, steps, record_at=(25, 50, 100, 200, 300))[2]
 
 
 def strategy_rows() -> list[list[str]]:

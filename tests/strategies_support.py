@@ -62,11 +62,15 @@ def unfolding_rank(weight: torch.Tensor, mode: int) -> int:
     return int(torch.linalg.matrix_rank(matrix, rtol=1e-5))
 
 
-def rank_2_layer_and_rank_16_target(
-) -> tuple[torch.Generator, torch.Tensor, Any, torch.optim.Optimizer]:
-    """The TDLRT growth set-up: a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16)
-    and a rank-2 Tucker training layer with its SGD optimizer; (generator, target, layer,
-    optimizer), the generator seeded 0 and already used as the set-up used it."""
+def grow_from_rank_2(
+    tau: float, carry: bool, steps: int = 300, record_at: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, tuple[int, int], list[tuple[int, tuple[int, int]]]]:
+    """TDLRT's rank growth: a rank-2 Tucker training layer trained by SGD (MSE against the
+    conv of a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16)), integrated with
+    ``tau`` after every step; (target kernel, final ranks, [(0, starting ranks)] and
+    ``(step, ranks)`` for each step in ``record_at``)."""
+    import torch.nn.functional as F
+
     from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d
 
     g = torch.Generator().manual_seed(0)
@@ -81,4 +85,15 @@ def rank_2_layer_and_rank_16_target(
         conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
         torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
     )
-    return g, target, layer, torch.optim.SGD([layer.delta], lr=0.5)
+    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    history = [(0, layer.ranks)]
+    for step in range(1, steps + 1):
+        x = torch.randn(16, channels, 8, 8, generator=g)
+        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.integrate(tau, carry=carry)
+        if step in record_at:
+            history.append((step, layer.ranks))
+    return target, layer.ranks, history

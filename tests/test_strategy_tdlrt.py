@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from strategies_support import INPUT_SHAPE, make_context, rank_2_layer_and_rank_16_target
+from strategies_support import INPUT_SHAPE, grow_from_rank_2, make_context
 
 import rankopt
 from rankopt.core.errors import ConfigError
@@ -213,19 +213,9 @@ def test_tau_recovers_a_planted_tucker_rank_under_noise(planted: tuple[int, int]
 
 def _grow_from_rank_2(tau: float, carry: bool, steps: int = 300) -> tuple[tuple[int, int], int]:
     """Train a rank-2 Tucker layer towards a kernel of Tucker-2 ranks (16, 16): (learned ranks, tau's rank)."""
-    import torch.nn.functional as F
-
-    g, target, layer, opt = rank_2_layer_and_rank_16_target()
-    channels = target.shape[0]
-    expected = truncation_rank(torch.linalg.svdvals(target.reshape(channels, -1)), tau * float(target.norm()))
-    for _ in range(steps):
-        x = torch.randn(16, channels, 8, 8, generator=g)
-        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        layer.integrate(tau, carry=carry)
-    return layer.ranks, expected
+    target, ranks, _ = grow_from_rank_2(tau, carry, steps)
+    expected = truncation_rank(torch.linalg.svdvals(target.reshape(target.shape[0], -1)), tau * float(target.norm()))
+    return ranks, expected
 
 
 def test_ranks_grow_from_2_to_where_tau_puts_them() -> None:
