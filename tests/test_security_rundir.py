@@ -87,32 +87,34 @@ def test_an_unknown_trial_folder_that_links_outside_is_left_alone(
     assert (run_dir / "trials" / "99").is_symlink()
 
 
-def test_a_failed_trials_folder_replaced_by_a_link_is_left_alone(
-        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def _rerun_with_trial_folder_linked(run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str],
+                                    *, failed: bool) -> tuple[optuna.Study, int]:
+    """Ask a trial (told FAIL when ``failed``; else left RUNNING with no live worker, which
+    the next run marks FAIL as stale), link its folder to the victim and continue the run:
+    it ends well, leaves the victim as it was and names the folder; (study, trial number)."""
     study, run_dir, victim = run_copy
     s = _open_study(run_dir)
     trial = s.ask()
-    s.tell(trial, state=TrialState.FAIL)
+    if failed:
+        s.tell(trial, state=TrialState.FAIL)
     before = tree_snapshot(victim)
     (run_dir / "trials" / str(trial.number)).symlink_to(victim)
     code, err = _rerun(study, run_dir, capsys)
     assert code == 0
     assert tree_snapshot(victim) == before
     assert f"trials/{trial.number}" in err
+    return s, trial.number
+
+
+def test_a_failed_trials_folder_replaced_by_a_link_is_left_alone(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _rerun_with_trial_folder_linked(run_copy, capsys, failed=True)
 
 
 def test_a_running_trials_folder_replaced_by_a_link_keeps_the_whole_subtree(
         run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    study, run_dir, victim = run_copy
-    s = _open_study(run_dir)
-    trial = s.ask()  # RUNNING with no live worker: the next run marks it FAIL as stale
-    before = tree_snapshot(victim)
-    (run_dir / "trials" / str(trial.number)).symlink_to(victim)
-    code, err = _rerun(study, run_dir, capsys)
-    assert code == 0
-    assert tree_snapshot(victim) == before
-    assert s.trials[trial.number].state == TrialState.FAIL
-    assert f"trials/{trial.number}" in err
+    s, number = _rerun_with_trial_folder_linked(run_copy, capsys, failed=False)
+    assert s.trials[number].state == TrialState.FAIL
 
 
 def test_links_inside_a_failed_trials_folder_are_reported_not_followed(
