@@ -34,31 +34,21 @@ sys.path.insert(0, str(HERE.parent))
 
 def register_sleep_strategy() -> None:
     """Ray's worker_process_setup_hook: every worker (and the driver) knows ``sleepy``."""
+    if str(HERE.parent / "tests") not in sys.path:
+        sys.path.insert(0, str(HERE.parent / "tests"))  # reliability_support, in Ray's workers too
     import rankopt
     from rankopt.contract.hookspecs import hookimpl
-    from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
     from rankopt.core.records import StrategyInfo
+    from reliability_support import SlowStrategy
 
-    class Sleepy(Strategy):
+    class Sleepy(SlowStrategy):
+        """The tests' ``slow`` strategy with the benchmark's shorter sleep and fine-tune."""
+
         name = "sleepy"
         description = "benchmark strategy: sleeps, then a negligible fine-tune"
 
         def defaults(self) -> dict[str, Any]:
             return {"sleep": 0.3, "epochs": 0.01, "lr": 0.02}
-
-        def search_space(self) -> dict[str, Any]:
-            return {}
-
-        def validate_params(self, params: Any) -> dict[str, Any]:
-            return {**self.defaults(), **dict(params)}
-
-        def run(self, ctx: TrialContext, params: dict[str, Any]) -> TrialOutcome:
-            time.sleep(float(params["sleep"]))
-            model = ctx.model()
-            spec = ctx.select_ranks(model)
-            small = ctx.compress(model, spec)
-            ctx.train(small, epochs=params["epochs"], lr=params["lr"])
-            return TrialOutcome(small, spec)
 
     class Plugin:
         @staticmethod

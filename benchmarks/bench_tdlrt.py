@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,30 +39,9 @@ from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d  # noq
 
 
 def growth(carry: bool, tau: float = 0.1, steps: int = 300) -> list[tuple[int, tuple[int, int]]]:
-    g = torch.Generator().manual_seed(0)
-    channels, r = 32, 16
-    core = torch.randn(r, r, 3, 3, generator=g)
-    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
-    target /= target.norm()
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    layer = TuckerTrainingConv2d.from_factors(
-        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
-        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
-    )
-    opt = torch.optim.SGD([layer.delta], lr=0.5)
-    out = [(0, layer.ranks)]
-    for step in range(1, steps + 1):
-        x = torch.randn(16, channels, 8, 8, generator=g)
-        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        layer.integrate(tau, carry=carry)
-        if step in (25, 50, 100, 200, 300):
-            out.append((step, layer.ranks))
-    return out
+    from strategies_support import grow_from_rank_2
+
+    return grow_from_rank_2(tau, carry, steps, record_at=(25, 50, 100, 200, 300))[2]
 
 
 def strategy_rows() -> list[list[str]]:

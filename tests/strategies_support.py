@@ -60,3 +60,40 @@ def unfolding_rank(weight: torch.Tensor, mode: int) -> int:
     """The numerical rank of a float32 kernel's mode unfolding (float32 round-off tolerance)."""
     matrix = weight.detach().movedim(mode, 0).reshape(weight.shape[mode], -1).double()
     return int(torch.linalg.matrix_rank(matrix, rtol=1e-5))
+
+
+def grow_from_rank_2(
+    tau: float, carry: bool, steps: int = 300, record_at: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, tuple[int, int], list[tuple[int, tuple[int, int]]]]:
+    """TDLRT's rank growth: a rank-2 Tucker training layer trained by SGD (MSE against the
+    conv of a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16)), integrated with
+    ``tau`` after every step; (target kernel, final ranks, [(0, starting ranks)] and
+    ``(step, ranks)`` for each step in ``record_at``)."""
+    import torch.nn.functional as F
+
+    from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d
+
+    g = torch.Generator().manual_seed(0)
+    channels, r = 32, 16
+    core = torch.randn(r, r, 3, 3, generator=g)
+    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
+    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
+    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
+    target /= target.norm()
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    layer = TuckerTrainingConv2d.from_factors(
+        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
+        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
+    )
+    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    history = [(0, layer.ranks)]
+    for step in range(1, steps + 1):
+        x = torch.randn(16, channels, 8, 8, generator=g)
+        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        layer.integrate(tau, carry=carry)
+        if step in record_at:
+            history.append((step, layer.ranks))
+    return target, layer.ranks, history

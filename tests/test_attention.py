@@ -329,18 +329,10 @@ class TinyTransformer(nn.Module):
 
 
 def test_a_study_searches_and_compresses_attention_projections_by_default(tmp_path: Path) -> None:
-    from torch.utils.data import TensorDataset
-
     from rankopt import DatasetSplits
     from rankopt.study import Study
 
-    def blobs(n: int, seed: int) -> TensorDataset:
-        g = torch.Generator().manual_seed(seed)
-        y = torch.randint(0, 2, (n,), generator=g)
-        x = torch.randn(n, 1, 6, 6, generator=g) * 0.3
-        x[y == 0, :, :3] += 1.0
-        x[y == 1, :, 3:] += 1.0
-        return TensorDataset(x, y)
+    from study_support import blobs
 
     torch.manual_seed(0)
     splits = DatasetSplits(train=blobs(96, 0), val=blobs(48, 1), num_classes=2, input_shape=(1, 6, 6))

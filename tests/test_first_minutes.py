@@ -18,26 +18,17 @@ from rankopt.cli import main
 from rankopt.config.schema import load_config
 from rankopt.core.errors import ConfigError, ExportError
 from rankopt.results.reading import StudyResult, TrialRecord
+from study_support import FINETUNE, RANDOM, run_study_file, small_study
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny",
-    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128, "kwargs": {"test_fraction": 0.15}},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 0},
-    "trials": 2,
-}
+TINY = small_study("tiny", data={"name": "digits", "batch_size": 128, "kwargs": {"test_fraction": 0.15}},
+                   decomposers=["tucker2", "svd"], strategies=FINETUNE, sampler=RANDOM, trials=2)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("first")
-    (work / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    out = work / "run"
-    assert main(["run", str(work / "tiny.yaml"), "--run-dir", str(out), "-q"]) == 0
+    code, _, out = run_study_file(tmp_path_factory.mktemp("first"), TINY, file_name="tiny.yaml")
+    assert code == 0
     return out
 
 

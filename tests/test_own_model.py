@@ -15,6 +15,7 @@ import rankopt
 from rankopt.cli import main
 from rankopt.config.schema import load_config
 from rankopt.core.errors import ArtifactError, ConfigError
+from study_support import RANDOM, small_study
 
 MYNET = '''import torch.nn as nn
 
@@ -27,16 +28,9 @@ def factory(width=8, num_classes=10, in_channels=1):  # a plain function: no ann
     )
 '''
 
-STUDY = {
-    "name": "mine",
-    "model": {"name": "mynet:factory", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128, "test_fraction": 0.2},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "strategies": {"finetune": {"epochs": 1, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 0},
-    "trials": 2,
-}
+STUDY = small_study("mine", model={"name": "mynet:factory", "kwargs": {"width": 8}},
+                    data={"name": "digits", "batch_size": 128, "test_fraction": 0.2}, decomposers=["tucker2", "svd"],
+                    strategies={"finetune": {"epochs": 1, "lr": 0.02}}, sampler=RANDOM, trials=2)
 
 
 @pytest.fixture(scope="module")

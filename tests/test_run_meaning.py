@@ -8,22 +8,13 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rankopt.cli import main
 from rankopt.search.run_meaning import describe_changes, meaning_changes
+from study_support import FINETUNE, RANDOM, run_study_file, small_study
 
-STUDY = {
-    "name": "meaning",
-    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 0},
-    "seed_proposals": False,
-    "trials": 1,
-}
+STUDY = small_study("meaning", data={"name": "digits", "batch_size": 128}, decomposers=["tucker2", "svd"],
+                    strategies=FINETUNE, sampler=RANDOM, seed_proposals=False, trials=1)
 
 
 def folder_bytes(folder: Path) -> dict[str, str]:
@@ -33,11 +24,8 @@ def folder_bytes(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("meaning")
-    study = work / "study.yaml"
-    study.write_text(yaml.safe_dump(STUDY))
-    run_dir = work / "run"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 0
+    code, study, run_dir = run_study_file(tmp_path_factory.mktemp("meaning"), STUDY)
+    assert code == 0
     return study, run_dir
 
 

@@ -20,28 +20,17 @@ from optuna.trial import TrialState
 
 from rankopt.cli import main
 from reliability_support import tree_snapshot
+from study_support import ENERGY, RANDOM, run_study_file, small_study
 
-FAST = {
-    "name": "sec",
-    "model": {"name": "small_cnn", "kwargs": {"width": 4}},
-    "data": {"name": "digits", "batch_size": 256},
-    "reference": {"epochs": 0.2, "lr": 0.05},
-    "decomposers": ["tucker2"],
-    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-    "strategies": {"finetune": {"epochs": 0.05, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 0},
-    "skip_repeats": False,
-    "trials": 1,
-}
+FAST = small_study("sec", model={"name": "small_cnn", "kwargs": {"width": 4}}, data={"name": "digits", "batch_size": 256},
+                   reference={"epochs": 0.2, "lr": 0.05}, selectors=ENERGY, sampler=RANDOM,
+                   strategies={"finetune": {"epochs": 0.05, "lr": 0.02}}, skip_repeats=False, trials=1)
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("sec")
-    study = work / "study.yaml"
-    study.write_text(yaml.safe_dump(FAST))
-    run_dir = work / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 0
+    code, study, run_dir = run_study_file(tmp_path_factory.mktemp("sec"), FAST, run_name="R")
+    assert code == 0
     return study, run_dir
 
 
@@ -98,32 +87,34 @@ def test_an_unknown_trial_folder_that_links_outside_is_left_alone(
     assert (run_dir / "trials" / "99").is_symlink()
 
 
-def test_a_failed_trials_folder_replaced_by_a_link_is_left_alone(
-        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def _rerun_with_trial_folder_linked(run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str],
+                                    *, failed: bool) -> tuple[optuna.Study, int]:
+    """Ask a trial (told FAIL when ``failed``; else left RUNNING with no live worker, which
+    the next run marks FAIL as stale), link its folder to the victim and continue the run:
+    it ends well, leaves the victim as it was and names the folder; (study, trial number)."""
     study, run_dir, victim = run_copy
     s = _open_study(run_dir)
     trial = s.ask()
-    s.tell(trial, state=TrialState.FAIL)
+    if failed:
+        s.tell(trial, state=TrialState.FAIL)
     before = tree_snapshot(victim)
     (run_dir / "trials" / str(trial.number)).symlink_to(victim)
     code, err = _rerun(study, run_dir, capsys)
     assert code == 0
     assert tree_snapshot(victim) == before
     assert f"trials/{trial.number}" in err
+    return s, trial.number
+
+
+def test_a_failed_trials_folder_replaced_by_a_link_is_left_alone(
+        run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _rerun_with_trial_folder_linked(run_copy, capsys, failed=True)
 
 
 def test_a_running_trials_folder_replaced_by_a_link_keeps_the_whole_subtree(
         run_copy: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    study, run_dir, victim = run_copy
-    s = _open_study(run_dir)
-    trial = s.ask()  # RUNNING with no live worker: the next run marks it FAIL as stale
-    before = tree_snapshot(victim)
-    (run_dir / "trials" / str(trial.number)).symlink_to(victim)
-    code, err = _rerun(study, run_dir, capsys)
-    assert code == 0
-    assert tree_snapshot(victim) == before
-    assert s.trials[trial.number].state == TrialState.FAIL
-    assert f"trials/{trial.number}" in err
+    s, number = _rerun_with_trial_folder_linked(run_copy, capsys, failed=False)
+    assert s.trials[number].state == TrialState.FAIL
 
 
 def test_links_inside_a_failed_trials_folder_are_reported_not_followed(
@@ -351,10 +342,8 @@ def test_export_on_a_full_disk_writes_nothing(run_copy: tuple[Path, Path, Path],
 ])
 def test_a_bad_artifact_store_fails_before_the_run_directory_exists(
         tmp_path: Path, capsys: object, url: str, needle: str) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({**FAST, "artifacts": url}))
-    run_dir = tmp_path / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q"]) == 2
+    code, _, run_dir = run_study_file(tmp_path, {**FAST, "artifacts": url}, run_name="R")
+    assert code == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err.startswith("error: artifacts:") and needle in err and err.count("\n") == 1
     assert not run_dir.exists()
@@ -379,10 +368,8 @@ def test_a_usable_artifact_store_is_probed_and_left_clean(tmp_path: Path) -> Non
 ])
 def test_sizes_that_mean_forever_are_refused_before_any_work(
         tmp_path: Path, capsys: object, setting: str, needle: str) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump(FAST))
-    run_dir = tmp_path / "R"
-    assert main(["run", str(study), "--run-dir", str(run_dir), "-q", "--set", setting]) == 2
+    code, _, run_dir = run_study_file(tmp_path, FAST, "--set", setting, run_name="R")
+    assert code == 2
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err.startswith("error:") and needle in err and err.count("\n") == 1
     assert not run_dir.exists()

@@ -7,36 +7,26 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from rankopt.deploy.artifacts import _checksum
 from rankopt.cli import main
 from rankopt.results.reading import StudyResult
+from study_support import digits_study, run_study_file
 
-TINY = {
-    "name": "bound",
-    "model": {"name": "small_cnn", "kwargs": {"width": 8}},
-    "data": {"name": "digits", "batch_size": 128, "test_fraction": 0.2},
-    "reference": {"epochs": 1, "lr": 0.05},
-    "decomposers": ["tucker2", "svd"],
-    "selectors": {"energy": {"p": {"low": 0.5, "high": 0.95}}},
-    "strategies": {"finetune": {"epochs": 0.2, "lr": 0.02}},
-    "sampler": {"name": "random", "seed": 3},
-    "trials": 3,
-}
+TINY = digits_study("bound", data={"name": "digits", "batch_size": 128, "test_fraction": 0.2},
+                    sampler={"name": "random", "seed": 3}, trials=3)
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("bound")
-    study_file = base / "bound.yaml"
-    study_file.write_text(yaml.safe_dump(TINY))
-    out = base / "run"
-    assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
+    code, _, out = run_study_file(tmp_path_factory.mktemp("bound"), TINY, file_name="bound.yaml")
+    assert code == 0
     return out
 
 
@@ -59,6 +49,17 @@ def two_trials(run_dir: Path) -> tuple[int, int]:
 
 def swap(run_dir: Path, victim: int, source: int) -> None:
     shutil.copyfile(run_dir / "trials" / str(source) / "model.pt", run_dir / "trials" / str(victim) / "model.pt")
+
+
+def rewrite(run_dir: Path, victim: int, change: Callable[[dict[str, Any]], None], source: int | None = None) -> Path:
+    """Trial ``victim``'s model file replaced by ``source``'s (default: its own) payload
+    after ``change``, with a recomputed checksum: only the binding can tell."""
+    path = run_dir / "trials" / str(victim) / "model.pt"
+    payload = torch.load(run_dir / "trials" / str(victim if source is None else source) / "model.pt", weights_only=True)
+    change(payload)
+    payload["sha256"] = _checksum(payload)
+    torch.save(payload, path)
+    return path
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -90,19 +91,12 @@ def test_a_file_from_another_study_or_with_another_spec_is_refused(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     victim, source = two_trials(run_dir)
-    path = run_dir / "trials" / str(victim) / "model.pt"
-    payload = torch.load(path, weights_only=True)
-    payload["metadata"]["study"] = "other"
-    payload["sha256"] = _checksum(payload)
-    torch.save(payload, path)
+    rewrite(run_dir, victim, lambda payload: payload["metadata"].update(study="other"))
     code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
     assert code == 1 and "of study 'other'" in text
 
     # the right study and trial, but the spec (and weights) of another trial
-    payload = torch.load(run_dir / "trials" / str(source) / "model.pt", weights_only=True)
-    payload["metadata"]["trial"] = victim
-    payload["sha256"] = _checksum(payload)
-    torch.save(payload, path)
+    rewrite(run_dir, victim, lambda payload: payload["metadata"].update(trial=victim), source=source)
     code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
     assert code == 1 and "holds another compression than trial" in text
     assert not (tmp_path / "x.pt").exists()
@@ -111,11 +105,8 @@ def test_a_file_from_another_study_or_with_another_spec_is_refused(
 def test_pick_refuses_a_file_that_does_not_load(run_dir: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     victim, _ = two_trials(run_dir)
-    path = run_dir / "trials" / str(victim) / "model.pt"
-    payload = torch.load(path, weights_only=True)
-    payload["base"]["kwargs"]["width"] = 9  # checksum recomputed: only loading shows it is wrong
-    payload["sha256"] = _checksum(payload)
-    torch.save(payload, path)
+    # checksum recomputed: only loading shows it is wrong
+    rewrite(run_dir, victim, lambda payload: payload["base"]["kwargs"].update(width=9))
     code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
     assert code == 1 and "does not match its spec" in text and not (tmp_path / "x.pt").exists()
 
@@ -147,11 +138,11 @@ def test_an_older_trial_file_without_binding_needs_allow_unchecked(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     victim, _ = two_trials(run_dir)
-    path = run_dir / "trials" / str(victim) / "model.pt"
-    payload = torch.load(path, weights_only=True)
-    del payload["metadata"]["study"], payload["metadata"]["trial"]
-    payload["sha256"] = _checksum(payload)
-    torch.save(payload, path)
+
+    def unbind(payload: dict[str, Any]) -> None:
+        del payload["metadata"]["study"], payload["metadata"]["trial"]
+
+    rewrite(run_dir, victim, unbind)
     code, text = run_cli(capsys, "pick", str(run_dir), "--trial", str(victim), "--out", str(tmp_path / "x.pt"))
     assert code == 1 and "does not say which study and trial wrote it" in text and "--allow-unchecked" in text
     with pytest.warns(UserWarning, match="unchecked"):

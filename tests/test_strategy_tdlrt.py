@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from strategies_support import INPUT_SHAPE, make_context
+from strategies_support import INPUT_SHAPE, grow_from_rank_2, make_context
 
 import rankopt
 from rankopt.core.errors import ConfigError
@@ -213,32 +213,9 @@ def test_tau_recovers_a_planted_tucker_rank_under_noise(planted: tuple[int, int]
 
 def _grow_from_rank_2(tau: float, carry: bool, steps: int = 300) -> tuple[tuple[int, int], int]:
     """Train a rank-2 Tucker layer towards a kernel of Tucker-2 ranks (16, 16): (learned ranks, tau's rank)."""
-    import torch.nn.functional as F
-
-    from rankopt.plugins.strategies._tdlrt_layers import TuckerTrainingConv2d, truncation_rank
-
-    g = torch.Generator().manual_seed(0)
-    channels, r = 32, 16
-    core = torch.randn(r, r, 3, 3, generator=g)
-    u_out = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    u_in = torch.linalg.qr(torch.randn(channels, r, generator=g))[0]
-    target = torch.einsum("abkl,ta,sb->tskl", core, u_out, u_in)
-    target /= target.norm()
-    expected = truncation_rank(torch.linalg.svdvals(target.reshape(channels, -1)), tau * float(target.norm()))
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    layer = TuckerTrainingConv2d.from_factors(
-        conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
-        torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
-    )
-    opt = torch.optim.SGD([layer.delta], lr=0.5)
-    for _ in range(steps):
-        x = torch.randn(16, channels, 8, 8, generator=g)
-        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        layer.integrate(tau, carry=carry)
-    return layer.ranks, expected
+    target, ranks, _ = grow_from_rank_2(tau, carry, steps)
+    expected = truncation_rank(torch.linalg.svdvals(target.reshape(target.shape[0], -1)), tau * float(target.norm()))
+    return ranks, expected
 
 
 def test_ranks_grow_from_2_to_where_tau_puts_them() -> None:

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import rankopt
 from rankopt import DatasetSplits, hookimpl
 from rankopt.core.errors import ConfigError
 from rankopt.study import ConstraintsFunc, Study
+from study_support import blobs
 
 
 class Recorder:
@@ -41,16 +42,6 @@ def recorder() -> Iterator[Recorder]:
     rankopt.register_plugin(rec)
     yield rec
     rankopt.reset_registry()
-
-
-def blobs(n: int, seed: int) -> TensorDataset:
-    """Two classes of 1x6x6 images: bright top half or bright bottom half, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 1, 6, 6, generator=g) * 0.3
-    x[y == 0, :, :3] += 1.0
-    x[y == 1, :, 3:] += 1.0
-    return TensorDataset(x, y)
 
 
 def user_net() -> nn.Module:

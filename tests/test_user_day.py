@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import yaml
 from PIL import Image
-from torch.utils.data import TensorDataset
 
 import rankopt
 from rankopt import DatasetSplits
@@ -25,7 +24,7 @@ from rankopt.results.evaluation import config_splits
 from rankopt.results.reading import StudyResult
 from rankopt.study import Study
 from rankopt.training.loop import evaluate, make_loader
-from study_support import tiny_cli_study
+from study_support import blobs, run_study_file, tiny_cli_study
 
 TINY = tiny_cli_study(data={"name": "digits", "batch_size": 128, "test_fraction": 0.2}, trials=4)
 
@@ -38,11 +37,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("day")
-    study_file = base / "tiny.yaml"
-    study_file.write_text(yaml.safe_dump(TINY))
-    out = base / "run"
-    assert main(["run", str(study_file), "--run-dir", str(out), "--quiet"]) == 0
+    code, _, out = run_study_file(tmp_path_factory.mktemp("day"), TINY, file_name="tiny.yaml")
+    assert code == 0
     return out
 
 
@@ -169,15 +165,6 @@ def test_no_test_split_says_validation(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # -- a module and data passed from Python -------------------------------------------------------
-
-
-def blobs(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 1, 6, 6, generator=g) * 0.3
-    x[y == 0, :, :3] += 1.0
-    x[y == 1, :, 3:] += 1.0
-    return TensorDataset(x, y)
 
 
 class UserNet(nn.Module):

@@ -36,7 +36,7 @@ from rankopt.core.types import Cost, LayerInfo, SpectralSource
 from rankopt.contract.decomposer import Decomposer
 
 __all__ = [
-    "RankSelector", "LayerChoice", "SelectorParams", "clamp_ranks", "describe_constraints", "round_ranks",
+    "RankSelector", "CheckedRankSelector", "LayerChoice", "SelectorParams", "clamp_ranks", "describe_constraints", "round_ranks",
     "RankAlignment", "auto_rank_alignment",
 ]
 
@@ -325,3 +325,29 @@ class RankSelector(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class CheckedRankSelector(RankSelector):
+    """A per-layer selector whose :meth:`select` checks its parameters first.
+
+    Subclasses implement :meth:`select_checked`, which receives the validated
+    parameters (``validate_params(params)``) instead of the raw keyword arguments.
+    """
+
+    #: whether :meth:`select` fills ``options=None`` with ``decomposer.default_options(module)``
+    fill_default_options: ClassVar[bool] = True
+
+    def select(self, module: nn.Module, decomposer: Decomposer, *, cache: SpectralSource | None = None,
+               name: str | None = None, options: Mapping[str, Any] | None = None, **params: Any) -> tuple[int, ...]:
+        checked = self.validate_params(params)
+        if options is None and self.fill_default_options:
+            options = decomposer.default_options(module)
+        return self.select_checked(module, decomposer, checked, cache=cache, name=name, options=options)
+
+    @abstractmethod
+    def select_checked(
+        self, module: nn.Module, decomposer: Decomposer, params: dict[str, Any], *,
+        cache: SpectralSource | None, name: str | None, options: Mapping[str, Any] | None,
+    ) -> tuple[int, ...]:
+        """Ranks for ``decomposer`` on ``module`` from the checked ``params`` (``options``
+        is None only when the caller gave none and :attr:`fill_default_options` is off)."""

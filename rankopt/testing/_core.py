@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from rankopt.core.records import NAME_PATTERN
+
 __all__ = ["CheckResult", "CheckFailed", "Checks", "raise_on_failures", "seeded", "relative_error"]
 
 
@@ -106,6 +108,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def require(condition: bool, reason: str) -> None:
     if not condition:
         raise CheckFailed(reason)
+
+
+def require_identity(plugin: Any, base: type) -> None:
+    """``plugin`` is an instance of ``base`` and its ``name`` a lower-case identifier."""
+    require(isinstance(plugin, base), f"must subclass rankopt.{base.__name__}, got {type(plugin).__name__}")
+    require(
+        isinstance(plugin.name, str) and bool(NAME_PATTERN.match(plugin.name)),
+        f"name must be a lower-case identifier, got {plugin.name!r}",
+    )
 
 
 def require_json(value: Any, what: str) -> None:

@@ -12,7 +12,6 @@ import torch.nn as nn
 from rankopt.compression.accounting import Cost, count_flops
 from rankopt.core.errors import ConfigError, InvalidRanksError
 from rankopt.contract.decomposer import Decomposer
-from rankopt.core.records import NAME_PATTERN
 from rankopt.testing._core import (
     CheckFailed,
     CheckResult,
@@ -20,6 +19,7 @@ from rankopt.testing._core import (
     raise_on_failures,
     relative_error,
     require,
+    require_identity,
     require_json,
     seeded,
 )
@@ -158,11 +158,7 @@ def check_decomposer(
     checks = Checks(f"decomposer {getattr(decomposer, 'name', decomposer)!r}")
 
     def name_ok() -> str:
-        require(isinstance(decomposer, Decomposer), f"must subclass rankopt.Decomposer, got {type(decomposer).__name__}")
-        require(
-            isinstance(decomposer.name, str) and bool(NAME_PATTERN.match(decomposer.name)),
-            f"name must be a lower-case identifier, got {decomposer.name!r}",
-        )
+        require_identity(decomposer, Decomposer)
         require(bool(decomposer.module_types), "module_types must name at least one module type")
         return f"name {decomposer.name!r}, supports {[t.__name__ for t in decomposer.module_types]}"
 
@@ -201,6 +197,15 @@ def check_decomposer(
 
     exact = bool(getattr(decomposer, "projection_idempotent", True))
     proj_tol = float(getattr(decomposer, "projection_rtol", tol))
+
+    def mid_projection(layer: SampleLayer) -> tuple[tuple[int, ...], torch.Tensor, float]:
+        """Middle ranks, project(W) at them, and how far a declared-inexact projection
+        may move: as far as projecting moved W (relative to project(W)), or projection_rtol."""
+        ranks = _mid_ranks(largest(layer))
+        w = layer.module.weight.detach()  # type: ignore[union-attr]
+        once = projected(layer, ranks)[0]
+        inexact_bound = max(relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300)), proj_tol)
+        return ranks, once, inexact_bound
 
     def max_ranks_ok(layer: SampleLayer) -> str:
         top = largest(layer)
@@ -301,9 +306,7 @@ def check_decomposer(
             require(bool(torch.isfinite(p).all()), "project() returned non-finite values")
 
     def idempotent(layer: SampleLayer) -> str:
-        ranks = _mid_ranks(largest(layer))
-        w = layer.module.weight.detach()  # type: ignore[union-attr]
-        once = projected(layer, ranks)[0]
+        ranks, once, bound = mid_projection(layer)
         twice = decomposer.project(once.clone(), ranks)
         err = relative_error(twice, once)
         if exact:
@@ -311,7 +314,6 @@ def check_decomposer(
             return f"rel. change {err:.1e}"
         # declared inexact (e.g. ALS): re-projecting must move no more than projecting did
         # (or than the declared projection_rtol)
-        bound = max(relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300)), proj_tol)
         require(
             err <= bound,
             f"at ranks {ranks}, re-projecting changes project(W) by {err:.2e}, more than "
@@ -320,15 +322,13 @@ def check_decomposer(
         return f"rel. change {err:.1e} <= {bound:.1e} (declared not idempotent)"
 
     def build_matches_projection(layer: SampleLayer) -> str:
-        ranks = _mid_ranks(largest(layer))
-        w = layer.module.weight.detach()  # type: ignore[union-attr]
-        once = projected(layer, ranks)[0]
+        ranks, once, inexact_bound = mid_projection(layer)
         target = _with_weight(layer.module, once)
         target_layer = SampleLayer(layer.name, target, layer.input_hw)
         with seeded(seed):
             x = layer.example()
         err = _compare(_built(decomposer, target_layer, ranks), target, x, ranks)
-        bound = proj_tol if exact else max(relative_error(once, w) * float(w.norm() / once.norm().clamp_min(1e-300)), proj_tol)
+        bound = proj_tol if exact else inexact_bound
         require(
             err <= bound,
             f"at ranks {ranks}, the module built from project(W) computes something else than "

@@ -18,7 +18,6 @@ from optuna.distributions import (
 from rankopt.core.errors import ConfigError
 from rankopt.contract.decomposer import Decomposer
 from rankopt.contract.selector import RankSelector
-from rankopt.core.records import NAME_PATTERN
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import find_layers
 from rankopt.testing._core import (
@@ -27,6 +26,7 @@ from rankopt.testing._core import (
     Checks,
     raise_on_failures,
     require,
+    require_identity,
     require_json,
     seeded,
 )
@@ -124,11 +124,7 @@ def check_rank_selector(
     checks = Checks(f"rank selector {getattr(selector, 'name', selector)!r}")
 
     def identity() -> str:
-        require(isinstance(selector, RankSelector), f"must subclass rankopt.RankSelector, got {type(selector).__name__}")
-        require(
-            isinstance(selector.name, str) and bool(NAME_PATTERN.match(selector.name)),
-            f"name must be a lower-case identifier, got {selector.name!r}",
-        )
+        require_identity(selector, RankSelector)
         return f"name {selector.name!r}"
 
     checks.run("identity", identity)

@@ -11,7 +11,6 @@ from optuna.distributions import BaseDistribution
 
 from rankopt.core.errors import ConfigError
 from rankopt.contract.strategy import Strategy, TrialContext, TrialOutcome
-from rankopt.core.records import NAME_PATTERN
 from rankopt.compression.surgery import compress, normalize_spec
 from rankopt.testing._core import (
     CheckFailed,
@@ -19,6 +18,7 @@ from rankopt.testing._core import (
     Checks,
     raise_on_failures,
     require,
+    require_identity,
     require_json,
     seeded,
 )
@@ -113,11 +113,7 @@ def check_strategy(
     checks = Checks(f"strategy {getattr(strategy, 'name', strategy)!r}")
 
     def identity() -> str:
-        require(isinstance(strategy, Strategy), f"must subclass rankopt.Strategy, got {type(strategy).__name__}")
-        require(
-            isinstance(strategy.name, str) and bool(NAME_PATTERN.match(strategy.name)),
-            f"name must be a lower-case identifier, got {strategy.name!r}",
-        )
+        require_identity(strategy, Strategy)
         return f"name {strategy.name!r}"
 
     def space_ok() -> str:

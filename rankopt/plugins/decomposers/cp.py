@@ -31,25 +31,22 @@ from rankopt.compression.accounting import Cost, conv2d_flops, conv2d_output_hw
 from rankopt.core.errors import ConfigError, DecompositionError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.compression.calibration import (
-    channel_whitened_matrices,
-    correct_bias,
     unwhiten_input_factor,
     whiten_input_channels,
     whitened,
 )
 from rankopt.plugins.decomposers._layers import (
-    input_output_unfoldings,
     check_options,
     compute_dtype,
     ConvGeometry,
-    copy_bias,
     make_conv,
     mode_unfolding,
     require_input_hw,
     tensorly_torch,
     validate_weight_ranks,
 )
-from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.contract.decomposer import InputHW, Options
+from rankopt.plugins.decomposers._channel_modes import ChannelModesDecomposer
 from rankopt.core.records import DecomposerInfo
 from rankopt.compression.spectral import get_default_cache
 from rankopt.plugins.decomposers._cp_guard import (  # noqa: F401  (EXACT_FIT: re-exported)
@@ -140,7 +137,7 @@ def _axis_geometry(g: ConvGeometry) -> tuple[dict[str, Any], dict[str, Any]]:
     return vertical, horizontal
 
 
-class CPDecomposer(Decomposer):
+class CPDecomposer(ChannelModesDecomposer):
     """CP decomposition for Conv2d by TensorLy's ``parafac`` (ALS).
 
     Options: ``init`` (``"svd"``, default, or ``"random"``), ``n_iter_max`` (200),
@@ -239,15 +236,6 @@ class CPDecomposer(Decomposer):
             + conv2d_flops(r, t, (1, 1), hw_h)
         )
         return Cost(params, flops)
-
-    def rank_matrices(self, weight: torch.Tensor, options: Options = None) -> list[torch.Tensor]:
-        """[mode-1 unfolding (input channels), mode-0 unfolding (output channels)]."""
-        return input_output_unfoldings(weight)
-
-    def module_rank_matrices(self, module: nn.Module, options: Options = None) -> list[torch.Tensor]:
-        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
-        return channel_whitened_matrices(module, self.rank_matrices, options) or super().module_rank_matrices(
-            module, options)
 
     def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         (hi,) = self.max_ranks(module, options)
@@ -368,8 +356,7 @@ class CPDecomposer(Decomposer):
                 built.depthwise_h.weight.copy_(a_h.T[:, None, :, None])
                 built.depthwise_w.weight.copy_(a_w.T[:, None, None, :])
                 built.pointwise_out.weight.copy_(a_t[:, :, None, None])
-            copy_bias(built.pointwise_out, module)
-            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
+            self.set_output_bias(built, module)
         return built
 
     def project(

@@ -26,18 +26,14 @@ from rankopt.compression.accounting import Cost, conv2d_flops
 from rankopt.core.errors import ConfigError, DecompositionError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.compression.calibration import (
-    channel_whitened_matrices,
-    correct_bias,
     unwhiten_input_factor,
     whiten_input_channels,
     whitened,
 )
 from rankopt.plugins.decomposers._layers import (
-    input_output_unfoldings,
     check_options,
     compute_dtype,
     ConvGeometry,
-    copy_bias,
     make_conv,
     mode_unfolding,
     require_input_hw,
@@ -45,7 +41,8 @@ from rankopt.plugins.decomposers._layers import (
     thin_svd,
     validate_weight_ranks,
 )
-from rankopt.contract.decomposer import Decomposer, InputHW, Options
+from rankopt.contract.decomposer import InputHW, Options
+from rankopt.plugins.decomposers._channel_modes import ChannelModesDecomposer
 from rankopt.core.records import DecomposerInfo
 from rankopt.compression.spectral import get_default_cache
 
@@ -78,7 +75,7 @@ def tucker2_max_ranks(out_channels: int, in_channels: int, kernel_numel: int) ->
     return (min(in_channels, out_channels * kernel_numel), min(out_channels, in_channels * kernel_numel))
 
 
-class Tucker2Decomposer(Decomposer):
+class Tucker2Decomposer(ChannelModesDecomposer):
     """Tucker-2 (partial Tucker over the channel modes) for Conv2d.
 
     Options (stored in the spec's ``options``):
@@ -155,15 +152,6 @@ class Tucker2Decomposer(Decomposer):
         return Cost(params, flops)
 
     # -- the decomposition -----------------------------------------------------------------
-    def rank_matrices(self, weight: torch.Tensor, options: Options = None) -> list[torch.Tensor]:
-        """[mode-1 unfolding (S x T*kh*kw, governs r_in), mode-0 unfolding (T x S*kh*kw, r_out)]."""
-        return input_output_unfoldings(weight)
-
-    def module_rank_matrices(self, module: nn.Module, options: Options = None) -> list[torch.Tensor]:
-        """The unfoldings of ``W x_1 L^T`` when the layer carries input statistics."""
-        return channel_whitened_matrices(module, self.rank_matrices, options) or super().module_rank_matrices(
-            module, options)
-
     def ranks_from_matrix_ranks(self, module: nn.Module, matrix_ranks: Sequence[int], options: Options = None) -> tuple[int, ...]:
         largest = self.max_ranks(module, options)
         return tuple(max(1, min(int(r), hi)) for r, hi in zip(matrix_ranks, largest))
@@ -240,8 +228,7 @@ class Tucker2Decomposer(Decomposer):
                 built.pointwise_in.weight.copy_(u_in.T[:, :, None, None])
                 built.core.weight.copy_(core)
                 built.pointwise_out.weight.copy_(u_out[:, :, None, None])
-            copy_bias(built.pointwise_out, module)
-            correct_bias(built.pointwise_out.bias, module, built.reconstruct_weight(), "channel")
+            self.set_output_bias(built, module)
         return built
 
     def project(

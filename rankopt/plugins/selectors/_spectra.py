@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from rankopt.core.errors import ConfigError
-from rankopt.contract.selector import RankSelector, clamp_ranks
+from rankopt.contract.selector import CheckedRankSelector, clamp_ranks
 from rankopt.compression.spectral import SpectralCache, get_default_cache
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +111,7 @@ def tail_fractions(singular_values: np.ndarray) -> np.ndarray:
     return np.clip((total - kept) / total, 0.0, 1.0)
 
 
-class SpectralRankSelector(RankSelector):
+class SpectralRankSelector(CheckedRankSelector):
     """A selector that applies one rule to the spectrum of each rank matrix.
 
     Subclasses implement :meth:`matrix_rank`; ranks are then combined by the
@@ -120,19 +120,10 @@ class SpectralRankSelector(RankSelector):
 
     needs_rank_matrices = True
 
-    def select(
-        self,
-        module: nn.Module,
-        decomposer: Decomposer,
-        *,
-        cache: SpectralCache | None = None,
-        name: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        **params: Any,
+    def select_checked(
+        self, module: nn.Module, decomposer: Decomposer, checked: dict[str, Any], *,
+        cache: SpectralCache | None, name: str | None, options: Mapping[str, Any] | None,
     ) -> tuple[int, ...]:
-        checked = self.validate_params(params)
-        if options is None:
-            options = decomposer.default_options(module)
         spectra = layer_spectra(module, decomposer, cache, options)
         matrix_ranks = self.matrix_ranks(spectra, module, decomposer, options, checked)
         return self.finish(module, decomposer, matrix_ranks, options, checked.get("min_rank", 1))

@@ -24,7 +24,7 @@ from rankopt.plugins.selectors._spectra import (
     layer_spectra,
     tail_fractions,
 )
-from rankopt.contract.selector import LayerChoice, RankSelector, SelectorParams
+from rankopt.contract.selector import CheckedRankSelector, LayerChoice, SelectorParams
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.selection import cost_increase_reason, layer_costs
 from rankopt.compression.spectral import SpectralCache
@@ -245,7 +245,7 @@ def _infer_input_shape(model: nn.Module, layers: Sequence[LayerInfo]) -> tuple[i
     return shape
 
 
-class BudgetRankSelector(RankSelector):
+class BudgetRankSelector(CheckedRankSelector):
     """A global allocator: ranks for every layer such that the model keeps ``target`` of
     its parameters (or FLOPs) within 1 %, keeping as much spectral energy as it can.
 
@@ -276,19 +276,14 @@ class BudgetRankSelector(RankSelector):
     description = "Global allocator: ranks meeting a params/FLOPs target for the whole model"
     Params = BudgetParams
     needs_rank_matrices = True
+    fill_default_options = False  # the one-layer allocation passes the caller's options on as given
 
-    def select(
-        self,
-        module: nn.Module,
-        decomposer: Decomposer,
-        *,
-        cache: SpectralCache | None = None,
-        name: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        **params: Any,
+    def select_checked(
+        self, module: nn.Module, decomposer: Decomposer, checked: dict[str, Any], *,
+        cache: SpectralCache | None, name: str | None, options: Mapping[str, Any] | None,
     ) -> tuple[int, ...]:
         """The allocation for this one layer (``scope="layers"``): its own target."""
-        checked = {**self.validate_params(params), "scope": "layers"}
+        checked = {**checked, "scope": "layers"}
         if checked["measure"] == "flops":
             raise ConfigError(
                 "rank selector 'budget' prices FLOPs from the layers' input sizes; use "

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from rankopt.core.errors import ConfigError
 from rankopt.contract.hookspecs import hookimpl
 from rankopt.contract.decomposer import Decomposer
-from rankopt.contract.selector import RankSelector, SelectorParams, ceil_fraction, clamp_ranks
+from rankopt.contract.selector import CheckedRankSelector, SelectorParams, ceil_fraction, clamp_ranks
 from rankopt.core.records import RankSelectorInfo
 from rankopt.compression.spectral import SpectralCache
 from rankopt.compression.surgery import LayerInfo
@@ -69,7 +69,7 @@ def _first_match(name: str | None, table: Mapping[str, Any]) -> tuple[str, Any] 
     return None
 
 
-class FixedRankSelector(RankSelector):
+class FixedRankSelector(CheckedRankSelector):
     """Explicit ranks, or a fraction of each layer's largest ranks.
 
     For a layer named ``name`` the first rule that applies wins: an entry of ``ranks``
@@ -97,19 +97,10 @@ class FixedRankSelector(RankSelector):
             params["fractions"] = fractions
         return super().validate_params(params)
 
-    def select(
-        self,
-        module: nn.Module,
-        decomposer: Decomposer,
-        *,
-        cache: SpectralCache | None = None,
-        name: str | None = None,
-        options: Mapping[str, Any] | None = None,
-        **params: Any,
+    def select_checked(
+        self, module: nn.Module, decomposer: Decomposer, checked: dict[str, Any], *,
+        cache: SpectralCache | None, name: str | None, options: Mapping[str, Any] | None,
     ) -> tuple[int, ...]:
-        checked = self.validate_params(params)
-        if options is None:
-            options = decomposer.default_options(module)
         largest = decomposer.max_ranks(module, options or None)
         explicit = _first_match(name, checked["ranks"])
         if explicit is not None:
