@@ -55,7 +55,7 @@ def test_a_worker_in_another_pid_namespace_is_not_judged_by_its_pid(tmp_path: Pa
 def test_a_trial_failed_by_another_worker_meanwhile_is_handled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = local.run_trial
+    real = local.run_trial_contained
     calls: list[int] = []
 
     def judged_dead_meanwhile(env: Any, number: int, values: Any) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def test_a_trial_failed_by_another_worker_meanwhile_is_handled(
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         return metrics
 
-    monkeypatch.setattr(local, "run_trial", judged_dead_meanwhile)
+    monkeypatch.setattr(local, "run_trial_contained", judged_dead_meanwhile)
     result = rankopt.run_study(tiny_study(run_dir=str(tmp_path / "run"), trials=1), progress=False)
     states = [t.state.name for t in result.study.trials]
     assert states == ["FAIL", "COMPLETE"]  # the verdict is kept; a replacement ran

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,18 +370,22 @@ def statistics_key(reference_key: str, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def save_statistics(path: Path, stats: Mapping[str, InputStatistics]) -> None:
-    """Write statistics atomically (``torch.save`` of plain tensors, read back weights-only)."""
+def save_statistics(path: Path, stats: Mapping[str, InputStatistics], *, root: Path | None = None) -> None:
+    """Write statistics atomically (``torch.save`` of plain tensors, read back weights-only);
+    with ``root`` (the run directory) no link on the way is followed."""
     data = {
         name: {"channel": s.channel, "patch": s.patch, "samples": s.samples,
                "damping": s.damping, "spectra": s.spectra,
                "channel_mean": s.channel_mean, "patch_mean": s.patch_mean}
         for name, s in stats.items()
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
+    import io
+
+    from rankopt.core.safe_paths import atomic_write
+
+    buffer = io.BytesIO()  # serialized first: a full disk is then an OSError, not torch's
+    torch.save(data, buffer)
+    atomic_write(path, buffer.getvalue(), root=root)
 
 
 def load_statistics(path: Path, layers: Iterable[str]) -> dict[str, InputStatistics] | None:

@@ -281,6 +281,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
             needed = len(data) if isinstance(data, (bytes, bytearray)) else written or None
             raise disk_full_error(path, needed) from exc
+        # a writer that wraps the OSError (torch.save: "RuntimeError: ... iostream error")
+        if isinstance(exc, RuntimeError) and _nearly_full(path.parent):
+            raise disk_full_error(path, written or None) from exc
         raise
     with contextlib.suppress(OSError):  # the rename itself survives a power cut
         dir_fd = os.open(path.parent, os.O_RDONLY | _CLOEXEC)
@@ -289,6 +292,15 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]
         finally:
             os.close(dir_fd)
     return path
+
+
+def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of ``folder`` has under ``margin`` bytes left."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str,

@@ -54,9 +54,9 @@ def claim_continuation(study: optuna.Study, source: FrozenTrial, fidelity: int) 
     if _heartbeat_on(storage):
         storage.record_heartbeat(trial_id)
     number = storage.get_trial_number_from_id(trial_id)
-    claims = [t.number for t in study.get_trials(deepcopy=False)
-              if t.user_attrs.get("continued_from") == source.number
-              and t.state != TrialState.PRUNED]
+    # a FAIL claim (interrupted, died) is done again: only live or finished claims count
+    claims = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+              if t.user_attrs.get("continued_from") == source.number]
     if min(claims, default=number) != number:
         storage.set_trial_user_attr(trial_id, "reason", CLAIM_LOST_REASON)
         storage.set_trial_state_values(trial_id, TrialState.PRUNED)

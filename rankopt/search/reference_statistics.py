@@ -60,7 +60,7 @@ def calibrate_reference(
             model, names, loader, images=settings.images, patch_layers=patch,
             damping=settings.damping, spectra=settings.spectra, device=device,
         )
-        save_statistics(path, stats)
+        save_statistics(path, stats, root=run_dir)
         log.info("calibration: input statistics of %d layers from %d images", len(names),
                  settings.images)
     attach_statistics(reference, stats)
