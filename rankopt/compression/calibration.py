@@ -232,8 +232,7 @@ def _check_width(lower: torch.Tensor, width: int, what: str) -> None:
 
 
 class _Accumulator:
-    def __init__(self, module: nn.Module, want_patch: bool) -> None:
-        self.module = module
+    def __init__(self, want_patch: bool) -> None:
         self.want_patch = want_patch
         self.channel: torch.Tensor | None = None
         self.patch: torch.Tensor | None = None
@@ -315,7 +314,7 @@ def collect_input_statistics(
         want = name in patch and isinstance(module, nn.Conv2d) and (
             module.in_channels * module.kernel_size[0] * module.kernel_size[1] <= MAX_PATCH_DIM
         )
-        accumulators[name] = _Accumulator(module, want)
+        accumulators[name] = _Accumulator(want)
         handles.append(module.register_forward_pre_hook(accumulators[name]))
     was_training = model.training
     if device is None:

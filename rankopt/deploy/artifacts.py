@@ -384,7 +384,7 @@ def load_compressed(
     that would download weights (``weights``, ``pretrained``...) are switched off: loading
     never reaches the network.
     A file written with ``pick --fold-bn`` (``metadata["fold_bn"]``) keeps the trained
-    weights and loads as the BatchNorm-folded ``torch.fx.GraphModule`` (see
+    weights and loads BatchNorm-folded, as a module of its own class (see
     :func:`rankopt.fold_batchnorm`).
     """
     payload = read_compressed(path, allow_unchecked=allow_unchecked, max_bytes=max_bytes)

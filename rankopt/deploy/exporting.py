@@ -64,8 +64,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     copy itself, so the result is a module of ``model``'s own class (not an fx
     GraphModule) computing the same function (to float rounding, ~1e-6). A BatchNorm after
     a layer that does not end in an ``nn.Conv2d``/``nn.Linear`` module stays (TT ends in a
-    reshape). ``model`` is left untouched.
-    A model without BatchNorm comes back as an eval-mode copy.
+    reshape). A model without BatchNorm comes back as an eval-mode copy, untraced.
+    ``model`` is left untouched.
     """
     import torch.fx as fx
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval

@@ -236,8 +236,6 @@ def load_run_reference(
 ) -> tuple[Any, tuple[int, ...], str]:
     """The reference model of a run directory, with its trained weights
     (``reference/model.pt``) and input shape (``reference/metrics.json``)."""
-    import torch
-
     from rankopt.deploy.artifacts import _build_base
     from rankopt.core.errors import ArtifactError
     from rankopt.results.reading import reference_path

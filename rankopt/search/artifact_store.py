@@ -16,7 +16,6 @@ study name only, so it pickles into Ray workers.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from pathlib import Path
 from typing import Any

@@ -31,7 +31,7 @@ from rankopt.deploy.artifacts import save_compressed
 from rankopt.config.schema import StudyConfig, resolve_rank_multiple
 from rankopt.contract.dataset import DatasetSplits
 from rankopt.core.errors import UnsafePathError
-from rankopt.core.safe_paths import atomic_write_text, clear_dir, is_link, make_dirs
+from rankopt.core.safe_paths import clear_dir, is_link, make_dirs
 from rankopt.search.artifact_store import ArtifactStore
 from rankopt.search.layout import _run_dir_of, write_json
 from rankopt.search.repeats import REPEATED, find_repeat, jsonable, resolved_key

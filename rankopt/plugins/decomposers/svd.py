@@ -178,8 +178,9 @@ class SVDDecomposer(Decomposer):
     ) -> list[torch.Tensor]:
         """``[W L]`` when the layer carries input statistics (output-energy spectrum)."""
         (mat,) = super().module_rank_matrices(module, options)
-        white = whitened(module, _kind(module), mat.to(torch.float64), for_selection=True)
-        return [mat if white is None else whiten_columns(mat.to(torch.float64), white[0])]
+        m64 = mat.to(torch.float64)
+        white = whitened(module, _kind(module), m64, for_selection=True)
+        return [mat if white is None else whiten_columns(m64, white[0])]
 
     def ranks_from_matrix_ranks(
         self, module: nn.Module, matrix_ranks: Sequence[int], options: Mapping[str, Any] | None = None
