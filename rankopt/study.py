@@ -42,6 +42,7 @@ from rankopt.search.reference import (
 )
 from rankopt.search.rundir import check_run_dir
 from rankopt.search.sampler import ConstraintsFunc, create_study, make_sampler, reseed_later_sessions
+from rankopt.search.refining import refine_sampler
 from rankopt.search.space import SearchSpace
 from rankopt.search.storage import STALE_REASON
 from rankopt.search.upfront import (
@@ -365,6 +366,7 @@ class Study:
                 reference_key=key,
                 store=store,
             )
+            refine_sampler(study, env)
             if not study.trials:
                 enqueue = list(prep.enqueue)
                 if config.seed_proposals is not False:  # the VBMF sweep needs the trained reference

@@ -183,9 +183,12 @@ def test_inspect_follows_the_study_files_min_in_channels(tmp_path, capsys: pytes
 def test_auto_aligns_only_layers_large_enough_and_follows_the_device() -> None:
     from rankopt.contract.selector import RankAlignment, auto_rank_alignment
 
-    assert auto_rank_alignment("cuda") == RankAlignment(8, 32)
+    assert auto_rank_alignment("cuda") == RankAlignment(8, 32, exact_below=True)
     cpu = auto_rank_alignment("cpu")
-    assert cpu.multiple in (4, 8, 16) and cpu.min_largest == 4 * cpu.multiple
+    assert cpu.multiple in (4, 8, 16) and cpu.min_largest == 4 * cpu.multiple and cpu.exact_below
+    # under auto a rank below one multiple stays exact (rank 3 is not made 8); above, rounded
+    assert auto_rank_alignment("cuda").apply((3, 13), (48, 40)) == (3, 16)
+    assert RankAlignment(8, 32).apply((3, 13), (48, 40)) == (8, 16)  # an integer rank_multiple
     align = RankAlignment(8, 32)
     assert align.apply((13, 21), (48, 40)) == (16, 24)  # a layer wide enough: rounded
     assert align.apply((13, 21), (48, 24)) == (13, 21)  # one mode too small: exact ranks

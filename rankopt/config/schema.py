@@ -49,6 +49,7 @@ from rankopt.config.sections import (
     MAX_SCREENING,
     SPACE_KEY,
     CalibrationConfig,
+    RefinementConfig,
     Choices,
     ConstraintsConfig,
     DataConfig,
@@ -178,6 +179,9 @@ class StudyConfig(_Strict):
     # data-aware decomposition: svd, tucker2 and cp minimise each layer's output error on
     # these training images' activations (rankopt.compression.calibration); null = weight space
     calibration: CalibrationConfig | None = Field(default_factory=CalibrationConfig)
+    # after the proposals, a share of the sampler's trials move the front's models along
+    # per-layer rank ladders (rankopt.search.refining); null = the sampler alone
+    refinement: RefinementConfig | None = Field(default_factory=RefinementConfig)
     # every selected rank rounded to a multiple of this (8: ONNX Runtime on AVX2, 16: AVX-512);
     # auto (default): the device's vector width, on layers large enough to gain
     # (rankopt.contract.selector.auto_rank_alignment); 1 = exact ranks

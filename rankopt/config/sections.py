@@ -19,6 +19,7 @@ from rankopt.core.limits import MAX_EPOCHS
 
 __all__ = [
     "ModelConfig",
+    "RefinementConfig",
     "DataConfig",
     "ReferenceConfig",
     "TargetsConfig",
@@ -257,6 +258,19 @@ class CalibrationConfig(_Strict):
     images: StrictInt = Field(512, ge=1, le=100_000)
     damping: float = Field(0.01, gt=0, le=1)
     spectra: Literal["output", "weight"] = "output"
+
+
+class RefinementConfig(_Strict):
+    """The refining sampler (rankopt.search.refining): a share of the trials the sampler
+    proposes become moves from the current front along per-layer rank ladders. Needs the
+    ``fixed`` selector searched per layer (``space: {per_layer: true}``); without it the
+    sampler proposes every trial. ``share``: the share of the sampler's own trials refined;
+    ``near``: how far below the best accuracy (absolute) a front member still counts as near
+    the line for the cut and swap moves; ``cut``: the share of params or FLOPs one cut removes."""
+
+    share: float = Field(0.5, gt=0, le=1)
+    near: float = Field(0.02, gt=0, le=1)
+    cut: float = Field(0.1, gt=0, lt=1)
 
 
 class LatencyConfig(_Strict):

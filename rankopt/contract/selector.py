@@ -137,11 +137,19 @@ class RankAlignment:
 
     multiple: int
     min_largest: int = 0
+    #: ranks under one ``multiple`` stay exact (``auto``): rounding rank 3 up to 16
+    #: multiplies that factor's cost by 5 for a SIMD block the kernel half-fills anyway,
+    #: and it takes away the smallest models (LeNet-5's 800x500 layer at rank 16 alone is
+    #: more than the whole 16,740-param model of the MNIST front)
+    exact_below: bool = False
 
     def apply(self, ranks: Sequence[int], largest: Sequence[int]) -> tuple[int, ...]:
         if self.multiple <= 1 or min(int(h) for h in largest) < self.min_largest:
             return tuple(int(r) for r in ranks)
-        return round_ranks(ranks, largest, self.multiple)
+        rounded = round_ranks(ranks, largest, self.multiple)
+        if self.exact_below:
+            return tuple(int(r) if int(r) < self.multiple else q for r, q in zip(ranks, rounded))
+        return rounded
 
 
 #: layers below this many SIMD blocks of rank keep exact ranks under ``auto``
@@ -155,7 +163,7 @@ def auto_rank_alignment(device: Any) -> RankAlignment:
     in float32 lanes that PyTorch's kernels were dispatched for: 16 on AVX-512, 8 on
     AVX2 (measured in ONNX Runtime: rank 16 ran up to 1.76x faster than 14), else 4
     (NEON, SSE). Layers whose largest rank is under ``AUTO_MIN_BLOCKS`` multiples keep
-    exact ranks.
+    exact ranks, and so do ranks under one multiple.
     """
     import torch
 
@@ -165,7 +173,7 @@ def auto_rank_alignment(device: Any) -> RankAlignment:
     else:
         capability = str(torch.backends.cpu.get_cpu_capability()).upper()
         multiple = 16 if "AVX512" in capability else 8 if "AVX2" in capability else 4
-    return RankAlignment(multiple, AUTO_MIN_BLOCKS * multiple)
+    return RankAlignment(multiple, AUTO_MIN_BLOCKS * multiple, exact_below=True)
 
 
 def ceil_fraction(fraction: float, largest: int) -> int:

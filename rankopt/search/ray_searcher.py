@@ -67,6 +67,10 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        from rankopt.search.refining import refinement_state
+
+        # the refining wrapper's plan (plain data) travels with the pickled searcher
+        self.refinement = refinement_state(kwargs["sampler"]) if kwargs.get("sampler") is not None else None
         self.study_config = env.config
         # the config (with its session's seed) the sampler is rebuilt from after unpickling
         self.sampler_config = sampler_config if sampler_config is not None else env.config
@@ -98,9 +102,10 @@ class RankoptOptunaSearch(OptunaSearch):  # type: ignore[misc]
         self._lock, self._beat_stop = threading.Lock(), threading.Event()
         # the study and its trials are rebuilt on first use (see __getattr__): unpickling
         # needs no storage connection
+        from rankopt.search.refining import with_refinement
         from rankopt.search.sampler import make_sampler
 
-        self._sampler = make_sampler(self.sampler_config)
+        self._sampler = with_refinement(make_sampler(self.sampler_config), self.__dict__.get("refinement"))
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes missing from __dict__: the study of an unpickled copy

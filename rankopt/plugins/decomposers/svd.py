@@ -193,8 +193,10 @@ class SVDDecomposer(Decomposer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(first, second) with ``second @ first == u @ diag(s) @ vh``."""
         if split == "balanced":
-            root = s.sqrt()
-            return root[:, None] * vh, u * root
+            # equal norms per component: the rows of a whitened ``vh`` (mapped back by
+            # L^-1) are not unit vectors, and factors of unequal scale make SGD unstable
+            scale = (s / vh.norm(dim=1).clamp_min(torch.finfo(vh.dtype).tiny)).sqrt()
+            return scale[:, None] * vh, u * (s / scale)
         if split == "first":
             return s[:, None] * vh, u
         return vh, u * s

@@ -184,6 +184,10 @@ class Tucker2Decomposer(ChannelModesDecomposer):
         if whitening is not None:
             out_dtype = compute_dtype(weight.dtype)
             u_in = unwhiten_input_factor(u_in, whitening[1].to(w.device, dtype))
+            # unit columns again, their scale moved into the core (the same product):
+            # factors of very unequal scale make fine-tuning's SGD steps unstable
+            norms = u_in.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
+            u_in, core = u_in / norms, core * norms[None, :, None, None]
             core, u_in, u_out = (t.to(out_dtype) for t in (core, u_in, u_out))
         return core, u_in, u_out
 
