@@ -149,6 +149,40 @@ def test_a_share_of_the_samplers_own_trials_is_refined_and_enqueued_points_run_a
     assert labels == ["refinement", "RandomSampler", "refinement", "RandomSampler"]
 
 
+class _Repeater(optuna.samplers.RandomSampler):
+    """A sampler whose joint point is always the same, an earlier trial's."""
+
+    def __init__(self, point: dict[str, Any], dists: dict[str, Any]) -> None:
+        super().__init__(seed=0)
+        self.point, self.dists = point, dists
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        return dict(self.dists)
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {k: v for k, v in self.point.items() if k in search_space}
+
+
+def test_the_wrapped_samplers_repeat_is_replaced_by_a_move() -> None:
+    space, plan = _plan()
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _add_trial(study, plan, {layer: 1 for layer in plan.layers}, 0.95)
+    earlier = study.trials[0].params
+    dists = {k: plan.distributions[k] for k in earlier}
+    base = _Repeater(earlier, dists)
+    study.sampler = RefiningSampler(base, plan, share=0.01, seed=0)  # 1st own refined, 2nd base
+    first, _ = _ask(study, space)
+    study.tell(first, [0.9, 5.0, 5.0])
+    second, values = _ask(study, space)
+    assert second.user_attrs[PROPOSED_BY].startswith("refinement:local:")
+    assert _state(plan, values) not in {_state(plan, t.params) for t in study.trials[:2]}
+    # a point of its own (no repeat) is the wrapped sampler's, as drawn
+    study.tell(second, [0.9, 6.0, 6.0])
+    base.point = {**earlier, plan.fraction_keys["12"]: 1.0}
+    third, values = _ask(study, space)
+    assert third.user_attrs[PROPOSED_BY] == "_Repeater" and values[plan.fraction_keys["12"]] == 1.0
+
+
 def test_the_wrapper_pickles_with_its_plan() -> None:
     from rankopt.search.sampler import make_sampler
 

@@ -67,6 +67,8 @@ class RefiningSampler(BaseSampler):
         self.plan = plan
         self.share, self.near, self.cut, self.seed = share, near, cut, seed
         self._points: dict[int, dict[str, Any]] = {}
+        # the wrapped sampler's relative point, drawn in before_trial to screen it for repeats
+        self._relative: dict[int, tuple[dict[str, BaseDistribution], dict[str, Any]]] = {}
         from rankopt.search.sampler import SAMPLER_CONFIG_ATTR
 
         if hasattr(base, SAMPLER_CONFIG_ATTR):
@@ -80,6 +82,8 @@ class RefiningSampler(BaseSampler):
         point = self._points.get(trial.number)
         if point is not None:
             return {k: d for k, d in self.plan.distributions.items() if k in point}
+        if trial.number in self._relative:
+            return self._relative[trial.number][0]
         return self.base.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
@@ -87,6 +91,8 @@ class RefiningSampler(BaseSampler):
         point = self._points.get(trial.number)
         if point is not None:
             return {k: point[k] for k in search_space if k in point}
+        if trial.number in self._relative:
+            return self._relative.pop(trial.number)[1]
         return self.base.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
@@ -102,15 +108,47 @@ class RefiningSampler(BaseSampler):
             return  # enqueued (a proposal or the user's point) or a continuation: runs as given
         found = self._propose(study, trial)
         if found is None:
+            found = self._screen_base(study, trial)
+        if found is None:
             label = type(self.base).__name__
         else:
             self._points[trial.number], label = found
         study._storage.set_trial_user_attr(trial._trial_id, PROPOSED_BY, label)
         trial.user_attrs[PROPOSED_BY] = label  # the Trial's cached copy (it was read before)
 
+    def _screen_base(self, study: optuna.Study, trial: FrozenTrial) -> tuple[dict[str, Any], str] | None:
+        """The wrapped sampler's joint (relative) point, drawn here rather than when the
+        trial asks; when it names per-layer ranks some trial already has, a ``local`` move
+        from the front replaces it (no repeats). Its point is then handed to the trial."""
+        space = self.base.infer_relative_search_space(study, trial)
+        relative = self.base.sample_relative(study, trial, space)
+        self._relative[trial.number] = (space, relative)
+        if relative.get("selector", "fixed") != "fixed" or not all(
+                k in relative for k in self.plan.fraction_keys.values()):
+            return None
+        params = {k: v for k, v in relative.items() if k in space}
+        probe = optuna.trial.create_trial(params=params, distributions={k: space[k] for k in params},
+                                          values=[0.0] * len(study.directions))
+        trials = study.get_trials(deepcopy=False)
+        seen = {self._key(s) for s in (self._state_of(t) for t in trials) if s is not None}
+        mine = self._state_of(probe)
+        if mine is None or self._key(mine) not in seen:
+            return None
+        del self._relative[trial.number]
+        done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+                and t.user_attrs.get("continued_from") is None and "ranks" in t.user_attrs]
+        front = _front(done, study.directions)
+        rng = random.Random(None if self.seed is None else self.seed * 1_000_003 + trial.number)
+        for _ in range(TRIES if front else 0):
+            made = self._move("local", front, rng)
+            if made is not None and self._key(made[1]) not in seen:
+                return self._point(made[0], made[1]), f"refinement:local:{made[0].number}"
+        return None
+
     def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
                     values: Sequence[float] | None) -> None:
         self._points.pop(trial.number, None)
+        self._relative.pop(trial.number, None)
         self.base.after_trial(study, trial, state, values)
 
     # -- pickling (Ray Tune copies the searcher; Optuna 5's samplers hold a lock) ----------
