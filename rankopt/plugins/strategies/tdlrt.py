@@ -41,7 +41,8 @@ Choices the paper leaves open, made here:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -62,7 +63,8 @@ INITS = ("reference", "random")
 
 
 def _initial_layer(
-    conv: nn.Conv2d, ranks: tuple[int, int], max_ranks: tuple[int, int], min_rank: int, init: str
+    conv: nn.Conv2d, ranks: tuple[int, int], max_ranks: tuple[int, int], min_rank: int, init: str,
+    factored: bool,
 ) -> TuckerTrainingConv2d:
     from rankopt.contract.manager import get_registry
 
@@ -87,8 +89,30 @@ def _initial_layer(
         core = core * std
         bias = torch.zeros_like(conv.bias) if conv.bias is not None else None
     return TuckerTrainingConv2d.from_factors(
-        conv, core, u_out, u_in, bias, max_ranks=max_ranks, min_rank=min_rank
+        conv, core, u_out, u_in, bias, max_ranks=max_ranks, min_rank=min_rank, factored=factored
     )
+
+
+@contextmanager
+def _loop_learning_rate() -> Iterator[list[float]]:
+    """``[lr]``: the learning rate of the last optimizer step taken while inside.
+
+    The factored layers take the paper's plain descent step at the loop's current rate
+    (its schedule included); the loop's optimizer is not reachable from a step
+    callback, so a global post-step hook reads it (removed on exit).
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    current = [math.nan]
+
+    def read(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        current[0] = float(optimizer.param_groups[0]["lr"])
+
+    handle = register_optimizer_step_post_hook(read)
+    try:
+        yield current
+    finally:
+        handle.remove()
 
 
 class TDLRTStrategy(Strategy):
@@ -177,7 +201,10 @@ class TDLRTStrategy(Strategy):
                 min(hi, max(hp["min_rank"], math.ceil(hp["initial_rank_fraction"] * hi)))
                 for hi in largest
             )
-            layer = _initial_layer(conv, start, largest, hp["min_rank"], hp["init"])  # type: ignore[arg-type]
+            layer = _initial_layer(
+                conv, start, largest, hp["min_rank"], hp["init"],  # type: ignore[arg-type]
+                factored=not hp["carry_truncated"],
+            )
             set_submodule(model, info.name, layer)
             layers[info.name] = (conv, layer, info)
         if not layers:
@@ -191,9 +218,11 @@ class TDLRTStrategy(Strategy):
             {"step": 0, "ranks": {n: list(lay.ranks) for n, (_, lay, _) in layers.items()}}
         ]
 
+        loop_lr = [math.nan]
+
         def on_step(net: nn.Module, step: int) -> None:
             for _conv, layer, _info in layers.values():
-                layer.integrate(hp["tau"], carry=hp["carry_truncated"])
+                layer.integrate(hp["tau"], carry=hp["carry_truncated"], lr=loop_lr[0])
             ranks = {n: list(lay.ranks) for n, (_, lay, _) in layers.items()}
             if ranks != history[-1]["ranks"]:
                 history.append({"step": step, "ranks": ranks})
@@ -201,7 +230,8 @@ class TDLRTStrategy(Strategy):
                     del history[1::2]
 
         if hp["epochs"] > 0:
-            ctx.train(model, epochs=hp["epochs"], lr=hp["lr"], step_callback=on_step)
+            with _loop_learning_rate() as loop_lr:
+                ctx.train(model, epochs=hp["epochs"], lr=hp["lr"], step_callback=on_step)
 
         spec: dict[str, dict[str, Any]] = {}
         for name, (conv, layer, info) in layers.items():
