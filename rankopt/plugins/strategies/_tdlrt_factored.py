@@ -93,15 +93,18 @@ class FactoredTuckerConv(torch.autograd.Function):
             a = F.conv2d(x, _one_by_one(u_in.T))
             v = F.conv2d(a, core, None, **geometry)
             y = F.conv2d(v, _one_by_one(u_out), bias)
-        ctx.save_for_backward(x, a, core, u_out, u_in)
+        # a = U_in^T x is recomputed in backward (a cheap 1x1): the step keeps only x saved,
+        # as dense training does
+        ctx.save_for_backward(x, core, u_out, u_in)
         ctx.geometry, ctx.sink, ctx.has_bias = geometry, sink, bias is not None
         ctx.anchor = anchor.detach()
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, a, core, u_out, u_in = ctx.saved_tensors
+        x, core, u_out, u_in = ctx.saved_tensors
         geometry = ctx.geometry
+        a = F.conv2d(x, _one_by_one(u_in.T))
         dy = dy.to(core.dtype).contiguous()
         dv = F.conv2d(dy, _one_by_one(u_out.T))  # U_out^T dy
         da = conv2d_input(a.shape, core, dv, **geometry)
