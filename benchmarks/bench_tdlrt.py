@@ -6,7 +6,9 @@
    paper's integrator (factored, default) at tau 0.1 with steps removing 3% and 25% of the
    error, at tau 0.2 and 0.3 with 50%, and ``carry_truncated`` (kernel mode) at tau 0.1, 3%.
 2. The strategy on small_cnn / digits (the tests' reference), 2 epochs, tau 0.1:
-   ``init: reference`` (default) against ``init: random`` (the paper), and ``preset: paper``.
+   ``init: reference`` (default) against ``init: random`` (the paper), ``preset: paper``,
+   ``carry_truncated``, and a start at a tenth of the largest ranks with larger steps
+   (the ranks grow).
 3. Memory and time per training step (forward, backward, step, integration) of a TDLRT layer
    trained through its factors, of the kernel path (reconstructed kernel plus a dense
    ``delta``), and of a dense Conv2d, at the same batch (32) and input (16x16), for
@@ -72,7 +74,9 @@ def strategy_rows() -> list[list[str]]:
     rows = []
     for label, params in (("init: reference (default)", {}), ("init: random", {"init": "random"}),
                           ("preset: paper", {"preset": "paper"}),
-                          ("init: reference, carry_truncated", {"carry_truncated": True})):
+                          ("init: reference, carry_truncated", {"carry_truncated": True}),
+                          ("init: reference, start at 0.1 of the largest ranks (3 (4, 7), 7 (7, 7)), "
+                           "lr 0.3", {"initial_rank_fraction": 0.1, "lr": 0.3})):
         ctx = make_context()
         start = time.process_time()
         outcome = rankopt.strategy("tdlrt").run(ctx, {**params, "tau": 0.1, "epochs": 2.0})

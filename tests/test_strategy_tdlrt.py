@@ -239,6 +239,20 @@ def test_rank_growth_needs_the_step_to_pass_the_tolerance() -> None:
     assert grow_from_rank_2(tau=0.1, lr=0.03, steps=150, carry=True)[1] == (16, 16)
 
 
+def test_strategy_ranks_grow_on_digits_from_low_starting_ranks() -> None:
+    """The strategy itself (factored, the paper's integrator, tau 0.1) started at a tenth of the
+    largest ranks: with steps large enough, the learned ranks rise above the start."""
+    ctx = make_context()
+    rankopt.strategy("tdlrt").run(
+        ctx, {"tau": 0.1, "epochs": 1, "lr": 0.3, "initial_rank_fraction": 0.1}
+    )
+    start = ctx.reported["tdlrt_rank_history"][0]["ranks"]
+    learned = ctx.reported["tdlrt_ranks"]
+    assert start["7"] == [7, 7]
+    assert learned["7"][0] > 7 and learned["7"][1] > 7
+    assert sum(map(sum, learned.values())) > sum(map(sum, start.values()))
+
+
 def _pair(stride: int = 1, seed: int = 0) -> tuple[TuckerTrainingConv2d, TuckerTrainingConv2d]:
     """The same 6 -> 10 3x3 Tucker layer at ranks (3, 4), in kernel mode and factored."""
     torch.manual_seed(seed)

@@ -24,7 +24,7 @@ Choices the paper leaves open, made here:
   factors take the paper's descent step, plain SGD at the loop's current learning rate
   (its schedule included, read from the loop's optimizer after each step); the loop's
   momentum, weight decay and gradient clipping act on the other parameters (biases,
-  dense layers, batch norm). On 256->256 3x3 at ranks 32/32 a training step takes 0.35x
+  dense layers, batch norm). On 256->256 3x3 at ranks 32/32 a training step takes 0.38x
   the time of dense training and the layer holds 0.05x its bytes (benchmarks/bench_tdlrt.py).
 * Rank growth follows the paper's integrator: the bases are augmented with the K- and
   L-step descent directions and the augmented core truncated at ``tau * ||C~||_F`` (as in
