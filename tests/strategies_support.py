@@ -63,11 +63,15 @@ def unfolding_rank(weight: torch.Tensor, mode: int) -> int:
 
 
 def grow_from_rank_2(
-    tau: float, carry: bool, steps: int = 300, record_at: tuple[int, ...] = ()
+    tau: float, lr: float = 0.25, steps: int = 300, *, carry: bool = False,
+    record_at: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, tuple[int, int], list[tuple[int, tuple[int, int]]]]:
-    """TDLRT's rank growth: a rank-2 Tucker training layer trained by SGD (MSE against the
-    conv of a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16)), integrated with
-    ``tau`` after every step; (target kernel, final ranks, [(0, starting ranks)] and
+    """TDLRT's rank growth: a rank-2 Tucker training layer trained by SGD on the squared error
+    against the conv of a unit-norm 32-channel 3x3 kernel of Tucker-2 ranks (16, 16), halved
+    and summed over channels so that the kernel's gradient is about ``W - target`` (``lr``
+    is then the share of the error one step removes), integrated with ``tau`` after every
+    step. Factored (the paper's integrator) unless ``carry`` (kernel mode, the remainder
+    carried). Returns (target kernel, final ranks, [(0, starting ranks)] and
     ``(step, ranks)`` for each step in ``record_at``)."""
     import torch.nn.functional as F
 
@@ -84,16 +88,18 @@ def grow_from_rank_2(
     layer = TuckerTrainingConv2d.from_factors(
         conv, 0.01 * torch.randn(2, 2, 3, 3, generator=g), torch.randn(channels, 2, generator=g),
         torch.randn(channels, 2, generator=g), None, max_ranks=(channels, channels),
+        factored=not carry,
     )
-    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    opt = torch.optim.SGD([layer.delta], lr=lr) if carry else None
     history = [(0, layer.ranks)]
     for step in range(1, steps + 1):
         x = torch.randn(16, channels, 8, 8, generator=g)
-        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1))
-        opt.zero_grad()
+        loss = F.mse_loss(layer(x), F.conv2d(x, target, padding=1)) * channels / 2
         loss.backward()
-        opt.step()
-        layer.integrate(tau, carry=carry)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+        layer.integrate(tau, carry=carry, lr=lr)
         if step in record_at:
             history.append((step, layer.ranks))
     return target, layer.ranks, history

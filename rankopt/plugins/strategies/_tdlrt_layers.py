@@ -18,13 +18,22 @@ convolutional layers during training" (``seeds/003_*``), from an ambient update
 
 The core step starts at the same kernel as the K-steps (``C~ x U~ = W``), so one
 forward/backward per batch gives every gradient the step needs. ``D`` comes from
-a zero-initialized full-size parameter ``delta`` added to the kernel in the forward:
-the shared training loop's optimizer (with its momentum, schedule, clipping and
-mixed precision) proposes the update and :meth:`integrate` folds it into the
-factors and resets ``delta`` (so the loop's weight decay, acting on ``delta`` = 0,
-leaves the factors alone). The factors are buffers, since their shapes change;
-the memory saving of training in factored form is not the goal here (rank
-discovery is), so the forward convolves with the reconstructed kernel.
+two places, one per mode of the layer:
+
+* ``factored=True`` (the paper; what the ``tdlrt`` strategy uses): forward and backward
+  run through the three factor convolutions (1x1 by ``U_in^T``, the core, 1x1 by
+  ``U_out``) and the backward leaves only the factor-sized projections of the kernel's
+  gradient ``G`` the steps need (:mod:`._tdlrt_factored`); the full kernel is never
+  built, in training or at eval. ``D = -lr * G`` (the paper's descent step, plain
+  SGD): :meth:`integrate` takes ``lr``, the loop's current learning rate.
+* ``factored=False``: a zero-initialized full-size parameter ``delta`` is added to
+  the reconstructed kernel; the shared loop's optimizer (momentum, schedule,
+  clipping) proposes ``D`` on it and :meth:`integrate` folds it into the factors and
+  resets it. Dense memory and compute; needed by ``carry=True``, which keeps the
+  truncated remainder in ``delta``. With plain SGD both modes compute the same steps
+  (tests/test_strategy_tdlrt.py checks outputs, gradients and steps agree).
+
+The factors are buffers, since their shapes change.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rankopt.core.errors import DecompositionError
+from rankopt.core.errors import ConfigError, DecompositionError
+from rankopt.plugins.strategies._tdlrt_factored import (
+    FactoredTuckerConv, StepGradients, augment, core_row_bases, tucker_conv,
+)
 
 __all__ = ["TuckerTrainingConv2d", "tucker2_convs", "truncation_rank"]
 
@@ -45,11 +57,6 @@ def truncation_rank(singular_values: torch.Tensor, threshold: float) -> int:
     squares = singular_values.double() ** 2
     tails = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0])  # tails[r] = sum_{j>=r}
     return int((tails > threshold**2).sum())
-
-
-def _orth(matrix: torch.Tensor) -> torch.Tensor:
-    q, _ = torch.linalg.qr(matrix, mode="reduced")
-    return q
 
 
 def tucker2_convs(module: nn.Module) -> list[nn.Conv2d]:
@@ -84,6 +91,7 @@ class TuckerTrainingConv2d(nn.Module):
         *,
         max_ranks: Sequence[int],
         min_rank: int = 1,
+        factored: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -95,10 +103,21 @@ class TuckerTrainingConv2d(nn.Module):
         self.register_buffer("u_out", u_out.detach().clone())
         self.register_buffer("u_in", u_in.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.delta = nn.Parameter(torch.zeros(
-            conv.out_channels, conv.in_channels, *self.kernel_size,
-            dtype=core.dtype, device=core.device,
-        ))
+        self.factored = bool(factored)
+        self._pending: StepGradients | None = None  # the last backward's step gradients
+        if self.factored:
+            if isinstance(conv.padding, str) or conv.groups != 1 or conv.padding_mode != "zeros":
+                raise ConfigError(
+                    f"TDLRT's factored training needs numeric padding, groups=1 and zero padding "
+                    f"mode; got padding={conv.padding!r}, groups={conv.groups}, "
+                    f"padding_mode={conv.padding_mode!r}"
+                )
+            self.delta = None
+        else:
+            self.delta = nn.Parameter(torch.zeros(
+                conv.out_channels, conv.in_channels, *self.kernel_size,
+                dtype=core.dtype, device=core.device,
+            ))
 
     @classmethod
     def from_factors(
@@ -111,12 +130,14 @@ class TuckerTrainingConv2d(nn.Module):
         *,
         max_ranks: Sequence[int],
         min_rank: int = 1,
+        factored: bool = False,
     ) -> TuckerTrainingConv2d:
         """A layer from any Tucker-2 factors; the bases are orthonormalized (QR) first."""
         q_out, r_out = torch.linalg.qr(u_out, mode="reduced")
         q_in, r_in = torch.linalg.qr(u_in, mode="reduced")
         core = torch.einsum("abkl,xa,yb->xykl", core, r_out, r_in)
-        return cls(conv, core, q_out, q_in, bias, max_ranks=max_ranks, min_rank=min_rank)
+        return cls(conv, core, q_out, q_in, bias, max_ranks=max_ranks, min_rank=min_rank,
+                   factored=factored)
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -127,13 +148,43 @@ class TuckerTrainingConv2d(nn.Module):
         """The kernel ``C x_0 U_out x_1 U_in`` (without the pending update ``delta``)."""
         return torch.einsum("abkl,ta,sb->tskl", self.core, self.u_out, self.u_in)
 
+    @property
+    def geometry(self) -> dict[str, object]:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.low_rank_weight() + self.delta
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        if not self.factored:
+            weight = self.low_rank_weight() + self.delta
+            return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.training and torch.is_grad_enabled():
+            return FactoredTuckerConv.apply(
+                x, self.bias, self.core, self.u_out, self.u_in, self.geometry, self._receive,
+                torch.zeros((), device=x.device, requires_grad=True),
+            )
+        return tucker_conv(x, self.core, self.u_out, self.u_in, self.bias, self.geometry)
+
+    def _receive(self, gradients: StepGradients) -> None:
+        if self._pending is not None and (
+            self._pending.core_grad.shape != gradients.core_grad.shape
+        ):
+            raise DecompositionError(
+                "TDLRT: two backward passes through a factored layer with different augmented "
+                "bases before integrate(); call integrate() after each backward"
+            )
+        if self._pending is not None:  # gradient accumulation: the steps add up
+            gradients = StepGradients(
+                gradients.aug_out, gradients.aug_in, gradients.core_grad + self._pending.core_grad
+            )
+        self._pending = gradients
 
     @torch.no_grad()
-    def integrate(self, tau: float, *, carry: bool = False) -> None:
-        """Fold the pending update ``delta`` into the factors (K-steps, S-step, truncation).
+    def integrate(self, tau: float, *, carry: bool = False, lr: float | None = None) -> None:
+        """One integrator step: K- and L-steps (basis augmentation), S-step, truncation at ``tau``.
+
+        Factored mode: the step ``-lr * G`` from the last backward's gradients (a no-op
+        when there was no backward since the last call); ``lr`` is required, ``carry``
+        is not available (it needs the dense ``delta``). Kernel mode: the pending update
+        ``delta`` (``lr`` unused).
 
         ``carry=False`` (the paper's integrator) drops what the truncation cuts, and ``delta``
         returns to zero. ``carry=True`` keeps it in ``delta``: the layer then computes
@@ -143,21 +194,33 @@ class TuckerTrainingConv2d(nn.Module):
         tau 0.1 a layer that needs rank 16 started at rank 2 stays at 2; with it, it rises
         to 16, the rank tau gives the target).
         """
-        before = self.low_rank_weight() + self.delta.detach() if carry else None
-        update = self.delta.detach().to(self.core.dtype)
         core, u_out, u_in = self.core, self.u_out, self.u_in
-        r_out, r_in = core.shape[:2]
-        # K-steps: the update's component along each mode, with the other mode projected
-        along_out = torch.einsum("tskl,sb->tbkl", update, u_in).reshape(self.out_channels, -1)
-        along_in = torch.einsum("tskl,ta->sakl", update, u_out).reshape(self.in_channels, -1)
-        q_out = _orth(core.reshape(r_out, -1).T)  # Mat_0(C)^T = Q S^T
-        q_in = _orth(core.transpose(0, 1).reshape(r_in, -1).T)
-        # QR of [U, G] keeps span(U) in its first columns and adds G's part orthogonal to it
-        aug_out = _orth(torch.cat([u_out, along_out @ q_out], dim=1))
-        aug_in = _orth(torch.cat([u_in, along_in @ q_in], dim=1))
+        before = None
+        if self.factored:
+            if carry:
+                raise ConfigError(
+                    "TDLRT: carry=True keeps the truncated remainder in the dense `delta`, which a "
+                    "factored layer does not have; build the layer with factored=False to carry"
+                )
+            if lr is None:
+                raise ConfigError("TDLRT: a factored layer's integrate() needs lr (the step size)")
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            aug_out, aug_in = pending.aug_out, pending.aug_in
+            step = -float(lr) * pending.core_grad
+        else:
+            before = self.low_rank_weight() + self.delta.detach() if carry else None
+            update = self.delta.detach().to(self.core.dtype)
+            # K-steps: the update's component along each mode, with the other mode projected
+            along_out = torch.einsum("tskl,sb->tbkl", update, u_in).reshape(self.out_channels, -1)
+            along_in = torch.einsum("tskl,ta->sakl", update, u_out).reshape(self.in_channels, -1)
+            q_out, q_in = core_row_bases(core)  # Mat_i(C)^T = Q_i R_i
+            aug_out, aug_in = augment(u_out, along_out @ q_out), augment(u_in, along_in @ q_in)
+            step = torch.einsum("tskl,tx,sy->xykl", update, aug_out, aug_in)
         # S-step: the same kernel in the augmented bases, plus the projected update
         core_aug = torch.einsum("abkl,xa,yb->xykl", core, aug_out.T @ u_out, aug_in.T @ u_in)
-        core_aug += torch.einsum("tskl,tx,sy->xykl", update, aug_out, aug_in)
+        core_aug += step
         if not torch.isfinite(core_aug).all():
             raise DecompositionError(
                 "TDLRT: the Tucker core became non-finite; lower the learning rate"
@@ -171,7 +234,7 @@ class TuckerTrainingConv2d(nn.Module):
         self.u_in = (aug_in @ new_in).contiguous()
         if before is not None:
             self.delta.copy_((before - self.low_rank_weight()).to(self.delta.dtype))
-        else:
+        elif self.delta is not None:
             self.delta.zero_()
 
     def _truncate(
@@ -220,7 +283,8 @@ class TuckerTrainingConv2d(nn.Module):
         import copy
 
         dense = copy.deepcopy(conv).to(device=self.core.device, dtype=self.core.dtype)
-        dense.weight.copy_(self.low_rank_weight() + self.delta)
+        pending = self.delta if self.delta is not None else 0.0
+        dense.weight.copy_(self.low_rank_weight() + pending)
         if self.bias is not None:
             dense.bias.copy_(self.bias)  # type: ignore[union-attr]
         return dense
@@ -229,5 +293,5 @@ class TuckerTrainingConv2d(nn.Module):
         r_in, r_out = self.ranks
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"ranks=(r_in={r_in}, r_out={r_out})"
+            f"ranks=(r_in={r_in}, r_out={r_out}), factored={self.factored}"
         )
