@@ -176,6 +176,13 @@ def test_the_wrapped_samplers_repeat_is_replaced_by_a_move() -> None:
     second, values = _ask(study, space)
     assert second.user_attrs[PROPOSED_BY].startswith("refinement:local:")
     assert _state(plan, values) not in {_state(plan, t.params) for t in study.trials[:2]}
+    # fractions that realize an earlier model's ranks are a repeat too: 0.96 of the
+    # classifier's 10 ranks is rank 10, which saves nothing, so the layer stays dense
+    _add_trial(study, plan, {"3": 2, "7": 2}, 0.93)
+    base.point = {**study.trials[-1].params, plan.fraction_keys["12"]: 0.96}
+    again, values = _ask(study, space)
+    assert again.user_attrs[PROPOSED_BY].startswith("refinement:local:")
+    study.tell(again, [0.9, 7.0, 7.0])
     # a point of its own (no repeat) is the wrapped sampler's, as drawn
     study.tell(second, [0.9, 6.0, 6.0])
     base.point = {**earlier, plan.fraction_keys["12"]: 1.0}

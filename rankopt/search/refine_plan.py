@@ -58,6 +58,11 @@ class RefinePlan:
     """
 
     ladders: dict[str, dict[str, tuple[LadderStep, ...]]]
+    # every factorized ranks a fraction can give (ladder or not) and the largest ranks:
+    # what a trial asked for by fractions trains, for telling repeats
+    saving: dict[str, dict[str, frozenset[tuple[int, ...]]]]
+    largest: dict[str, dict[str, tuple[int, ...]]]
+    alignment: RankAlignment
     fraction_keys: dict[str, str]
     decomposer_keys: dict[str, str]
     head: dict[str, str]
@@ -88,6 +93,12 @@ def _loss(tails: list[np.ndarray] | None, ranks: Sequence[int], params: int, ful
 def layer_ladder(module: nn.Module, dec: Any, layer: LayerInfo, *, cache: Any = None,
                  alignment: RankAlignment = RankAlignment(1), min_saving: float = 0.0) -> tuple[LadderStep, ...]:
     """The ladder of one layer under one decomposer (see the module docstring)."""
+    return _ladder(module, dec, layer, cache, alignment, min_saving)[0]
+
+
+def _ladder(module: nn.Module, dec: Any, layer: LayerInfo, cache: Any, alignment: RankAlignment,
+            min_saving: float) -> tuple[tuple[LadderStep, ...], frozenset[tuple[int, ...]]]:
+    """The ladder and every ranks the ``fixed`` selector can give that the study factorizes."""
     options = dict(dec.default_options(module) or {}) or None
     largest = [int(h) for h in dec.max_ranks(module, options)]
     tails = _tails(module, dec, cache, options)
@@ -113,7 +124,7 @@ def layer_ladder(module: nn.Module, dec: Any, layer: LayerInfo, *, cache: Any = 
     for step in steps:
         if not kept or step.loss < kept[-1].loss - 1e-15 or step.ranks is None:
             kept.append(step)
-    return tuple(kept)
+    return tuple(kept), frozenset(s.ranks for s in steps if s.ranks is not None)
 
 
 def build_refine_plan(space: SearchSpace, reference: nn.Module, targets: Sequence[LayerInfo], *,
@@ -135,22 +146,32 @@ def build_refine_plan(space: SearchSpace, reference: nn.Module, targets: Sequenc
     infos = {t.name: t for t in targets}
     dists = space.distributions()
     ladders: dict[str, dict[str, tuple[LadderStep, ...]]] = {}
+    saving: dict[str, dict[str, frozenset[tuple[int, ...]]]] = {}
+    largest: dict[str, dict[str, tuple[int, ...]]] = {}
     decomposer_keys: dict[str, str] = {}
     for layer, options in space.layer_options.items():
         if layer not in per_layer or layer not in infos:
             continue
         module = reference.get_submodule(layer)
-        ladders[layer] = {
-            name: layer_ladder(module, registry.create("decomposers", name), infos[layer], cache=cache,
-                               alignment=alignment, min_saving=min_saving)[-1 if infos[layer].in_channels < min_in_channels else 0:]
-            for name in options if name != FULL
-        }
+        ladders[layer], saving[layer], largest[layer] = {}, {}, {}
+        for name in options:
+            if name == FULL:
+                continue
+            dec = registry.create("decomposers", name)
+            steps, fits = _ladder(module, dec, infos[layer], cache, alignment, min_saving)
+            if infos[layer].in_channels < min_in_channels:  # a thin stem the study keeps dense
+                steps, fits = steps[-1:], frozenset()
+            ladders[layer][name], saving[layer][name] = steps, fits
+            largest[layer][name] = tuple(int(h) for h in dec.max_ranks(module, dict(dec.default_options(module) or {}) or None))
         if f"decomposer.{layer}" in dists:
             decomposer_keys[layer] = f"decomposer.{layer}"
     if not ladders:
         return None
     return RefinePlan(
         ladders=ladders,
+        saving=saving,
+        largest=largest,
+        alignment=alignment,
         fraction_keys={layer: per_layer[layer] for layer in ladders},
         decomposer_keys=decomposer_keys,
         head={"selector": "fixed"} if "selector" in dists else {},

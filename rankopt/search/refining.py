@@ -43,6 +43,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from rankopt.contract.selector import ceil_fraction
 from rankopt.search.refine_plan import RefinePlan
 
 __all__ = ["RefiningSampler", "refine_sampler", "MOVES", "TRIES", "PROPOSED_BY", "refinement_state", "with_refinement"]
@@ -130,9 +131,8 @@ class RefiningSampler(BaseSampler):
         probe = optuna.trial.create_trial(params=params, distributions={k: space[k] for k in params},
                                           values=[0.0] * len(study.directions))
         trials = study.get_trials(deepcopy=False)
-        seen = {self._key(s) for s in (self._state_of(t) for t in trials) if s is not None}
-        mine = self._state_of(probe)
-        if mine is None or self._key(mine) not in seen:
+        seen = {k for k in (self._trained(t) for t in trials) if k is not None}
+        if self._trained(probe) not in seen:
             return None
         del self._relative[trial.number]
         done = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
@@ -184,7 +184,7 @@ class RefiningSampler(BaseSampler):
         front = _front(done, study.directions)
         if not front:
             return None
-        seen = {self._key(s) for s in (self._state_of(t) for t in trials) if s is not None}
+        seen = {k for k in (self._trained(t) for t in trials) if k is not None}
         rng = random.Random(None if self.seed is None else self.seed * 1_000_003 + trial.number)
         refined = sum(1 for t in trials if str(t.user_attrs.get(PROPOSED_BY, "")).startswith("refinement"))
         move = MOVES[refined % len(MOVES)]
@@ -303,6 +303,32 @@ class RefiningSampler(BaseSampler):
                 index = max([i for i, s in enumerate(ladder) if s.fraction <= f + 1e-12] or [0])
             state[layer] = (dec, index)
         return state
+
+    def _trained(self, trial: FrozenTrial) -> tuple[Any, ...] | None:
+        """What ``trial`` trains (or will), as :meth:`_key` writes a ladder state: from its
+        ranks when it ran, else from its per-layer fractions as the ``fixed`` selector and
+        the study's alignment realize them (None: neither)."""
+        ranks: Mapping[str, Any] | None = trial.user_attrs.get("ranks")
+        decs: Mapping[str, str] = trial.user_attrs.get("decomposers") or {}
+        params = trial.system_attrs.get("fixed_params") or trial.params
+        if ranks is None and (params.get("selector", "fixed") != "fixed"
+                              or not all(k in params for k in self.plan.fraction_keys.values())):
+            return None
+        out = []
+        for layer, by_dec in sorted(self.plan.ladders.items()):
+            key = self.plan.decomposer_keys.get(layer)
+            dec = decs.get(layer) or (params.get(key) if key else None) or next(iter(by_dec))
+            if ranks is not None:
+                got = ranks.get(layer)
+                out.append((layer, None, None) if got is None else (layer, dec, tuple(int(r) for r in got)))
+                continue
+            if dec not in by_dec:
+                dec = next(iter(by_dec))
+            f = float(params[self.plan.fraction_keys[layer]])
+            largest = self.plan.largest[layer][dec]
+            made = self.plan.alignment.apply([max(1, ceil_fraction(f, hi)) for hi in largest], largest)
+            out.append((layer, dec, made) if made in self.plan.saving[layer][dec] else (layer, None, None))
+        return tuple(out)
 
     def _key(self, state: State) -> tuple[Any, ...]:
         out = []
