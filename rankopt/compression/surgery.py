@@ -212,8 +212,14 @@ def compress(
     fails it or skips a compressed layer. Where no sample input is known (or ``check`` is
     False) a static check runs instead, before anything is built: a layer whose parent's
     forward source reads ``self.<layer>.weight`` is refused.
+
+    A model calibrated with ``rankopt.calibrate(..., mode="sequential")`` (or a study's
+    reference with ``calibration: {mode: sequential}``) is compressed in forward order,
+    each data-aware layer fitted to the inputs the compressed layers before it give it
+    (:mod:`rankopt.compression.sequential`).
     """
     from rankopt.compression.forward_check import check_compressed_runs, check_parents_call, sample_input
+    from rankopt.compression.sequential import compress_sequential, sequential_plan
     from rankopt.contract.manager import get_registry
 
     spec = normalize_spec(spec)
@@ -239,6 +245,12 @@ def compress(
             )
     if example is None:  # no forward pass to run: read the parents' source instead
         check_parents_call(target, list(spec))
+    carried = sequential_plan(model) if initialize and plan else None
+    if carried is not None:  # rankopt.calibrate(mode="sequential"): fit in forward order
+        fitted = compress_sequential(target, spec, carried[0], damping=carried[1])
+        for name in spec:
+            set_submodule(target, name, fitted.get_submodule(name))
+        plan = []
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
         try:
