@@ -25,7 +25,7 @@ import rankopt  # noqa: E402
 from _baselines import markdown_table, missing_data, reference_weights, settings  # noqa: E402
 from _record import invocation, record  # noqa: E402
 from rankopt.compression.calibration import calibrate, detach_statistics  # noqa: E402
-from rankopt.compression.sequential import calibration_images, compress_sequential  # noqa: E402
+from rankopt.compression.calibration_images import attach_images, calibration_images  # noqa: E402
 from rankopt.training.loop import evaluate, make_loader  # noqa: E402
 
 RATES = (2, 4, 8)
@@ -85,8 +85,10 @@ def run_setting(setting, out: Path, device: str) -> list[list[str]]:  # type: ig
             plain = rankopt.compress(model, spec)
             aware = rankopt.compress(aware_model, spec)
             detach_statistics(aware)
+            carrying = copy.copy(aware_model)  # shares the weights and statistics
+            attach_images(carrying, images)  # = rankopt.calibrate(..., mode="sequential")
             start = time.process_time()
-            sequential = compress_sequential(aware_model, spec, images)
+            sequential = rankopt.compress(carrying, spec)
             seq_cpu.append(time.process_time() - start)
             detach_statistics(sequential)
             accs = (evaluate(plain, val), evaluate(aware, val), evaluate(sequential, val))

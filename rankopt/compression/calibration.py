@@ -146,7 +146,7 @@ def attach_statistics(model: nn.Module, stats: Mapping[str, InputStatistics]) ->
 def detach_statistics(model: nn.Module) -> None:
     """Remove every module's statistics (and sequential calibration's images):
     decomposers go back to weight space."""
-    from rankopt.compression.sequential import MODES_ATTRIBUTE
+    from rankopt.compression.calibration_images import MODES_ATTRIBUTE
 
     for module in model.modules():
         module.__dict__.pop(ATTRIBUTE, None)
@@ -362,7 +362,7 @@ def calibrate(
     ``rankopt.compress`` fits the layers in forward order, each to the inputs the
     compressed layers before it give it (reduced-rank regression,
     :mod:`rankopt.compression.sequential`; one forward pass per target more)."""
-    from rankopt.compression.sequential import attach_images, calibration_images, check_mode
+    from rankopt.compression.calibration_images import attach_images, calibration_images, check_mode
 
     check_mode(mode)
     if layers is None:

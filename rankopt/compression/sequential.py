@@ -35,7 +35,7 @@ Cost: one forward pass per target over the calibration images through both model
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,68 +49,13 @@ from rankopt.compression.calibration import (
     InputStatistics,
     input_statistics,
 )
+from rankopt.compression.calibration_images import detach_images
 from rankopt.core.errors import ConfigError
 
-__all__ = ["CALIBRATION_MODES", "MODES_ATTRIBUTE", "attach_images", "calibration_images", "check_mode",
-           "compress_sequential", "paired_moments", "regression_stand_in", "sequential_plan"]
-
-CALIBRATION_MODES = ("independent", "sequential")
-# the calibration images a reference carries for sequential decomposition (like ATTRIBUTE)
-MODES_ATTRIBUTE = "_rankopt_sequential_calibration"
-
+__all__ = ["fit_in_forward_order", "paired_moments", "regression_stand_in"]
 
 class _Stop(Exception):
     """Raised by a hook once the target's input is captured: the rest of the forward is not needed."""
-
-
-class _Images:
-    """The calibration images and damping a reference carries; shared by deep copies."""
-
-    def __init__(self, images: torch.Tensor, damping: float) -> None:
-        self.images = images
-        self.damping = damping
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Images:
-        return self
-
-
-def check_mode(mode: Any) -> str:
-    if mode not in CALIBRATION_MODES:
-        raise ConfigError(
-            f"calibration mode must be one of {list(CALIBRATION_MODES)}, got {mode!r}; "
-            "'independent' whitens by the reference's inputs, 'sequential' fits each layer to "
-            "the inputs it receives once the earlier layers are compressed"
-        )
-    return str(mode)
-
-
-def calibration_images(batches: Iterable[Any], images: int) -> torch.Tensor:
-    """The first ``images`` inputs of ``batches`` (inputs or ``(inputs, targets)``), on the CPU."""
-    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
-        raise ConfigError(f"calibration images must be an integer >= 1, got {images!r}")
-    chunks, seen = [], 0
-    for batch in batches:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = x[: images - seen].detach().cpu()
-        chunks.append(x)
-        seen += x.shape[0]
-        if seen >= images:
-            break
-    if seen == 0:
-        raise ConfigError("calibration saw no images: the training split is empty")
-    return torch.cat(chunks)
-
-
-def attach_images(model: nn.Module, images: torch.Tensor, damping: float = DEFAULT_DAMPING) -> None:
-    """Let ``model`` (a reference) carry its calibration images: its copies then compress
-    sequentially in :func:`sequential_plan`-aware callers (the study's trials)."""
-    object.__setattr__(model, MODES_ATTRIBUTE, _Images(images, damping))
-
-
-def sequential_plan(model: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """``(images, damping)`` when ``model`` carries sequential calibration, else None."""
-    carried = model.__dict__.get(MODES_ATTRIBUTE)
-    return (carried.images, carried.damping) if isinstance(carried, _Images) else None
 
 
 # -- which statistics a decomposer uses ---------------------------------------------------
@@ -258,50 +203,51 @@ def _forward_order(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> l
     return order + [n for n in names if n not in order]
 
 
-def compress_sequential(
-    model: nn.Module,
+def fit_in_forward_order(
+    target: nn.Module,
     spec: Mapping[str, Mapping[str, Any]],
     images: torch.Tensor,
+    compress_layer: Callable[[nn.Module, str, Mapping[str, Any]], None],
     *,
     damping: float | None = None,
     spectra: str = "output",
     batch: int = 128,
-) -> nn.Module:
-    """A compressed copy of ``model`` (``rankopt.compress``'s spec) whose data-aware
-    layers are fitted, in forward order, to the inputs they receive from the already
-    compressed layers before them (reduced-rank regression; module docstring).
+) -> None:
+    """Compress ``target`` in place, layer by layer in forward order, each data-aware layer
+    fitted to the inputs the already compressed layers before it give it (reduced-rank
+    regression; module docstring). ``rankopt.compress`` calls this for a model carrying
+    calibration images (:mod:`rankopt.compression.calibration_images`), after validating
+    the whole spec; ``compress_layer(model, name, entry)`` replaces one layer in place.
 
-    ``images``: calibration inputs (``calibration_images``). ``damping``: the ridge and
-    whitening damping (default: the one the model's independent statistics carry, else
-    0.01). ``model`` is untouched.
+    ``damping``: the ridge and whitening damping (default: the one the layer's independent
+    statistics carry, else 0.01).
     """
-    from rankopt.compression.surgery import compress, normalize_spec, set_submodule
-
-    spec = normalize_spec(spec)
-    # validate everything (names, ranks, tied weights) before any forward pass
-    compress(model, spec, initialize=False, check=False)
     if images.shape[0] < 1:
         raise ConfigError("sequential calibration needs at least one image")
-    reference = copy.deepcopy(model).eval()
-    current = copy.deepcopy(model)
-    for copied in (reference, current):  # their own compress calls below are per layer
-        copied.__dict__.pop(MODES_ATTRIBUTE, None)
-    was_training = model.training
-    current.eval()
-    device = next((p.device for p in current.parameters()), torch.device("cpu"))
-    order = _forward_order(reference, list(spec), images[:1].to(device))
-    for name in order:
-        entry = spec[name]
-        original = current.get_submodule(name)
-        kind = _kind(entry["decomposer"], original, entry.get("options"))
-        if kind is not None:
-            own = input_statistics(original)
-            damp = damping if damping is not None else (own.damping if own is not None else DEFAULT_DAMPING)
-            kinds = [kind]
-            if kind == "channel" and _kind("svd", original, None) == "patch":
-                kinds.append("patch")  # a conv's regression on its patches (regression_stand_in)
-            moments = paired_moments(reference, current, name, kinds, images, batch)
-            set_submodule(current, name, regression_stand_in(original, kind, moments, damp, spectra))
-        current = compress(current, {name: entry}, inplace=True, check=False)
-    current.train(was_training)
-    return current
+    detach_images(target)  # the per-layer compress calls below must not recurse
+    reference = copy.deepcopy(target).eval()
+    was_training = target.training
+    target.eval()
+    device = next((p.device for p in target.parameters()), torch.device("cpu"))
+    try:
+        order = _forward_order(reference, list(spec), images[:1].to(device))
+        for name in order:
+            entry = spec[name]
+            original = target.get_submodule(name)
+            kind = _kind(entry["decomposer"], original, entry.get("options"))
+            if kind is not None:
+                own = input_statistics(original)
+                damp = damping if damping is not None else (own.damping if own is not None else DEFAULT_DAMPING)
+                kinds = [kind]
+                if kind == "channel" and _kind("svd", original, None) == "patch":
+                    kinds.append("patch")  # a conv's regression on its patches (regression_stand_in)
+                moments = paired_moments(reference, target, name, kinds, images, batch)
+                _set(target, name, regression_stand_in(original, kind, moments, damp, spectra))
+            compress_layer(target, name, entry)
+    finally:
+        target.train(was_training)
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

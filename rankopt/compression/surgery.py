@@ -219,7 +219,8 @@ def compress(
     (:mod:`rankopt.compression.sequential`).
     """
     from rankopt.compression.forward_check import check_compressed_runs, check_parents_call, sample_input
-    from rankopt.compression.sequential import compress_sequential, sequential_plan
+    from rankopt.compression.calibration_images import sequential_plan
+    from rankopt.compression.sequential import fit_in_forward_order
     from rankopt.contract.manager import get_registry
 
     spec = normalize_spec(spec)
@@ -245,12 +246,10 @@ def compress(
             )
     if example is None:  # no forward pass to run: read the parents' source instead
         check_parents_call(target, list(spec))
-    carried = sequential_plan(model) if initialize and plan else None
+    carried = sequential_plan(target) if initialize and plan else None
     if carried is not None:  # rankopt.calibrate(mode="sequential"): fit in forward order
-        fitted = compress_sequential(target, spec, carried[0], damping=carried[1])
-        for name in spec:
-            set_submodule(target, name, fitted.get_submodule(name))
-        plan = []
+        fit_in_forward_order(target, spec, carried[0], _compress_one, damping=carried[1])
+        plan = []  # the compressed model no longer carries the images (fit_in_forward_order)
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
         try:
@@ -264,3 +263,7 @@ def compress(
     if example is not None:
         check_compressed_runs(model, target, list(spec), example)
     return target
+
+
+def _compress_one(model: nn.Module, name: str, entry: Mapping[str, Any]) -> None:
+    compress(model, {name: entry}, inplace=True, check=False)

@@ -24,7 +24,7 @@ from rankopt.compression.calibration import (
     save_statistics,
     statistics_key,
 )
-from rankopt.compression.sequential import attach_images, calibration_images
+from rankopt.compression.calibration_images import attach_images, calibration_images
 from rankopt.config.schema import StudyConfig
 from rankopt.training.devices import resolve_device
 from rankopt.contract.dataset import DatasetSplits
