@@ -352,6 +352,7 @@ def calibrate(
     damping: float = DEFAULT_DAMPING,
     spectra: str = "output",
     mode: str = "independent",
+    ridge: float = 0.1,
 ) -> dict[str, InputStatistics]:
     """Collect and attach input statistics for ``layers`` (default: every Conv2d and
     Linear); afterwards ``rankopt.compress``, the decomposers and the selectors work
@@ -361,7 +362,8 @@ def calibrate(
     ``"sequential"`` also keeps the calibration images on ``model``, so that
     ``rankopt.compress`` fits the layers in forward order, each to the inputs the
     compressed layers before it give it (reduced-rank regression,
-    :mod:`rankopt.compression.sequential`; one forward pass per target more)."""
+    :mod:`rankopt.compression.sequential`; one forward pass per target more; ``ridge``
+    its shrinkage towards the layer's own weight)."""
     from rankopt.compression.calibration_images import attach_images, calibration_images, check_mode
 
     check_mode(mode)
@@ -374,7 +376,7 @@ def calibrate(
                                      damping=damping, spectra=spectra)
     attach_statistics(model, stats)
     if mode == "sequential":
-        attach_images(model, batches[0], damping)  # type: ignore[index]
+        attach_images(model, batches[0], damping, ridge)  # type: ignore[index]
     return stats
 
 

@@ -21,6 +21,7 @@ __all__ = ["CALIBRATION_MODES", "MODES_ATTRIBUTE", "attach_images", "calibration
            "detach_images", "sequential_plan"]
 
 DEFAULT_DAMPING = 0.01
+DEFAULT_RIDGE = 0.1  # the regression's shrinkage (rankopt.compression.sequential)
 CALIBRATION_MODES = ("independent", "sequential")
 # the calibration images a reference carries for sequential decomposition (like ATTRIBUTE)
 MODES_ATTRIBUTE = "_rankopt_sequential_calibration"
@@ -29,9 +30,10 @@ MODES_ATTRIBUTE = "_rankopt_sequential_calibration"
 class _Images:
     """The calibration images and damping a reference carries; shared by deep copies."""
 
-    def __init__(self, images: torch.Tensor, damping: float) -> None:
+    def __init__(self, images: torch.Tensor, damping: float, ridge: float) -> None:
         self.images = images
         self.damping = damping
+        self.ridge = ridge
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Images:
         return self
@@ -64,16 +66,20 @@ def calibration_images(batches: Iterable[Any], images: int) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def attach_images(model: nn.Module, images: torch.Tensor, damping: float = DEFAULT_DAMPING) -> None:
-    """Let ``model`` (a reference) carry its calibration images: its copies then compress
-    sequentially in :func:`sequential_plan`-aware callers (the study's trials)."""
-    object.__setattr__(model, MODES_ATTRIBUTE, _Images(images, damping))
+def attach_images(
+    model: nn.Module, images: torch.Tensor, damping: float = DEFAULT_DAMPING, ridge: float = DEFAULT_RIDGE
+) -> None:
+    """Let ``model`` (a reference) carry its calibration images: ``rankopt.compress`` of it
+    and of its copies (a study's trials) then fits the layers in forward order."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge <= 10:
+        raise ConfigError(f"calibration ridge must be a number in (0, 10], got {ridge!r}")
+    object.__setattr__(model, MODES_ATTRIBUTE, _Images(images, damping, float(ridge)))
 
 
-def sequential_plan(model: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """``(images, damping)`` when ``model`` carries sequential calibration, else None."""
+def sequential_plan(model: nn.Module) -> tuple[torch.Tensor, float, float] | None:
+    """``(images, damping, ridge)`` when ``model`` carries sequential calibration, else None."""
     carried = model.__dict__.get(MODES_ATTRIBUTE)
-    return (carried.images, carried.damping) if isinstance(carried, _Images) else None
+    return (carried.images, carried.damping, carried.ridge) if isinstance(carried, _Images) else None
 
 
 def detach_images(model: nn.Module) -> None:

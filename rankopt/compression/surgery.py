@@ -248,7 +248,7 @@ def compress(
         check_parents_call(target, list(spec))
     carried = sequential_plan(target) if initialize and plan else None
     if carried is not None:  # rankopt.calibrate(mode="sequential"): fit in forward order
-        fit_in_forward_order(target, spec, carried[0], _compress_one, damping=carried[1])
+        fit_in_forward_order(target, spec, carried[0], _compress_one, damping=carried[1], ridge=carried[2])
         plan = []  # the compressed model no longer carries the images (fit_in_forward_order)
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)

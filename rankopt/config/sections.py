@@ -262,6 +262,8 @@ class CalibrationConfig(_Strict):
     damping: float = Field(0.01, gt=0, le=1)
     spectra: Literal["output", "weight"] = "output"
     mode: Literal["independent", "sequential"] = "sequential"
+    # sequential only: the regression's shrinkage towards each layer's own weight
+    ridge: float = Field(0.1, gt=0, le=10)
 
 
 class LatencyConfig(_Strict):

@@ -51,8 +51,8 @@ def calibrate_reference(
     names = [t.name for t in targets]
     # svd lowers convs too: those need im2col patch moments, the others channel moments
     patch = names if "svd" in config.decomposers else []
-    # the mode does not change the statistics: both modes share one cache file
-    options = {**settings.model_dump(exclude={"mode"}), "patch": sorted(patch), "seed": config.seed}
+    # the mode and ridge do not change the statistics: both modes share one cache file
+    options = {**settings.model_dump(exclude={"mode", "ridge"}), "patch": sorted(patch), "seed": config.seed}
     path = run_dir / "cache" / "calibration" / f"{statistics_key(reference_key, options)}.pt"
     stats = load_statistics(path, names)
     images = None
@@ -73,4 +73,4 @@ def calibrate_reference(
                  settings.images)
     attach_statistics(reference, stats)
     if settings.mode == "sequential":  # every trial's compress fits its layers in forward order
-        attach_images(reference, images, settings.damping)  # type: ignore[arg-type]
+        attach_images(reference, images, settings.damping, settings.ridge)  # type: ignore[arg-type]
