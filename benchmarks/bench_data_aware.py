@@ -1,12 +1,14 @@
-"""Data-aware vs weight-space truncation, before any fine-tuning (issue 29, item 2).
+"""Data-aware (independent and sequential) vs weight-space truncation, before any fine-tuning
+(issue 29, item 2).
 
     .venv/bin/python benchmarks/bench_data_aware.py --record
 
 Every target but the first conv and the classifier (the setting the issue measured) is
 truncated at one common rank fraction, chosen per rate so that those layers hold 2x, 4x
 and 8x fewer params; the same ranks go to the plain (weight-space) and the data-aware
-decomposition (`rankopt.calibrate`: 512 training images' input statistics), so each
-pair has equal params. Accuracy on the setting's full validation split, no training.
+decomposition (`rankopt.calibrate`: 512 training images' input statistics; independent,
+and sequential: fitted in forward order), so each row has equal params. Accuracy on the
+setting's full validation split, no training.
 """
 
 from __future__ import annotations
@@ -155,9 +157,14 @@ def main() -> int:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         note = (
             "\n\nBefore any fine-tuning. Every target but the first conv and the classifier "
-            "at one common rank fraction (the same ranks, so equal params, for both columns); "
-            f"data-aware = `rankopt.calibrate` on {CALIBRATION_IMAGES} training images "
-            "(whitened SVD of `W L` for svd, the input-channel mode whitened for tucker2). "
+            "at one common rank fraction (the same ranks, so equal params, in every column); "
+            f"independent = `rankopt.calibrate` on {CALIBRATION_IMAGES} training images "
+            "(whitened SVD of `W L` for svd, the input-channel mode whitened for tucker2); "
+            "sequential = `rankopt.calibrate(..., mode=\"sequential\")` on the same images "
+            "(layers fitted in forward order to the inputs the compressed layers before them "
+            "give, reduced-rank regression, ridge 0.1; the study default). The last row: the "
+            "sequential fit's CPU time per model against the SGD steps of a trial's fine-tuning "
+            "(compute only, measured on the 2x svd model; data loading and evaluation not counted). "
             "Accuracy on the whole validation split (MNIST test set, 10,000; CIFAR-10 batch 5, "
             "10,000). References: LeNet-5 trained by `_baselines.reference_weights` (quick), "
             "ResNet-20 the committed `benchmarks/references/resnet20_cifar10.pt`. "

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import rankopt
-from rankopt.compression.calibration import calibrate, detach_statistics
+from rankopt.compression.calibration import calibrate, detach_statistics, input_statistics
 from rankopt.compression.calibration_images import attach_images, detach_images, sequential_plan
 from rankopt.compression.sequential import paired_moments, regression_stand_in
 from rankopt.config.schema import load_config
@@ -127,6 +127,12 @@ def test_mode_is_validated_with_the_allowed_values():
     with pytest.raises(rankopt.ConfigError, match=r"calibration.mode[\s\S]*'independent'[\s\S]*'sequential'"):
         load_config({"name": "x", "model": {"name": "lenet5"}, "calibration": {"mode": "forward"}},
                     check_plugins=False, check_paths=False)
+    with pytest.raises(ConfigError, match=r"calibration ridge must be a number in \(0, 10\], got 0"):
+        calibrate(net, [x], ["0"], images=64, mode="sequential", ridge=0)
+    with pytest.raises(rankopt.ConfigError, match="calibration.ridge"):
+        load_config({"name": "x", "model": {"name": "lenet5"}, "calibration": {"ridge": -1}},
+                    check_plugins=False, check_paths=False)
+    assert sequential_plan(net) is None and input_statistics(net[0]) is None  # refused before any work
 
 
 def test_the_study_default_is_sequential_and_trials_compress_sequentially(tmp_path, monkeypatch):

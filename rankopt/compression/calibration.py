@@ -364,9 +364,10 @@ def calibrate(
     compressed layers before it give it (reduced-rank regression,
     :mod:`rankopt.compression.sequential`; one forward pass per target more; ``ridge``
     its shrinkage towards the layer's own weight)."""
-    from rankopt.compression.calibration_images import attach_images, calibration_images, check_mode
+    from rankopt.compression.calibration_images import attach_images, calibration_images, check_mode, check_ridge
 
     check_mode(mode)
+    check_ridge(ridge)
     if layers is None:
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     layers = list(layers)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from rankopt.core.errors import ConfigError
 
 __all__ = ["CALIBRATION_MODES", "MODES_ATTRIBUTE", "attach_images", "calibration_images", "check_mode",
-           "detach_images", "sequential_plan"]
+           "check_ridge", "detach_images", "sequential_plan"]
 
 DEFAULT_DAMPING = 0.01
 DEFAULT_RIDGE = 0.1  # the regression's shrinkage (rankopt.compression.sequential)
@@ -49,6 +49,15 @@ def check_mode(mode: Any) -> str:
     return str(mode)
 
 
+def check_ridge(ridge: Any) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge <= 10:
+        raise ConfigError(
+            f"calibration ridge must be a number in (0, 10], got {ridge!r}; it shrinks each "
+            "layer's regression towards its own weight (0.1 by default)"
+        )
+    return float(ridge)
+
+
 def calibration_images(batches: Iterable[Any], images: int) -> torch.Tensor:
     """The first ``images`` inputs of ``batches`` (inputs or ``(inputs, targets)``), on the CPU."""
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
@@ -71,8 +80,7 @@ def attach_images(
 ) -> None:
     """Let ``model`` (a reference) carry its calibration images: ``rankopt.compress`` of it
     and of its copies (a study's trials) then fits the layers in forward order."""
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < ridge <= 10:
-        raise ConfigError(f"calibration ridge must be a number in (0, 10], got {ridge!r}")
+    check_ridge(ridge)
     object.__setattr__(model, MODES_ATTRIBUTE, _Images(images, damping, float(ridge)))
 
 
