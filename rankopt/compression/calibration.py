@@ -144,9 +144,13 @@ def attach_statistics(model: nn.Module, stats: Mapping[str, InputStatistics]) ->
 
 
 def detach_statistics(model: nn.Module) -> None:
-    """Remove every module's statistics: decomposers go back to weight space."""
+    """Remove every module's statistics (and sequential calibration's images):
+    decomposers go back to weight space."""
+    from rankopt.compression.calibration_images import MODES_ATTRIBUTE
+
     for module in model.modules():
         module.__dict__.pop(ATTRIBUTE, None)
+        module.__dict__.pop(MODES_ATTRIBUTE, None)
 
 
 def whitened(
@@ -347,16 +351,33 @@ def calibrate(
     images: int = 512,
     damping: float = DEFAULT_DAMPING,
     spectra: str = "output",
+    mode: str = "independent",
+    ridge: float = 0.1,
 ) -> dict[str, InputStatistics]:
     """Collect and attach input statistics for ``layers`` (default: every Conv2d and
     Linear); afterwards ``rankopt.compress``, the decomposers and the selectors work
-    data-aware on ``model``. Returns the statistics by layer name."""
+    data-aware on ``model``. Returns the statistics by layer name.
+
+    ``mode="independent"`` whitens every layer by the reference's own inputs;
+    ``"sequential"`` also keeps the calibration images on ``model``, so that
+    ``rankopt.compress`` fits the layers in forward order, each to the inputs the
+    compressed layers before it give it (reduced-rank regression,
+    :mod:`rankopt.compression.sequential`; one forward pass per target more; ``ridge``
+    its shrinkage towards the layer's own weight)."""
+    from rankopt.compression.calibration_images import attach_images, calibration_images, check_mode, check_ridge
+
+    check_mode(mode)
+    check_ridge(ridge)
     if layers is None:
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     layers = list(layers)
+    if mode == "sequential":  # the same images feed the statistics and the sequential fit
+        batches = [calibration_images(batches, images)]
     stats = collect_input_statistics(model, layers, batches, images=images, patch_layers=layers,
                                      damping=damping, spectra=spectra)
     attach_statistics(model, stats)
+    if mode == "sequential":
+        attach_images(model, batches[0], damping, ridge)  # type: ignore[index]
     return stats
 
 

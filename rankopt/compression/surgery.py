@@ -212,8 +212,15 @@ def compress(
     fails it or skips a compressed layer. Where no sample input is known (or ``check`` is
     False) a static check runs instead, before anything is built: a layer whose parent's
     forward source reads ``self.<layer>.weight`` is refused.
+
+    A model calibrated with ``rankopt.calibrate(..., mode="sequential")`` (or a study's
+    reference with ``calibration: {mode: sequential}``) is compressed in forward order,
+    each data-aware layer fitted to the inputs the compressed layers before it give it
+    (:mod:`rankopt.compression.sequential`).
     """
     from rankopt.compression.forward_check import check_compressed_runs, check_parents_call, sample_input
+    from rankopt.compression.calibration_images import sequential_plan
+    from rankopt.compression.sequential import fit_in_forward_order
     from rankopt.contract.manager import get_registry
 
     spec = normalize_spec(spec)
@@ -239,6 +246,10 @@ def compress(
             )
     if example is None:  # no forward pass to run: read the parents' source instead
         check_parents_call(target, list(spec))
+    carried = sequential_plan(target) if initialize and plan else None
+    if carried is not None:  # rankopt.calibrate(mode="sequential"): fit in forward order
+        fit_in_forward_order(target, spec, carried[0], _compress_one, damping=carried[1], ridge=carried[2])
+        plan = []  # the compressed model no longer carries the images (fit_in_forward_order)
     for name, _module, dec, ranks, options in plan:
         original = target.get_submodule(name)
         try:
@@ -252,3 +263,7 @@ def compress(
     if example is not None:
         check_compressed_runs(model, target, list(spec), example)
     return target
+
+
+def _compress_one(model: nn.Module, name: str, entry: Mapping[str, Any]) -> None:
+    compress(model, {name: entry}, inplace=True, check=False)

@@ -253,11 +253,18 @@ class CalibrationConfig(_Strict):
     ``images`` training images, collected once per reference and shared by every trial.
     ``damping`` (relative to the mean input energy) keeps the whitening invertible;
     ``spectra: output`` makes the spectrum-reading selectors' p and VBMF read the share
-    of output energy, ``weight`` the weight's own spectrum."""
+    of output energy, ``weight`` the weight's own spectrum. ``mode: sequential`` (default)
+    fits every trial's layers in forward order, each to the inputs the compressed layers
+    before it give it (reduced-rank regression, rankopt.compression.sequential; one
+    forward pass per target over the images, per trial); ``independent`` whitens each
+    layer by the reference's own inputs only (no per-trial passes)."""
 
     images: StrictInt = Field(512, ge=1, le=100_000)
     damping: float = Field(0.01, gt=0, le=1)
     spectra: Literal["output", "weight"] = "output"
+    mode: Literal["independent", "sequential"] = "sequential"
+    # sequential only: the regression's shrinkage towards each layer's own weight
+    ridge: float = Field(0.1, gt=0, le=10)
 
 
 class RefinementConfig(_Strict):
