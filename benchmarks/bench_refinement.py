@@ -110,16 +110,37 @@ def front_origins(records: list[Any], origin: dict[int, str]) -> dict[str, int]:
     return counts
 
 
+def _read(cfg: dict[str, Any]) -> tuple[Any, float] | None:
+    """A study as far as it ran (``--no-run``), or None when it never started."""
+    from rankopt.results.reading import StudyResult
+
+    if not (Path(cfg["run_dir"]) / "optuna.db").is_file():
+        return None
+    result = StudyResult(cfg["run_dir"])
+    spent = sum((t.datetime_complete - t.datetime_start).total_seconds()
+                for t in result.study.trials if t.datetime_complete and t.datetime_start)
+    return result, spent
+
+
 def run_one(setting: Any, variant: str, trials: int, seed: int, weights: Path, out: Path,
-            device: str) -> dict[str, Any]:
+            device: str, run: bool = True) -> dict[str, Any] | None:
     cfg = study_config(setting, variant, trials, seed, weights, out, device)
     cpu, wall = _cpu(), time.perf_counter()
-    result, seconds = run_method(cfg)
-    cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+    if run:
+        result, seconds = run_method(cfg)
+    else:
+        read = _read(cfg)
+        if read is None:
+            return None
+        result, seconds = read
+    cpu, wall = (_cpu() - cpu if run else float("nan")), time.perf_counter() - wall
     baseline = result.reference
     records = result.trials()
     fig = figures(variant, records, baseline, seconds)
-    row = {"variant": variant, "trials": trials, "seed": seed, "fig": fig, "baseline": baseline,
+    searched = sum(1 for t in result.study.trials if t.state.name == "COMPLETE"
+                   and t.user_attrs.get("continued_from") is None)
+    label = variant if searched >= trials else f"{variant} (partial: {searched} of {trials} searched)"
+    row = {"variant": label, "trials": trials, "seed": seed, "fig": fig, "baseline": baseline,
            "front": front_origins(records, origins(result)), "cpu": cpu, "wall": wall}
     print(f"[{setting.key}] {variant} N={trials} seed {seed}: {fig} front {row['front']} cpu {cpu:.0f}s",
           flush=True)
@@ -137,16 +158,16 @@ def report(setting: Any, rows: list[dict[str, Any]], hand: list[Any]) -> str:
         f, fr = r["fig"], r["front"]
         total = sum(fr.values())
         own = fr["refinement"] + fr["sampler"]
-        table.append([r["variant"], r["trials"], r["seed"], f"{f.hv_params:.4f}", f"{f.hv_flops:.4f}",
+        table.append([r["variant"], str(r["trials"]), str(r["seed"]), f"{f.hv_params:.4f}", f"{f.hv_flops:.4f}",
                       _count(f.best_params, base["params"]), _count(f.best_flops, base["flops"]),
                       f"{total}: {fr['proposal']} / {fr['refinement']} / {fr['sampler']}"
                       + (f" ({own / total:.0%} own)" if total else ""),
-                      f.repeats, f"{r['cpu']:.0f}"])
+                      str(f.repeats), "-" if r["cpu"] != r["cpu"] else f"{r['cpu']:.0f}"])
     for f in hand:
-        table.append([f"hand: {f.method}", f.trials, "-", f"{f.hv_params:.4f}", f"{f.hv_flops:.4f}",
+        table.append([f"hand: {f.method}", str(f.trials), "-", f"{f.hv_params:.4f}", f"{f.hv_flops:.4f}",
                       _count(f.best_params, base["params"]), _count(f.best_flops, base["flops"]),
-                      "-", f.repeats, f"{f.seconds:.0f} (trials' s)"])
-    text = (f"{setting.describe()}. Reference: accuracy {base['accuracy']:.4f}, {base['params']:,} params, "
+                      "-", str(f.repeats), f"{f.seconds:.0f} (trials' s)"])
+    text = (f"{setting.describe().rsplit(', N = ', 1)[0]}. Reference: accuracy {base['accuracy']:.4f}, {base['params']:,} params, "
             f"{base['flops']:,} FLOPs.\n\n" + markdown_table(
                 ["study", "N", "sampler seed", "HV (acc, params)", "HV (acc, FLOPs)",
                  "fewest params within 1 pt", "fewest FLOPs within 1 pt",
@@ -156,7 +177,7 @@ def report(setting: Any, rows: list[dict[str, Any]], hand: list[Any]) -> str:
         for n in sorted({r["trials"] for r in rows}):
             sel = [r for r in rows if r["variant"] == variant and r["trials"] == n]
             if len(sel) > 1:
-                means.append([variant, n, len(sel),
+                means.append([variant, str(n), str(len(sel)),
                               f"{statistics.mean(r['fig'].hv_params for r in sel):.4f}",
                               f"{statistics.mean(r['fig'].hv_flops for r in sel):.4f}"])
     if means:
@@ -178,6 +199,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]),
                         help="the ablations to run")
     parser.add_argument("--hand", action="store_true", help="also run the hand methods once")
+    parser.add_argument("--no-run", action="store_true",
+                        help="only report the studies as far as they ran (a partial study is marked)")
     parser.add_argument("--record", action="store_true", help="replace this setting's section of RESULTS.md")
     args = parser.parse_args()
 
@@ -186,18 +209,22 @@ def main() -> None:
     if absent:
         sys.exit(f"{absent} not found in ../shared/data (see its README)")
     weights = reference_weights(setting, args.out, args.device)
+    run = not args.no_run
     rows = []
     for n in args.trials:
         for seed in args.seeds:
-            rows.append(run_one(setting, "default", n, seed, weights, args.out, args.device))
+            rows.append(run_one(setting, "default", n, seed, weights, args.out, args.device, run))
     for n in args.ablate:
         for variant in args.variants:
-            rows.append(run_one(setting, variant, n, args.seeds[0], weights, args.out, args.device))
+            rows.append(run_one(setting, variant, n, args.seeds[0], weights, args.out, args.device, run))
+    rows = [r for r in rows if r is not None]
     hand = []
     if args.hand:
         for method in HAND_METHODS:
-            result, seconds = run_method(method_config(setting, method, weights, args.out, args.device))
-            hand.append(figures(method, result.trials(), result.reference, seconds))
+            cfg = method_config(setting, method, weights, args.out, args.device)
+            read = run_method(cfg) if run else _read(cfg)
+            if read is not None:
+                hand.append(figures(method, read[0].trials(), read[0].reference, read[1]))
     if not rows and not hand:
         return
     text = report(setting, rows, hand)
