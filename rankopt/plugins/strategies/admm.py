@@ -45,7 +45,15 @@ __all__ = ["ADMMStrategy", "ADMMState"]
 # the smallest interval of the default space: see ADMMStrategy's "Why not every step"
 MIN_UPDATE_INTERVAL = 20
 DEFAULT_MOMENTUM = 0.9  # rankopt.training.loop.train's default
+RHO_GROWTH = 1.0  # rho *= this after every Z/U update: fixed, as in the paper (see "Rising rho")
+RHO_MAX = 100.0  # ... up to this, and never past 1 / lr
 SCHEDULES = ("steps", "epoch")  # Z/U every update_interval steps, or once per epoch (the authors' code)
+
+
+def rho_ceiling(rho: float, rho_max: float, lr: float) -> float:
+    """The largest rho the growth reaches: ``rho_max``, but never past ``1 / lr`` (a gradient
+    step on the penalty alone, ``lr * rho`` of the gap, must not overshoot), nor under ``rho``."""
+    return max(rho, min(rho_max, 1.0 / lr))
 
 
 def momentum_horizon(momentum: float) -> int:
@@ -64,11 +72,27 @@ class ADMMState:
         self.layers = list(spec_layers(model, spec))
         self.z: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
+        # a decomposer with ``warm_project`` (cp) continues each projection from the last
+        # one's factors, so that consecutive Z stay in one local optimum
+        self.starts: dict[str, Any] = {}
         with torch.no_grad():
             for name, module, dec, ranks, options in self.layers:
                 weight = module.weight.detach()
-                self.z[name] = dec.project(weight, ranks, options).to(weight.dtype)
+                self.z[name] = self._project(name, dec, weight, ranks, options)
                 self.u[name] = torch.zeros_like(weight)
+
+    def _project(self, name: str, dec: Any, target: torch.Tensor, ranks: Any, options: Any) -> torch.Tensor:
+        warm = getattr(dec, "warm_project", None)
+        if warm is None:
+            return dec.project(target, ranks, options).to(target.dtype)
+        projection, self.starts[name] = warm(target, ranks, options, self.starts.get(name))
+        return projection.to(target.dtype)
+
+    def set_rho(self, rho: float) -> None:
+        """Change the penalty, rescaling the scaled dual ``U = Y / rho`` (Boyd et al. 2011, 3.4.1)."""
+        for name in self.u:
+            self.u[name] *= self.rho / rho
+        self.rho = rho
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``rho/2 * sum ||W - Z + U||^2``, differentiable in W (the extra loss)."""
@@ -93,7 +117,7 @@ class ADMMState:
         residuals: dict[str, float] = {}
         for name, _module, dec, ranks, options in self.layers:
             weight = model.get_submodule(name).weight.detach()
-            self.z[name] = dec.project(weight + self.u[name], ranks, options).to(weight.dtype)
+            self.z[name] = self._project(name, dec, weight + self.u[name], ranks, options)
             gap = weight - self.z[name]
             self.u[name] += gap
             residuals[name] = float(gap.norm() / weight.norm().clamp_min(1e-12))
@@ -160,7 +184,7 @@ class ADMMStrategy(Strategy):
         # the authors' code (HODEC): Z and U once per epoch, rho 1e-3, lr 0.1, plain
         # cross-entropy in the fine-tuning (no distillation)
         return {
-            "schedule": "epoch", "rho": 1e-3, "lr": 0.1, "distill_weight": 0.0, "distill_features": 0.0,
+            "schedule": "epoch", "rho": 1e-3, "rho_growth": 1.0, "lr": 0.1, "distill_weight": 0.0, "distill_features": 0.0,
         }
 
     def paper_search_space(self) -> dict[str, BaseDistribution]:
@@ -170,6 +194,8 @@ class ADMMStrategy(Strategy):
         return {
             "schedule": "steps",
             "rho": 1.0,
+            "rho_growth": RHO_GROWTH,
+            "rho_max": RHO_MAX,
             "update_interval": MIN_UPDATE_INTERVAL,
             "epochs": 2.0,
             "tol": 0.01,
@@ -183,6 +209,8 @@ class ADMMStrategy(Strategy):
         return {
             "schedule": check_choice(self.name, "schedule", hp["schedule"], SCHEDULES),
             "rho": check_number(self.name, "rho", hp["rho"], low=0.0, low_open=True),
+            "rho_growth": check_number(self.name, "rho_growth", hp["rho_growth"], low=1.0),
+            "rho_max": check_number(self.name, "rho_max", hp["rho_max"], low=0.0, low_open=True),
             "update_interval": check_int(self.name, "update_interval", hp["update_interval"], low=1),
             "epochs": check_number(self.name, "epochs", hp["epochs"], low=0.0),
             "tol": check_number(self.name, "tol", hp["tol"], low=0.0, high=1.0, low_open=True),
@@ -216,6 +244,9 @@ class ADMMStrategy(Strategy):
         if interval < momentum_horizon(momentum):
             train_options["momentum"] = 0.0  # W must follow the dual within one interval
 
+        rho_cap = rho_ceiling(hp["rho"], hp["rho_max"], hp["lr"])
+        rhos = [state.rho]
+
         def on_step(net: nn.Module, step: int) -> None:
             nonlocal converged_step
             if step % interval != 0:
@@ -224,6 +255,8 @@ class ADMMStrategy(Strategy):
             if history[-1] < hp["tol"]:
                 converged_step = step
                 raise TrainingStopped(step)
+            state.set_rho(min(state.rho * hp["rho_growth"], rho_cap))
+            rhos.append(state.rho)
 
         if hp["epochs"] > 0 and state.layers:
             try:
@@ -241,6 +274,7 @@ class ADMMStrategy(Strategy):
             "admm_update_interval": interval,
             "admm_momentum": train_options.get("momentum", momentum),
             "admm_updates": len(history) - 1,
+            "admm_final_rho": state.rho,
             "admm_final_residual": history[-1],
             "admm_converged_step": converged_step,
             "accuracy_before_compression": ctx.evaluate(model),
@@ -251,6 +285,7 @@ class ADMMStrategy(Strategy):
             ctx.train(compressed, epochs=hp["finetune_epochs"], lr=hp["lr"], **distill_params(self.name, hp))
         ctx.report(
             admm_residual_history=history,
+            admm_rho_history=rhos,
             admm_final_residuals=state.residuals(model),
             admm_converged_step=converged_step,
         )
