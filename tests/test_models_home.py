@@ -43,23 +43,23 @@ def test_models_reach_the_driver_through_ray_without_an_artifact_store(tmp_path:
     run_dir = machine / "run"
     machine.mkdir()
     study_file = tmp_path / "s.yaml"
-    # two continuations (multi_fidelity) run on the cluster too, not in the driver
+    # two trials side by side and a continuation (multi_fidelity), which runs on the
+    # cluster too, not in the driver (four trials showed nothing more; suite time)
     study_file.write_text(yaml.safe_dump(study(
-        run_dir, multi_fidelity={"rounds": 1, "epochs": 0.2, "keep": 0.5})))
+        run_dir, trials=2, multi_fidelity={"rounds": 1, "epochs": 0.2, "keep": 0.5})))
     picked = tmp_path / "picked"
     script = f"""
 cd {tmp_path}
 rankopt run {study_file} -q > run.out 2>&1; echo $? > run.rc
-for n in 0 1 2 3; do rankopt pick {run_dir} --trial $n --out {picked}/$n.pt >> pick.out 2>&1; echo $? >> pick.rc; done
 """
     proc = run_in_cluster(script, tmp=tmp_path, hide=machine)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = (tmp_path / "run.out").read_text()
     assert (tmp_path / "run.rc").read_text().strip() == "0", out[-3000:]
     trials = StudyResult(run_dir).study.trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 6  # none failed, none replaced
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3  # none failed, none replaced
     continued = [t for t in trials if t.user_attrs.get("continued_from") is not None]
-    assert len(continued) == 2
+    assert len(continued) == 1
     for t in trials:
         folder = run_dir / "trials" / str(t.number)
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -68,8 +68,12 @@ for n in 0 1 2 3; do rankopt pick {run_dir} --trial $n --out {picked}/$n.pt >> p
         # it ran on the second node (the head has no CPUs: continuations too, with the
         # study's resources) and came home through Ray
         assert t.user_attrs.get("transfer_bytes", 0) >= (folder / "model.pt").stat().st_size
-    assert (tmp_path / "pick.rc").read_text().split() == ["0"] * 4, (tmp_path / "pick.out").read_text()
-    for n in range(4):
+    # picked on the driver's machine (in this process: a `rankopt pick` process each cost
+    # seconds of imports; the cluster is gone, so nothing comes from it now)
+    from rankopt.cli import main
+
+    for n in range(2):  # the searched trials
+        assert main(["pick", str(run_dir), "--trial", str(n), "--out", str(picked / f"{n}.pt")]) == 0
         assert rankopt.load_compressed(picked / f"{n}.pt") is not None
 
 

@@ -46,7 +46,9 @@ def test_two_node_cluster_models_reach_the_driver_and_a_killed_worker_is_replace
     store = tmp_path / "store"  # a folder both nodes reach (an NFS mount, a bucket...)
     run_a, run_b = machine / "run", machine / "runb"
     machine.mkdir()
-    a = write(tmp_path / "a.yaml", study("two", run_a, artifacts=str(store),
+    # a: two trials, run side by side on the second node's 2 CPUs (a third showed nothing
+    # more; suite time)
+    a = write(tmp_path / "a.yaml", study("two", run_a, artifacts=str(store), trials=2,
                                          reference={"epochs": 1, "lr": 0.05, "on": "cluster"}))
     b = write(tmp_path / "b.yaml", study("killed", run_b, artifacts=str(store), trials=2,
                                          max_concurrent=1,
@@ -55,7 +57,6 @@ def test_two_node_cluster_models_reach_the_driver_and_a_killed_worker_is_replace
     script = f"""
 cd {tmp_path}
 rankopt run {a} -q > a.out 2>&1; echo $? > a.rc
-for n in 0 1 2; do rankopt pick {run_a} --trial $n --out {picked}/$n.pt >> pick.out 2>&1; echo $? >> pick.rc; done
 rankopt run {b} -q > b.out 2>&1 &
 driver=$!
 for i in $(seq 1200); do
@@ -75,7 +76,7 @@ wait $driver; echo $? > b.rc
     # every trial ran on the second node (the head has no CPUs) and its folder is here
     result = StudyResult(run_a)
     trials = result.study.trials
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
     for t in trials:
         folder = run_a / "trials" / str(t.number)
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -83,8 +84,12 @@ wait $driver; echo $? > b.rc
         model = rankopt.load_compressed(folder / "model.pt")
         assert rankopt.count(model, (1, 1, 8, 8)).params == metrics["params"]
         assert (store / "two" / "trials" / str(t.number) / "model.pt").is_file()
-    assert (tmp_path / "pick.rc").read_text().split() == ["0", "0", "0"], (tmp_path / "pick.out").read_text()
-    for n in range(3):
+    # picked on the driver's machine (in this process: a `rankopt pick` process each cost
+    # seconds of imports; the cluster is gone, so nothing comes from it now)
+    from rankopt.cli import main
+
+    for n in range(2):
+        assert main(["pick", str(run_a), "--trial", str(n), "--out", str(picked / f"{n}.pt")]) == 0
         assert rankopt.load_compressed(picked / f"{n}.pt") is not None
     # the reference was trained as a Ray task (on the second node) and put in the store
     ref = json.loads((run_a / "reference" / "metrics.json").read_text())
