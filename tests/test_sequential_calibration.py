@@ -135,7 +135,7 @@ def test_mode_is_validated_with_the_allowed_values():
     assert sequential_plan(net) is None and input_statistics(net[0]) is None  # refused before any work
 
 
-def test_the_study_default_is_sequential_and_trials_compress_sequentially(tmp_path, monkeypatch):
+def test_sequential_studies_compress_sequentially_and_the_default_is_independent(tmp_path, monkeypatch):
     import rankopt.compression.sequential as sequential
 
     calls = []
@@ -146,7 +146,8 @@ def test_the_study_default_is_sequential_and_trials_compress_sequentially(tmp_pa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sequential, "fit_in_forward_order", counting)
-    cfg = tiny_study(trials=1, device="cpu", multi_fidelity=None, calibration={"images": 32})
+    cfg = tiny_study(trials=1, device="cpu", multi_fidelity=None, calibration={"images": 32, "mode": "sequential"})
+    assert load_config(tiny_study(trials=1)).calibration.mode == "independent"
     rankopt.run_study(cfg, run_dir=str(tmp_path / "seq"))
     assert calls, "the trial did not compress sequentially"
     calls.clear()

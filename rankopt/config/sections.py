@@ -253,16 +253,19 @@ class CalibrationConfig(_Strict):
     ``images`` training images, collected once per reference and shared by every trial.
     ``damping`` (relative to the mean input energy) keeps the whitening invertible;
     ``spectra: output`` makes the spectrum-reading selectors' p and VBMF read the share
-    of output energy, ``weight`` the weight's own spectrum. ``mode: sequential`` (default)
-    fits every trial's layers in forward order, each to the inputs the compressed layers
-    before it give it (reduced-rank regression, rankopt.compression.sequential; one
-    forward pass per target over the images, per trial); ``independent`` whitens each
-    layer by the reference's own inputs only (no per-trial passes)."""
+    of output energy, ``weight`` the weight's own spectrum. ``mode: independent`` (default)
+    whitens each layer by the reference's own inputs only (no per-trial passes);
+    ``sequential`` fits every trial's layers in forward order, each to the inputs the
+    compressed layers before it give it (reduced-rank regression,
+    rankopt.compression.sequential; one forward pass per target over the images, per trial).
+    Sequential is far more accurate before fine-tuning, but 6 of 33 LeNet-5 front trials
+    diverged in their first fine-tuning steps with it (benchmarks/RESULTS.md, "Refinement
+    and data-aware ablations: fronts (mnist)"), none with ``independent``: so it is opt-in."""
 
     images: StrictInt = Field(512, ge=1, le=100_000)
     damping: float = Field(0.01, gt=0, le=1)
     spectra: Literal["output", "weight"] = "output"
-    mode: Literal["independent", "sequential"] = "sequential"
+    mode: Literal["independent", "sequential"] = "independent"
     # sequential only: the regression's shrinkage towards each layer's own weight
     ridge: float = Field(0.1, gt=0, le=10)
 
