@@ -309,6 +309,36 @@ def test_compressed_attention_models_pickle() -> None:
             assert torch.equal(again(x), small(x))
 
 
+
+def test_a_pickled_swin_loads_in_a_process_that_never_imported_torchvision(tmp_path: Path) -> None:
+    """The Swin subclasses are made on first use (torchvision costs a second of every
+    command's start), and pickle's lookup of them makes them too."""
+    import pickle
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[2, 2],
+                           num_classes=10).eval()
+    small = rankopt.compress(swin, _spec(swin, rankopt.find_layers(swin, (1, 3, 32, 32)), 0.5))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.save({"x": x, "y": small(x)}, tmp_path / "io.pt")
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(small))
+    script = (
+        "import pickle, sys, torch, rankopt, rankopt.cli\n"
+        "assert 'torchvision' not in sys.modules, 'importing rankopt loaded torchvision'\n"
+        f"net = pickle.loads(open({str(tmp_path / 'model.pkl')!r}, 'rb').read())\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    d = float((net(io['x']) - io['y']).abs().max()); assert d < 1e-5, d\n"
+        "print(type(net.features[1][0].attn).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ModularShiftedWindowAttention"
+
+
 # -- in a study ------------------------------------------------------------------------------------
 
 class TinyTransformer(nn.Module):

@@ -48,7 +48,7 @@ def test_study_over_three_strategies_records_them(tmp_path: Path) -> None:
     assert admm.pop("schedule") in ("steps", "epoch")  # searched: the default space holds both
     assert admm == {
         "rho": 1.0, "update_interval": 3, "epochs": 0.5, "tol": 0.05, "finetune_epochs": 0.5,
-        "lr": 0.02, **off,
+        "lr": 0.02, "rho_growth": 1.5, "rho_max": 100.0, **off,  # rising rho, the default
     }
     for record in records.values():
         assert record.selector == "energy" and record.selector_params["p"] == 0.7

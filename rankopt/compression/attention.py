@@ -24,6 +24,7 @@ MaxViT's attention (``to_qkv``, ``merge``) already calls its projections as modu
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -384,6 +385,15 @@ def _swin_classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
     return ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 
+def _loaded_swin_classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
+    """torchvision's Swin attention classes if torchvision's Swin module is loaded, else
+    None: a model cannot hold one otherwise, and importing torchvision costs a second of
+    every command's start."""
+    if "torchvision.models.swin_transformer" not in sys.modules:
+        return None
+    return _swin_classes()
+
+
 def _make_swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[None, None]:
     classes = _swin_classes()
     if classes is None:
@@ -413,7 +423,23 @@ def _make_swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[N
     return ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2
 
 
-ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2 = _make_swin_subclasses()
+_SWIN_SUBCLASSES: tuple[type[nn.Module], type[nn.Module]] | tuple[None, None] | None = None
+
+
+def _swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[None, None]:
+    global _SWIN_SUBCLASSES
+    if _SWIN_SUBCLASSES is None:
+        _SWIN_SUBCLASSES = _make_swin_subclasses()
+    return _SWIN_SUBCLASSES
+
+
+def __getattr__(name: str) -> Any:
+    # made on first use (and by pickle's lookup of a saved model), not at import
+    if name == "ModularShiftedWindowAttention":
+        return _swin_subclasses()[0]
+    if name == "ModularShiftedWindowAttentionV2":
+        return _swin_subclasses()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- finding and converting parents ------------------------------------------------------------
@@ -422,7 +448,7 @@ def _raw_kind(module: nn.Module) -> str | None:
     """'mha' or 'swin'/'swin_v2' for a parent that reads its projections' weights, else None."""
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
-    classes = _swin_classes()
+    classes = _loaded_swin_classes()
     if classes is not None and type(module) in classes:
         return "swin_v2" if type(module) is classes[1] else "swin"
     return None
@@ -456,13 +482,13 @@ def modularize_attention(model: nn.Module) -> list[str]:
                 raise UnsupportedModuleError("the model itself is a MultiheadAttention; wrap it in a module")
             setattr(parent, leaf, new)
         elif kind == "swin":
-            module.__class__ = ModularShiftedWindowAttention
+            module.__class__ = _swin_subclasses()[0]
         else:
             if module.qkv.bias is not None:
                 with torch.no_grad():
                     length = module.qkv.bias.numel() // 3
                     module.qkv.bias[length : 2 * length].zero_()
-            module.__class__ = ModularShiftedWindowAttentionV2
+            module.__class__ = _swin_subclasses()[1]
         done.append(name)
     return done
 
@@ -475,8 +501,8 @@ def attention_projections(model: nn.Module) -> Iterator[tuple[str, str]]:
             leaves = ("in_proj",) if module.packed else _SEPARATE
             for leaf in (*leaves, "out_proj"):
                 yield prefix + leaf, type(module).__name__
-        elif ModularShiftedWindowAttention is not None and isinstance(
-            module, (ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2)
+        elif _loaded_swin_classes() is not None and _swin_subclasses()[0] is not None and isinstance(
+            module, _swin_subclasses()
         ):
             yield prefix + "qkv", type(module).__name__
             yield prefix + "proj", type(module).__name__
