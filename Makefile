@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rankopt-installed
 PYTEST_ARGS ?=
+# pytest-xdist workers: one per core of the 2-core CI machine (the suite's slow tests are
+# processes that wait on Ray, signals and subprocesses); PYTEST_WORKERS=0 runs in one process
+PYTEST_WORKERS ?= 2
+PYTEST := -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 # `make test-latest`: its own venv, the newest releases pyproject.toml allows, no constraints
 LATEST_VENV ?= .venv-latest
 EXTRAS := .[test,postgres,deploy,dashboard]
@@ -27,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml) | 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python $(PYTEST) $(PYTEST_ARGS)
 
 # the newest releases (within pyproject.toml's ranges; torch stays pinned): run it when a
 # dependency releases, so a breakage shows here first; the versions go to versions.txt
@@ -41,7 +45,7 @@ test-latest:
 		if [ -f "$$p/pyproject.toml" ]; then $(LATEST_VENV)/bin/python -m pip install -q -e "$$p" || exit 1; fi; \
 	done
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
-	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python $(PYTEST) $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
 	$(BIN)/rankopt run studies/quickstart.yaml

@@ -12,6 +12,11 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# CLI tables are piped here: their width must not follow the terminal pytest runs in, nor
+# the COLUMNS=80 / LINES=24 that pytest-xdist's workers are given (tests that want a
+# width set COLUMNS themselves)
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(autouse=True, scope="session")

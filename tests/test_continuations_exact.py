@@ -28,9 +28,12 @@ SEARCHED, KEEP = 6, 0.5
 CONTINUED = 3  # ceil(0.5 * 6)
 
 
-def mf_study(run_dir: Path, **changes: Any) -> dict[str, Any]:
-    return tiny_study(run_dir=str(run_dir), trials=SEARCHED,
-                      strategies={"finetune": {"epochs": 0.2, "lr": 0.02}},
+def mf_study(run_dir: Path, sleep: float = 0.0, **changes: Any) -> dict[str, Any]:
+    # ``sleep`` (seconds before each trial trains) keeps one driver from running every
+    # trial before the other has started, when the machine is busy
+    strategy = {"slow": {"sleep": sleep, "epochs": 0.2, "lr": 0.02}} if sleep else {
+        "finetune": {"epochs": 0.2, "lr": 0.02}}
+    return tiny_study(run_dir=str(run_dir), trials=SEARCHED, strategies=strategy,
                       multi_fidelity={"rounds": 1, "epochs": 0.2, "keep": KEEP}, **changes)
 
 
@@ -65,7 +68,7 @@ def check_counts(trials: list[optuna.trial.FrozenTrial]) -> None:
 
 def test_two_drivers_on_sqlite_continue_each_model_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_drivers(tmp_path, [mf_study(run_dir)] * 2)
+    run_drivers(tmp_path, [mf_study(run_dir, sleep=1.0)] * 2)
     trials = storage_trials(run_dir, "rely")
     check_counts(trials)
     assert len({t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}) == 2
