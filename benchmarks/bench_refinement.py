@@ -12,8 +12,9 @@ multi-fidelity) at N trials, on the same committed or cached reference. Variants
 - ``default``: as shipped (refinement on, data-aware decomposition on, ``rank_multiple: auto``);
 - ``no_refinement``: ``refinement: null`` (the wrapped TPE proposes every own trial);
 - ``no_data_aware``: ``calibration: null`` (weight-space decompositions and spectra);
-- ``independent_calibration``: ``calibration: {mode: independent}`` (every layer whitened by the
-  reference's own inputs, not fitted in forward order);
+- ``sequential_calibration``: ``calibration: {mode: sequential}`` (each layer fitted in forward
+  order to the inputs the compressed layers before it give it; the default is ``independent``,
+  every layer whitened by the reference's own inputs);
 - ``rank_multiple_1``: exact ranks (what alignment costs or gains in accuracy).
 
 Per study: hypervolumes (accuracy x params, accuracy x FLOPs, normalized by the
@@ -48,7 +49,7 @@ from _baselines import (  # noqa: E402
 )
 
 DEFAULT_OUT = Path("runs") / "bench_refinement"
-VARIANTS = ("default", "no_refinement", "no_data_aware", "independent_calibration", "rank_multiple_1")
+VARIANTS = ("default", "no_refinement", "no_data_aware", "sequential_calibration", "rank_multiple_1")
 
 
 def _cpu() -> float:
@@ -66,8 +67,8 @@ def study_config(setting: Any, variant: str, trials: int, seed: int, weights: Pa
         cfg["refinement"] = None
     elif variant == "no_data_aware":
         cfg["calibration"] = None
-    elif variant == "independent_calibration":
-        cfg["calibration"] = {"mode": "independent"}
+    elif variant == "sequential_calibration":
+        cfg["calibration"] = {"mode": "sequential"}
     elif variant == "rank_multiple_1":
         cfg["rank_multiple"] = 1
     elif variant != "default":

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,10 @@ PORT = 6390
 CLUSTER = """\
 set -u
 ip link set lo up
-export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1
+# RAY_TMPDIR: `ray start` records its address in $RAY_TMPDIR/ray/ray_current_cluster, and
+# every ray.init without an address on this machine (another test, outside this network
+# namespace) would join it and wait for ever; the folder is short (Ray's socket paths)
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=1 RAY_TMPDIR={ray_tmp}
 ray start --head --num-cpus={head_cpus} --port={port} --include-dashboard=false \\
     --disable-usage-stats > {logs}/head.log 2>&1 || {{ cat {logs}/head.log; exit 90; }}
 unshare -m bash -c 'mount -t tmpfs tmpfs {hide} && exec ray start --address=127.0.0.1:{port} \\
@@ -79,12 +83,16 @@ def run_in_cluster(
     inner = tmp / "inner.sh"
     inner.write_text(script)
     outer = tmp / "cluster.sh"
+    ray_tmp = tempfile.mkdtemp(prefix="rankopt-ray-")
     outer.write_text(CLUSTER.format(port=PORT, logs=logs, hide=hide, cpus=cpus, head_cpus=head_cpus,
-                                    python=sys.executable, script=inner))
+                                    python=sys.executable, script=inner, ray_tmp=ray_tmp))
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
-    return subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", str(outer)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+    try:
+        return subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", str(outer)],
+                              capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -61,9 +61,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(args: list[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
+def run_cli(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None,
+            **kwargs: Any) -> subprocess.Popen[str]:
     env = {"PYTHONPATH": str(ROOT), "PATH": f"{BIN}:/usr/bin:/bin", "RAY_ADDRESS": "",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "rankopt", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -86,6 +87,41 @@ def test_a_wrong_address_fails_in_one_line_within_30_s(
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"no Ray cluster at '127.0.0.1:{port}'" in lines[0] and "RAY_ADDRESS" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_dead_cluster_recorded_by_ray_start_fails_in_one_line(tmp_path: Path) -> None:
+    """No address: ray.init joins the cluster the last ``ray start`` recorded on this
+    machine, and waited for ever when it was gone (a crashed head, or one in another
+    network namespace: a suite's run hung 400 s so)."""
+    ray_tmp = tmp_path / "rt"
+    (ray_tmp / "ray").mkdir(parents=True)
+    recorded = ray_tmp / "ray" / "ray_current_cluster"
+    recorded.write_text(f"127.0.0.1:{free_port()}")
+    study_file = tmp_path / "s.yaml"
+    study_file.write_text(yaml.safe_dump(study(tmp_path / "run")))
+    start = time.monotonic()
+    proc = run_cli(["run", str(study_file), "-q"], tmp_path, extra_env={"RAY_TMPDIR": str(ray_tmp)})
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()  # a hung run must not outlive the test
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(recorded) in lines[0] and "ray stop" in lines[0] and "does not answer" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_recorded_address_follows_rays_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rankopt.search.ray_checks import recorded_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert recorded_address() is None
+    probe_address(None)  # nothing recorded: ray.init starts a local instance
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.1.2.3:6380\n")
+    assert recorded_address() == ("10.1.2.3:6380", str(tmp_path / "ray" / "ray_current_cluster"))
 
 
 def test_the_probe_gives_up_within_30_s(silent_port: int) -> None:
@@ -113,7 +149,7 @@ def test_ctrl_c_ends_the_wait_for_an_address(silent_server: socket.socket, tmp_p
     assert proc.returncode != 0 and "Traceback" not in err, err
 
 
-def test_the_probe_answers_for_a_real_ray_cluster() -> None:
+def test_the_probe_answers_for_a_real_ray_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
@@ -125,7 +161,8 @@ def test_the_probe_answers_for_a_real_ray_cluster() -> None:
             ray.shutdown()
     with pytest.raises(ConfigError, match="the port 'x' is not a number"):
         probe_address("head:x")
-    probe_address("auto")  # left to ray.init, which fails fast by itself
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster recorded by `ray start`
+    probe_address("auto")  # none recorded: left to ray.init, which fails fast by itself
 
 
 def node(cpus: float, gpus: float = 0.0, alive: bool = True) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from rankopt.core.errors import ConfigError
 
-__all__ = ["is_ray_client", "probe_address", "probe_configured_address", "largest_node_problem", "PROBE_TIMEOUT_S", "DEFAULT_GCS_PORT"]
+__all__ = ["is_ray_client", "probe_address", "recorded_address", "probe_configured_address", "largest_node_problem", "PROBE_TIMEOUT_S", "DEFAULT_GCS_PORT"]
 
 PROBE_TIMEOUT_S = 15.0  # the whole probe, DNS included: well within the 30 s users wait
 CONNECT_TIMEOUT_S = 8.0
@@ -60,11 +60,42 @@ def _answer(host: str, port: int) -> str | None:
     return None
 
 
+def recorded_address() -> tuple[str, str] | None:
+    """``(address, file)`` of the cluster the last ``ray start`` on this machine recorded
+    (``$RAY_TMPDIR/ray/ray_current_cluster``, ``/tmp/ray/...`` by default), which
+    ``ray.init`` joins when no address is given; None when there is none."""
+    import os
+    import sys
+    import tempfile
+
+    # Ray's rule (ray._common.utils.get_default_system_temp_dir, private, so mirrored here)
+    base = os.environ.get("RAY_TMPDIR")
+    if base is None and sys.platform.startswith("linux"):
+        base = os.environ.get("TMPDIR")
+    if base is None:
+        base = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    path = os.path.join(base, "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            found = f.read().strip()
+    except OSError:
+        return None
+    return (found, path) if found else None
+
+
 def probe_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None:
     """Raise :class:`ConfigError` in one line unless a Ray cluster answers at ``address``
-    within ``timeout`` seconds. ``None``, ``auto`` and ``local`` are left to ``ray.init``
-    (they start or find a local instance and fail fast on their own). Ctrl-C interrupts it."""
-    if address is None or address.strip().lower() in ("", "auto", "local"):
+    within ``timeout`` seconds. ``local`` is left to ``ray.init``; with ``None`` or ``auto``
+    the cluster a ``ray start`` recorded on this machine (which ``ray.init`` would join) is
+    probed, since ``ray.init`` waits on a dead one for ever; with none recorded ``ray.init``
+    starts a local instance. Ctrl-C interrupts it."""
+    recorded = None
+    if address is None or address.strip().lower() in ("", "auto"):
+        recorded = recorded_address()
+        if recorded is None:
+            return
+        address = recorded[0]
+    elif address.strip().lower() == "local":
         return
     host, port = _host_port(address.strip())
     result: list[str | None] = []
@@ -74,6 +105,11 @@ def probe_address(address: str | None, timeout: float = PROBE_TIMEOUT_S) -> None
     probe.start()
     probe.join(timeout)
     why = result[0] if result else f"no answer within {timeout:g} s"
+    if why is not None and recorded is not None:
+        raise ConfigError(
+            f"address: none given, so Ray joins the cluster `ray start` recorded in {recorded[1]} "
+            f"({address!r}), which does not answer ({why}); run `ray stop` (or delete that file) "
+            "to start a local Ray, or set --address / RAY_ADDRESS to a live cluster")
     if why is not None:
         raise ConfigError(
             f"address: no Ray cluster at {address!r} ({why}); start one with `ray start "
