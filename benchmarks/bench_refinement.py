@@ -28,6 +28,7 @@ run once with ``--hand`` for the "highest hypervolume of all methods" comparison
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -135,6 +136,11 @@ def run_one(setting: Any, variant: str, trials: int, seed: int, weights: Path, o
             return None
         result, seconds = read
     cpu, wall = (_cpu() - cpu if run else float("nan")), time.perf_counter() - wall
+    spent_file = Path(cfg["run_dir"]) / "bench_cpu.json"  # read back by --no-run
+    if run:
+        spent_file.write_text(json.dumps({"cpu_s": cpu}))
+    elif spent_file.is_file():
+        cpu = float(json.loads(spent_file.read_text())["cpu_s"])
     baseline = result.reference
     records = result.trials()
     fig = figures(variant, records, baseline, seconds)
