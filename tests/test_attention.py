@@ -309,7 +309,6 @@ def test_compressed_attention_models_pickle() -> None:
             assert torch.equal(again(x), small(x))
 
 
-
 def test_a_pickled_swin_loads_in_a_process_that_never_imported_torchvision(tmp_path: Path) -> None:
     """The Swin subclasses are made on first use (torchvision costs a second of every
     command's start), and pickle's lookup of them makes them too."""

@@ -23,6 +23,7 @@ MaxViT's attention (``to_qkv``, ``merge``) already calls its projections as modu
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterator
@@ -423,14 +424,14 @@ def _make_swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[N
     return ModularShiftedWindowAttention, ModularShiftedWindowAttentionV2
 
 
-_SWIN_SUBCLASSES: tuple[type[nn.Module], type[nn.Module]] | tuple[None, None] | None = None
+_swin_subclasses = functools.cache(_make_swin_subclasses)  # one pair of classes, made on first use
 
 
-def _swin_subclasses() -> tuple[type[nn.Module], type[nn.Module]] | tuple[None, None]:
-    global _SWIN_SUBCLASSES
-    if _SWIN_SUBCLASSES is None:
-        _SWIN_SUBCLASSES = _make_swin_subclasses()
-    return _SWIN_SUBCLASSES
+def _loaded_modular_swin_classes() -> tuple[type[nn.Module], ...]:
+    """The modular Swin classes when torchvision's Swin module is loaded, else ``()``."""
+    if _loaded_swin_classes() is None:
+        return ()
+    return tuple(c for c in _swin_subclasses() if c is not None)
 
 
 def __getattr__(name: str) -> Any:
@@ -495,14 +496,13 @@ def modularize_attention(model: nn.Module) -> list[str]:
 
 def attention_projections(model: nn.Module) -> Iterator[tuple[str, str]]:
     """``(qualified name, parent type)`` of every projection of a modular attention parent."""
+    swin = _loaded_modular_swin_classes()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, ModularMultiheadAttention):
             leaves = ("in_proj",) if module.packed else _SEPARATE
             for leaf in (*leaves, "out_proj"):
                 yield prefix + leaf, type(module).__name__
-        elif _loaded_swin_classes() is not None and _swin_subclasses()[0] is not None and isinstance(
-            module, _swin_subclasses()
-        ):
+        elif isinstance(module, swin):
             yield prefix + "qkv", type(module).__name__
             yield prefix + "proj", type(module).__name__
